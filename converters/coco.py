@@ -1,0 +1,243 @@
+"""nnU-Net raw dataset -> COCO instance segmentation (per-slice 2D instances), for Detectron2.
+
+Per case and slice along ``--axis``, each structure's mask becomes one instance per connected
+component (``--instances components``, default) or one per structure (``class``). Each
+annotation holds what pycocotools and Detectron2's ``load_coco_json`` read (``segmentation``,
+``bbox``, ``area``, ``iscrowd``, ``category_id``) plus HMR-Net's regression target:
+
+``contour_points``: ``p`` points ``[x0, y0, x1, y1, ...]`` evenly spaced by arc length along the
+instance's outer contour (HMR-Net §2.4; p = 50 for images >= 512 px, 100 otherwise, or
+``--points``). Canonical order: start at the top-most contour point (smallest y, then smallest x),
+run clockwise as seen on screen (x right, y down). Coordinates are COCO's continuous pixel
+coordinates (pixel (r, c) covers [c, c+1] x [r, r+1]).
+
+Segmentation is a list of polygons (outer contours) unless a component has a hole; then it is a
+compressed RLE so no pixel is lost. Slices are written as 8-bit RGB PNGs with a window
+(``CT``: level 40 / width 400 HU; other modalities: the volume's 0.5-99.5 percentiles), or with
+``--png16`` as 16-bit grey PNGs of ``value + intensity_offset`` (offset in the image entry).
+Pixel spacing (row, column mm) is kept in each image entry.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+from PIL import Image
+from pycocotools import mask as mask_util
+from scipy import ndimage
+from skimage import measure
+
+from organmtl.converters.common import ConversionError, read_image, write_json
+
+AXES = ("axial", "coronal", "sagittal")
+CT_WINDOW = (-160.0, 240.0)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """COCO options (shared by ``to-coco`` and every source's ``--to coco``)."""
+    g = parser.add_argument_group("COCO output")
+    g.add_argument("--axis", choices=AXES, default="axial", help="slicing plane (default axial)")
+    g.add_argument("--points", type=int, default=0, help="contour points p (default: 50 if >= 512 px, else 100)")
+    g.add_argument("--instances", choices=("components", "class"), default="components",
+                   help="one instance per connected component (default) or per structure")
+    g.add_argument("--keep-empty", action="store_true", help="also write slices without any structure")
+    g.add_argument("--png16", action="store_true", help="16-bit grey PNGs instead of windowed 8-bit RGB")
+    g.add_argument("--num-folds", type=int, default=5, help="cases split into this many folds (default 5)")
+    g.add_argument("--fold", type=int, default=0, help="fold written as instances_val.json (default 0)")
+
+
+# ---------------------------------------------------------------- geometry of contours / masks
+
+def outer_contour(mask: np.ndarray) -> np.ndarray:
+    """Outer contour (N, 2) as (x, y) COCO coordinates of the largest-area boundary of ``mask``."""
+    padded = np.pad(mask.astype(np.float32), 1)
+    contours = measure.find_contours(padded, 0.5)
+    if not contours:
+        raise ValueError("empty mask has no contour")
+    best = max(contours, key=lambda c: abs(_signed_area(c[:, ::-1])))
+    xy = best[:, ::-1] - 1.0 + 0.5        # undo padding; pixel centres sit at +0.5
+    if np.allclose(xy[0], xy[-1]):
+        xy = xy[:-1]
+    return xy
+
+
+def _signed_area(xy: np.ndarray) -> float:
+    x, y = xy[:, 0], xy[:, 1]
+    return 0.5 * float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))
+
+
+def canonical_contour(xy: np.ndarray) -> np.ndarray:
+    """Orient clockwise on screen (positive shoelace area with y pointing down) and start at the
+    top-most, then left-most, vertex."""
+    if _signed_area(xy) < 0:
+        xy = xy[::-1]
+    start = np.lexsort((xy[:, 0], xy[:, 1]))[0]
+    return np.roll(xy, -start, axis=0)
+
+
+def resample_closed(xy: np.ndarray, p: int) -> np.ndarray:
+    """``p`` points evenly spaced by arc length along the closed polyline ``xy`` from ``xy[0]``."""
+    closed = np.vstack([xy, xy[:1]])
+    seg = np.linalg.norm(np.diff(closed, axis=0), axis=1)
+    cum = np.concatenate([[0.0], np.cumsum(seg)])
+    targets = np.arange(p) * cum[-1] / p
+    return np.stack([np.interp(targets, cum, closed[:, 0]), np.interp(targets, cum, closed[:, 1])], axis=1)
+
+
+def contour_points(mask: np.ndarray, p: int) -> np.ndarray:
+    """HMR-Net's boundary target (§2.4): (p, 2) canonical, evenly spaced outer-contour points."""
+    return resample_closed(canonical_contour(outer_contour(mask)), p)
+
+
+def rasterize_polygon(points_xy: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Binary mask of the polygon through ``points_xy`` (COCO coordinates), via pycocotools."""
+    rle = mask_util.frPyObjects([np.asarray(points_xy, dtype=float).ravel().tolist()], height, width)
+    return mask_util.decode(mask_util.merge(rle)).astype(bool)
+
+
+def _encode(mask: np.ndarray) -> dict:
+    return mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
+
+
+def instance_annotation(mask: np.ndarray, category_id: int, p: int) -> dict:
+    """COCO annotation (without ids) for one instance mask, with ``contour_points``."""
+    rle = _encode(mask)
+    filled = ndimage.binary_fill_holes(mask)
+    if (filled != mask).any():
+        segmentation = {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
+    else:
+        polys = []
+        for lab in range(1, ndimage.label(mask)[1] + 1):
+            xy = outer_contour(ndimage.label(mask)[0] == lab)
+            if len(xy) >= 3:
+                polys.append([round(float(v), 2) for v in xy.ravel()])
+        segmentation = polys
+    return {"category_id": int(category_id), "segmentation": segmentation,
+            "area": float(mask_util.area(rle)), "bbox": [float(v) for v in mask_util.toBbox(rle)],
+            "iscrowd": 0, "num_points": p,
+            "contour_points": [round(float(v), 3) for v in contour_points(mask, p).ravel()]}
+
+
+# ---------------------------------------------------------------- slicing and intensities
+
+def slices_along(array: np.ndarray, axis: str):
+    """Yield (index, 2D slice) with display orientation: axial (y, x); coronal/sagittal with the
+    superior end at the top (rows = z reversed)."""
+    if axis == "axial":
+        for k in range(array.shape[0]):
+            yield k, array[k]
+    elif axis == "coronal":
+        for k in range(array.shape[1]):
+            yield k, array[::-1, k, :]
+    else:
+        for k in range(array.shape[2]):
+            yield k, array[::-1, :, k]
+
+
+def pixel_spacing(spacing_xyz, axis: str) -> list[float]:
+    sx, sy, sz = spacing_xyz
+    return {"axial": [sy, sx], "coronal": [sz, sx], "sagittal": [sz, sy]}[axis]
+
+
+def to_png_array(slice2d: np.ndarray, window, png16: bool, offset: float) -> np.ndarray:
+    if png16:
+        return np.clip(slice2d.astype(np.float64) + offset, 0, 65535).astype(np.uint16)
+    lo, hi = window
+    grey = np.clip((slice2d.astype(np.float32) - lo) / max(hi - lo, 1e-6) * 255.0, 0, 255).astype(np.uint8)
+    return np.repeat(grey[..., None], 3, axis=2)
+
+
+def _case_images(task):
+    case, image_path, label_path, out, labels, opts = task
+    image = read_image(image_path)
+    seg_img = read_image(label_path)
+    img = sitk.GetArrayFromImage(image)
+    seg = sitk.GetArrayFromImage(seg_img)
+    if img.shape != seg.shape:
+        raise ConversionError(f"{label_path}: shape {seg.shape} differs from image {img.shape}")
+    window = CT_WINDOW if opts["modality"].upper() == "CT" else tuple(np.percentile(img, [0.5, 99.5]))
+    offset = float(max(0.0, -float(img.min())))
+    spacing = pixel_spacing(image.GetSpacing(), opts["axis"])
+    entries = []
+    seg_slices = dict(slices_along(seg, opts["axis"]))
+    for k, im2d in slices_along(img, opts["axis"]):
+        s2d = seg_slices[k]
+        anns = []
+        h, w = s2d.shape
+        p = opts["points"] or (50 if max(h, w) >= 512 else 100)
+        for name, value in labels.items():
+            if value == 0 or name == "ignore":
+                continue
+            m = s2d == value
+            if not m.any():
+                continue
+            if opts["instances"] == "components":
+                comp, n = ndimage.label(m)
+                masks = [comp == i for i in range(1, n + 1)]
+            else:
+                masks = [m]
+            anns.extend(instance_annotation(mk, value, p) for mk in masks)
+        if not anns and not opts["keep_empty"]:
+            continue
+        file_name = f"{case}_{opts['axis'][:3]}{k:04d}.png"
+        Image.fromarray(to_png_array(im2d, window, opts["png16"], offset)).save(out / "images" / file_name)
+        info = {"file_name": file_name, "height": int(h), "width": int(w), "case": case,
+                "axis": opts["axis"], "slice_index": int(k), "pixel_spacing": [float(v) for v in spacing]}
+        if opts["png16"]:
+            info["intensity_offset"] = offset
+        else:
+            info["window"] = [float(window[0]), float(window[1])]
+        entries.append((info, anns))
+    return entries
+
+
+def nnunet_cases(dataset: Path) -> tuple[dict, list[tuple[str, Path, Path]]]:
+    ds_json = dataset / "dataset.json"
+    if not ds_json.is_file():
+        raise ConversionError(f"{ds_json}: not found (is {dataset} an nnU-Net raw dataset?)")
+    meta = json.loads(ds_json.read_text())
+    ending = meta["file_ending"]
+    cases = []
+    for lab in sorted((dataset / "labelsTr").glob(f"*{ending}")):
+        case = lab.name[: -len(ending)]
+        img = dataset / "imagesTr" / f"{case}_0000{ending}"
+        if not img.is_file():
+            raise ConversionError(f"{img}: image for label {lab.name} not found")
+        cases.append((case, img, lab))
+    if not cases:
+        raise ConversionError(f"{dataset / 'labelsTr'}: no label files ending in {ending}")
+    return meta, cases
+
+
+def to_coco(dataset: Path, out: Path, args, run_cases) -> dict:
+    """Write ``out/images/*.png`` and ``out/annotations/instances_{train,val}.json``."""
+    if not 0 <= args.fold < args.num_folds:
+        raise ConversionError(f"--fold {args.fold}: must be in 0..{args.num_folds - 1}")
+    meta, cases = nnunet_cases(Path(dataset))
+    labels = {k: int(v) for k, v in meta["labels"].items() if isinstance(v, int)}
+    opts = {"axis": args.axis, "points": args.points, "instances": args.instances,
+            "keep_empty": args.keep_empty, "png16": args.png16, "modality": meta["channel_names"]["0"]}
+    (out / "images").mkdir(parents=True)
+    per_case = run_cases(_case_images, [(c, i, lab, out, labels, opts) for c, i, lab in cases], desc="to-coco")
+    categories = [{"id": v, "name": k, "supercategory": "organ"} for k, v in labels.items()
+                  if v != 0 and k != "ignore"]
+    splits = {"train": {"images": [], "annotations": []}, "val": {"images": [], "annotations": []}}
+    image_id = ann_id = 0
+    for index, entries in enumerate(per_case):
+        split = "val" if index % args.num_folds == args.fold else "train"
+        for info, anns in entries:
+            image_id += 1
+            splits[split]["images"].append({"id": image_id, **info})
+            for a in anns:
+                ann_id += 1
+                splits[split]["annotations"].append({"id": ann_id, "image_id": image_id, **a})
+    for split, content in splits.items():
+        write_json(out / "annotations" / f"instances_{split}.json", {
+            "info": {"description": f"{meta.get('name', dataset.name)} ({args.axis} slices) by organmtl",
+                     "source_dataset": str(dataset.name)},
+            "licenses": [], "categories": categories, **content})
+    return {"images": image_id, "annotations": ann_id, "categories": len(categories),
+            "train_images": len(splits["train"]["images"]), "val_images": len(splits["val"]["images"])}

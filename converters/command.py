@@ -1,0 +1,110 @@
+"""The ``organmtl convert`` machinery shared by every source converter."""
+from __future__ import annotations
+
+import argparse
+import functools
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from organmtl.converters import coco, pddca, volumes
+from organmtl.converters.common import (atomic_output_dir, nnunet_target, run_cases, write_dataset_json,
+                                        write_json)
+
+
+@dataclass(frozen=True)
+class SourceConverter:
+    """One ``organmtl convert <name>`` source.
+
+    ``convert(src, out, args, run_cases) -> summary`` writes an nnU-Net raw dataset into ``out``
+    (a temporary folder) and returns ``labels``, ``channel_names``, ``num_training``, ``cases``
+    (one record per case) and ``dataset_json_extra``. ``to_nnunet=False`` marks converters whose
+    input is already an nnU-Net dataset (``to-coco``).
+    """
+
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    convert: Callable
+    to_nnunet: bool = True
+
+
+PDDCA = SourceConverter("pddca", "PDDCA / MICCAI 2015 head-and-neck CT (NRRD)", pddca.add_arguments, pddca.convert)
+VOLUMES = SourceConverter("volumes", "folder of images + label maps (NIfTI/NRRD/MHA) with mapping.json",
+                          volumes.add_arguments, volumes.convert)
+COCO = SourceConverter("to-coco", "an nnU-Net raw dataset -> COCO per-slice instances (HMR-Net)",
+                       lambda parser: None, None, to_nnunet=False)
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, converter: SourceConverter) -> None:
+    parser.add_argument("src", type=Path, help="source folder" if converter.to_nnunet
+                        else "nnU-Net raw dataset folder (DatasetXXX_Name)")
+    if converter.to_nnunet:
+        parser.add_argument("--to", choices=("nnunet", "coco"), default="nnunet", help="output format")
+        parser.add_argument("--dataset-id", type=int, required=True, help="nnU-Net dataset id (1-999)")
+        parser.add_argument("--name", default=None, help=f"dataset name (default: {converter.name})")
+        parser.add_argument("--file-ending", default=".nii.gz", choices=(".nii.gz", ".nrrd", ".mha"),
+                            help="file ending of the written images (default .nii.gz)")
+        parser.add_argument("--out", type=Path, default=None,
+                            help="nnunet: raw root (default $nnUNet_raw); coco: output folder (required)")
+    else:
+        parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument("-j", "--jobs", type=int, default=1, help="cases converted in parallel")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    converter.add_arguments(parser)
+    coco.add_arguments(parser)
+
+
+def _report(summary: dict) -> list[str]:
+    lines = []
+    for r in summary.get("cases", []):
+        if r.get("action") not in (None, "kept"):
+            lines.append(f"  {r['case']}: {r['action']} (missing: {', '.join(r.get('missing', [])) or '-'})")
+        for d in r.get("landmarks_dropped", []):
+            lines.append(f"  {r['case']}: landmark {d['name']!r} dropped ({d['reason']})")
+        if r.get("overlap_voxels"):
+            lines.append(f"  {r['case']}: overlapping structures {r['overlap_voxels']} (later label wins)")
+    return lines
+
+
+def _to_nnunet(converter: SourceConverter, args, root: Path | None) -> tuple[Path, dict]:
+    name = args.name or converter.name.replace("-", "_").upper()
+    target = nnunet_target(root, args.dataset_id, name, args.overwrite)
+    runner = functools.partial(run_cases, jobs=args.jobs)
+    with atomic_output_dir(target, args.overwrite) as tmp:
+        summary = converter.convert(args.src, tmp, args, runner)
+        write_dataset_json(tmp, summary["channel_names"], summary["labels"], summary["num_training"],
+                           args.file_ending, name, f"converted by organmtl from {converter.name}",
+                           **summary.get("dataset_json_extra", {}))
+        write_json(tmp / "conversion_report.json", {"source": str(args.src), "converter": converter.name,
+                                                    "cases": summary["cases"]})
+    return target, summary
+
+
+def run_conversion(converter: SourceConverter, args) -> Path:
+    """Run one conversion from parsed arguments; print a summary; return the output folder."""
+    runner = functools.partial(run_cases, jobs=args.jobs)
+    if not converter.to_nnunet:
+        with atomic_output_dir(args.out, args.overwrite) as tmp:
+            stats = coco.to_coco(args.src, tmp, args, runner)
+        print(f"COCO written to {args.out}: {stats}")
+        return args.out
+    if args.to == "nnunet":
+        target, summary = _to_nnunet(converter, args, args.out)
+        print(f"nnU-Net dataset written to {target}: {summary['num_training']} training cases, "
+              f"labels {summary['labels']}")
+        for line in _report(summary):
+            print(line)
+        return target
+    if args.out is None:
+        from organmtl.converters.common import ConversionError
+        raise ConversionError("--to coco needs --out FOLDER")
+    with tempfile.TemporaryDirectory(prefix="organmtl-coco-") as raw_root:
+        target, summary = _to_nnunet(converter, args, Path(raw_root))
+        for line in _report(summary):
+            print(line)
+        with atomic_output_dir(args.out, args.overwrite) as tmp:
+            stats = coco.to_coco(target, tmp, args, runner)
+    print(f"COCO written to {args.out}: {stats}")
+    return args.out

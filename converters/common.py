@@ -1,0 +1,186 @@
+"""Shared machinery of the converters: one-line errors, atomic output folders, checked image I/O,
+parallel per-case execution with a progress bar, and the nnU-Net raw dataset writer."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import SimpleITK as sitk
+from tqdm import tqdm
+
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+GEOMETRY_TOL = 1e-4  # mm / direction cosine; NIfTI stores geometry in float32
+
+
+class ConversionError(Exception):
+    """Bad input: the message is one line naming the file and the problem (CLI exit code 2)."""
+
+
+def strip_image_suffix(name: str) -> str:
+    for suffix in IMAGE_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def read_image(path: Path) -> sitk.Image:
+    """Read with SimpleITK; unreadable/truncated files and NaN/Inf voxels raise ConversionError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConversionError(f"{path}: file not found")
+    try:
+        img = sitk.ReadImage(str(path))
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[-1] if str(e).strip() else "unreadable"
+        raise ConversionError(f"{path}: cannot be read as an image ({first[:160]})") from None
+    if img.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
+        arr = sitk.GetArrayViewFromImage(img)
+        if not np.isfinite(arr).all():
+            raise ConversionError(f"{path}: contains NaN or Inf intensities")
+    return img
+
+
+def same_geometry(a: sitk.Image, b: sitk.Image, tol: float = GEOMETRY_TOL) -> bool:
+    return (a.GetSize() == b.GetSize()
+            and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=tol)
+            and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=tol)
+            and np.allclose(a.GetDirection(), b.GetDirection(), atol=tol))
+
+
+def check_geometry(reference: sitk.Image, img: sitk.Image, path: Path, reference_path: Path) -> None:
+    if img.GetSize() != reference.GetSize():
+        raise ConversionError(f"{path}: size {img.GetSize()} differs from {reference_path.name} "
+                              f"{reference.GetSize()}")
+    if not same_geometry(reference, img):
+        raise ConversionError(f"{path}: spacing/origin/direction differ from {reference_path.name}")
+
+
+def read_binary_mask(path: Path, reference: sitk.Image, reference_path: Path) -> np.ndarray:
+    """A structure mask as bool (z, y, x); must match the image grid and hold only 0 and one value."""
+    img = read_image(path)
+    check_geometry(reference, img, path, reference_path)
+    arr = sitk.GetArrayFromImage(img)
+    values = np.unique(arr)
+    if len(values) > 2 or (len(values) == 2 and values[0] != 0):
+        shown = ", ".join(str(v) for v in values[:6])
+        raise ConversionError(f"{path}: mask is not binary (values {shown}{'...' if len(values) > 6 else ''})")
+    return arr != 0
+
+
+def copy_geometry(array: np.ndarray, reference: sitk.Image) -> sitk.Image:
+    img = sitk.GetImageFromArray(array)
+    img.CopyInformation(reference)
+    return img
+
+
+def write_image(img: sitk.Image, path: Path) -> None:
+    sitk.WriteImage(img, str(path), useCompression=True)
+
+
+@contextmanager
+def atomic_output_dir(target: Path, overwrite: bool):
+    """Yield a temporary folder next to ``target``; move it into place only if the block succeeds.
+
+    An existing ``target`` is refused unless ``overwrite``; a failed or killed run leaves only the
+    hidden temporary folder, which is removed on failure (and by the next run's clean-up).
+    """
+    target = Path(target)
+    if target.exists() and not overwrite:
+        raise ConversionError(f"{target}: already exists (use --overwrite to replace it)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f".{target.name}.tmp-*"):
+        if stale.is_dir() and not _pid_alive(stale.name.rsplit("-", 1)[-1]):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", suffix=f"-{os.getpid()}", dir=target.parent))
+    try:
+        yield tmp
+        if target.exists():
+            old = target.parent / f".{target.name}.old-{os.getpid()}"
+            target.rename(old)
+            tmp.rename(target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _pid_alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def run_cases(fn: Callable, items: list, jobs: int = 1, desc: str = "cases") -> list:
+    """``[fn(item) for item in items]``, in ``jobs`` processes, with a tqdm bar; order kept."""
+    if jobs <= 1 or len(items) <= 1:
+        return [fn(item) for item in tqdm(items, desc=desc, unit="case")]
+    with ProcessPoolExecutor(max_workers=jobs) as pool:
+        return list(tqdm(pool.map(fn, items), total=len(items), desc=desc, unit="case"))
+
+
+def dataset_folder_name(dataset_id: int, name: str) -> str:
+    if not 1 <= dataset_id <= 999:
+        raise ConversionError(f"--dataset-id {dataset_id}: must be between 1 and 999")
+    if not re.fullmatch(r"[A-Za-z0-9_\-]+", name):
+        raise ConversionError(f"--name {name!r}: use letters, digits, '_' or '-'")
+    return f"Dataset{dataset_id:03d}_{name}"
+
+
+def nnunet_target(root: Path | None, dataset_id: int, name: str, overwrite: bool) -> Path:
+    """``<nnUNet_raw or root>/DatasetXXX_Name``; refuses a different dataset with the same id."""
+    if root is None:
+        raw = os.environ.get("nnUNet_raw")
+        if not raw:
+            raise ConversionError("nnUNet_raw is not set: export it or pass --out")
+        root = Path(raw)
+    folder = dataset_folder_name(dataset_id, name)
+    if Path(root).is_dir():
+        for other in Path(root).glob(f"Dataset{dataset_id:03d}_*"):
+            if other.name != folder and other.is_dir():
+                raise ConversionError(f"{other}: dataset id {dataset_id} is already used by another dataset")
+    return Path(root) / folder
+
+
+def write_dataset_json(folder: Path, channel_names: dict, labels: dict, num_training: int,
+                       file_ending: str, name: str, description: str, **extra) -> None:
+    """dataset.json through nnU-Net's own generator (extra keys are kept, as nnU-Net allows)."""
+    from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json
+
+    generate_dataset_json(str(folder), channel_names=channel_names, labels=labels,
+                          num_training_cases=num_training, file_ending=file_ending, dataset_name=name,
+                          description=description, converted_by="organmtl", license="see source dataset",
+                          **extra)
+
+
+def write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def find_files(folder: Path, what: str) -> list[Path]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ConversionError(f"{folder}: {what} folder not found")
+    return sorted(p for p in folder.iterdir() if p.name.endswith(IMAGE_SUFFIXES))
+
+
+def unique_ids(pairs: Iterable[tuple[str, Path]]) -> None:
+    seen: dict[str, Path] = {}
+    for case, path in pairs:
+        if case in seen:
+            raise ConversionError(f"{path}: duplicate case id {case!r} (also {seen[case]})")
+        seen[case] = path

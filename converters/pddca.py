@@ -1,0 +1,106 @@
+"""PDDCA 1.4.1 / MICCAI 2015 head-and-neck challenge (NRRD) -> nnU-Net v2 raw dataset.
+
+Layout read: ``SRC/<case>/img.nrrd``, ``SRC/<case>/structures/<Name>.nrrd`` and any ``.fcsv``
+below the case folder (landmarks). Label table: :data:`LABELS`. Cases lacking a structure file
+are handled by ``--missing``:
+
+- ``drop`` (default): the case is left out;
+- ``ignore``: voxels not annotated as another structure get nnU-Net's ignore label, so the case
+  still teaches the structures it has and never teaches "background" where the missing organ is;
+- ``background``: the missing organ is silently absent (explicit opt-in, still reported).
+
+Each decision is listed in ``conversion_report.json`` and printed.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from organmtl.converters.common import (ConversionError, copy_geometry, read_binary_mask, read_image,
+                                        write_image, write_json)
+from organmtl.converters.landmarks import landmarks_record, read_fcsv
+
+LABELS = {"background": 0, "BrainStem": 1, "Chiasm": 2, "Mandible": 3, "OpticNerve_L": 4,
+          "OpticNerve_R": 5, "Parotid_L": 6, "Parotid_R": 7, "Submandibular_L": 8, "Submandibular_R": 9}
+SMALL_ORGANS = ["Chiasm", "OpticNerve_L", "OpticNerve_R"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--missing", choices=("drop", "ignore", "background"), default="drop",
+                        help="what to do with cases lacking a structure file (default: drop)")
+    parser.add_argument("--structures", nargs="+", metavar="NAME",
+                        help=f"subset of structures to keep (default: all of {', '.join(list(LABELS)[1:])})")
+
+
+def discover(src: Path) -> list[Path]:
+    if not src.is_dir():
+        raise ConversionError(f"{src}: source folder not found")
+    cases = sorted(p for p in src.iterdir() if p.is_dir() and (p / "img.nrrd").is_file())
+    if not cases:
+        raise ConversionError(f"{src}: no case folder with an img.nrrd inside")
+    return cases
+
+
+def _convert_case(task):
+    case_dir, out, labels, missing_policy, file_ending = task
+    case = case_dir.name
+    img_path = case_dir / "img.nrrd"
+    image = read_image(img_path)
+    names = [n for n in labels if n != "background" and n != "ignore"]
+    seg = np.zeros(sitk.GetArrayViewFromImage(image).shape, np.uint8)
+    present, missing, overlaps = [], [], {}
+    for name in names:
+        path = case_dir / "structures" / f"{name}.nrrd"
+        if not path.is_file():
+            missing.append(name)
+            continue
+        mask = read_binary_mask(path, image, img_path)
+        clash = mask & (seg > 0)
+        if clash.any():
+            overlaps[name] = int(clash.sum())
+        seg[mask] = labels[name]   # later (smaller, listed later) structures win overlaps
+        present.append(name)
+    record = {"case": case, "present": present, "missing": missing, "overlap_voxels": overlaps,
+              "action": "kept"}
+    if missing and missing_policy == "drop":
+        record["action"] = "dropped"
+        return record
+    if missing and missing_policy == "ignore":
+        seg[seg == 0] = labels["ignore"]
+        record["action"] = "kept, unannotated voxels set to the ignore label"
+    elif missing:
+        record["action"] = "kept, missing structures counted as background"
+    write_image(image, out / "imagesTr" / f"{case}_0000{file_ending}")
+    write_image(copy_geometry(seg, image), out / "labelsTr" / f"{case}{file_ending}")
+    points = [p for f in sorted(case_dir.rglob("*.fcsv")) for p in read_fcsv(f)]
+    lm = landmarks_record(case, points, image)
+    if points:
+        write_json(out / "landmarks" / f"{case}.json", lm)
+    record["landmarks_dropped"] = lm["dropped"]
+    return record
+
+
+def convert(src: Path, out: Path, args, run_cases) -> dict:
+    """Write the nnU-Net raw dataset into ``out`` (a temporary folder the caller moves into place)."""
+    labels = dict(LABELS)
+    if args.structures:
+        unknown = [s for s in args.structures if s not in LABELS]
+        if unknown:
+            raise ConversionError(f"--structures: unknown structure {unknown[0]!r}")
+        labels = {"background": 0, **{n: i for i, n in enumerate(args.structures, start=1)}}
+    if args.missing == "ignore":
+        labels["ignore"] = max(labels.values()) + 1
+    (out / "imagesTr").mkdir(parents=True)
+    (out / "labelsTr").mkdir()
+    tasks = [(c, out, labels, args.missing, args.file_ending) for c in discover(src)]
+    records = run_cases(_convert_case, tasks, desc="pddca")
+    kept = [r for r in records if r["action"] != "dropped"]
+    if not kept:
+        raise ConversionError(f"{src}: every case lacks a structure; try --missing ignore")
+    small = [s for s in SMALL_ORGANS if s in labels]
+    return {"labels": labels, "channel_names": {"0": "CT"}, "num_training": len(kept),
+            "cases": records, "dataset_json_extra": {"organmtl_small_organs": small,
+                                                    "organmtl_landmarks": "landmarks"}}

@@ -1,0 +1,41 @@
+"""Short training schedules for CPU runs (tests, the demo) as an nnU-Net trainer mixin.
+
+Stock nnU-Net trains 1000 epochs x 250 iterations; on a CPU that is days. The mixin lets any
+organmtl trainer run a handful of epochs, read from environment variables so the stock
+``nnUNetv2_train`` command line stays unchanged:
+
+- ``ORGANMTL_EPOCHS`` (default: the class' ``budget_epochs``)
+- ``ORGANMTL_ITERS_PER_EPOCH`` (default: ``budget_iters``)
+- ``ORGANMTL_VAL_ITERS`` (default: ``budget_val_iters``)
+"""
+from __future__ import annotations
+
+import os
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError as e:
+        raise ValueError(f"environment variable {name}={raw!r} is not an integer") from e
+    if value < 1:
+        raise ValueError(f"environment variable {name}={raw!r} must be >= 1")
+    return value
+
+
+class CPUBudgetMixin:
+    """Put before the nnU-Net trainer class in the bases: shortens the schedule after ``__init__``."""
+
+    budget_epochs = 2
+    budget_iters = 10
+    budget_val_iters = 2
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.num_epochs = _env_int("ORGANMTL_EPOCHS", self.budget_epochs)
+        self.num_iterations_per_epoch = _env_int("ORGANMTL_ITERS_PER_EPOCH", self.budget_iters)
+        self.num_val_iterations_per_epoch = _env_int("ORGANMTL_VAL_ITERS", self.budget_val_iters)
+        self.save_every = max(1, min(self.save_every, self.num_epochs))

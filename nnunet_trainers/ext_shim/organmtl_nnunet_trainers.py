@@ -1,0 +1,7 @@
+"""Shim for nnU-Net's ``nnUNet_extTrainer`` search: re-exports every organmtl trainer.
+
+nnU-Net imports this file as a top-level module and finds trainers by attribute. The classes
+themselves live in ``organmtl.nnunet_trainers`` and keep that module name.
+"""
+from organmtl.nnunet_trainers import *  # noqa: F401,F403
+from organmtl.nnunet_trainers import __all__  # noqa: F401

@@ -1,0 +1,188 @@
+"""``organmtl`` command line. Exit codes: 0 success, 1 failure, 2 bad input or usage."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    """Bad arguments or input: printed as one line, exit code 2."""
+
+
+# ---------------------------------------------------------------- list / doctor
+
+def cmd_list(args) -> int:
+    from organmtl.plugins.registry import discover_plugins
+
+    plugins = discover_plugins()
+    failed = False
+    for p in plugins.values():
+        origin = f" [{p.distribution}]" if p.distribution and p.distribution != "organmtl" else ""
+        print(f"{p.name}{origin}: {p.description}")
+        if p.nnunet_trainers:
+            print(f"  nnU-Net trainers : {', '.join(p.trainer_names)}")
+        if p.detectron_configs:
+            print(f"  Detectron2 configs: {', '.join(p.config_paths() if args.paths else p.detectron_configs)}")
+        if p.converters:
+            print(f"  converters       : {', '.join(sorted(p.converters))}")
+        if p.docs:
+            print(f"  docs             : {p.docs}")
+        if args.check:
+            problems = p.check()
+            for problem in problems:
+                print(f"  PROBLEM: {problem}")
+            failed |= bool(problems)
+    return EXIT_FAIL if failed else EXIT_OK
+
+
+def cmd_doctor(args) -> int:
+    from organmtl.doctor import run_doctor
+
+    return run_doctor(verbose=args.verbose)
+
+
+def cmd_install_hooks(args) -> int:
+    from organmtl.env import install_startup_hook
+
+    print(f"start-up hook written: {install_startup_hook()}")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------- data
+
+def cmd_demo_data(args) -> int:
+    from organmtl.demo_data import write_demo_data
+
+    try:
+        index = write_demo_data(args.out, seed=args.seed, families=args.families, n_cases=args.n_cases,
+                                overwrite=args.overwrite)
+    except (FileExistsError, ValueError) as e:
+        raise UsageError(str(e)) from None
+    for family, ids in index["families"].items():
+        n = sum(len(v) for v in ids.values()) if isinstance(ids, dict) else len(ids)
+        print(f"{family}: {n} cases -> {args.out / family}")
+    return EXIT_OK
+
+
+def cmd_convert(args) -> int:
+    from organmtl.converters import run_conversion
+
+    run_conversion(args.converter, args)
+    return EXIT_OK
+
+
+def cmd_plan_tiny(args) -> int:
+    from organmtl.nnunet_plans import plan_tiny
+
+    path = plan_tiny(args.d, configurations=args.c, num_processes=args.np, max_features=args.max_features,
+                     batch_size=args.batch_size, verify=not args.no_verify)
+    print(f"tiny configurations {', '.join(args.c)} added to {path} and preprocessed")
+    return EXIT_OK
+
+
+def cmd_evaluate(args) -> int:
+    from organmtl.evaluation.segmentation import evaluate_folders, format_table
+
+    summary = evaluate_folders(args.pred, args.gt, args.dataset_json, output_file=args.output)
+    print(format_table({"prediction": summary}))
+    print(f"summary written to {args.output or args.pred / 'summary.json'}")
+    return EXIT_OK
+
+
+def cmd_demo(args) -> int:
+    from organmtl.demo import run_demo
+
+    return run_demo(args.out, epochs=args.epochs, iterations=args.iterations, overwrite=args.overwrite)
+
+
+# ---------------------------------------------------------------- parser
+
+def build_parser() -> argparse.ArgumentParser:
+    from organmtl.converters import add_common_arguments
+    from organmtl.demo_data import FAMILIES
+    from organmtl.plugins.registry import all_converters, load_reference
+
+    parser = argparse.ArgumentParser(prog="organmtl", description=__doc__.split("\n")[0] + " "
+                                     "Multi-task organ segmentation for nnU-Net v2 and Detectron2.")
+    parser.add_argument("--version", action="version", version=f"organmtl {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("list", help="installed plugins (methods) and what each provides")
+    p.add_argument("--check", action="store_true", help="resolve every trainer/config/converter (exit 1 on a problem)")
+    p.add_argument("--paths", action="store_true", help="print config files as absolute paths")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("doctor", help="versions, paths and whether nnU-Net can see our trainers")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.set_defaults(func=cmd_doctor)
+
+    p = sub.add_parser("install-hooks", help="(re)write the start-up hook that sets nnUNet_extTrainer")
+    p.set_defaults(func=cmd_install_hooks)
+
+    p = sub.add_parser("demo-data", help="write the synthetic demo phantoms in the raw dataset layouts")
+    p.add_argument("out", type=Path)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--families", nargs="+", choices=list(FAMILIES), help="subset of families (default all)")
+    p.add_argument("--n-cases", type=int, default=None, help="cases per family (default: per family)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_demo_data)
+
+    p = sub.add_parser("convert", help="convert a dataset to nnU-Net raw format or COCO")
+    sources = p.add_subparsers(dest="source", required=True, metavar="SOURCE")
+    for name, ref in sorted(all_converters().items()):
+        converter = load_reference(ref)
+        sp = sources.add_parser(name, help=converter.help, description=converter.help)
+        add_common_arguments(sp, converter)
+        sp.set_defaults(func=cmd_convert, converter=converter)
+
+    p = sub.add_parser("plan-tiny", help="nnU-Net fingerprint + plans + tiny CPU configurations + preprocessing")
+    p.add_argument("-d", type=int, required=True, help="dataset id")
+    p.add_argument("-c", nargs="+", default=["3d_tiny"], choices=["3d_tiny", "2d_tiny"])
+    p.add_argument("-np", type=int, default=2, help="processes")
+    p.add_argument("--max-features", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--no-verify", action="store_true", help="skip nnU-Net's dataset integrity check")
+    p.set_defaults(func=cmd_plan_tiny)
+
+    p = sub.add_parser("evaluate", help="Dice/IoU per label of a prediction folder (nnU-Net's evaluation)")
+    p.add_argument("pred", type=Path)
+    p.add_argument("gt", type=Path)
+    p.add_argument("--dataset-json", type=Path, required=True)
+    p.add_argument("-o", "--output", type=Path, default=None, help="summary JSON (default PRED/summary.json)")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("demo", help="end to end on the demo data: generate, convert, train, predict, evaluate")
+    p.add_argument("--out", type=Path, default=Path("demo_output"))
+    p.add_argument("--epochs", type=int, default=None, help="nnU-Net epochs (default: demo budget)")
+    p.add_argument("--iterations", type=int, default=None, help="iterations per epoch")
+    p.add_argument("--overwrite", action="store_true", help="start again from scratch")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def _version() -> str:
+    from organmtl import __version__
+
+    return __version__
+
+
+def main(argv=None) -> int:
+    from organmtl.converters.common import ConversionError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (UsageError, ConversionError) as e:
+        print(f"organmtl {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""Built-in demo data: deterministic synthetic phantoms in the raw layouts of the real datasets.
+
+``organmtl demo-data OUT`` writes (``FAMILIES``):
+
+==============  ==================================================  =========================
+folder          what                                                 layout of the real data
+==============  ==================================================  =========================
+han_pddca       head-and-neck CT, 9 OARs incl. chiasm/optic nerves   PDDCA 1.4.1 (NRRD, .fcsv)
+spine           2D sagittal MR-like / axial CT-like spine slices     generic ``volumes`` folder
+abdomen_mr      two-channel fat/water MR, 6 organs, hip joints       landmark-input thesis
+visceral_ct     CT with kidneys and renal-pelvis landmarks           VISCERAL Anatomy3
+multimodal      brain MR / breast MR / cardiac CTA tasks             generic ``volumes`` folders
+==============  ==================================================  =========================
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from organmtl.demo_data.abdomen import write_abdomen
+from organmtl.demo_data.han import write_han
+from organmtl.demo_data.multimodal import write_multimodal
+from organmtl.demo_data.spine import write_spine
+from organmtl.demo_data.visceral import write_visceral
+
+FAMILIES = {
+    "han_pddca": (write_han, 8),
+    "spine": (write_spine, 12),
+    "abdomen_mr": (write_abdomen, 6),
+    "visceral_ct": (write_visceral, 6),
+    "multimodal": (write_multimodal, 6),
+}
+
+
+def write_demo_data(out: Path, seed: int = 0, families=None, n_cases: int | None = None,
+                    overwrite: bool = False) -> dict:
+    """Write the demo phantoms under ``out`` (built in a temporary folder, moved into place).
+
+    Returns the index ``{family: case ids}`` that is also written to ``out/index.json``.
+    """
+    out = Path(out)
+    families = list(families or FAMILIES)
+    unknown = [f for f in families if f not in FAMILIES]
+    if unknown:
+        raise ValueError(f"unknown demo family {unknown[0]!r}; choose from {', '.join(FAMILIES)}")
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{out}: exists and is not empty (use --overwrite)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        index = {"seed": seed, "families": {}}
+        for family in families:
+            writer, default_n = FAMILIES[family]
+            index["families"][family] = writer(tmp / family, n_cases or default_n, seed)
+        (tmp / "index.json").write_text(json.dumps(index, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return index

@@ -1,0 +1,42 @@
+"""Manifests of the four built-in methods (declared as entry points in organmtl's pyproject.toml).
+
+A manifest lists only what exists and is tested; ``organmtl list --check`` resolves every entry.
+"""
+from organmtl.plugins.registry import Plugin
+
+_CONFIGS = "organmtl.detectron_heads"
+
+HMRNET = Plugin(
+    name="hmrnet",
+    description="HMR-Net: Detectron2 shape-regression ROI heads with manifold loss (papers/hmrnet.txt)",
+    detectron_modules=("organmtl.detectron_heads",),
+    detectron_configs=(f"{_CONFIGS}:configs/Base-OMTL-RCNN-FPN.yaml",
+                       f"{_CONFIGS}:configs/mask_rcnn_R_50_FPN_baseline.yaml",
+                       f"{_CONFIGS}:configs/tiny/mask_rcnn_R_18_FPN_baseline_tiny.yaml"),
+    converters={"to-coco": "organmtl.converters:COCO", "volumes": "organmtl.converters:VOLUMES"},
+    docs="docs/hmrnet.md",
+)
+
+FOCUSNETV2 = Plugin(
+    name="focusnetv2",
+    description="FocusNetv2: S-Net, small-organ localisation/segmentation, adversarial shape AE (papers/focusnetv2.txt)",
+    nnunet_trainers=("organmtl.nnunet_trainers:nnUNetTrainerOMTLBaseline_Tiny",),
+    converters={"pddca": "organmtl.converters:PDDCA"},
+    docs="docs/focusnetv2.md",
+)
+
+LANDMARK_UNET = Plugin(
+    name="landmark_unet",
+    description="Landmark U-Nets: landmarks as auxiliary task or as input (two theses in papers/)",
+    nnunet_trainers=("organmtl.nnunet_trainers:nnUNetTrainerOMTLBaseline_Tiny",),
+    converters={"volumes": "organmtl.converters:VOLUMES"},
+    docs="docs/landmark_unets.md",
+)
+
+MULTITASK_CNN = Plugin(
+    name="multitask_cnn",
+    description="Multi-task multi-modality CNN, one network for several datasets (papers/moeskops_multitask_cnn.txt)",
+    nnunet_trainers=("organmtl.nnunet_trainers:nnUNetTrainerOMTLBaseline_Tiny",),
+    converters={"volumes": "organmtl.converters:VOLUMES"},
+    docs="docs/multitask_cnn.md",
+)
