@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import argparse
 import functools
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from organmtl.converters import coco, pddca, volumes
-from organmtl.converters.common import (atomic_output_dir, nnunet_target, run_cases, write_dataset_json,
+from organmtl.converters.common import (ConversionError, atomic_output_dir, nnunet_target, run_cases, write_dataset_json,
                                         write_json)
 
 
@@ -48,6 +49,8 @@ def add_common_arguments(parser: argparse.ArgumentParser, converter: SourceConve
                             help="file ending of the written images (default .nii.gz)")
         parser.add_argument("--out", type=Path, default=None,
                             help="nnunet: raw root (default $nnUNet_raw); coco: output folder (required)")
+        parser.add_argument("--test", type=Path, default=None, metavar="TEST_SRC",
+                            help="a second source folder converted into imagesTs/labelsTs")
     else:
         parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("-j", "--jobs", type=int, default=1, help="cases converted in parallel")
@@ -74,6 +77,23 @@ def _to_nnunet(converter: SourceConverter, args, root: Path | None) -> tuple[Pat
     runner = functools.partial(run_cases, jobs=args.jobs)
     with atomic_output_dir(target, args.overwrite) as tmp:
         summary = converter.convert(args.src, tmp, args, runner)
+        if getattr(args, "test", None) is not None:
+            test_tmp = tmp / ".test"
+            test_summary = converter.convert(args.test, test_tmp, args, runner)
+            (test_tmp / "imagesTr").rename(tmp / "imagesTs")
+            (test_tmp / "labelsTr").rename(tmp / "labelsTs")
+            if (test_tmp / "landmarks").is_dir():
+                for f in (test_tmp / "landmarks").iterdir():
+                    (tmp / "landmarks").mkdir(exist_ok=True)
+                    f.rename(tmp / "landmarks" / f.name)
+            shutil.rmtree(test_tmp)
+            if test_summary["labels"] != summary["labels"]:
+                raise ConversionError(f"{args.test}: test cases have labels {test_summary['labels']}, "
+                                      f"training cases {summary['labels']}")
+            clash = {r["case"] for r in summary["cases"]} & {r["case"] for r in test_summary["cases"]}
+            if clash:
+                raise ConversionError(f"{args.test}: case id {sorted(clash)[0]!r} is also a training case")
+            summary["cases"] += [{**r, "split": "test"} for r in test_summary["cases"]]
         write_dataset_json(tmp, summary["channel_names"], summary["labels"], summary["num_training"],
                            args.file_ending, name, f"converted by organmtl from {converter.name}",
                            **summary.get("dataset_json_extra", {}))
@@ -98,7 +118,6 @@ def run_conversion(converter: SourceConverter, args) -> Path:
             print(line)
         return target
     if args.out is None:
-        from organmtl.converters.common import ConversionError
         raise ConversionError("--to coco needs --out FOLDER")
     with tempfile.TemporaryDirectory(prefix="organmtl-coco-") as raw_root:
         target, summary = _to_nnunet(converter, args, Path(raw_root))

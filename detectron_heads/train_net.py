@@ -6,7 +6,11 @@
     python -m organmtl.detectron_heads.train_net --config-file CONFIG.yaml --eval-only MODEL.WEIGHTS model.pth
     python -m organmtl.detectron_heads.train_net --num-gpus 8 --config-file CONFIG.yaml   # multi-GPU
 """
+import json
+import logging
 import os
+
+import torch
 
 import detectron2.utils.comm as comm
 from detectron2.checkpoint import DetectionCheckpointer
@@ -23,6 +27,15 @@ class Trainer(DefaultTrainer):
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
         return COCOEvaluator(dataset_name, output_dir=output_folder)
 
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        """Detectron2's test loop; the results are also written to OUTPUT_DIR/final_metrics.json."""
+        results = super().test(cfg, model, evaluators)
+        if comm.is_main_process():
+            with open(os.path.join(cfg.OUTPUT_DIR, "final_metrics.json"), "w") as f:
+                json.dump(results, f, indent=2, default=float)
+        return results
+
 
 def setup(args):
     cfg = get_cfg()
@@ -30,6 +43,9 @@ def setup(args):
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
     register_from_cfg(cfg)
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        logging.getLogger("organmtl").warning("no CUDA device: MODEL.DEVICE set to cpu")
+        cfg.MODEL.DEVICE = "cpu"
     cfg.freeze()
     default_setup(cfg, args)
     return cfg

@@ -7,10 +7,14 @@ organmtl trainer run a handful of epochs, read from environment variables so the
 - ``ORGANMTL_EPOCHS`` (default: the class' ``budget_epochs``)
 - ``ORGANMTL_ITERS_PER_EPOCH`` (default: ``budget_iters``)
 - ``ORGANMTL_VAL_ITERS`` (default: ``budget_val_iters``)
+
+Inference of these trainers skips mirroring test-time augmentation (8x cheaper on a CPU).
 """
 from __future__ import annotations
 
 import os
+
+import torch
 
 
 def _env_int(name: str, default: int) -> int:
@@ -33,9 +37,19 @@ class CPUBudgetMixin:
     budget_iters = 10
     budget_val_iters = 2
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    # nnU-Net records the constructor arguments by name (inspect.signature), so the mixin keeps
+    # nnUNetTrainer's exact signature instead of *args/**kwargs.
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
         self.num_epochs = _env_int("ORGANMTL_EPOCHS", self.budget_epochs)
         self.num_iterations_per_epoch = _env_int("ORGANMTL_ITERS_PER_EPOCH", self.budget_iters)
         self.num_val_iterations_per_epoch = _env_int("ORGANMTL_VAL_ITERS", self.budget_val_iters)
         self.save_every = max(1, min(self.save_every, self.num_epochs))
+
+    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
+        """Keep nnU-Net's training augmentation, but no mirroring test-time augmentation: on a CPU
+        it multiplies validation/prediction time by 8 (the same as ``nnUNetv2_predict --disable_tta``)."""
+        result = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        self.inference_allowed_mirroring_axes = None
+        return result

@@ -27,7 +27,7 @@ from organmtl.demo_data.visceral import write_visceral
 
 FAMILIES = {
     "han_pddca": (write_han, 8),
-    "spine": (write_spine, 12),
+    "spine": (write_spine, 24),
     "abdomen_mr": (write_abdomen, 6),
     "visceral_ct": (write_visceral, 6),
     "multimodal": (write_multimodal, 6),

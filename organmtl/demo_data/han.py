@@ -3,8 +3,8 @@
 ``<case>/img.nrrd`` (int16 HU), ``<case>/structures/<Name>.nrrd`` (uint8 0/1), and
 ``<case>/points/landmarks.fcsv`` (Slicer markups, RAS). Spacing ~1 x 1 x 2.5 mm, a skull, large
 organs with low soft-tissue contrast and the small ones FocusNetv2 is about (an X-shaped chiasm,
-thin optic nerves). As in real PDDCA some cases lack a structure file: every third case has no
-``Submandibular_L`` and every fourth no ``OpticNerve_R`` (the organ is still in the image).
+thin optic nerves). As in real PDDCA some cases lack a structure file: cases 3, 11, 19, ... have
+no ``Submandibular_L`` and cases 7, 15, ... no ``OpticNerve_R`` (the organ is still in the image).
 """
 from __future__ import annotations
 
@@ -23,12 +23,11 @@ SPACING_XYZ = (1.0, 1.0, 2.5)
 
 def missing_structures(case_index: int) -> set[str]:
     """Structures deliberately left unannotated in case ``case_index`` (mimics real PDDCA gaps)."""
-    missing = set()
-    if case_index % 3 == 2:
-        missing.add("Submandibular_L")
-    if case_index % 4 == 3:
-        missing.add("OpticNerve_R")
-    return missing
+    if case_index % 8 == 3:
+        return {"Submandibular_L"}
+    if case_index % 8 == 7:
+        return {"OpticNerve_R"}
+    return set()
 
 
 def make_case(rng: np.random.Generator, case_index: int):
