@@ -64,7 +64,8 @@ def check_geometry(reference: sitk.Image, img: sitk.Image, path: Path, reference
 
 
 def read_binary_mask(path: Path, reference: sitk.Image, reference_path: Path) -> np.ndarray:
-    """A structure mask as bool (z, y, x); must match the image grid and hold only 0 and one value."""
+    """A structure mask as bool (z, y, x); must match the image grid, hold only 0 and one other
+    value, and not be empty (an empty structure file is reported, not taken as "absent")."""
     img = read_image(path)
     check_geometry(reference, img, path, reference_path)
     arr = sitk.GetArrayFromImage(img)
@@ -72,6 +73,8 @@ def read_binary_mask(path: Path, reference: sitk.Image, reference_path: Path) ->
     if len(values) > 2 or (len(values) == 2 and values[0] != 0):
         shown = ", ".join(str(v) for v in values[:6])
         raise ConversionError(f"{path}: mask is not binary (values {shown}{'...' if len(values) > 6 else ''})")
+    if len(values) == 1 and values[0] == 0:
+        raise ConversionError(f"{path}: mask is empty")
     return arr != 0
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
@@ -44,7 +45,8 @@ def _load(json_file: str, image_root: str, dataset: str) -> list[dict]:
 
 
 def register_from_cfg(cfg) -> None:
-    """Register ``cfg.ORGANMTL.DATASET_ROOT`` (if set) and use its splits when DATASETS are empty."""
+    """Register ``cfg.ORGANMTL.DATASET_ROOT`` (if set), use its splits when DATASETS are empty and
+    set ``MODEL.ROI_HEADS.NUM_CLASSES`` to its number of structures (logged when it changes)."""
     if not cfg.ORGANMTL.DATASET_ROOT:
         return
     train, val = register_coco_folder(cfg.ORGANMTL.DATASET_NAME, cfg.ORGANMTL.DATASET_ROOT)
@@ -54,5 +56,10 @@ def register_from_cfg(cfg) -> None:
         cfg.DATASETS.TRAIN = (train,)
     if not cfg.DATASETS.TEST:
         cfg.DATASETS.TEST = (val,)
+    n_classes = len(MetadataCatalog.get(train).thing_classes)
+    if cfg.MODEL.ROI_HEADS.NUM_CLASSES != n_classes:
+        logging.getLogger("organmtl").info("MODEL.ROI_HEADS.NUM_CLASSES set to %d (structures of %s)",
+                                           n_classes, cfg.ORGANMTL.DATASET_ROOT)
+        cfg.MODEL.ROI_HEADS.NUM_CLASSES = n_classes
     if frozen:
         cfg.freeze()

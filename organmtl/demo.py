@@ -55,11 +55,12 @@ def prepare_out(out: Path, overwrite: bool) -> None:
 def run_demo(out: Path, epochs: int | None = None, iterations: int | None = None, overwrite: bool = False,
              detectron_iterations: int = DETECTRON_ITERATIONS) -> int:
     from organmtl.demo_data import write_demo_data
+    from organmtl.demo_data.han import write_han
 
     out = Path(out).resolve()
     prepare_out(out, overwrite)
     env = {"nnUNet_raw": str(out / "nnUNet_raw"), "nnUNet_preprocessed": str(out / "nnUNet_preprocessed"),
-           "nnUNet_results": str(out / "nnUNet_results"), "nnUNet_n_proc_DA": os.environ.get("nnUNet_n_proc_DA", "1"),
+           "nnUNet_results": str(out / "nnUNet_results"), "nnUNet_n_proc_DA": os.environ.get("nnUNet_n_proc_DA", "0"),
            "nnUNet_def_n_proc": os.environ.get("nnUNet_def_n_proc", "2"),
            "ORGANMTL_EPOCHS": str(epochs or DEFAULT_EPOCHS),
            "ORGANMTL_ITERS_PER_EPOCH": str(iterations or DEFAULT_ITERATIONS)}
@@ -71,14 +72,11 @@ def run_demo(out: Path, epochs: int | None = None, iterations: int | None = None
 
     t0 = _step("1/6 demo data")
     data = out / "demo_data"
-    write_demo_data(data, seed=0, families=["han_pddca", "spine"],
-                    n_cases=None, overwrite=True)
-    han_cases = sorted(p for p in (data / "han_pddca").iterdir() if p.is_dir())
+    write_demo_data(data, seed=0, families=["han_pddca", "spine"], overwrite=True)
     test_dir = data / "han_pddca_test"
-    test_dir.mkdir()
-    for case in han_cases[-N_TEST:]:
-        case.rename(test_dir / case.name)
-    print(f"    {data}: {len(han_cases) - N_TEST} training + {N_TEST} test head-and-neck CTs, spine slices")
+    write_han(test_dir, N_TEST, seed=0, first_index=100, with_missing=False)
+    n_train = sum(1 for p in (data / "han_pddca").iterdir() if p.is_dir())
+    print(f"    {data}: {n_train} training + {N_TEST} test head-and-neck CTs, spine slices")
     _done(t0)
 
     t0 = _step("2/6 convert PDDCA-style data to nnU-Net raw format")

@@ -24,7 +24,9 @@ def shrink_patch(patch, max_voxels: int, multiple: int = 8) -> list[int]:
     """Scale ``patch`` uniformly to at most ``max_voxels`` voxels, keeping its aspect ratio, each
     edge a multiple of ``multiple`` (or the original edge when that is smaller)."""
     patch = [int(p) for p in patch]
-    factor = min(1.0, (max_voxels / float(np.prod(patch))) ** (1.0 / len(patch)))
+    if np.prod(patch) <= max_voxels:
+        return patch
+    factor = (max_voxels / float(np.prod(patch))) ** (1.0 / len(patch))
     out = [min(p, max(multiple, int(p * factor) // multiple * multiple)) for p in patch]
     while np.prod(out) > max_voxels:
         i = int(np.argmax(out))

@@ -26,7 +26,7 @@ from organmtl.demo_data.spine import write_spine
 from organmtl.demo_data.visceral import write_visceral
 
 FAMILIES = {
-    "han_pddca": (write_han, 8),
+    "han_pddca": (write_han, 10),
     "spine": (write_spine, 24),
     "abdomen_mr": (write_abdomen, 6),
     "visceral_ct": (write_visceral, 6),

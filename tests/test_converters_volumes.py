@@ -1,0 +1,94 @@
+"""Generic volumes converter: label remapping, multi-channel cases, bad inputs."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from organmtl.cli import main
+
+
+def _convert(src, out, *extra):
+    return main(["convert", "volumes", str(src), "--dataset-id", "9", "--name", "V", "--out", str(out), *extra])
+
+
+def _write(path, arr, spacing=(1.0, 1.0, 2.0)):
+    img = sitk.GetImageFromArray(arr)
+    img.SetSpacing(spacing)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(img, str(path))
+
+
+@pytest.fixture
+def two_channel_src(tmp_path):
+    src = tmp_path / "src"
+    rng = np.random.default_rng(0)
+    for case in ("a", "b"):
+        for c in range(2):
+            _write(src / "images" / f"{case}_{c:04d}.nrrd", rng.normal(size=(4, 5, 6)).astype(np.float32))
+        lab = np.zeros((4, 5, 6), np.uint8)
+        lab[1, 1:3, 1:3] = 6
+        lab[2, 2:4, 2:5] = 20
+        _write(src / "labels" / f"{case}.nrrd", lab)
+    (src / "mapping.json").write_text(json.dumps({"channel_names": {"0": "fat", "1": "water"},
+                                                  "labels": {"background": 0, "liver": 6, "spleen": 20}}))
+    return src
+
+
+def test_remap_and_channels(two_channel_src, tmp_path):
+    assert _convert(two_channel_src, tmp_path / "raw", "--file-ending", ".nrrd") == 0
+    ds = tmp_path / "raw" / "Dataset009_V"
+    meta = json.loads((ds / "dataset.json").read_text())
+    assert meta["labels"] == {"background": 0, "liver": 1, "spleen": 2}
+    assert meta["channel_names"] == {"0": "fat", "1": "water"}
+    assert meta["organmtl_label_remap"]["spleen"] == {"source_value": 20, "nnunet_label": 2}
+    src_lab = sitk.GetArrayFromImage(sitk.ReadImage(str(two_channel_src / "labels" / "a.nrrd")))
+    out_lab = sitk.GetArrayFromImage(sitk.ReadImage(str(ds / "labelsTr" / "a.nrrd")))
+    np.testing.assert_array_equal(out_lab == 1, src_lab == 6)
+    np.testing.assert_array_equal(out_lab == 2, src_lab == 20)
+    for c in range(2):
+        np.testing.assert_array_equal(
+            sitk.GetArrayFromImage(sitk.ReadImage(str(ds / "imagesTr" / f"a_{c:04d}.nrrd"))),
+            sitk.GetArrayFromImage(sitk.ReadImage(str(two_channel_src / "images" / f"a_{c:04d}.nrrd"))))
+
+
+def _error_lines(capsys):
+    return [l for l in capsys.readouterr().err.replace("\r", "\n").splitlines() if "error:" in l]
+
+
+@pytest.mark.parametrize("problem,culprit", [
+    ("unknown label value", "b.nrrd"), ("image without label", "labels"), ("label without image", "c.nrrd"),
+    ("invalid mapping", "mapping.json"), ("missing channel", "images"), ("geometry mismatch", "b.nrrd"),
+    ("duplicate case id", "a.nii.gz"),
+])
+def test_bad_inputs(problem, culprit, two_channel_src, tmp_path, capsys):
+    src = two_channel_src
+    if problem == "unknown label value":
+        lab = np.zeros((4, 5, 6), np.uint8)
+        lab[0, 0, 0] = 7
+        _write(src / "labels" / "b.nrrd", lab)
+    elif problem == "image without label":
+        (src / "labels" / "b.nrrd").unlink()
+    elif problem == "label without image":
+        shutil.copy(src / "labels" / "a.nrrd", src / "labels" / "c.nrrd")
+    elif problem == "invalid mapping":
+        (src / "mapping.json").write_text("{not json")
+    elif problem == "missing channel":
+        (src / "images" / "b_0001.nrrd").unlink()
+    elif problem == "geometry mismatch":
+        _write(src / "labels" / "b.nrrd", np.zeros((4, 5, 6), np.uint8), spacing=(1.0, 1.0, 3.0))
+    elif problem == "duplicate case id":
+        _write(src / "labels" / "a.nii.gz", np.zeros((4, 5, 6), np.uint8))
+    assert _convert(src, tmp_path / "raw") == 2
+    err = _error_lines(capsys)
+    assert len(err) == 1 and culprit in err[0], err
+    assert not (tmp_path / "raw" / "Dataset009_V").exists()
+
+
+def test_demo_multimodal_tasks_convert(demo_root, tmp_path):
+    for i, task in enumerate(["brain_mr", "breast_mr", "cardiac_cta"]):
+        assert main(["convert", "volumes", str(demo_root / "multimodal" / task), "--dataset-id", str(20 + i),
+                     "--out", str(tmp_path)]) == 0
+    meta = json.loads((tmp_path / "Dataset020_VOLUMES" / "dataset.json").read_text())
+    assert meta["labels"] == {"background": 0, "CSF": 1, "GM": 2, "WM": 3}
