@@ -2,7 +2,9 @@
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from organmtl.nnunet_trainers.budget import CPUBudgetMixin
+from organmtl.nnunet_trainers.laterality import LateralityAwareMirroringMixin
 
 
-class nnUNetTrainerOMTLBaseline_Tiny(CPUBudgetMixin, nnUNetTrainer):
-    """Unmodified ``nnUNetTrainer`` with the short CPU schedule of :class:`CPUBudgetMixin`."""
+class nnUNetTrainerOMTLBaseline_Tiny(CPUBudgetMixin, LateralityAwareMirroringMixin, nnUNetTrainer):
+    """``nnUNetTrainer`` with the short CPU schedule of :class:`CPUBudgetMixin` and no mirroring
+    when the labels come in left/right pairs (:class:`LateralityAwareMirroringMixin`)."""

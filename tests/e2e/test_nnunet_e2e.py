@@ -25,6 +25,7 @@ def test_train_and_predict_with_stock_commands(demo_root, nnunet_env, tmp_path):
                  env=env, log_file=log, timeout=900)
     text = log.read_text()
     assert f"Using trainer '{TRAINER}'" in text and "Epoch 1" in text and "Epoch 2" not in text
+    assert "mirroring disabled" in text                       # Parotid_L/_R etc. come in pairs
     fold = tmp_path / "res" / "Dataset401_E2E" / f"{TRAINER}__nnUNetPlans__3d_tiny" / "fold_0"
     ckpt = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert ckpt["trainer_name"] == TRAINER and ckpt["current_epoch"] == 2
