@@ -96,7 +96,8 @@ def cmd_evaluate(args) -> int:
 def cmd_demo(args) -> int:
     from organmtl.demo import run_demo
 
-    return run_demo(args.out, epochs=args.epochs, iterations=args.iterations, overwrite=args.overwrite)
+    return run_demo(args.out, epochs=args.epochs, iterations=args.iterations, overwrite=args.overwrite,
+                    detectron_iterations=args.detectron_iterations)
 
 
 # ---------------------------------------------------------------- parser
@@ -159,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("demo_output"))
     p.add_argument("--epochs", type=int, default=None, help="nnU-Net epochs (default: demo budget)")
     p.add_argument("--iterations", type=int, default=None, help="iterations per epoch")
+    p.add_argument("--detectron-iterations", type=int, default=None, help="Detectron2 iterations (default: demo budget)")
     p.add_argument("--overwrite", action="store_true", help="start again from scratch")
     p.set_defaults(func=cmd_demo)
     return parser

@@ -53,11 +53,12 @@ def prepare_out(out: Path, overwrite: bool) -> None:
 
 
 def run_demo(out: Path, epochs: int | None = None, iterations: int | None = None, overwrite: bool = False,
-             detectron_iterations: int = DETECTRON_ITERATIONS) -> int:
+             detectron_iterations: int | None = None) -> int:
     from organmtl.demo_data import write_demo_data
     from organmtl.demo_data.han import write_han
 
     out = Path(out).resolve()
+    detectron_iterations = detectron_iterations or DETECTRON_ITERATIONS
     prepare_out(out, overwrite)
     env = {"nnUNet_raw": str(out / "nnUNet_raw"), "nnUNet_preprocessed": str(out / "nnUNet_preprocessed"),
            "nnUNet_results": str(out / "nnUNet_results"), "nnUNet_n_proc_DA": os.environ.get("nnUNet_n_proc_DA", "0"),
@@ -155,5 +156,7 @@ def _detectron_demo(out: Path, data: Path, logs: Path, iterations: int) -> dict:
                   "SOLVER.MAX_ITER", str(iterations), "SOLVER.STEPS", f"({int(iterations * 0.8)},)",
                   "OUTPUT_DIR", str(output_dir)], log_file=logs / "train_net.log")
     results = json.loads((output_dir / "final_metrics.json").read_text())
-    segm = results.get("segm", {})
+    segm = results.get("segm")
+    if not segm:   # COCOEvaluator reports no segm block when the model predicted nothing
+        return {"(no instance predicted)": float("nan")}
     return {k[3:]: v for k, v in segm.items() if k.startswith("AP-")} | {"mean (AP)": segm.get("AP", float("nan"))}
