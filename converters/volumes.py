@@ -5,6 +5,11 @@ Layout read::
     SRC/images/<case>_0000.nii.gz [<case>_0001.nii.gz ...]   (or <case>.nii.gz for one channel)
     SRC/labels/<case>.nii.gz                                  (integer label map)
     SRC/mapping.json  {"channel_names": {"0": "CT"}, "labels": {"background": 0, "liver": 6, ...}}
+    SRC/landmarks/<case>.fcsv | <case>.txt                    (optional)
+
+Landmarks, where given, are Slicer ``.fcsv`` files or text files of three voxel coordinates
+(x y z) per line, named in order by the mapping's optional ``landmark_names``; they are written to
+``landmarks/<case>.json`` (see :mod:`organmtl.converters.landmarks`).
 
 ``labels`` maps each structure name to its value in the source label maps; nnU-Net labels are
 renumbered consecutively in the order of the source values (background must be 0). A label map
@@ -21,7 +26,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from organmtl.converters.common import (ConversionError, check_geometry, copy_geometry, find_files,
-                                        read_image, strip_image_suffix, unique_ids, write_image)
+                                        read_image, strip_image_suffix, unique_ids, write_image, write_json)
+from organmtl.converters.landmarks import landmarks_record, read_fcsv, read_voxel_txt
 
 _CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
@@ -66,8 +72,20 @@ def group_channels(images: list[Path], n_channels: int, folder: Path) -> dict[st
     return out
 
 
+def landmark_file(folder: Path, case: str) -> Path | None:
+    """The case's landmark file in ``SRC/landmarks`` (``.fcsv`` or ``.txt``), if any."""
+    found = [folder / f"{case}{ext}" for ext in (".fcsv", ".txt") if (folder / f"{case}{ext}").is_file()]
+    if len(found) > 1:
+        raise ConversionError(f"{found[0]}: case {case!r} has both a .fcsv and a .txt landmark file")
+    return found[0] if found else None
+
+
+def _read_landmarks(path: Path, image: sitk.Image, names) -> list:
+    return read_fcsv(path) if path.suffix == ".fcsv" else read_voxel_txt(path, image, names)
+
+
 def _convert_case(task):
-    case, image_paths, label_path, out, remap, file_ending = task
+    case, image_paths, label_path, out, remap, file_ending, lm_path, lm_names = task
     images = [read_image(p) for p in image_paths]
     for p, img in zip(image_paths[1:], images[1:]):
         check_geometry(images[0], img, p, image_paths[0])
@@ -88,7 +106,12 @@ def _convert_case(task):
     for c, img in enumerate(images):
         write_image(img, out / "imagesTr" / f"{case}_{c:04d}{file_ending}")
     write_image(copy_geometry(lut[lab], images[0]), out / "labelsTr" / f"{case}{file_ending}")
-    return {"case": case, "action": "kept", "labels_present": [int(lut[v]) for v in present]}
+    record = {"case": case, "action": "kept", "labels_present": [int(lut[v]) for v in present]}
+    if lm_path is not None:
+        lm = landmarks_record(case, _read_landmarks(lm_path, images[0], lm_names), images[0])
+        write_json(out / "landmarks" / f"{case}.json", lm)
+        record["landmarks_dropped"] = lm["dropped"]
+    return record
 
 
 def convert(src: Path, out: Path, args, run_cases) -> dict:
@@ -110,9 +133,18 @@ def convert(src: Path, out: Path, args, run_cases) -> dict:
     labels = {name: i for i, (name, _) in enumerate(ordered)}
     (out / "imagesTr").mkdir(parents=True)
     (out / "labelsTr").mkdir()
-    tasks = [(case, imgs, label_files[case], out, remap, args.file_ending) for case, imgs in image_cases.items()]
+    lm_dir = src / "landmarks"
+    lm_names = mapping.get("landmark_names")
+    if lm_dir.is_dir():
+        for p in sorted(lm_dir.iterdir()):
+            if p.suffix in (".fcsv", ".txt") and p.stem not in image_cases:
+                raise ConversionError(f"{p}: landmark file without image")
+    tasks = [(case, imgs, label_files[case], out, remap, args.file_ending, landmark_file(lm_dir, case), lm_names)
+             for case, imgs in image_cases.items()]
     records = run_cases(_convert_case, tasks, desc="volumes")
     extra = {"organmtl_label_remap": {name: {"source_value": int(v), "nnunet_label": labels[name]}
                                       for name, v in ordered}}
+    if any(t[6] for t in tasks):
+        extra["organmtl_landmarks"] = "landmarks"
     return {"labels": labels, "channel_names": mapping["channel_names"], "num_training": len(records),
             "cases": records, "dataset_json_extra": extra}

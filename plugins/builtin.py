@@ -1,4 +1,4 @@
-"""Manifests of the four built-in methods (declared as entry points in organmtl's pyproject.toml).
+"""Manifests of the built-in methods and of the converter collection (declared as entry points in organmtl's pyproject.toml).
 
 A manifest lists only what exists and is tested; ``organmtl list --check`` resolves every entry.
 """
@@ -39,4 +39,15 @@ MULTITASK_CNN = Plugin(
     nnunet_trainers=("organmtl.nnunet_trainers:nnUNetTrainerOMTLBaseline_Tiny",),
     converters={"volumes": "organmtl.converters:VOLUMES"},
     docs="docs/multitask_cnn.md",
+)
+
+CONVERTERS = Plugin(
+    name="converters",
+    description="Dataset converters: PDDCA, CHAOS, VISCERAL, DICOM CT + RTSTRUCT, volume folders, merging -> nnU-Net / COCO",
+    converters={
+        "pddca": "organmtl.converters:PDDCA",
+        "volumes": "organmtl.converters:VOLUMES",
+        "to-coco": "organmtl.converters:COCO",
+    },
+    docs="docs/converters.md",
 )

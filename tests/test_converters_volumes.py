@@ -92,3 +92,31 @@ def test_demo_multimodal_tasks_convert(demo_root, tmp_path):
                      "--out", str(tmp_path)]) == 0
     meta = json.loads((tmp_path / "Dataset020_VOLUMES" / "dataset.json").read_text())
     assert meta["labels"] == {"background": 0, "CSF": 1, "GM": 2, "WM": 3}
+
+
+def test_abdomen_demo_family_with_voxel_landmarks(tmp_path):
+    """The landmark-input thesis' layout: two MR channels, label map, hip joints as voxel text."""
+    from organmtl.demo_data import write_demo_data
+
+    write_demo_data(tmp_path / "demo", families=["abdomen_mr"], n_cases=2)
+    src = tmp_path / "demo" / "abdomen_mr"
+    assert _convert(src, tmp_path / "raw") == 0
+    ds = tmp_path / "raw" / "Dataset009_V"
+    meta = json.loads((ds / "dataset.json").read_text())
+    assert meta["channel_names"] == {"0": "fat", "1": "water"} and meta["organmtl_landmarks"] == "landmarks"
+    lm = json.loads((ds / "landmarks" / "wb001.json").read_text())
+    assert [p["name"] for p in lm["landmarks"]] == ["hip_left", "hip_right"]
+    written = [[float(v) for v in line.split()] for line in (src / "landmarks" / "wb001.txt").read_text().splitlines()]
+    np.testing.assert_allclose([p["voxel_xyz"] for p in lm["landmarks"]], written, atol=1e-3)
+    img = sitk.ReadImage(str(ds / "imagesTr" / "wb001_0000.nii.gz"))
+    np.testing.assert_allclose(lm["landmarks"][0]["lps_mm"],
+                               img.TransformContinuousIndexToPhysicalPoint(written[0]), atol=1e-3)
+
+
+def test_landmark_file_without_image_is_refused(two_channel_src, tmp_path, capsys):
+    (two_channel_src / "landmarks").mkdir()
+    (two_channel_src / "landmarks" / "zz.txt").write_text("1 1 1\n")
+    assert _convert(two_channel_src, tmp_path / "raw") == 2
+    lines = _error_lines(capsys)
+    assert len(lines) == 1 and "zz.txt" in lines[0] and "without image" in lines[0]
+    assert not (tmp_path / "raw" / "Dataset009_V").exists()

@@ -39,9 +39,10 @@ def test_layouts(demo_root):
     chiasm = sitk.GetArrayFromImage(sitk.ReadImage(str(case / "structures" / "Chiasm.nrrd")))
     brainstem = sitk.GetArrayFromImage(sitk.ReadImage(str(case / "structures" / "BrainStem.nrrd")))
     assert 0 < chiasm.sum() < brainstem.sum() / 5                        # a small organ
-    ab = demo_root / "abdomen_mr" / "wb000"
-    assert {p.name for p in ab.iterdir()} == {"fat.nii.gz", "water.nii.gz", "masks", "hip_joints.txt"}
-    assert len((ab / "hip_joints.txt").read_text().split("\n")[0].split()) == 3
+    ab = demo_root / "abdomen_mr"
+    assert {p.name for p in ab.iterdir()} == {"images", "labels", "landmarks", "mapping.json"}
+    assert (ab / "images" / "wb000_0001.nii.gz").is_file()
+    assert len((ab / "landmarks" / "wb000.txt").read_text().split("\n")[0].split()) == 3
     vis = demo_root / "visceral_ct"
     assert (vis / "Volumes" / "10000100_1_CT_wb.nii.gz").is_file()
     assert (vis / "Segmentations" / "10000100_1_CT_wb_29662_1.nii.gz").is_file()

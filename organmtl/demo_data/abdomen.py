@@ -1,18 +1,23 @@
 """Abdominal / whole-body MR-like phantoms with two channels (fat, water).
 
-Layout of the landmark-input thesis' data (papers/landmark_input_unet.txt §3): per case
-``<case>/fat.nii.gz``, ``<case>/water.nii.gz``, ``<case>/masks/<organ>.nii.gz`` and
-``<case>/hip_joints.txt`` holding the two hip-joint centres as three voxel coordinates
-(x y z, one landmark per line).
+The landmark-input thesis' data (papers/landmark_input_unet.txt §3): two MR channels, organ
+masks and the two hip-joint centres as a text file of three voxel coordinates (x y z, one landmark
+per line). Written in the generic ``volumes`` layout so ``organmtl convert volumes`` reads it::
+
+    images/<case>_0000.nii.gz (fat)  images/<case>_0001.nii.gz (water)
+    labels/<case>.nii.gz             landmarks/<case>.txt (hip_left, hip_right)
+    mapping.json                     (channel names, label values, landmark names)
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 
 from organmtl.demo_data.shapes import Grid, write
 
+HIP_LANDMARKS = ("hip_left", "hip_right")
 ORGANS = ("liver", "kidney_left", "kidney_right", "spleen", "bladder", "pancreas")
 SHAPE_ZYX = (40, 48, 64)
 SPACING_XYZ = (3.5, 3.5, 4.0)
@@ -68,11 +73,18 @@ def write_abdomen(out: Path, n_cases: int, seed: int) -> list[str]:
     for i in range(n_cases):
         fat, water, masks, g, hips = make_case(np.random.default_rng([seed, 4, i]))
         case = f"wb{i:03d}"
-        write(g.image(fat, np.int16), out / case / "fat.nii.gz")
-        write(g.image(water, np.int16), out / case / "water.nii.gz")
-        for organ in ORGANS:
-            write(g.image(masks[organ], np.uint8), out / case / "masks" / f"{organ}.nii.gz")
-        (out / case / "hip_joints.txt").write_text(
+        write(g.image(fat, np.int16), out / "images" / f"{case}_0000.nii.gz")
+        write(g.image(water, np.int16), out / "images" / f"{case}_0001.nii.gz")
+        labels = np.zeros(g.shape, np.uint8)
+        for value, organ in enumerate(ORGANS, start=1):
+            labels[masks[organ]] = value
+        write(g.image(labels, np.uint8), out / "labels" / f"{case}.nii.gz")
+        (out / "landmarks").mkdir(parents=True, exist_ok=True)
+        (out / "landmarks" / f"{case}.txt").write_text(
             "".join(f"{int(round(v[0]))} {int(round(v[1]))} {int(round(v[2]))}\n" for v in hips))
         ids.append(case)
+    (out / "mapping.json").write_text(json.dumps({
+        "channel_names": {"0": "fat", "1": "water"},
+        "labels": {"background": 0, **{organ: v for v, organ in enumerate(ORGANS, start=1)}},
+        "landmark_names": list(HIP_LANDMARKS)}, indent=2) + "\n")
     return ids
