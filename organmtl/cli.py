@@ -85,11 +85,32 @@ def cmd_plan_tiny(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from organmtl.evaluation.segmentation import evaluate_folders, format_table
+    from organmtl.evaluation.evaluate import run_evaluation
+    from organmtl.evaluation.results import markdown_table
+    from organmtl.evaluation.volumes import EvaluationError
 
-    summary = evaluate_folders(args.pred, args.gt, args.dataset_json, output_file=args.output)
-    print(format_table({"prediction": summary}))
-    print(f"summary written to {args.output or args.pred / 'summary.json'}")
+    try:
+        summary, paths = run_evaluation(args.pred, args.gt, out_dir=args.output, dataset_json=args.dataset_json,
+                                        tolerance_mm=args.tolerance_mm, score_threshold=args.score_threshold,
+                                        small_organs=args.small_organs, landmarks_pred=args.landmarks_pred,
+                                        landmarks_gt=args.landmarks_gt)
+    except EvaluationError as e:
+        raise UsageError(str(e)) from None
+    print(markdown_table(summary))
+    for what, path in paths.items():
+        print(f"{what}: {path}")
+    return EXIT_OK
+
+
+def cmd_report(args) -> int:
+    from organmtl.evaluation.report import ReportError, write_report
+
+    try:
+        page = write_report(args.run_dir, out_dir=args.output, max_cases=args.max_cases, coco_gt=args.coco_gt,
+                            coco_images=args.coco_images)
+    except ReportError as e:
+        raise UsageError(str(e)) from None
+    print(f"report: {page}")
     return EXIT_OK
 
 
@@ -149,12 +170,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-verify", action="store_true", help="skip nnU-Net's dataset integrity check")
     p.set_defaults(func=cmd_plan_tiny)
 
-    p = sub.add_parser("evaluate", help="Dice/IoU per label of a prediction folder (nnU-Net's evaluation)")
-    p.add_argument("pred", type=Path)
-    p.add_argument("gt", type=Path)
-    p.add_argument("--dataset-json", type=Path, required=True)
-    p.add_argument("-o", "--output", type=Path, default=None, help="summary JSON (default PRED/summary.json)")
+    p = sub.add_parser("evaluate", help="per-structure Dice/IoU/HD/HD95/surface Dice in mm, detection mAP, landmark "
+                       "errors: nnU-Net prediction folder or COCO results JSON (docs/evaluation.md)")
+    p.add_argument("pred", type=Path, help="nnU-Net prediction folder, or COCO instance results .json")
+    p.add_argument("gt", type=Path, help="reference folder (e.g. labelsTs), or COCO ground-truth .json")
+    p.add_argument("--dataset-json", type=Path, default=None,
+                   help="nnU-Net dataset.json (default PRED/dataset.json, then GT/../dataset.json)")
+    p.add_argument("-o", "--output", type=Path, default=None,
+                   help="output folder for per_case.csv, summary.json, summary.md (default PRED, or "
+                   "RESULTS_evaluation/ beside a COCO results file)")
+    p.add_argument("--tolerance-mm", type=float, default=2.0, help="surface Dice tolerance in mm (default 2)")
+    p.add_argument("--score-threshold", type=float, default=0.5, help="COCO: minimum instance score for the masks")
+    p.add_argument("--small-organs", nargs="+", default=None,
+                   help="structures averaged as small organs (default: dataset.json organmtl_small_organs)")
+    p.add_argument("--landmarks-pred", type=Path, default=None, help="predicted landmarks/<case>.json folder")
+    p.add_argument("--landmarks-gt", type=Path, default=None, help="reference landmarks/<case>.json folder")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("report", help="overlays, learning curves and a one-page summary of a run folder "
+                       "(nnU-Net fold/results folder, Detectron2 OUTPUT_DIR, organmtl demo output)")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("-o", "--output", type=Path, default=None, help="report folder (default RUN_DIR/report)")
+    p.add_argument("--max-cases", type=int, default=3, help="cases with overlays per prediction folder")
+    p.add_argument("--coco-gt", type=Path, default=None, help="Detectron2: COCO ground truth for overlays")
+    p.add_argument("--coco-images", type=Path, default=None, help="Detectron2: image folder of --coco-gt")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("demo", help="end to end on the demo data: generate, convert, train, predict, evaluate")
     p.add_argument("--out", type=Path, default=Path("demo_output"))

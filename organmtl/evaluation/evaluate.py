@@ -1,0 +1,54 @@
+"""``organmtl evaluate PRED GT``: picks the volume (nnU-Net folder) or the COCO (results JSON)
+evaluation from what PRED is, adds landmarks when landmark folders are found, and writes the
+per-case CSV, summary JSON and Markdown table."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from organmtl.evaluation.results import write_outputs
+from organmtl.evaluation.volumes import EvaluationError
+
+
+def default_out_dir(pred: Path) -> Path:
+    """PRED itself for a prediction folder (like nnU-Net's ``PRED/summary.json``); for a COCO results
+    file, ``<results stem>_evaluation`` beside it."""
+    pred = Path(pred)
+    return pred if pred.is_dir() else pred.parent / f"{pred.stem}_evaluation"
+
+
+def run_evaluation(pred: Path, gt: Path, out_dir: Path | None = None, dataset_json: Path | None = None,
+                   tolerance_mm: float = 2.0, score_threshold: float = 0.5, small_organs: list[str] | None = None,
+                   landmarks_pred: Path | None = None, landmarks_gt: Path | None = None) -> tuple[dict, dict]:
+    """Evaluate and write the outputs; returns ``(summary, {output: path})``.
+
+    PRED a folder -> nnU-Net volumes (GT: reference folder); PRED a ``.json`` file -> COCO instance
+    results (GT: COCO ground-truth JSON). Landmarks: ``landmarks_pred``/``landmarks_gt`` folders of
+    ``<case>.json``; by default ``PRED/landmarks`` and ``GT/../landmarks`` when both exist."""
+    from organmtl.evaluation.landmarks import evaluate_landmark_folders
+
+    pred, gt = Path(pred), Path(gt)
+    if tolerance_mm <= 0:
+        raise EvaluationError(f"--tolerance-mm {tolerance_mm}: must be positive")
+    if pred.is_dir():
+        from organmtl.evaluation.volumes import evaluate_volume_folders
+
+        rows, summary = evaluate_volume_folders(pred, gt, dataset_json, tolerance_mm, small_organs)
+    elif pred.suffix == ".json" and pred.is_file():
+        from organmtl.evaluation.coco_eval import evaluate_coco
+
+        rows, summary = evaluate_coco(pred, gt, tolerance_mm, score_threshold, small_organs)
+    else:
+        raise EvaluationError(f"{pred}: neither a prediction folder nor a COCO results .json file")
+    lm_pred = landmarks_pred or (pred / "landmarks" if pred.is_dir() else None)
+    lm_gt = landmarks_gt or gt.parent / "landmarks"
+    lm_rows = None
+    if landmarks_pred or landmarks_gt or (lm_pred and lm_pred.is_dir() and lm_gt.is_dir()):
+        for folder in (lm_pred, lm_gt):
+            if folder is None or not Path(folder).is_dir():
+                raise EvaluationError(f"{folder}: landmark folder not found (give --landmarks-pred and --landmarks-gt)")
+        try:
+            lm_rows, summary["landmarks"] = evaluate_landmark_folders(lm_pred, lm_gt)
+        except ValueError as e:
+            raise EvaluationError(str(e)) from None
+    paths = write_outputs(rows, summary, Path(out_dir) if out_dir else default_out_dir(pred), lm_rows)
+    return summary, paths
