@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from organmtl.converters import coco, pddca, volumes
+from organmtl.converters import coco, landmark_encoding, pddca, volumes
 from organmtl.converters.common import (ConversionError, atomic_output_dir, nnunet_target, run_cases, write_dataset_json,
                                         write_json)
 
@@ -21,7 +21,8 @@ class SourceConverter:
     ``convert(src, out, args, run_cases) -> summary`` writes an nnU-Net raw dataset into ``out``
     (a temporary folder) and returns ``labels``, ``channel_names``, ``num_training``, ``cases``
     (one record per case) and ``dataset_json_extra``. ``to_nnunet=False`` marks converters whose
-    input is already an nnU-Net dataset (``to-coco``).
+    input is already an nnU-Net dataset (``to-coco``); ``many_sources=True`` makes ``src`` a list of
+    one or more folders (``merge``).
     """
 
     name: str
@@ -29,6 +30,7 @@ class SourceConverter:
     add_arguments: Callable[[argparse.ArgumentParser], None]
     convert: Callable
     to_nnunet: bool = True
+    many_sources: bool = False
 
 
 PDDCA = SourceConverter("pddca", "PDDCA / MICCAI 2015 head-and-neck CT (NRRD)", pddca.add_arguments, pddca.convert)
@@ -39,8 +41,9 @@ COCO = SourceConverter("to-coco", "an nnU-Net raw dataset -> COCO per-slice inst
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, converter: SourceConverter) -> None:
-    parser.add_argument("src", type=Path, help="source folder" if converter.to_nnunet
-                        else "nnU-Net raw dataset folder (DatasetXXX_Name)")
+    parser.add_argument("src", type=Path, nargs="+" if converter.many_sources else None,
+                        help="source folder" if converter.to_nnunet and not converter.many_sources
+                        else "nnU-Net raw dataset folder(s) (DatasetXXX_Name)")
     if converter.to_nnunet:
         parser.add_argument("--to", choices=("nnunet", "coco"), default="nnunet", help="output format")
         parser.add_argument("--dataset-id", type=int, required=True, help="nnU-Net dataset id (1-999)")
@@ -51,6 +54,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, converter: SourceConve
                             help="nnunet: raw root (default $nnUNet_raw); coco: output folder (required)")
         parser.add_argument("--test", type=Path, default=None, metavar="TEST_SRC",
                             help="a second source folder converted into imagesTs/labelsTs")
+        landmark_encoding.add_arguments(parser)
     else:
         parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("-j", "--jobs", type=int, default=1, help="cases converted in parallel")
@@ -97,7 +101,9 @@ def _to_nnunet(converter: SourceConverter, args, root: Path | None) -> tuple[Pat
         write_dataset_json(tmp, summary["channel_names"], summary["labels"], summary["num_training"],
                            args.file_ending, name, f"converted by organmtl from {converter.name}",
                            **summary.get("dataset_json_extra", {}))
-        write_json(tmp / "conversion_report.json", {"source": str(args.src), "converter": converter.name,
+        landmark_encoding.apply(tmp, args, summary)      # extra channels + dataset.json update
+        write_json(tmp / "conversion_report.json", {"source": str(args.src) if isinstance(args.src, Path)
+                                                    else [str(s) for s in args.src], "converter": converter.name,
                                                     "cases": summary["cases"]})
     return target, summary
 

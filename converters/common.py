@@ -49,6 +49,9 @@ def read_image(path: Path) -> sitk.Image:
 
 
 def same_geometry(a: sitk.Image, b: sitk.Image, tol: float = GEOMETRY_TOL) -> bool:
+    if (a.GetSize(), a.GetSpacing(), a.GetOrigin(), a.GetDirection()) == \
+            (b.GetSize(), b.GetSpacing(), b.GetOrigin(), b.GetDirection()):
+        return True                                   # the usual case, without numpy's overhead
     return (a.GetSize() == b.GetSize()
             and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=tol)
             and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=tol)
@@ -68,14 +71,16 @@ def read_binary_mask(path: Path, reference: sitk.Image, reference_path: Path) ->
     value, and not be empty (an empty structure file is reported, not taken as "absent")."""
     img = read_image(path)
     check_geometry(reference, img, path, reference_path)
-    arr = sitk.GetArrayFromImage(img)
-    values = np.unique(arr)
-    if len(values) > 2 or (len(values) == 2 and values[0] != 0):
+    arr = sitk.GetArrayViewFromImage(img)
+    low, high = arr.min(), arr.max()
+    nonzero = arr != 0
+    if low != high and not (low == 0 and (arr[nonzero] == high).all()):   # not {0, v}: name the values
+        values = np.unique(arr)
         shown = ", ".join(str(v) for v in values[:6])
         raise ConversionError(f"{path}: mask is not binary (values {shown}{'...' if len(values) > 6 else ''})")
-    if len(values) == 1 and values[0] == 0:
+    if low == high == 0:
         raise ConversionError(f"{path}: mask is empty")
-    return arr != 0
+    return nonzero
 
 
 def copy_geometry(array: np.ndarray, reference: sitk.Image) -> sitk.Image:
@@ -187,3 +192,106 @@ def unique_ids(pairs: Iterable[tuple[str, Path]]) -> None:
         if case in seen:
             raise ConversionError(f"{path}: duplicate case id {case!r} (also {seen[case]})")
         seen[case] = path
+
+
+# ---------------------------------------------------------------- structures -> one label map
+# (the ``--missing`` logic of PDDCA, generalised for every source with one mask file per structure)
+
+MISSING_POLICIES = ("drop", "ignore", "background")
+
+
+def add_missing_argument(parser, default: str = "drop") -> None:
+    """The ``--missing drop|ignore|background`` option (see :func:`apply_missing_policy`)."""
+    parser.add_argument("--missing", choices=MISSING_POLICIES, default=default,
+                        help=f"what to do with cases lacking a structure file (default: {default})")
+
+
+def structure_labels(names: list[str], missing: str) -> dict[str, int]:
+    """nnU-Net labels for structure ``names``: background 0, the names 1..n in the given order, and
+    nnU-Net's ``ignore`` label (n + 1, the highest value as nnU-Net requires) under ``--missing ignore``."""
+    labels = {"background": 0, **{n: i for i, n in enumerate(names, start=1)}}
+    if missing == "ignore":
+        labels["ignore"] = len(names) + 1
+    return labels
+
+
+def paint_structures(shape, masks: Iterable[tuple[str, np.ndarray]], labels: dict[str, int]):
+    """One uint8 label map from ``(name, bool mask)`` pairs (read lazily, one at a time).
+
+    A later pair overwrites an earlier one where they overlap; returns ``(label_map, overlaps)``
+    with ``overlaps = {name: voxels it took over}`` for the conversion report.
+    """
+    seg = np.zeros(shape, np.uint8)
+    overlaps = {}
+    for name, mask in masks:
+        clash = mask & (seg > 0)
+        if clash.any():
+            overlaps[name] = int(clash.sum())
+        seg[mask] = labels[name]
+    return seg, overlaps
+
+
+def apply_missing_policy(seg: np.ndarray, missing: list[str], policy: str, labels: dict[str, int]) -> str:
+    """Decide what happens to a case lacking the structures ``missing``; returns the report's action.
+
+    ``drop``: the case is left out; ``ignore``: every voxel not annotated as another structure gets
+    nnU-Net's ignore label (``seg`` is changed in place), so the case never teaches "background"
+    where the missing organ lies; ``background``: kept as is (explicit opt-in).
+    """
+    if not missing:
+        return "kept"
+    if policy == "drop":
+        return "dropped"
+    if policy == "ignore":
+        seg[seg == 0] = labels["ignore"]
+        return "kept, unannotated voxels set to the ignore label"
+    return "kept, missing structures counted as background"
+
+
+# ---------------------------------------------------------------- truncated NIfTI files
+# ITK reads a NIfTI file (plain or gzip) whose voxel data stop early without an error, filling the
+# rest with zeros; NRRD and MetaImage readers do report it.
+
+def _nifti_data_end(header: bytes) -> int | None:
+    """Byte offset where a NIfTI-1/-2 file's voxel data end (``vox_offset`` + voxels x bitpix / 8)."""
+    import struct
+
+    for e in "<>":
+        if len(header) >= 348 and struct.unpack(e + "i", header[:4])[0] == 348:
+            dims = struct.unpack(e + "8h", header[40:56])
+            bitpix, vox_offset = struct.unpack(e + "h", header[72:74])[0], struct.unpack(e + "f", header[108:112])[0]
+        elif len(header) >= 540 and struct.unpack(e + "i", header[:4])[0] == 540:
+            dims = struct.unpack(e + "8q", header[16:80])
+            bitpix, vox_offset = struct.unpack(e + "h", header[14:16])[0], struct.unpack(e + "q", header[168:176])[0]
+        else:
+            continue
+        if not 1 <= dims[0] <= 7:
+            return None
+        return int(vox_offset) + int(np.prod(dims[1: dims[0] + 1], dtype=np.int64)) * bitpix // 8
+    return None
+
+
+def check_nifti_complete(path: Path) -> None:
+    """Raise ConversionError when a ``.nii``/``.nii.gz`` file is shorter than its header says, or its
+    gzip stream is cut off; other formats are left to their readers."""
+    import zlib
+
+    path = Path(path)
+    if not path.name.endswith((".nii", ".nii.gz")):
+        return
+    head, length = b"", 0
+    with open(path, "rb") as f:
+        if path.name.endswith(".gz"):
+            inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            while chunk := f.read(1 << 20):
+                data = inflate.decompress(chunk)
+                head += data[: 540 - len(head)]
+                length += len(data)
+            if not inflate.eof:
+                raise ConversionError(f"{path}: truncated file (gzip stream ends early)")
+        else:
+            head = f.read(540)
+            length = path.stat().st_size
+    end = _nifti_data_end(head)
+    if end is not None and length < end:
+        raise ConversionError(f"{path}: truncated file ({length} bytes, its header needs {end})")

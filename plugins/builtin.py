@@ -48,6 +48,10 @@ CONVERTERS = Plugin(
         "pddca": "organmtl.converters:PDDCA",
         "volumes": "organmtl.converters:VOLUMES",
         "to-coco": "organmtl.converters:COCO",
+        "chaos": "organmtl.converters.chaos:CONVERTER",
+        "dicom-rt": "organmtl.converters.dicom_rt:CONVERTER",
+        "visceral": "organmtl.converters.visceral:CONVERTER",
+        "merge": "organmtl.converters.merge:CONVERTER",
     },
     docs="docs/converters.md",
 )

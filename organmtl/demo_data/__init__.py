@@ -10,6 +10,8 @@ spine           2D sagittal MR-like / axial CT-like spine slices     generic ``v
 abdomen_mr      two-channel fat/water MR, 6 organs, hip joints       landmark-input thesis
 visceral_ct     CT with kidneys and renal-pelvis landmarks           VISCERAL Anatomy3
 multimodal      brain MR / breast MR / cardiac CTA tasks             generic ``volumes`` folders
+dicom_rt        RT planning CT (DICOM) + RTSTRUCT contours, a hole   DICOM-RT (CT series + RS)
+chaos           CT liver, MR T1DUAL/T2SPIR abdomen, shuffled DICOM   CHAOS (DICOM + PNG masks)
 ==============  ==================================================  =========================
 """
 from __future__ import annotations
@@ -20,6 +22,8 @@ import tempfile
 from pathlib import Path
 
 from organmtl.demo_data.abdomen import write_abdomen
+from organmtl.demo_data.chaos import write_chaos
+from organmtl.demo_data.dicom_rt import write_dicom_rt
 from organmtl.demo_data.han import write_han
 from organmtl.demo_data.multimodal import write_multimodal
 from organmtl.demo_data.spine import write_spine
@@ -31,6 +35,8 @@ FAMILIES = {
     "abdomen_mr": (write_abdomen, 6),
     "visceral_ct": (write_visceral, 6),
     "multimodal": (write_multimodal, 6),
+    "dicom_rt": (write_dicom_rt, 4),
+    "chaos": (write_chaos, 4),
 }
 
 
