@@ -1,0 +1,143 @@
+"""``organmtl evaluate`` through the console script: a tiny nnU-Net-style folder (anisotropic
+spacing, an empty prediction, a structure absent from both, landmarks, small organs) and a tiny
+COCO ground-truth / results pair (pixel spacing per image, mAP, a shifted mask)."""
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from tests.conftest import run_cli
+
+SPACING_XYZ = (0.8, 0.8, 2.5)   # SimpleITK order; array order (z, y, x) is (2.5, 0.8, 0.8)
+
+
+def _write(arr, path):
+    img = sitk.GetImageFromArray(arr.astype(np.uint8))
+    img.SetSpacing(SPACING_XYZ)
+    sitk.WriteImage(img, str(path))
+
+
+@pytest.fixture(scope="module")
+def volume_folders(tmp_path_factory):
+    """3 cases, labels A=1 (large) and B=2 (small organ).
+    c0: A predicted shifted by one column (0.8 mm), B exact.  c1: A not predicted at all.
+    c2: A exact, B absent from reference and prediction."""
+    root = tmp_path_factory.mktemp("vol")
+    ds, pred = root / "Dataset900_Tiny", root / "pred"
+    (ds / "labelsTs").mkdir(parents=True)
+    (ds / "landmarks").mkdir()
+    (pred / "landmarks").mkdir(parents=True)
+    for i in range(3):
+        g = np.zeros((8, 16, 16), np.uint8)
+        g[2:6, 4:10, 4:10] = 1
+        if i != 2:
+            g[3:5, 12:14, 12:14] = 2
+        p = g.copy()
+        if i == 0:
+            p[p == 1] = 0
+            p[2:6, 4:10, 5:11] = 1
+        if i == 1:
+            p[p == 1] = 0
+        _write(g, ds / "labelsTs" / f"c{i}.nii.gz")
+        _write(p, pred / f"c{i}.nii.gz")
+        gt_lm = [{"name": "apex", "lps_mm": [0.0, 0.0, 0.0]}, {"name": "base", "lps_mm": [10.0, 0.0, 0.0]}]
+        pr_lm = [{"name": "apex", "lps_mm": [3.0 + i, 4.0, 0.0]}] + ([{"name": "base", "lps_mm": [10.0, 2.0, 0.0]}] if i else [])
+        (ds / "landmarks" / f"c{i}.json").write_text(json.dumps({"case": f"c{i}", "landmarks": gt_lm}))
+        (pred / "landmarks" / f"c{i}.json").write_text(json.dumps({"case": f"c{i}", "landmarks": pr_lm}))
+    (ds / "dataset.json").write_text(json.dumps({
+        "labels": {"background": 0, "A": 1, "B": 2}, "channel_names": {"0": "CT"}, "file_ending": ".nii.gz",
+        "numTraining": 0, "organmtl_small_organs": ["B"]}))
+    return pred, ds
+
+
+def test_evaluate_nnunet_folder(volume_folders, tmp_path):
+    pred, ds = volume_folders
+    out = tmp_path / "eval"
+    r = run_cli("evaluate", pred, ds / "labelsTs", "-o", out, "--tolerance-mm", "1.0")
+    assert r.returncode == 0, r.stderr
+    assert "| A |" in r.stdout and "**mean small organs**" in r.stdout and "| landmarks |" in r.stdout
+    rows = {(x["case"], x["structure"]): x for x in csv.DictReader(open(out / "per_case.csv"))}
+    # c0/A: 144 reference voxels, prediction shifted one column: overlap 4*6*5 = 120
+    assert float(rows["c0", "A"]["dice"]) == pytest.approx(2 * 120 / 288)
+    assert float(rows["c0", "A"]["iou"]) == pytest.approx(120 / 168)
+    assert float(rows["c0", "A"]["hd_mm"]) == pytest.approx(0.8, abs=1e-5)       # one column = 0.8 mm
+    assert float(rows["c0", "A"]["vol_ref_mm3"]) == pytest.approx(144 * 0.8 * 0.8 * 2.5, rel=1e-5)
+    assert rows["c1", "A"]["status"] == "pred_empty" and rows["c1", "A"]["dice"] == "0.0"
+    assert rows["c1", "A"]["hd_mm"] == "" and rows["c1", "A"]["surface_dice"] == "0.0"
+    assert rows["c2", "B"]["status"] == "both_empty" and float(rows["c2", "B"]["dice"]) == 1.0
+    summary = json.loads((out / "summary.json").read_text())
+    a = summary["segmentation"]["per_structure"]["A"]
+    assert a["hd_mm"]["n"] == 2 and a["hd_mm"]["n_undefined"] == 1          # not averaged in as nan
+    assert a["hd_mm"]["mean"] == pytest.approx(0.4, abs=1e-5)
+    assert a["dice"]["mean"] == pytest.approx((240 / 288 + 0 + 1) / 3)
+    assert summary["segmentation"]["per_structure"]["B"]["n_both_empty"] == 1
+    assert summary["segmentation"]["small_organs"]["names"] == ["B"]
+    assert summary["segmentation"]["small_organs"]["mean"]["dice"] == pytest.approx(1.0)
+    lm = summary["landmarks"]
+    # errors: c0 apex 5, base missing; c1 apex sqrt(16+16), base 2; c2 apex sqrt(25+16), base 2
+    assert lm["n_landmarks"] == 6 and lm["n_missing"] == 1
+    assert lm["error_mm"]["mean"] == pytest.approx((5 + math.sqrt(32) + 2 + math.sqrt(41) + 2) / 5)
+    assert lm["identification_rates"] == {"3mm": pytest.approx(2 / 6), "4mm": pytest.approx(2 / 6),
+                                          "5mm": pytest.approx(3 / 6)}
+    assert (out / "summary.md").read_text().count("| A |") == 1
+    assert (out / "landmarks_per_case.csv").is_file()
+
+
+def test_evaluate_bad_input_is_one_line_exit_2(volume_folders, tmp_path):
+    pred, ds = volume_folders
+    r = run_cli("evaluate", tmp_path / "missing", ds / "labelsTs")
+    assert r.returncode == 2 and "neither a prediction folder" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def _rle(mask):
+    from pycocotools import mask as mask_utils
+
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    rle["counts"] = rle["counts"].decode()
+    return rle
+
+
+def test_evaluate_coco_pair(tmp_path):
+    h, w = 24, 20
+    liver = np.zeros((h, w), bool)
+    liver[4:14, 3:12] = True
+    kidney = np.zeros((h, w), bool)
+    kidney[16:20, 6:10] = True
+    kidney_pred = np.zeros((h, w), bool)
+    kidney_pred[16:20, 8:12] = True          # shifted 2 columns: Dice 8/16, HD 2 columns x 2.0 mm = 4 mm
+    images = [{"id": 1, "file_name": "a.png", "height": h, "width": w, "case": "a", "pixel_spacing": [0.5, 2.0]},
+              {"id": 2, "file_name": "b.png", "height": h, "width": w, "case": "b", "pixel_spacing": [0.5, 2.0]}]
+    anns, results = [], []
+    for img in (1, 2):
+        for cat, m in ((1, liver), (2, kidney)):
+            from pycocotools import mask as mask_utils
+
+            rle = _rle(m)
+            anns.append({"id": len(anns) + 1, "image_id": img, "category_id": cat, "segmentation": rle,
+                         "area": float(mask_utils.area(rle)), "bbox": list(mask_utils.toBbox(rle)), "iscrowd": 0})
+        results.append({"image_id": img, "category_id": 1, "segmentation": _rle(liver), "score": 0.9})
+        results.append({"image_id": img, "category_id": 2, "score": 0.8,
+                        "segmentation": _rle(kidney_pred if img == 2 else kidney)})
+    results.append({"image_id": 1, "category_id": 2, "segmentation": _rle(liver), "score": 0.1})  # below threshold
+    gt = tmp_path / "instances_val.json"
+    gt.write_text(json.dumps({"images": images, "annotations": anns, "organmtl_small_organs": ["kidney"],
+                              "categories": [{"id": 1, "name": "liver"}, {"id": 2, "name": "kidney"}]}))
+    res = tmp_path / "coco_instances_results.json"
+    res.write_text(json.dumps(results))
+    r = run_cli("evaluate", res, gt, "--tolerance-mm", "1.0")
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "coco_instances_results_evaluation"
+    rows = {(x["case"], x["structure"]): x for x in csv.DictReader(open(out / "per_case.csv"))}
+    assert float(rows["a", "kidney"]["dice"]) == 1.0 and float(rows["a", "liver"]["hd_mm"]) == 0.0
+    assert float(rows["b", "kidney"]["dice"]) == pytest.approx(0.5)
+    assert float(rows["b", "kidney"]["hd_mm"]) == pytest.approx(4.0)
+    assert float(rows["b", "kidney"]["vol_ref_mm3"]) == pytest.approx(16 * 0.5 * 2.0)   # area in mm^2
+    summary = json.loads((out / "summary.json").read_text())
+    segm = summary["detection"]["segm"]
+    assert segm["per_category"]["liver"] == pytest.approx(1.0)
+    assert 0 < segm["per_category"]["kidney"] < 1 and 0 < segm["mAP"] < 1
+    assert summary["segmentation"]["small_organs"]["names"] == ["kidney"]
+    assert "| segm |" in r.stdout
