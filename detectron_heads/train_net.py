@@ -16,16 +16,34 @@ import detectron2.utils.comm as comm
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
-from detectron2.evaluation import COCOEvaluator, verify_results
+from detectron2.data import build_detection_test_loader, build_detection_train_loader
+from detectron2.evaluation import COCOEvaluator, DatasetEvaluators, verify_results
 
-from organmtl.detectron_heads import add_organmtl_config, register_from_cfg
+from organmtl.detectron_heads import add_hmrnet_config, add_organmtl_config, register_from_cfg
+from organmtl.detectron_heads.hmrnet_evaluator import HMRNetEvaluator
+from organmtl.detectron_heads.hmrnet_mapper import HMRNetDatasetMapper
 
 
 class Trainer(DefaultTrainer):
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        """COCO bbox/segm mAP@[.5:.95] (COCOEvaluator) + HMR-Net's Dice, HD (mm), 11-point mAP,
+        CSV and overlays (HMRNetEvaluator) in OUTPUT_DIR/inference/<dataset>."""
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
-        return COCOEvaluator(dataset_name, output_dir=output_folder)
+        return DatasetEvaluators([
+            COCOEvaluator(dataset_name, output_dir=output_folder),
+            HMRNetEvaluator(dataset_name, output_dir=output_folder, score_thresh=cfg.TEST.HMRNET.SCORE_THRESH,
+                            num_overlays=cfg.TEST.HMRNET.NUM_OVERLAYS),
+        ])
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        """Detectron2's loader with HMRNetDatasetMapper (contour points + INPUT.HMRNET_AUG)."""
+        return build_detection_train_loader(cfg, mapper=HMRNetDatasetMapper(cfg, True))
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        return build_detection_test_loader(cfg, dataset_name, mapper=HMRNetDatasetMapper(cfg, False))
 
     @classmethod
     def test(cls, cfg, model, evaluators=None):
@@ -40,6 +58,7 @@ class Trainer(DefaultTrainer):
 def setup(args):
     cfg = get_cfg()
     add_organmtl_config(cfg)
+    add_hmrnet_config(cfg)
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
     register_from_cfg(cfg)
