@@ -1,0 +1,143 @@
+"""``organmtl report RUN_DIR`` on tiny fake runs built from real formats: an nnU-Net results folder
+whose fold_0 log is written by nnU-Net's own ``nnUNetTrainer.print_to_log_file`` and whose fold_1
+checkpoint holds nnU-Net's own logger state, with validation predictions; and a Detectron2
+OUTPUT_DIR whose metrics.json is written by Detectron2's own JSONWriter/EventStorage."""
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from organmtl.evaluation import curves
+from organmtl.evaluation.report import ReportError, detect_run_kind
+from tests.conftest import run_cli
+
+DATASET = "Dataset901_Fake"
+TRAINER = "nnUNetTrainer__nnUNetPlans__3d_tiny"
+
+
+def _nnunet_log(fold, epochs=3):
+    """Write the lines nnUNetTrainer writes per epoch, through its own print_to_log_file."""
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    fake = SimpleNamespace(local_rank=0, log_file=str(fold / "training_log_2026_11_22_10_00_00.txt"))
+    log = lambda *a: nnUNetTrainer.print_to_log_file(fake, *a, also_print_to_console=False)  # noqa: E731
+    for e in range(epochs):
+        log("")
+        log(f"Epoch {e}")
+        log(f"Current learning rate: {np.round(0.01 * (1 - e / epochs), decimals=5)}")
+        log("train_loss", np.round(np.float32(-0.1 * e), decimals=4))
+        log("val_loss", np.round(np.float32(-0.05 * e), decimals=4))
+        log("Pseudo dice", [np.round(np.float32(v), decimals=4) for v in (0.2 * e, 0.1 * e)])
+        log("cross_stitch_alpha", [np.round(np.float32(0.9 - 0.1 * e), 4), np.round(np.float32(0.1 + 0.1 * e), 4)])
+        log(f"Epoch time: {np.round(12.3456, decimals=2)} s")
+        log(f"Yayy! New best EMA pseudo Dice: {np.round(0.1 * e, decimals=4)}")
+
+
+def _nnunet_checkpoint(fold, epochs=2):
+    import torch
+    from nnunetv2.training.logging.nnunet_logger import MetaLogger
+
+    logger = MetaLogger(str(fold), resume=False)
+    for e in range(epochs):
+        logger.log("lrs", 0.01, e)
+        logger.log("train_losses", -0.1 * e, e)
+        logger.log("val_losses", -0.05 * e, e)
+        logger.log("mean_fg_dice", 0.3 * e, e)
+        logger.log("dice_per_class_or_region", [0.3 * e, 0.2 * e], e)
+        logger.log("epoch_start_timestamps", 100.0 * e, e)
+        logger.log("epoch_end_timestamps", 100.0 * e + 10, e)
+    torch.save({"logging": logger.get_checkpoint(), "network_weights": {}}, fold / "checkpoint_final.pth")
+
+
+def _vol(arr, path):
+    img = sitk.GetImageFromArray(arr)
+    img.SetSpacing((1.0, 1.0, 3.0))
+    sitk.WriteImage(img, str(path))
+
+
+@pytest.fixture(scope="module")
+def nnunet_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("nnrun")
+    results = root / "results" / DATASET / TRAINER
+    raw, pre = root / "raw" / DATASET, root / "pre" / DATASET
+    for d in (results / "fold_0" / "validation", results / "fold_1", raw / "imagesTr", pre / "gt_segmentations"):
+        d.mkdir(parents=True)
+    _nnunet_log(results / "fold_0")
+    _nnunet_checkpoint(results / "fold_1")
+    meta = {"labels": {"background": 0, "liver": 1, "spleen": 2}, "channel_names": {"0": "CT"},
+            "file_ending": ".nii.gz", "numTraining": 2}
+    (results / "dataset.json").write_text(json.dumps(meta))
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        g = np.zeros((6, 20, 20), np.uint8)
+        g[1:5, 3:12, 3:12] = 1
+        g[2:4, 14:18, 14:18] = 2
+        p = g.copy()
+        p[1:5, 3:12, 3:6] = 0 if i else 1
+        _vol(rng.normal(size=g.shape).astype(np.float32) + g, raw / "imagesTr" / f"case{i}_0000.nii.gz")
+        _vol(g, pre / "gt_segmentations" / f"case{i}.nii.gz")
+        _vol(p, results / "fold_0" / "validation" / f"case{i}.nii.gz")
+    env = {"nnUNet_raw": str(root / "raw"), "nnUNet_preprocessed": str(root / "pre"), "nnUNet_results": str(root / "results")}
+    return results, env
+
+
+def test_nnunet_log_parsed_from_real_format(nnunet_run):
+    results, _ = nnunet_run
+    series = curves.parse_nnunet_log(sorted((results / "fold_0").glob("training_log_*.txt")))
+    assert series["train_losses"] == pytest.approx([0.0, -0.1, -0.2])
+    assert series["lrs"] == pytest.approx([0.01, 0.00667, 0.00333])
+    assert series["dice_per_class_or_region"][2] == pytest.approx([0.4, 0.2])
+    assert series["cross_stitch_alpha"][1] == pytest.approx([0.8, 0.2])
+    assert series["epoch_time_s"] == pytest.approx([12.35] * 3)
+
+
+def test_report_nnunet_results_folder(nnunet_run, tmp_path):
+    results, env = nnunet_run
+    assert detect_run_kind(results) == "nnunet_results"
+    assert detect_run_kind(results / "fold_0") == "nnunet_fold"
+    out = tmp_path / "rep"
+    r = run_cli("report", results, "-o", out, "--max-cases", "1", env=env)
+    assert r.returncode == 0, r.stderr
+    page = (out / "report.md").read_text()
+    for f in ["fold_0/nnunet_curves.png", "fold_0/nnunet_aux.png", "fold_1/nnunet_curves.png",
+              "fold_0/evaluation/summary.json", "fold_0/evaluation/per_case.csv"]:
+        assert (out / f).is_file(), f
+        assert f.split("/")[-1] in page or f.endswith(".json") or f.endswith(".csv")
+    overlays = list((out / "fold_0" / "overlays").glob("*.png"))
+    assert [p.name for p in overlays] == ["case1.png"]           # the case with the lowest mean Dice
+    assert "fold_0/overlays/case1.png" in page and "| liver |" in page
+    assert not (out / "fold_1" / "nnunet_aux.png").exists()       # nothing auxiliary logged there
+
+
+def test_report_detectron_output_dir(tmp_path):
+    from detectron2.utils.events import EventStorage, JSONWriter
+
+    run = tmp_path / "output"
+    run.mkdir()
+    writer = JSONWriter(str(run / "metrics.json"))
+    with EventStorage(0) as storage:
+        for it in range(6):
+            storage.iter = it
+            storage.put_scalars(total_loss=2.0 - 0.2 * it, loss_cls=1.0 - 0.1 * it, loss_mask=0.5, lr=0.01,
+                                cross_stitch_alpha_00=0.9 - 0.01 * it, log_var_seg=0.1 * it, smoothing_hint=False)
+            if it == 5:
+                storage.put_scalars(**{"segm/AP": 12.5, "segm/AP-liver": 20.0}, smoothing_hint=False)
+            writer.write()
+    writer.close()
+    assert detect_run_kind(run) == "detectron2"
+    records = curves.read_detectron_metrics(run / "metrics.json")
+    assert len(records) == 6 and records[0]["total_loss"] == pytest.approx(2.0)
+    r = run_cli("report", run)
+    assert r.returncode == 0, r.stderr
+    page = (run / "report" / "report.md").read_text()
+    assert "detectron_curves.png" in page and "detectron_aux.png" in page
+    assert (run / "report" / "detectron_curves.png").stat().st_size > 1000
+
+
+def test_report_unknown_folder_is_usage_error(tmp_path):
+    with pytest.raises(ReportError, match="nothing to report"):
+        detect_run_kind(tmp_path)
+    r = run_cli("report", tmp_path)
+    assert r.returncode == 2 and "nothing to report" in r.stderr
