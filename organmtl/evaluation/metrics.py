@@ -124,12 +124,25 @@ def surface_distances(pred, gt, spacing) -> SurfaceDistances | None:
     import torch
     from monai.metrics.utils import get_edge_surface_distance
 
+    # MONAI crops to the union's bounding box itself; doing that first in numpy (same 1-voxel
+    # margin) is much faster on large volumes and leaves the borders and distances unchanged.
+    box = _union_box(pred, gt)
+    pred, gt = pred[box], gt[box]
     with warnings.catch_warnings():  # MONAI warns about its own internal use of a deprecated argument
         warnings.simplefilter("ignore", FutureWarning)
         _, dists, _ = get_edge_surface_distance(torch.from_numpy(pred), torch.from_numpy(gt), spacing=sp,
                                                 symmetric=True, warn_empty=False)
     p2g, g2p = (np.asarray(d.detach().cpu().numpy(), dtype=np.float64).ravel() for d in dists)
     return SurfaceDistances(p2g, g2p)
+
+
+def _union_box(pred: np.ndarray, gt: np.ndarray) -> tuple[slice, ...]:
+    union = pred | gt
+    box = []
+    for axis in range(union.ndim):
+        hit = np.flatnonzero(union.any(axis=tuple(a for a in range(union.ndim) if a != axis)))
+        box.append(slice(max(int(hit[0]) - 1, 0), int(hit[-1]) + 2))
+    return tuple(box)
 
 
 def hausdorff_distance(pred, gt, spacing, percentile: float = 100.0) -> float:
