@@ -1,0 +1,163 @@
+"""HMR-Net model pieces (papers/hmrnet.txt §2.2-2.5): maxout and CoordConv shapes, cross-stitch units
+(identity alpha = two independent N-Nets, exactly), the N-Net outputs, the maxout LRN, Eq. 1 level
+pooling on equal-stride maps, gradient routing of the losses and inference outputs."""
+from importlib import resources
+
+import pytest
+import torch
+
+from detectron2.config import get_cfg
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import build_model
+from detectron2.structures import Boxes, Instances
+from detectron2.utils.events import EventStorage
+
+from organmtl.detectron_heads import add_hmrnet_config, add_organmtl_config
+from organmtl.detectron_heads.hmrnet_layers import CrossStitchUnit, Maxout, add_coord_channels
+from organmtl.detectron_heads.hmrnet_roi_heads import HighResolutionLevelPooler
+from organmtl.detectron_heads.nnet_backbone import NNetBackbone
+
+CONFIGS = resources.files("organmtl.detectron_heads") / "configs"
+
+
+def tiny_cfg(name="tiny/hmrnet_R_18_FPN_tiny.yaml", **opts):
+    cfg = get_cfg()
+    add_organmtl_config(cfg)
+    add_hmrnet_config(cfg)
+    cfg.merge_from_file(str(CONFIGS / name))
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.FPN.OUT_CHANNELS = 16
+    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = 2
+    cfg.MODEL.HMRNET.NUM_POINTS = 8
+    cfg.MODEL.ROI_SHAPE_HEAD.CONV_DIMS = [8, 8]
+    cfg.MODEL.ROI_SHAPE_HEAD.FC_DIM = 16
+    cfg.MODEL.ROI_BOX_HEAD.FC_DIM = 16
+    cfg.MODEL.ROI_MASK_HEAD.CONV_DIM = 8
+    for k, v in opts.items():
+        cfg.merge_from_list([k, v])
+    return cfg
+
+
+def test_maxout_shape_and_value():
+    m = Maxout(6, 4, pieces=3)
+    x = torch.randn(5, 6)
+    y = m(x)
+    assert y.shape == (5, 4)
+    assert torch.allclose(y, m.linear(x).view(5, 4, 3).amax(2))
+
+
+def test_coord_conv_channels():
+    x = torch.randn(2, 3, 8, 10)
+    y = add_coord_channels(x)
+    assert y.shape == (2, 5, 8, 10) and torch.equal(y[:, :3], x)
+    assert torch.allclose(y[0, 3, 0], torch.linspace(-1, 1, 10))      # x varies along the width
+    assert torch.allclose(y[0, 4, :, 0], torch.linspace(-1, 1, 8))    # y varies along the height
+
+
+def test_cross_stitch_unit_mixes_with_learned_alpha():
+    cs = CrossStitchUnit(0.9)
+    a, b = torch.ones(1, 2, 2, 2), torch.zeros(1, 2, 2, 2)
+    a2, b2 = cs(a, b)
+    assert torch.allclose(a2, 0.9 * a) and torch.allclose(b2, 0.1 * a)
+    (a2.sum() + 2 * b2.sum()).backward()
+    assert cs.alpha.grad is not None and cs.alpha.grad.abs().sum() > 0
+
+
+def test_identity_cross_stitch_reproduces_two_independent_nnets():
+    torch.manual_seed(0)
+    twin = NNetBackbone(tiny_cfg(**{"MODEL.NNET.CROSS_STITCH_SELF": 1.0}), ShapeSpec(channels=3)).eval()
+    single_cfg = tiny_cfg(**{"MODEL.NNET.TWIN": False})
+    det, shp = (NNetBackbone(single_cfg, ShapeSpec(channels=3)).eval() for _ in range(2))
+    det.nets[0].load_state_dict(twin.nets[0].state_dict())
+    shp.nets[0].load_state_dict(twin.nets[1].state_dict())
+    assert len(twin.stitches) == 12
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        out, o_det, o_shp = twin(x), det(x), shp(x)
+    assert set(out) == {"p2", "p3", "p4", "p5", "p6", "h2", "h3", "h4", "h5", "s_h2", "s_h3", "s_h4", "s_h5"}
+    for k in ("p2", "p3", "p4", "p5", "p6", "h2", "h3", "h4", "h5"):
+        assert torch.equal(out[k], o_det[k]), k
+        assert torch.equal(out["s_" + k], o_shp[k]) if k.startswith("h") else True
+    assert all(out[f"h{i}"].shape[-2:] == out["p2"].shape[-2:] for i in (2, 3, 4, 5))   # H at P2 resolution
+    assert not torch.equal(out["h5"], out["s_h5"])
+    # a non-identity alpha couples them
+    with torch.no_grad():
+        twin.stitches["res3"].alpha.copy_(torch.tensor([[0.9, 0.1], [0.1, 0.9]]))
+        assert not torch.equal(twin(x)["h5"], o_det["h5"])
+
+
+def test_coord_conv_switch_sets_stem_input_channels():
+    on = NNetBackbone(tiny_cfg(**{"MODEL.NNET.TWIN": False}), ShapeSpec(channels=3))
+    off = NNetBackbone(tiny_cfg(**{"MODEL.NNET.TWIN": False, "MODEL.NNET.COORD_CONV": False}), ShapeSpec(channels=3))
+    assert on.nets[0].resnet.stem.conv1.weight.shape[1] == 5
+    assert off.nets[0].resnet.stem.conv1.weight.shape[1] == 3
+
+
+def test_level_pooler_follows_eq1_on_equal_stride_maps():
+    pooler = HighResolutionLevelPooler(2, levels=4, stride=4, sampling_ratio=0, pooler_type="ROIAlignV2")
+    maps = [torch.full((1, 1, 64, 64), float(lvl)) for lvl in (2, 3, 4, 5)]
+    # sqrt(wh) = 56 -> level floor(4 + log2(56/224)) = 2 ; 224 -> 4 ; 1000 -> 5 (clamped)
+    boxes = Boxes(torch.tensor([[0.0, 0.0, 56.0, 56.0], [0.0, 0.0, 224.0, 224.0], [0.0, 0.0, 250.0, 250.0]]))
+    out = pooler(maps, [boxes])
+    assert out[:, 0, 0, 0].tolist() == [2.0, 4.0, 4.0]
+    assert out.shape == (3, 1, 2, 2)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    img = torch.zeros(3, 64, 64)
+    img[:, 16:40, 20:44] = 200
+    inst = Instances((64, 64))
+    inst.gt_boxes = Boxes(torch.tensor([[20.0, 16.0, 44.0, 40.0]]))
+    inst.gt_classes = torch.tensor([1])
+    xs = torch.linspace(0, 1, 3)[:-1]
+    top = torch.stack([20 + 24 * xs, torch.full_like(xs, 16.0)], 1)
+    right = torch.stack([torch.full_like(xs, 44.0), 16 + 24 * xs], 1)
+    bottom = torch.stack([44 - 24 * xs, torch.full_like(xs, 40.0)], 1)
+    left = torch.stack([torch.full_like(xs, 20.0), 40 - 24 * xs], 1)
+    inst.gt_points = torch.cat([top, right, bottom, left])[None]
+    return [{"image": img, "instances": inst, "height": 128, "width": 128}]
+
+
+def _grads(module):
+    return [p.grad for p in module.parameters() if p.requires_grad]
+
+
+def test_losses_reach_only_their_branches_and_alphas_are_logged(batch):
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg(**{"MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE": 16}))
+    model.train()
+    with EventStorage(0) as storage:
+        losses = model(batch)
+        assert {"loss_cls", "loss_box_reg", "loss_shape", "loss_manifold", "loss_rpn_cls", "loss_rpn_loc"} <= set(losses)
+        assert all(torch.isfinite(v) for v in losses.values())
+        assert "cross_stitch/res5/a01" in storage.latest()
+    losses["loss_shape"].backward(retain_graph=True)
+    heads = model.roi_heads
+    assert all(g is None for g in _grads(heads.box_predictor)) and all(g is None for g in _grads(heads.box_head))
+    assert any(g is not None and g.abs().sum() > 0 for g in _grads(heads.shape_head))
+    model.zero_grad(set_to_none=True)
+    losses["loss_cls"].backward(retain_graph=True)
+    assert all(g is None for g in _grads(heads.shape_head))
+    assert model.backbone.stitches["res5"].alpha.grad is not None   # detection loss also trains the alphas
+    model.zero_grad(set_to_none=True)
+    losses["loss_manifold"].backward()
+    assert all(g is None for g in _grads(heads.shape_head.predictor))   # Eq. 6 acts on the latent before it
+
+
+@pytest.mark.parametrize("config", ["tiny/hmrnet_R_18_FPN_tiny.yaml", "tiny/hmrnet_R_18_FPN_mask_head_tiny.yaml",
+                                    "tiny/hmrnet_R_18_FPN_no_cross_stitch_tiny.yaml"])
+def test_inference_outputs_masks_at_output_size(batch, config):
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg(config, **{"MODEL.ROI_HEADS.SCORE_THRESH_TEST": 0.0})).eval()
+    with torch.no_grad():
+        inst = model([{k: batch[0][k] for k in ("image", "height", "width")}])[0]["instances"]
+    assert len(inst) > 0
+    assert inst.pred_masks.shape[1:] == (128, 128) and inst.pred_masks.dtype == torch.bool
+    if "mask_head" in config:
+        assert not inst.has("pred_points")
+    else:
+        assert inst.pred_points.shape == (len(inst), 8, 2)
+        cx = (inst.pred_boxes.tensor[:, 0] + inst.pred_boxes.tensor[:, 2]) / 2
+        assert torch.allclose(inst.pred_points[..., 0].mean(1), cx, atol=64)    # output-image coordinates
