@@ -1,0 +1,140 @@
+"""HMR-Net data (papers/hmrnet.txt §2.4, §3.1): contour points <-> polygon round trip on the demo
+spine masks, the dataset mapper carrying points through augmentations (flip keeps the canonical
+orientation), the paper's augmentation list and the evaluator's 11-point mAP."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from detectron2.config import get_cfg
+from detectron2.data import transforms as T
+
+from organmtl.cli import main
+from organmtl.converters.coco import _signed_area, contour_points, rasterize_polygon
+from organmtl.detectron_heads import HMRNetDatasetMapper, add_hmrnet_config, add_organmtl_config
+from organmtl.detectron_heads.hmrnet_evaluator import annotation_mask, eleven_point_map
+from organmtl.detectron_heads.hmrnet_mapper import (AUGMENTATIONS, GaussianBlurTransform, build_hmrnet_augmentation,
+                                                    transform_contour_points)
+from organmtl.evaluation.metrics import dice
+
+
+@pytest.fixture(scope="module")
+def spine_coco(tmp_path_factory):
+    from organmtl.demo_data import write_demo_data
+
+    root = tmp_path_factory.mktemp("hmrnet_data")
+    write_demo_data(root / "demo", seed=0, families=["spine"], n_cases=4)
+    assert main(["convert", "volumes", str(root / "demo" / "spine" / "spine_sag_mr"), "--to", "coco",
+                 "--dataset-id", "42", "--out", str(root / "coco")]) == 0
+    return root / "coco"
+
+
+def _train_json(coco):
+    return json.loads((coco / "annotations" / "instances_train.json").read_text())
+
+
+def test_points_polygon_round_trip_dice_on_demo_masks(spine_coco):
+    data = _train_json(spine_coco)
+    sizes = {im["id"]: (im["height"], im["width"]) for im in data["images"]}
+    scores = []
+    for a in data["annotations"]:
+        h, w = sizes[a["image_id"]]
+        mask = annotation_mask(a["segmentation"], h, w)
+        pts = contour_points(mask, 50)                          # p = 50
+        assert _signed_area(pts) > 0                            # clockwise on screen
+        scores.append(dice(rasterize_polygon(pts, h, w), mask))
+    assert len(scores) >= 10
+    assert np.mean(scores) >= 0.98 and min(scores) >= 0.95
+
+
+def _square(x0=10.0, y0=20.0, s=8.0, n=2):
+    t = np.arange(n) / n * s
+    top = np.stack([x0 + t, np.full(n, y0)], 1)
+    right = np.stack([np.full(n, x0 + s), y0 + t], 1)
+    bottom = np.stack([x0 + s - t, np.full(n, y0 + s)], 1)
+    left = np.stack([np.full(n, x0), y0 + s - t], 1)
+    return np.concatenate([top, right, bottom, left])          # clockwise, starts top-left
+
+
+def test_flip_reverses_order_to_keep_orientation():
+    pts = _square()
+    flipped = transform_contour_points(pts.ravel(), T.TransformList([T.HFlipTransform(64)]))
+    assert _signed_area(flipped) > 0                             # still clockwise
+    assert np.allclose(flipped[0], [64 - 18.0, 20.0])           # starts at the new top-left corner
+    expected = np.stack([64 - pts[:, 0], pts[:, 1]], 1)
+    assert {tuple(p) for p in np.round(flipped, 6)} == {tuple(p) for p in np.round(expected, 6)}
+    resampled = transform_contour_points(pts.ravel(), T.TransformList([]), num_points=16)
+    assert resampled.shape == (16, 2) and np.allclose(resampled[0], pts[0])
+
+
+def _cfg(**opts):
+    cfg = get_cfg()
+    add_organmtl_config(cfg)
+    add_hmrnet_config(cfg)
+    cfg.INPUT.MIN_SIZE_TRAIN = (64,)
+    cfg.INPUT.MAX_SIZE_TRAIN = 64
+    cfg.MODEL.HMRNET.NUM_POINTS = 8
+    for k, v in opts.items():
+        cfg.merge_from_list([k, v])
+    return cfg
+
+
+def _record():
+    img = np.zeros((64, 64, 3), np.uint8)
+    img[20:28, 10:18] = 255
+    pts = _square()
+    return {"file_name": "x.png", "image": img, "height": 64, "width": 64, "image_id": 0,
+            "annotations": [{"bbox": [10, 20, 8, 8], "bbox_mode": 1, "category_id": 0, "iscrowd": 0,
+                             "segmentation": [pts.ravel().tolist()], "contour_points": pts.ravel().tolist()}]}
+
+
+def test_mapper_carries_points_through_a_forced_flip(monkeypatch):
+    monkeypatch.setattr("detectron2.data.detection_utils.read_image", lambda *a, **k: _record()["image"])
+    mapper = HMRNetDatasetMapper(_cfg(), True)
+    mapper.augmentations = T.AugmentationList([T.RandomFlip(prob=1.0)])
+    out = mapper(_record())
+    pts = out["instances"].gt_points[0].numpy()
+    assert pts.shape == (8, 2)
+    assert _signed_area(pts) > 0 and np.allclose(pts[0], [64 - 18.0, 20.0])
+    assert torch.allclose(out["instances"].gt_boxes.tensor, torch.tensor([[46.0, 20.0, 54.0, 28.0]]))
+
+
+def test_paper_augmentation_list_runs_and_keeps_points_with_the_image(monkeypatch):
+    monkeypatch.setattr("detectron2.data.detection_utils.read_image", lambda *a, **k: _record()["image"])
+    cfg = _cfg(**{"INPUT.HMRNET_AUG.NAMES": str(list(AUGMENTATIONS)), "INPUT.MASK_FORMAT": "bitmask",
+                  "INPUT.HMRNET_AUG.CROP": "(1.0, 1.0)", "INPUT.HMRNET_AUG.BLUR_PROB": "1.0"})
+    names = [type(a).__name__ for a in build_hmrnet_augmentation(cfg, True)]
+    assert names == ["ResizeShortestEdge", "RandomFlip", "RandomRotation", "RandomExtent", "RandomCrop",
+                     "RandomGaussianBlur"]
+    mapper = HMRNetDatasetMapper(cfg, True)
+    for seed in range(3):
+        np.random.seed(seed)
+        out = mapper(_record())
+        inst = out["instances"]
+        if len(inst):
+            pts = inst.gt_points[0].numpy()
+            box = inst.gt_boxes.tensor[0].numpy()
+            assert _signed_area(pts) > 0
+            assert np.allclose(pts.mean(0), [(box[0] + box[2]) / 2, (box[1] + box[3]) / 2], atol=3)
+    with pytest.raises(ValueError, match="unknown augmentation"):
+        build_hmrnet_augmentation(_cfg(**{"INPUT.HMRNET_AUG.NAMES": "['zoom']"}), True)
+
+
+def test_gaussian_blur_transform_keeps_geometry():
+    img = np.zeros((9, 9, 3), np.uint8)
+    img[4, 4] = 255
+    t = GaussianBlurTransform(1.0)
+    out = t.apply_image(img)
+    assert out.shape == img.shape and out[4, 4, 0] < 255 and out[4, 5, 0] > 0
+    assert np.array_equal(t.apply_coords(np.ones((2, 2))), np.ones((2, 2)))
+
+
+def test_eleven_point_map_perfect_and_empty(spine_coco):
+    from pycocotools.coco import COCO
+
+    gt = COCO(str(spine_coco / "annotations" / "instances_train.json"))
+    perfect = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}
+               for a in gt.dataset["annotations"]]
+    assert eleven_point_map(gt, perfect, "bbox")["AP11"] == pytest.approx(100.0)
+    assert eleven_point_map(gt, [], "bbox")["AP11"] == 0.0
