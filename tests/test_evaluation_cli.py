@@ -86,6 +86,19 @@ def test_evaluate_nnunet_folder(volume_folders, tmp_path):
     assert (out / "landmarks_per_case.csv").is_file()
 
 
+def test_evaluate_folders_keeps_demo_signature(volume_folders, tmp_path):
+    """The demo's call: nnU-Net's mean Dice per label (nnU-Net's own evaluation), plus the full outputs."""
+    from organmtl.evaluation.segmentation import evaluate_folders, format_table
+
+    pred, ds = volume_folders
+    scores = evaluate_folders(pred, ds / "labelsTs", ds / "dataset.json", output_file=tmp_path / "nn" / "summary.json",
+                              full_output_dir=tmp_path / "full")
+    assert scores["A"] == pytest.approx((240 / 288 + 0 + 1) / 3)
+    assert scores["B"] == pytest.approx(1.0)   # nnU-Net leaves the both-empty case (nan) out of its mean
+    assert (tmp_path / "nn" / "summary.json").is_file() and (tmp_path / "full" / "per_case.csv").is_file()
+    assert "| A |" in format_table({"run": scores})
+
+
 def test_evaluate_bad_input_is_one_line_exit_2(volume_folders, tmp_path):
     pred, ds = volume_folders
     r = run_cli("evaluate", tmp_path / "missing", ds / "labelsTs")
@@ -100,21 +113,26 @@ def _rle(mask):
     return rle
 
 
-def test_evaluate_coco_pair(tmp_path):
+def write_coco_pair(folder):
+    """COCO ground truth (2 images, liver + kidney, pixel spacing 0.5 x 2.0 mm), results JSON, PNGs.
+    Image b's kidney is predicted 2 columns to the right: Dice 8/16, HD 2 columns x 2.0 mm = 4 mm."""
+    from PIL import Image
+    from pycocotools import mask as mask_utils
+
     h, w = 24, 20
     liver = np.zeros((h, w), bool)
     liver[4:14, 3:12] = True
     kidney = np.zeros((h, w), bool)
     kidney[16:20, 6:10] = True
     kidney_pred = np.zeros((h, w), bool)
-    kidney_pred[16:20, 8:12] = True          # shifted 2 columns: Dice 8/16, HD 2 columns x 2.0 mm = 4 mm
+    kidney_pred[16:20, 8:12] = True
     images = [{"id": 1, "file_name": "a.png", "height": h, "width": w, "case": "a", "pixel_spacing": [0.5, 2.0]},
               {"id": 2, "file_name": "b.png", "height": h, "width": w, "case": "b", "pixel_spacing": [0.5, 2.0]}]
+    (folder / "images").mkdir(parents=True, exist_ok=True)
     anns, results = [], []
     for img in (1, 2):
+        Image.fromarray((liver * 120 + kidney * 200).astype(np.uint8)).save(folder / "images" / images[img - 1]["file_name"])
         for cat, m in ((1, liver), (2, kidney)):
-            from pycocotools import mask as mask_utils
-
             rle = _rle(m)
             anns.append({"id": len(anns) + 1, "image_id": img, "category_id": cat, "segmentation": rle,
                          "area": float(mask_utils.area(rle)), "bbox": list(mask_utils.toBbox(rle)), "iscrowd": 0})
@@ -122,11 +140,16 @@ def test_evaluate_coco_pair(tmp_path):
         results.append({"image_id": img, "category_id": 2, "score": 0.8,
                         "segmentation": _rle(kidney_pred if img == 2 else kidney)})
     results.append({"image_id": 1, "category_id": 2, "segmentation": _rle(liver), "score": 0.1})  # below threshold
-    gt = tmp_path / "instances_val.json"
+    gt = folder / "instances_val.json"
     gt.write_text(json.dumps({"images": images, "annotations": anns, "organmtl_small_organs": ["kidney"],
                               "categories": [{"id": 1, "name": "liver"}, {"id": 2, "name": "kidney"}]}))
-    res = tmp_path / "coco_instances_results.json"
+    res = folder / "coco_instances_results.json"
     res.write_text(json.dumps(results))
+    return res, gt
+
+
+def test_evaluate_coco_pair(tmp_path):
+    res, gt = write_coco_pair(tmp_path)
     r = run_cli("evaluate", res, gt, "--tolerance-mm", "1.0")
     assert r.returncode == 0, r.stderr
     out = tmp_path / "coco_instances_results_evaluation"

@@ -135,6 +135,43 @@ def test_report_detectron_output_dir(tmp_path):
     assert "detectron_curves.png" in page and "detectron_aux.png" in page
     assert (run / "report" / "detectron_curves.png").stat().st_size > 1000
 
+    # with the COCO ground truth: evaluation table and per-category overlays
+    from tests.test_evaluation_cli import write_coco_pair
+
+    coco = tmp_path / "coco"
+    res, gt = write_coco_pair(coco)
+    (run / "inference").mkdir()
+    res.rename(run / "inference" / "coco_instances_results.json")
+    r = run_cli("report", run, "--coco-gt", gt, "--coco-images", coco / "images")
+    assert r.returncode == 0, r.stderr
+    page = (run / "report" / "report.md").read_text()
+    assert "| kidney |" in page and "| segm |" in page and "overlays/coco.png" in page
+    assert (run / "report" / "overlays" / "coco.png").is_file()
+
+
+def test_report_demo_folder(nnunet_run, tmp_path):
+    """An ``organmtl demo`` output: marker, nnUNet_raw/Dataset*/labelsTs + imagesTs, predictions/<trainer>."""
+    import shutil
+
+    results, _ = nnunet_run
+    root = results.parents[2]
+    demo = tmp_path / "demo"
+    raw = demo / "nnUNet_raw" / DATASET
+    (raw / "labelsTs").mkdir(parents=True)
+    shutil.copytree(root / "raw" / DATASET / "imagesTr", raw / "imagesTs")
+    shutil.copytree(root / "pre" / DATASET / "gt_segmentations", raw / "labelsTs", dirs_exist_ok=True)
+    shutil.copy(results / "dataset.json", raw / "dataset.json")
+    shutil.copytree(results / "fold_0" / "validation", demo / "predictions" / "nnUNetTrainerOMTLBaseline_Tiny")
+    shutil.copytree(results / "fold_0", demo / "nnUNet_results" / DATASET / TRAINER / "fold_0")
+    (demo / ".organmtl-demo").write_text("made by organmtl demo\n")
+    assert detect_run_kind(demo) == "demo"
+    r = run_cli("report", demo, "--max-cases", "2")
+    assert r.returncode == 0, r.stderr
+    page = (demo / "report" / "report.md").read_text()
+    assert "## Predictions nnUNetTrainerOMTLBaseline_Tiny" in page and "| spleen |" in page
+    assert len(list((demo / "report" / "nnUNetTrainerOMTLBaseline_Tiny" / "overlays").glob("*.png"))) == 2
+    assert (demo / "report" / TRAINER / "nnunet_curves.png").is_file()
+
 
 def test_report_unknown_folder_is_usage_error(tmp_path):
     with pytest.raises(ReportError, match="nothing to report"):

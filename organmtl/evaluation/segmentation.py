@@ -27,6 +27,7 @@ def evaluate_folders(pred: Path, gt: Path, dataset_json: Path, output_file: Path
     rw = determine_reader_writer_from_dataset_json(meta, str(example))()
     lm = LabelManager(meta["labels"], regions_class_order=meta.get("regions_class_order"))
     output_file = Path(output_file or Path(pred) / "summary.json")
+    output_file.parent.mkdir(parents=True, exist_ok=True)
     result = compute_metrics_on_folder(str(gt), str(pred), str(output_file), rw, ending,
                                        lm.foreground_labels, lm.ignore_label, num_processes)
     names = {v: k for k, v in meta["labels"].items() if isinstance(v, int)}
