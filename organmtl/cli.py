@@ -121,6 +121,21 @@ def cmd_demo(args) -> int:
                     detectron_iterations=args.detectron_iterations)
 
 
+def cmd_multitask_experiments(args) -> int:
+    from organmtl.nnunet_trainers.multitask.experiments import ExperimentError, run_experiments
+
+    try:
+        result = run_experiments(args.dataset_id, args.out, sources=args.sources, name=args.name, tasks=args.tasks,
+                                 trainer=args.trainer, configuration=args.c, n_test=args.test_per_task,
+                                 n_val=args.val_per_task, epochs=args.epochs, iterations=args.iterations,
+                                 val_iterations=args.val_iterations, device=args.device)
+    except ExperimentError as e:
+        raise UsageError(str(e)) from None
+    print(result["markdown"].read_text(), end="")
+    print(f"table: {result['markdown']} and {result['csv']}")
+    return EXIT_OK
+
+
 # ---------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
@@ -203,6 +218,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--detectron-iterations", type=int, default=None, help="Detectron2 iterations (default: demo budget)")
     p.add_argument("--overwrite", action="store_true", help="start again from scratch")
     p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("multitask-experiments", help="Moeskops et al.'s task-subset experiments: train every "
+                       "non-empty subset of a merged dataset's tasks, table of Dice and cross-task confusion")
+    p.add_argument("sources", type=Path, nargs="*", help="nnU-Net raw datasets to merge first (none: --dataset-id "
+                   "is an existing merged, planned dataset)")
+    p.add_argument("--dataset-id", type=int, required=True, help="merged dataset id (created when SOURCES are given)")
+    p.add_argument("--name", default="MultiTask", help="merged dataset name (with SOURCES)")
+    p.add_argument("--out", type=Path, required=True, help="folder for predictions, logs and the table")
+    p.add_argument("--tasks", nargs="+", default=None, help="subset of the dataset's tasks (default all)")
+    p.add_argument("--trainer", default="nnUNetTrainerOMTLTriplanar_Tiny")
+    p.add_argument("-c", default="3d_tiny", help="nnU-Net configuration")
+    p.add_argument("--test-per-task", type=int, default=2, help="held-out test cases per task")
+    p.add_argument("--val-per-task", type=int, default=1, help="validation cases per task (thresholds)")
+    p.add_argument("--epochs", type=int, default=None, help="ORGANMTL_EPOCHS of _Tiny trainers")
+    p.add_argument("--iterations", type=int, default=None, help="ORGANMTL_ITERS_PER_EPOCH of _Tiny trainers")
+    p.add_argument("--val-iterations", type=int, default=None, help="ORGANMTL_VAL_ITERS of _Tiny trainers")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "mps"])
+    p.set_defaults(func=cmd_multitask_experiments)
     return parser
 
 

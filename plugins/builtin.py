@@ -36,8 +36,11 @@ LANDMARK_UNET = Plugin(
 MULTITASK_CNN = Plugin(
     name="multitask_cnn",
     description="Multi-task multi-modality CNN, one network for several datasets (papers/moeskops_multitask_cnn.txt)",
-    nnunet_trainers=("organmtl.nnunet_trainers:nnUNetTrainerOMTLBaseline_Tiny",),
-    converters={"volumes": "organmtl.converters:VOLUMES"},
+    nnunet_trainers=tuple(f"organmtl.nnunet_trainers:nnUNetTrainerOMTL{n}" for n in (
+        "Triplanar", "Triplanar_Tiny", "TriplanarDiceCE", "TriplanarDiceCE_Tiny",
+        "MultiTaskUNet", "MultiTaskUNet_Tiny", "MultiTaskUNetDiceCE", "MultiTaskUNetDiceCE_Tiny",
+        "Baseline_Tiny")),
+    converters={"volumes": "organmtl.converters:VOLUMES", "merge": "organmtl.converters.merge:CONVERTER"},
     docs="docs/multitask_cnn.md",
 )
 
