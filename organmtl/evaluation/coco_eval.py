@@ -29,6 +29,15 @@ def _load_results(path: Path) -> list[dict]:
     return data
 
 
+def decode_segmentation(seg, h: int, w: int) -> np.ndarray:
+    """Boolean (h, w) mask of a COCO ``segmentation``: polygons, uncompressed or compressed RLE."""
+    from pycocotools import mask as mask_utils
+
+    rle = mask_utils.frPyObjects(seg, h, w) if isinstance(seg, list) or isinstance(seg.get("counts"), list) else seg
+    m = mask_utils.decode(rle)
+    return (m.max(axis=2) if m.ndim == 3 else m).astype(bool)
+
+
 def detection_map(coco_gt, results: list[dict], iou_types=("segm", "bbox")) -> dict:
     """COCOeval (pycocotools) mAP@[.5:.95], AP50, AP75 and per-category mAP for each IoU type.
     No result at all gives AP 0 for every category with ground truth (nothing was detected)."""
@@ -63,7 +72,6 @@ def evaluate_coco(results_json: Path, gt_json: Path, tolerance_mm: float = 2.0, 
     """Per (image, category) rows and a summary. The predicted mask of a category on an image is the
     union of its instances scoring >= ``score_threshold``; the reference is the union of its
     annotations. Pairs where both are empty are not rows (slices without the organ)."""
-    from pycocotools import mask as mask_utils
     from pycocotools.coco import COCO
 
     if not Path(gt_json).is_file():
@@ -94,10 +102,7 @@ def evaluate_coco(results_json: Path, gt_json: Path, tolerance_mm: float = 2.0, 
         for r in by_image.get(img["id"], []):
             if r["category_id"] not in cats:
                 raise EvaluationError(f"{results_json}: category_id {r['category_id']} is not in {gt_json}")
-            seg = r["segmentation"]
-            rle = mask_utils.frPyObjects(seg, h, w) if isinstance(seg, list) or isinstance(seg.get("counts"), list) else seg
-            m = mask_utils.decode(rle)
-            preds[r["category_id"]] |= (m.max(axis=2) if m.ndim == 3 else m).astype(bool)
+            preds[r["category_id"]] |= decode_segmentation(r["segmentation"], h, w)
         for c, name in cats.items():
             if not gts[c].any() and not preds[c].any():
                 continue

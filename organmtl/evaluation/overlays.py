@@ -72,14 +72,14 @@ def overlay_coco(gt_json: Path, results_json: Path, image_dir: Path, out_png: Pa
                  score_threshold: float = 0.5) -> Path:
     """Overlay of COCO results: for every category, the image where the union of the reference
     annotations and the union of the instances scoring >= ``score_threshold`` disagree most."""
+    import contextlib
+    import io
     import json
 
     from PIL import Image
-    from pycocotools import mask as mask_utils
     from pycocotools.coco import COCO
 
-    import contextlib
-    import io
+    from organmtl.evaluation.coco_eval import decode_segmentation
 
     with contextlib.redirect_stdout(io.StringIO()):
         coco = COCO(str(gt_json))
@@ -95,10 +95,7 @@ def overlay_coco(gt_json: Path, results_json: Path, image_dir: Path, out_png: Pa
             p = np.zeros((h, w), bool)
             for r in results:
                 if r["image_id"] == img["id"] and r["category_id"] == cat["id"] and r.get("score", 1) >= score_threshold:
-                    seg = r["segmentation"]
-                    rle = mask_utils.frPyObjects(seg, h, w) if isinstance(seg, list) else seg
-                    m = mask_utils.decode(rle)
-                    p |= (m.max(axis=2) if m.ndim == 3 else m).astype(bool)
+                    p |= decode_segmentation(r["segmentation"], h, w)
             if not (g.any() or p.any()):
                 continue
             score = (int((g ^ p).sum()), int(g.sum()))
