@@ -96,6 +96,14 @@ def transform_contour_points(points, transforms: T.TransformList, num_points: in
     return xy
 
 
+def _has_shape_head(cfg) -> bool:
+    from detectron2.modeling import ROI_HEADS_REGISTRY
+
+    from organmtl.detectron_heads.hmrnet_roi_heads import HMRNetROIHeads
+
+    return issubclass(ROI_HEADS_REGISTRY.get(cfg.MODEL.ROI_HEADS.NAME), HMRNetROIHeads)
+
+
 class HMRNetDatasetMapper(DatasetMapper):
     """Detectron2's DatasetMapper plus ``instances.gt_points`` (R, p, 2): each annotation's
     ``contour_points`` transformed with the image (:func:`transform_contour_points`). Augmentations
@@ -111,7 +119,7 @@ class HMRNetDatasetMapper(DatasetMapper):
     def from_config(cls, cfg, is_train: bool = True):
         ret = super().from_config(cfg, is_train)
         ret["augmentations"] = build_hmrnet_augmentation(cfg, is_train)
-        shape_on = cfg.MODEL.HMRNET.SHAPE_ON if "HMRNET" in cfg.MODEL else False
+        shape_on = "HMRNET" in cfg.MODEL and cfg.MODEL.HMRNET.SHAPE_ON and _has_shape_head(cfg)
         ret["num_points"] = cfg.MODEL.HMRNET.NUM_POINTS if shape_on else 0
         if is_train and "rotate" in getattr(cfg.INPUT, "HMRNET_AUG", {"NAMES": []})["NAMES"]:
             ret["use_instance_mask"] = True
