@@ -47,6 +47,8 @@ def volume_folders(tmp_path_factory):
         pr_lm = [{"name": "apex", "lps_mm": [3.0 + i, 4.0, 0.0]}] + ([{"name": "base", "lps_mm": [10.0, 2.0, 0.0]}] if i else [])
         (ds / "landmarks" / f"c{i}.json").write_text(json.dumps({"case": f"c{i}", "landmarks": gt_lm}))
         (pred / "landmarks" / f"c{i}.json").write_text(json.dumps({"case": f"c{i}", "landmarks": pr_lm}))
+    # a training case's landmarks (no prediction, not evaluated): must not count as missing
+    (ds / "landmarks" / "tr0.json").write_text(json.dumps({"case": "tr0", "landmarks": gt_lm}))
     (ds / "dataset.json").write_text(json.dumps({
         "labels": {"background": 0, "A": 1, "B": 2}, "channel_names": {"0": "CT"}, "file_ending": ".nii.gz",
         "numTraining": 0, "organmtl_small_organs": ["B"]}))

@@ -47,7 +47,8 @@ def run_evaluation(pred: Path, gt: Path, out_dir: Path | None = None, dataset_js
             if folder is None or not Path(folder).is_dir():
                 raise EvaluationError(f"{folder}: landmark folder not found (give --landmarks-pred and --landmarks-gt)")
         try:
-            lm_rows, summary["landmarks"] = evaluate_landmark_folders(lm_pred, lm_gt)
+            cases = {str(r["case"]) for r in rows} if summary["kind"] == "nnunet" else None
+            lm_rows, summary["landmarks"] = evaluate_landmark_folders(lm_pred, lm_gt, cases=cases)
         except ValueError as e:
             raise EvaluationError(str(e)) from None
     paths = write_outputs(rows, summary, Path(out_dir) if out_dir else default_out_dir(pred), lm_rows)

@@ -21,16 +21,20 @@ def read_landmarks(path: Path) -> dict[str, np.ndarray]:
         raise ValueError(f"{path}: not a landmark file with landmarks[].name/lps_mm ({e})") from None
 
 
-def evaluate_landmark_folders(pred_dir: Path, gt_dir: Path, thresholds=(3, 4, 5)) -> tuple[list[dict], dict]:
-    """Rows (case, landmark, error_mm, status) for every reference landmark and a summary.
+def evaluate_landmark_folders(pred_dir: Path, gt_dir: Path, thresholds=(3, 4, 5),
+                              cases: set[str] | None = None) -> tuple[list[dict], dict]:
+    """Rows (case, landmark, error_mm, status) for every reference landmark of the evaluated cases
+    and a summary. Evaluated cases: ``cases`` (e.g. those of the segmentation evaluation), else the
+    cases with a prediction file (a raw dataset's folder also holds the training cases).
 
     A reference landmark that the prediction lacks (no file for the case, or no entry of that name)
     has an undefined error and counts as not identified; predicted landmarks absent from the
     reference are counted (``n_extra``) but not scored."""
     pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
-    refs = sorted(gt_dir.glob("*.json"))
+    wanted = set(cases) if cases is not None else {p.stem for p in pred_dir.glob("*.json")}
+    refs = sorted(p for p in gt_dir.glob("*.json") if p.stem in wanted)
     if not refs:
-        raise ValueError(f"{gt_dir}: no reference landmark files (*.json)")
+        raise ValueError(f"{gt_dir}: no reference landmark file (*.json) for the evaluated cases")
     rows, n_extra = [], 0
     for ref in refs:
         gt = read_landmarks(ref)
