@@ -31,8 +31,12 @@ def _nnunet_log(fold, epochs=3):
         log("val_loss", np.round(np.float32(-0.05 * e), decimals=4))
         log("Pseudo dice", [np.round(np.float32(v), decimals=4) for v in (0.2 * e, 0.1 * e)])
         log("cross_stitch_alpha", [np.round(np.float32(0.9 - 0.1 * e), 4), np.round(np.float32(0.1 + 0.1 * e), 4)])
+        log(f"uncertainty weighting log variances: {({'segmentation': 0.1 * e, 'landmarks': -0.2 * e})}")
+        log(f"train segmentation loss {1.5 - 0.5 * e}, landmark MSE {2.0 / (e + 1)}")
         log(f"Epoch time: {np.round(12.3456, decimals=2)} s")
         log(f"Yayy! New best EMA pseudo Dice: {np.round(0.1 * e, decimals=4)}")
+    log("Training done.")
+    log("Mean Validation Dice: ", 0.5)
 
 
 def _nnunet_checkpoint(fold, epochs=2):
@@ -91,6 +95,10 @@ def test_nnunet_log_parsed_from_real_format(nnunet_run):
     assert series["dice_per_class_or_region"][2] == pytest.approx([0.4, 0.2])
     assert series["cross_stitch_alpha"][1] == pytest.approx([0.8, 0.2])
     assert series["epoch_time_s"] == pytest.approx([12.35] * 3)
+    assert series["uncertainty_weighting_log_variances/landmarks"] == pytest.approx([0.0, -0.2, -0.4])
+    assert series["train_segmentation_loss"] == pytest.approx([1.5, 1.0, 0.5])
+    assert series["landmark_MSE"] == pytest.approx([2.0, 1.0, 2 / 3])
+    assert not any(k.startswith("Mean_Validation") for k in series)          # after "Training done."
 
 
 def test_report_nnunet_results_folder(nnunet_run, tmp_path):
@@ -101,7 +109,7 @@ def test_report_nnunet_results_folder(nnunet_run, tmp_path):
     r = run_cli("report", results, "-o", out, "--max-cases", "1", env=env)
     assert r.returncode == 0, r.stderr
     page = (out / "report.md").read_text()
-    for f in ["fold_0/nnunet_curves.png", "fold_0/nnunet_aux.png", "fold_1/nnunet_curves.png",
+    for f in ["fold_0/nnunet_curves.png", "fold_0/nnunet_aux.png", "fold_0/nnunet_extra.png", "fold_1/nnunet_curves.png",
               "fold_0/evaluation/summary.json", "fold_0/evaluation/per_case.csv"]:
         assert (out / f).is_file(), f
         assert f.split("/")[-1] in page or f.endswith(".json") or f.endswith(".csv")
