@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
+import importlib
 import json
 import os
 import platform
@@ -85,10 +85,10 @@ def script_args(script: Path, device: str, quick: bool) -> list[str]:
 
 def _child(script: Path, json_out: Path, argv: list[str]) -> int:
     """In the child process: import the script, call ``main(argv)``, save what it returns."""
+    # imported under its own name from its folder, so that worker processes (spawn) and pickling
+    # find the same module
     sys.path.insert(0, str(script.parent))
-    spec = importlib.util.spec_from_file_location(script.stem, script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = importlib.import_module(script.stem)
     result = module.main(argv)
     json_out.write_text(json.dumps(result, indent=2, default=str))
     return 0 if not isinstance(result, int) or result == 0 else int(result)

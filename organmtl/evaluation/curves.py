@@ -1,7 +1,8 @@
 """Learning curves from nnU-Net's progress (the checkpoint's ``logging`` dict or the
 ``training_log_*.txt`` files) and Detectron2's ``metrics.json`` (one JSON object per line, written
 by its JSONWriter), including cross-stitch alphas (metric names containing ``alpha``) and
-uncertainty weights (names containing ``log_var`` or ``sigma``) when a method logs them."""
+uncertainty weights (names containing ``log_var`` or ``sigma``) when a method logs them; names
+containing ``cross_stitch`` (e.g. HMR-Net's ``cross_stitch/p2/a01``) count as alphas too."""
 from __future__ import annotations
 
 import json
@@ -13,7 +14,7 @@ import numpy as np
 
 _TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)?: ?(.*)$")
 _NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|nan|inf"
-_AUX = ("alpha", "log_var", "sigma")
+_AUX = ("alpha", "cross_stitch", "log_var", "sigma")
 _STANDARD = {"train_losses", "val_losses", "dice_per_class_or_region", "mean_fg_dice", "ema_fg_dice", "lrs",
              "epoch_start_timestamps", "epoch_end_timestamps", "epoch_time_s"}
 
@@ -127,7 +128,7 @@ def _plt():
 def _save(fig, out_png: Path) -> Path:
     out_png.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(out_png, dpi=90)
+    fig.savefig(out_png, dpi=90, bbox_inches="tight")
     _plt().close(fig)
     return out_png
 
@@ -186,14 +187,17 @@ def plot_nnunet_progress(series: dict[str, list], out_dir: Path, title: str) -> 
 
 def _plot_aux(aux: dict[str, tuple[list, list]], out_png: Path, title: str, xlabel: str) -> Path:
     plt = _plt()
-    fig, ax = plt.subplots(1, 1, figsize=(6, 3.2))
+    lines = []
     for name, (x, y) in aux.items():
         arr = np.array([np.atleast_1d(np.asarray(v, dtype=float)).ravel() for v in y])
-        for c in range(arr.shape[1]):
-            ax.plot(x[: len(arr)], arr[:, c], marker="o", ms=3, label=name if arr.shape[1] == 1 else f"{name}[{c}]", lw=1)
+        lines += [(x[: len(arr)], arr[:, c], name if arr.shape[1] == 1 else f"{name}[{c}]") for c in range(arr.shape[1])]
+    ncol = (len(lines) + 19) // 20
+    fig, ax = plt.subplots(1, 1, figsize=(6 + 2.4 * ncol, max(3.2, 1.2 + 0.16 * min(len(lines), 20))))
+    for x, y, label in lines:
+        ax.plot(x, y, marker="o", ms=3, lw=1, label=label)
     ax.set_title("cross-stitch alphas / uncertainty weights")
     ax.set_xlabel(xlabel)
-    ax.legend(fontsize=6)
+    ax.legend(fontsize=6, ncol=ncol, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.suptitle(title, fontsize=9)
     return _save(fig, out_png)
 

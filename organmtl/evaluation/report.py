@@ -38,10 +38,17 @@ def detect_run_kind(run_dir: Path) -> str:
         return "nnunet_fold"
     if any(_is_fold(d) for d in run_dir.glob("fold_*")):
         return "nnunet_results"
-    if (run_dir / "metrics.json").is_file() or (run_dir / "inference" / "coco_instances_results.json").is_file():
+    if (run_dir / "metrics.json").is_file() or _coco_results(run_dir):
         return "detectron2"
     raise ReportError(f"{run_dir}: no nnU-Net fold (training_log_*.txt, checkpoint_*.pth), no fold_* folders, "
                       f"no Detectron2 metrics.json and no {DEMO_MARKER} marker: nothing to report")
+
+
+def _coco_results(run: Path) -> list[Path]:
+    """COCOEvaluator's results files: ``inference/coco_instances_results.json`` or, with one folder
+    per test dataset, ``inference/<dataset>/coco_instances_results.json``."""
+    return sorted((run / "inference").glob("coco_instances_results.json")) + \
+        sorted((run / "inference").glob("*/coco_instances_results.json"))
 
 
 class _Page:
@@ -128,24 +135,28 @@ def _detectron(page: _Page, run: Path, out_dir: Path, coco_gt: Path | None, coco
         page.add(f"Learning curves from {metrics} ({len(records)} records).", "")
         for png in curves.plot_detectron_metrics(records, out_dir, run.name):
             page.image(png, png.stem)
-    results = run / "inference" / "coco_instances_results.json"
     final = run / "final_metrics.json"
     if final.is_file():
         page.add("Final COCOEvaluator metrics:", "", "```", final.read_text().strip(), "```", "")
-    if coco_gt and results.is_file():
+    results = _coco_results(run)
+    if coco_gt and results:
         from organmtl.evaluation.evaluate import run_evaluation
         from organmtl.evaluation.overlays import overlay_coco
 
-        summary, paths = run_evaluation(results, coco_gt, out_dir=out_dir / "evaluation")
-        page.add(markdown_table(summary), "")
-        for what, p in paths.items():
-            page.link(p, what)
-        page.add("")
-        images = coco_images or Path(coco_gt).parent.parent / "images"
-        if images.is_dir():
-            page.image(overlay_coco(coco_gt, results, images, out_dir / "overlays" / "coco.png"), "overlays")
-    elif results.is_file():
-        page.add("Pass --coco-gt (and --coco-images) for the evaluation table and overlays.", "")
+        for res in results:
+            sub = out_dir if len(results) == 1 else out_dir / res.parent.name
+            page.add(f"### {res.relative_to(run)} vs {coco_gt}", "")
+            summary, paths = run_evaluation(res, coco_gt, out_dir=sub / "evaluation")
+            page.add(markdown_table(summary), "")
+            for what, p in paths.items():
+                page.link(p, what)
+            page.add("")
+            images = coco_images or Path(coco_gt).parent.parent / "images"
+            if images.is_dir():
+                page.image(overlay_coco(coco_gt, res, images, sub / "overlays" / "coco.png"), "overlays")
+    elif results:
+        page.add("Pass --coco-gt (and --coco-images) for the evaluation table and overlays of "
+                 + ", ".join(str(r.relative_to(run)) for r in results) + ".", "")
 
 
 def _demo(page: _Page, run: Path, out_dir: Path, max_cases: int) -> None:
