@@ -166,3 +166,29 @@ def test_evaluate_coco_pair(tmp_path):
     assert 0 < segm["per_category"]["kidney"] < 1 and 0 < segm["mAP"] < 1
     assert summary["segmentation"]["small_organs"]["names"] == ["kidney"]
     assert "| segm |" in r.stdout
+
+
+def test_regions_and_ignore_label(tmp_path):
+    """nnU-Net regions (a structure = several label values) and the ignore label (removed from both masks)."""
+    from organmtl.evaluation.volumes import evaluate_volume_folders
+
+    gt_dir, pred_dir = tmp_path / "gt", tmp_path / "pred"
+    gt_dir.mkdir()
+    pred_dir.mkdir()
+    g = np.zeros((4, 10, 10), np.uint8)
+    g[1:3, 2:5, 2:5] = 1
+    g[1:3, 5:8, 2:5] = 2
+    g[1:3, 0:2, 0:2] = 3                  # ignore
+    p = np.where(g == 3, 1, g).astype(np.uint8)   # predicts label 1 inside the ignored region
+    p[1:3, 5:8, 2:5] = 1                  # label 2 predicted as 1: region "whole" still right
+    _write(g, gt_dir / "x.nii.gz")
+    _write(p, pred_dir / "x.nii.gz")
+    ds = tmp_path / "dataset.json"
+    ds.write_text(json.dumps({"labels": {"background": 0, "whole": [1, 2], "inner": 2, "ignore": 3},
+                              "regions_class_order": [1, 2], "channel_names": {"0": "CT"},
+                              "file_ending": ".nii.gz", "numTraining": 1}))
+    rows, summary = evaluate_volume_folders(pred_dir, gt_dir, ds)
+    by = {r["structure"]: r for r in rows}
+    assert set(by) == {"whole", "inner"}
+    assert by["whole"]["dice"] == 1.0 and by["whole"]["hd_mm"] == 0.0   # ignored voxels do not count
+    assert by["inner"]["status"] == "pred_empty" and by["inner"]["dice"] == 0.0
