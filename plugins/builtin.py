@@ -34,11 +34,39 @@ FOCUSNETV2 = Plugin(
     docs="docs/focusnetv2.md",
 )
 
+_LANDMARKS = "organmtl.nnunet_trainers.landmarks"
+
 LANDMARK_UNET = Plugin(
     name="landmark_unet",
     description="Landmark U-Nets: landmarks as auxiliary task or as input (two theses in papers/)",
-    nnunet_trainers=("organmtl.nnunet_trainers:nnUNetTrainerOMTLBaseline_Tiny",),
-    converters={"volumes": "organmtl.converters:VOLUMES"},
+    nnunet_trainers=(
+        "organmtl.nnunet_trainers:nnUNetTrainerOMTLBaseline_Tiny",
+        f"{_LANDMARKS}:nnUNetTrainerOMTLLandmarkJoint",
+        f"{_LANDMARKS}:nnUNetTrainerOMTLLandmarkJoint_Tiny",
+        f"{_LANDMARKS}:nnUNetTrainerOMTLLandmarkJointL3",
+        f"{_LANDMARKS}:nnUNetTrainerOMTLLandmarkJointL3_Tiny",
+        f"{_LANDMARKS}:nnUNetTrainerOMTLLandmarkJointL5",
+        f"{_LANDMARKS}:nnUNetTrainerOMTLLandmarkJointL5_Tiny",
+        f"{_LANDMARKS}:nnUNetTrainerOMTLLandmarkJointL10",
+        f"{_LANDMARKS}:nnUNetTrainerOMTLLandmarkJointL10_Tiny",
+        f"{_LANDMARKS}:nnUNetTrainerOMTLLandmarkJointThesisCT",
+        f"{_LANDMARKS}:nnUNetTrainerOMTLLandmarkJointThesisCT_Tiny",
+        f"{_LANDMARKS}:nnUNetTrainerOMTLLandmarkAlternate",
+        f"{_LANDMARKS}:nnUNetTrainerOMTLLandmarkAlternate_Tiny",
+        f"{_LANDMARKS}:nnUNetTrainerOMTLLandmarkUncertainty",
+        f"{_LANDMARKS}:nnUNetTrainerOMTLLandmarkUncertainty_Tiny",
+        f"{_LANDMARKS}:nnUNetTrainerOMTLLandmarkEarlyFusion",
+        f"{_LANDMARKS}:nnUNetTrainerOMTLLandmarkEarlyFusion_Tiny",
+        f"{_LANDMARKS}:nnUNetTrainerOMTLLandmarkLateFusion",
+        f"{_LANDMARKS}:nnUNetTrainerOMTLLandmarkLateFusion_Tiny",
+        f"{_LANDMARKS}:nnUNetTrainerOMTLLandmarkImageOnly",
+        f"{_LANDMARKS}:nnUNetTrainerOMTLLandmarkImageOnly_Tiny",
+        f"{_LANDMARKS}:nnUNetTrainerOMTLMultiTaskBlock",
+        f"{_LANDMARKS}:nnUNetTrainerOMTLMultiTaskBlock_Tiny",
+        f"{_LANDMARKS}:nnUNetTrainerOMTLMultiTaskBlockDice",
+        f"{_LANDMARKS}:nnUNetTrainerOMTLMultiTaskBlockDice_Tiny",
+    ),
+    converters={"volumes": "organmtl.converters:VOLUMES", "visceral": "organmtl.converters.visceral:CONVERTER"},
     docs="docs/landmark_unets.md",
 )
 

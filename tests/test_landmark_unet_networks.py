@@ -73,7 +73,10 @@ def test_landmark_channels_from_dataset_json_and_errors():
 def test_region_dataset_json_one_region_per_organ():
     dj = {"labels": {"background": 0, "liver": 1, "spleen": 2}, "channel_names": {"0": "CT"}}
     out = region_dataset_json(dj)
-    assert out["labels"] == {"background": 0, "liver": [1], "spleen": [2]} and out["regions_class_order"] == [1, 2]
+    assert out["labels"] == {"background": 0, "liver": [1, 1], "spleen": [2, 2]} and out["regions_class_order"] == [1, 2]
+    from nnunetv2.utilities.label_handling.label_handling import LabelManager
+    lm = LabelManager(out["labels"], out["regions_class_order"])
+    assert lm.has_regions and lm.num_segmentation_heads == 2
     assert dj["labels"]["liver"] == 1                      # the input is not modified
     with pytest.raises(ValueError, match="ignore"):
         region_dataset_json({"labels": {"background": 0, "a": 1, "ignore": 2}})

@@ -50,9 +50,10 @@ class nnUNetTrainerOMTLLandmarkImageOnly(LandmarkChannelsTrainer):
 
 
 def region_dataset_json(dataset_json: dict) -> dict:
-    """``dataset.json`` with every organ label turned into its own nnU-Net region (``[k]``, in label
-    order): nnU-Net then trains one sigmoid output per organ and exports label maps by thresholding
-    each at 0.5 in ``regions_class_order``."""
+    """``dataset.json`` with every organ label turned into its own nnU-Net region, in label order:
+    nnU-Net then trains one sigmoid output per organ and exports label maps by thresholding each at
+    0.5 in ``regions_class_order``. The region is written ``[k, k]`` because nnU-Net's LabelManager
+    only treats lists of more than one label as regions (a one-organ region means the same)."""
     labels = dataset_json["labels"]
     if "ignore" in labels:
         raise ValueError("dataset.json: the multi-task block has no ignore-label handling; drop the 'ignore' label")
@@ -60,7 +61,7 @@ def region_dataset_json(dataset_json: dict) -> dict:
         return dataset_json
     organs = sorted(((n, v) for n, v in labels.items() if v != 0), key=lambda kv: kv[1])
     out = dict(dataset_json)
-    out["labels"] = {"background": 0, **{n: [int(v)] for n, v in organs}}
+    out["labels"] = {"background": 0, **{n: [int(v), int(v)] for n, v in organs}}
     out["regions_class_order"] = [int(v) for _, v in organs]
     return out
 
