@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
-from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from tabulate import tabulate
@@ -22,22 +21,10 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.evaluation.coco_evaluation import instances_to_coco_json
 
+from organmtl.evaluation.coco_eval import decode_segmentation
 from organmtl.evaluation.metrics import dice, hausdorff_distance
 
 LOG = logging.getLogger("organmtl")
-
-
-def annotation_mask(segmentation, height: int, width: int) -> np.ndarray:
-    """Binary mask of one COCO ``segmentation`` (polygons, compressed or uncompressed RLE)."""
-    if isinstance(segmentation, list):
-        rle = mask_util.merge(mask_util.frPyObjects(segmentation, height, width))
-    elif isinstance(segmentation.get("counts"), list):
-        rle = mask_util.frPyObjects(segmentation, height, width)
-    else:
-        rle = dict(segmentation)
-        if isinstance(rle["counts"], str):
-            rle["counts"] = rle["counts"].encode("ascii")
-    return mask_util.decode(rle).astype(bool)
 
 
 def eleven_point_map(coco_gt: COCO, results: list[dict], iou_type: str) -> dict:
@@ -98,7 +85,7 @@ class HMRNetEvaluator(DatasetEvaluator):
             gt = defaultdict(lambda: np.zeros((h, w), bool))
             for a in rec.get("annotations", []):
                 if not a.get("iscrowd", 0):
-                    gt[a["category_id"]] |= annotation_mask(a["segmentation"], h, w)
+                    gt[a["category_id"]] |= decode_segmentation(a["segmentation"], h, w)
             pred = defaultdict(lambda: np.zeros((h, w), bool))
             if inst.has("pred_masks"):
                 keep = (inst.scores >= self.score_thresh).numpy()

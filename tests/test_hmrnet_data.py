@@ -13,7 +13,8 @@ from detectron2.data import transforms as T
 from organmtl.cli import main
 from organmtl.converters.coco import _signed_area, contour_points, rasterize_polygon
 from organmtl.detectron_heads import HMRNetDatasetMapper, add_hmrnet_config, add_organmtl_config
-from organmtl.detectron_heads.hmrnet_evaluator import annotation_mask, eleven_point_map
+from organmtl.detectron_heads.hmrnet_evaluator import eleven_point_map
+from organmtl.evaluation.coco_eval import decode_segmentation
 from organmtl.detectron_heads.hmrnet_mapper import (AUGMENTATIONS, GaussianBlurTransform, build_hmrnet_augmentation,
                                                     transform_contour_points)
 from organmtl.evaluation.metrics import dice
@@ -40,7 +41,7 @@ def test_points_polygon_round_trip_dice_on_demo_masks(spine_coco):
     scores = []
     for a in data["annotations"]:
         h, w = sizes[a["image_id"]]
-        mask = annotation_mask(a["segmentation"], h, w)
+        mask = decode_segmentation(a["segmentation"], h, w)
         pts = contour_points(mask, 50)                          # p = 50
         assert _signed_area(pts) > 0                            # clockwise on screen
         scores.append(dice(rasterize_polygon(pts, h, w), mask))
@@ -75,6 +76,7 @@ def _cfg(**opts):
     cfg.INPUT.MIN_SIZE_TRAIN = (64,)
     cfg.INPUT.MAX_SIZE_TRAIN = 64
     cfg.MODEL.HMRNET.NUM_POINTS = 8
+    cfg.MODEL.ROI_HEADS.NAME = "HMRNetROIHeads"      # the mapper adds gt_points only for HMR-Net heads
     for k, v in opts.items():
         cfg.merge_from_list([k, v])
     return cfg

@@ -3,6 +3,7 @@
 pooling on equal-stride maps, gradient routing of the losses and inference outputs."""
 from importlib import resources
 
+import numpy as np
 import pytest
 import torch
 
@@ -11,6 +12,7 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
+from detectron2.utils.visualizer import Visualizer
 
 from organmtl.detectron_heads import add_hmrnet_config, add_organmtl_config
 from organmtl.detectron_heads.hmrnet_layers import CrossStitchUnit, Maxout, add_coord_channels
@@ -155,6 +157,8 @@ def test_inference_outputs_masks_at_output_size(batch, config):
         inst = model([{k: batch[0][k] for k in ("image", "height", "width")}])[0]["instances"]
     assert len(inst) > 0
     assert inst.pred_masks.shape[1:] == (128, 128) and inst.pred_masks.dtype == torch.bool
+    drawn = Visualizer(np.zeros((128, 128, 3), np.uint8)).draw_instance_predictions(inst[:3]).get_image()
+    assert drawn.shape == (128, 128, 3)                                       # Detectron2's Visualizer as is
     if "mask_head" in config:
         assert not inst.has("pred_points")
     else:
