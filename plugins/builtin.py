@@ -29,7 +29,17 @@ HMRNET = Plugin(
 FOCUSNETV2 = Plugin(
     name="focusnetv2",
     description="FocusNetv2: S-Net, small-organ localisation/segmentation, adversarial shape AE (papers/focusnetv2.txt)",
-    nnunet_trainers=("organmtl.nnunet_trainers:nnUNetTrainerOMTLBaseline_Tiny",),
+    nnunet_trainers=("organmtl.nnunet_trainers:nnUNetTrainerOMTLBaseline_Tiny",
+                     "organmtl.nnunet_trainers:nnUNetTrainerOMTLSNet",
+                     "organmtl.nnunet_trainers:nnUNetTrainerOMTLSNet_Tiny",
+                     "organmtl.nnunet_trainers:nnUNetTrainerOMTLFocusNetV1",
+                     "organmtl.nnunet_trainers:nnUNetTrainerOMTLFocusNetV1_Tiny",
+                     "organmtl.nnunet_trainers:nnUNetTrainerOMTLFocusNetV2",
+                     "organmtl.nnunet_trainers:nnUNetTrainerOMTLFocusNetV2_Tiny",
+                     "organmtl.nnunet_trainers:nnUNetTrainerOMTLFocusNetV2NoConcat",
+                     "organmtl.nnunet_trainers:nnUNetTrainerOMTLFocusNetV2NoConcat_Tiny",
+                     "organmtl.nnunet_trainers:nnUNetTrainerOMTLFocusNetV2OriginAE",
+                     "organmtl.nnunet_trainers:nnUNetTrainerOMTLFocusNetV2OriginAE_Tiny"),
     converters={"pddca": "organmtl.converters:PDDCA"},
     docs="docs/focusnetv2.md",
 )

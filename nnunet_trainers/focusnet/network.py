@@ -1,0 +1,261 @@
+"""FocusNetv2's segmentation network: S-Net, SOL-Net, SOS-Net and the shape autoencoder
+(papers/focusnetv2.txt §3.1, Table 10; the autoencoder of Table 9 lives in ``shape_ae.py``).
+
+One ``nn.Module`` (:class:`FocusNet`) holds every part so that nnU-Net checkpoints, DDP and
+``nnUNetv2_predict`` see a single network. ``FocusNet(x)`` in eval mode is what nnU-Net's sliding-
+window predictor calls: S-Net logits with the SOS-Net masks of the small organs pasted back
+(inside each window). Training phases call it with ``mode=...`` (see :meth:`FocusNet.forward`).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from organmtl.nnunet_trainers.focusnet.blocks import DenseASPP3d, SEResBlock, se_res_stack
+from organmtl.nnunet_trainers.focusnet.roi import crop_roi, heatmap_peak, paste_roi, roi_start
+from organmtl.nnunet_trainers.focusnet.shape_ae import ShapeAutoencoder
+
+#: total down-sampling of S-Net per axis (z, y, x): (1,2,2) then (2,2,2) (Table 10)
+SNET_DOWNSAMPLING = (2, 4, 4)
+
+
+class SNet(nn.Module):
+    """S-Net (§3.1.1, Table 10): stem conv 32, SEResBlock 32 | maxpool (1,2,2), 2 x SEResBlock 48 |
+    maxpool (2,2,2), 2 x SEResBlock 64, 2 x SEResBlock 64 dilated 2, DenseASPP (3,6,12,18 in-plane)
+    -> 320 | upsample (2,2,2), skip fusion, SEResBlock 48 | upsample (1,2,2), skip fusion,
+    SEResBlock 32 | 1x1x1 conv -> class logits.
+
+    Skip fusion = concatenation of the encoder features of the same scale before the decoder block.
+    Input spatial sizes must be multiples of (2, 4, 4); :class:`FocusNet` pads for that.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, channels=(32, 48, 64), aspp_rates=(3, 6, 12, 18),
+                 aspp_growth: int = 64):
+        super().__init__()
+        c1, c2, c3 = channels
+        self.stem = nn.Sequential(nn.Conv3d(in_channels, c1, 3, padding=1, bias=False),
+                                  nn.InstanceNorm3d(c1, affine=True), nn.ReLU(inplace=True))
+        self.enc1 = se_res_stack(c1, c1, 1)
+        self.pool1 = nn.MaxPool3d((1, 2, 2))
+        self.enc2 = se_res_stack(c1, c2, 2)
+        self.pool2 = nn.MaxPool3d((2, 2, 2))
+        self.enc3 = se_res_stack(c2, c3, 2)
+        self.dilated = se_res_stack(c3, c3, 2, dilation=2)
+        self.aspp = DenseASPP3d(c3, aspp_rates, growth=aspp_growth, bottleneck=aspp_growth)
+        self.dec2 = SEResBlock(self.aspp.out_channels + c2, c2)
+        self.dec1 = SEResBlock(c2 + c1, c1)
+        self.head = nn.Conv3d(c1, num_classes, 1)
+        self.feature_channels = c1
+
+    def forward(self, x: torch.Tensor):
+        """Returns ``(logits, decoder_features)``; the features (32 ch, full resolution) feed SOL-Net
+        and SOS-Net (§3.1.2: "the feature volumes from the last layer of the decoder")."""
+        s1 = self.enc1(self.stem(x))
+        s2 = self.enc2(self.pool1(s1))
+        b = self.aspp(self.dilated(self.enc3(self.pool2(s2))))
+        d2 = self.dec2(torch.cat([F.interpolate(b, size=s2.shape[2:], mode="trilinear", align_corners=False), s2], 1))
+        d1 = self.dec1(torch.cat([F.interpolate(d2, size=s1.shape[2:], mode="trilinear", align_corners=False), s1], 1))
+        return self.head(d1), d1
+
+
+class SOLNet(nn.Module):
+    """Small-organ localisation network (§3.1.2, Table 10): SEResBlock 32 + 1x1x1 conv + sigmoid,
+    one centre heatmap per small organ."""
+
+    def __init__(self, in_channels: int, n_small: int, channels: int = 32):
+        super().__init__()
+        self.block = SEResBlock(in_channels, channels)
+        self.out = nn.Conv3d(channels, n_small, 1)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.out(self.block(features)))
+
+
+class SOSNet(nn.Module):
+    """Small-organ segmentation network for one organ (§3.1.3, Table 10): 2 x SEResBlock 32 +
+    1x1x1 conv + sigmoid on the ROI of [S-Net decoder features, raw image] (or features only for
+    the "no concat" ablation of Table 6). Returns the foreground probability ``(N, 1, *roi)``."""
+
+    def __init__(self, in_channels: int, channels: int = 32):
+        super().__init__()
+        self.blocks = se_res_stack(in_channels, channels, 2)
+        self.out = nn.Conv3d(channels, 1, 1)
+
+    def forward(self, roi_input: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.out(self.blocks(roi_input)))
+
+
+def overlay_probability(logits: torch.Tensor, channel: int, prob: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """Logits ``(C, *roi)`` whose softmax gives class ``channel`` exactly probability ``prob`` (``(*roi)``)
+    and shares the rest among the other classes as S-Net did: the paste-back of §3.1.3 ("overlay the
+    small-organ segmentation results ... into the large-organ segmentation results") in logit space,
+    so that nnU-Net's sliding-window averaging and argmax treat it like any other logit."""
+    others = torch.cat([logits[:channel], logits[channel + 1:]], 0)
+    p = prob.clamp(eps, 1 - eps)
+    out = logits.clone()
+    out[channel] = torch.logsumexp(others, 0) + torch.log(p) - torch.log1p(-p)
+    return out
+
+
+class FocusNet(nn.Module):
+    """S-Net + SOL-Net + one SOS-Net per small organ + one shape autoencoder shared by the small organs.
+
+    Args:
+        small_labels: label values (= output channels) of the small organs, in heatmap order.
+        roi_size: fixed SOS-Net ROI (z, y, x) in voxels (§3.1.3: 8 x 64 x 64).
+        use_sos: build SOL-Net and SOS-Nets (False: the "S-Net only" ablation).
+        concat_image: feed the raw image into SOS-Net (False: the "no concat" ablation).
+        use_ae: build the shape autoencoder (FocusNetv2 and its ablations).
+        heat_threshold: at inference a small organ is processed in a window only if its heatmap
+            peak reaches this value (its centre lies in or near the window).
+        width: factor on every channel count of Tables 9-10 (1.0 = the paper; the CPU ``_Tiny``
+            trainers use 0.25).
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, small_labels: Sequence[int] = (),
+                 roi_size: Sequence[int] = (8, 64, 64), use_sos: bool = True, concat_image: bool = True,
+                 use_ae: bool = True, heat_threshold: float = 0.5, aspp_rates=(3, 6, 12, 18), width: float = 1.0):
+        super().__init__()
+        self.in_channels = in_channels
+        self.num_classes = num_classes
+        self.small_labels = [int(v) for v in small_labels]
+        for v in self.small_labels:
+            if not 0 < v < num_classes:
+                raise ValueError(f"FocusNet: small-organ label {v} is not a foreground output channel (1..{num_classes - 1})")
+        self.roi_size = tuple(int(s) for s in roi_size)
+        self.use_sos = bool(use_sos) and len(self.small_labels) > 0
+        self.concat_image = bool(concat_image)
+        self.heat_threshold = float(heat_threshold)
+        def w(c):
+            return max(4, int(round(c * width)))
+
+        self.snet = SNet(in_channels, num_classes, channels=(w(32), w(48), w(64)), aspp_rates=aspp_rates,
+                         aspp_growth=w(64))
+        fc = self.snet.feature_channels
+        self.sol = SOLNet(fc, len(self.small_labels), channels=w(32)) if self.use_sos else None
+        sos_in = fc + (in_channels if self.concat_image else 0)
+        self.sos = nn.ModuleList([SOSNet(sos_in, channels=w(32)) for _ in self.small_labels]) if self.use_sos else None
+        # one autoencoder shared by all small organs (its latent space holds all their shapes)
+        self.shape_ae = (ShapeAutoencoder(self.roi_size, channels=(w(64), w(128), w(128), w(256)), latent=w(512))
+                         if (use_ae and self.use_sos) else None)
+        #: whether eval-mode forward pastes SOS-Net masks (the trainer switches it on once SOS-Net is trained)
+        self.paste_small_organs = self.use_sos
+        #: centres found by the last eval-mode forward: per sample, {label: (voxel, peak value)}
+        self.last_centres: list[dict] = []
+
+    # ----------------------------------------------------------------------------------- helpers
+    @staticmethod
+    def _pad(x: torch.Tensor):
+        spatial = x.shape[2:]
+        target = [-(-s // m) * m for s, m in zip(spatial, SNET_DOWNSAMPLING)]
+        pad = []
+        for s, t in zip(reversed(spatial), reversed(target)):
+            pad += [0, t - s]
+        return (F.pad(x, pad) if any(pad) else x), tuple(spatial)
+
+    @staticmethod
+    def _crop(t: torch.Tensor, spatial):
+        return t[(slice(None), slice(None), *[slice(0, s) for s in spatial])]
+
+    def segment(self, x: torch.Tensor, grad: bool = True):
+        """S-Net on any input size: ``(logits, features)`` at the input size (zero-padding to a
+        multiple of the fixed down-sampling (2, 4, 4) and cropping back)."""
+        xp, spatial = self._pad(x)
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+            logits, feats = self.snet(xp)
+        return self._crop(logits, spatial), self._crop(feats, spatial)
+
+    def sos_input(self, x: torch.Tensor, feats: torch.Tensor, b: int, start) -> torch.Tensor:
+        """ROI of the decoder features (and of the raw image unless "no concat") for sample ``b``."""
+        parts = [crop_roi(feats[b], start, self.roi_size)]
+        if self.concat_image:
+            parts.append(crop_roi(x[b], start, self.roi_size))
+        return torch.cat(parts, 0)[None]
+
+    # ----------------------------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor | None = None, mode: str | None = None, centres=None, masks=None,
+                train_snet: bool = True, train_sol: bool = True):
+        """Modes:
+
+        - ``None``: eval -> :meth:`infer` (what nnU-Net's predictor calls); train -> S-Net logits.
+        - ``"snet"``: ``{"logits", "features"}``.
+        - ``"heatmap"``: adds ``"heatmaps"`` (SOL-Net, ``(B, n_small, *spatial)``).
+        - ``"sos"``: adds ``"sos"``: one record ``{"b", "k", "start", "prob"}`` per (sample, small organ
+          index) whose ``centres[b][k]`` is not ``None``.
+        - ``"ae"``: ``masks[k]`` ``(N, 1, *roi)`` per small organ -> list of ``(reconstruction, features)``
+          (``None`` where ``masks[k]`` is ``None``).
+
+        ``train_snet`` / ``train_sol`` = False run those parts without gradients (frozen phases of §4.2).
+        """
+        if mode is None:
+            if not self.training:
+                return self.infer(x)
+            return self.segment(x)[0]
+        if mode == "ae":
+            if self.shape_ae is None:
+                raise RuntimeError("FocusNet: this network has no shape autoencoder")
+            present = [m for m in masks if m is not None]
+            if not present:
+                return [None for _ in masks]
+            rec, feats = self.shape_ae(torch.cat(present, 0))
+            out, i = [], 0
+            for m in masks:
+                if m is None:
+                    out.append(None)
+                    continue
+                n = m.shape[0]
+                out.append((rec[i:i + n], [f[i:i + n] for f in feats]))
+                i += n
+            return out
+        logits, feats = self.segment(x, grad=train_snet)
+        out = {"logits": logits, "features": feats}
+        if mode == "snet":
+            return out
+        if not self.use_sos:
+            raise RuntimeError(f"FocusNet: mode {mode!r} needs SOL/SOS-Net, which this network does not have")
+        sol_in = feats if train_snet else feats.detach()
+        with torch.set_grad_enabled(train_sol and torch.is_grad_enabled()):
+            out["heatmaps"] = self.sol(sol_in)
+        if mode == "heatmap":
+            return out
+        if mode != "sos":
+            raise ValueError(f"FocusNet: unknown mode {mode!r}")
+        records = []
+        for b in range(x.shape[0]):
+            for k in range(len(self.small_labels)):
+                c = centres[b][k]
+                if c is None:
+                    continue
+                start = roi_start(c, self.roi_size)
+                prob = self.sos[k](self.sos_input(x, sol_in, b, start))[0]
+                records.append({"b": b, "k": k, "start": start, "prob": prob})
+        out["sos"] = records
+        return out
+
+    @torch.no_grad()
+    def infer(self, x: torch.Tensor) -> torch.Tensor:
+        """Eval-mode prediction of one window (§3.1, the decision documented in docs/focusnetv2.md):
+        S-Net logits; for every small organ whose SOL-Net peak reaches ``heat_threshold`` the SOS-Net
+        probability on the ROI at the peak is pasted over the S-Net logits (:func:`overlay_probability`)."""
+        logits, feats = self.segment(x)
+        self.last_centres = [{} for _ in range(x.shape[0])]
+        if not (self.use_sos and self.paste_small_organs):
+            return logits
+        heat = self.sol(feats)
+        out = []
+        for b in range(x.shape[0]):
+            lb = logits[b]
+            for k, label in enumerate(self.small_labels):
+                peak, value = heatmap_peak(heat[b, k])
+                self.last_centres[b][label] = (peak, value)
+                if value < self.heat_threshold:
+                    continue
+                start = roi_start(peak, self.roi_size)
+                prob = self.sos[k](self.sos_input(x, feats, b, start))[0]
+                roi_logits = crop_roi(lb, start, self.roi_size)
+                lb = paste_roi(lb, overlay_probability(roi_logits, label, prob[0]), start)
+            out.append(lb)
+        return torch.stack(out, 0)

@@ -1,0 +1,333 @@
+"""FocusNetv2 as nnU-Net v2 trainers (papers/focusnetv2.txt §3-4; SPEC §2).
+
+One ``nnUNetv2_train`` call runs the staged schedule of §4.2 as phases (epoch budgets from
+``ORGANMTL_FOCUSNET_PHASE_EPOCHS``, see :mod:`.options`): ``snet`` (S-Net, L_seg) -> ``sol`` (SOL-Net,
+S-Net frozen, L2 heatmap loss) -> ``ae`` (shape autoencoder pre-trained on ground-truth ROI masks,
+Eq. 4 on y only) -> ``sos`` (SOS-Nets, S-Net and SOL-Net frozen, alternating with the autoencoder:
+Eq. 7 / Eq. 8) -> ``joint`` (everything fine-tuned together, autoencoder still alternating). The phase
+is a function of the epoch, so ``--c`` resumes inside any phase from nnU-Net's own checkpoints
+(the autoencoder's Adam state is a second parameter group of the one optimizer nnU-Net saves).
+
+Deep supervision is off: S-Net has one full-resolution output (the paper uses none).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from torch._dynamo import OptimizedModule
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from organmtl.nnunet_trainers.focusnet import losses as L
+from organmtl.nnunet_trainers.focusnet import options as O
+from organmtl.nnunet_trainers.focusnet.network import FocusNet
+from organmtl.nnunet_trainers.focusnet.roi import crop_roi, gaussian_heatmap, mask_centre, roi_start
+from organmtl.nnunet_trainers.laterality import LateralityAwareMirroringMixin
+
+#: parameters each phase may update (the others get no update even when they received gradients)
+PHASE_PARAMETERS = {"snet": ("snet",), "sol": ("sol",), "ae": ("shape_ae",), "sos": ("sos",),
+                    "joint": ("snet", "sol", "sos")}
+
+
+class nnUNetTrainerOMTLFocusNetBase(LateralityAwareMirroringMixin, nnUNetTrainer):
+    """Shared machinery of the FocusNet trainers; subclasses pick the variant (class attributes).
+
+    Attributes:
+        phases: the phases of §4.2 this variant runs.
+        use_sos / concat_image / use_ae / adversarial: variant switches (Table 6 ablations).
+    """
+
+    phases: tuple[str, ...] = O.ALL_PHASES
+    use_sos = True
+    concat_image = True
+    use_ae = True
+    adversarial = True
+    lambda1 = 5.0        # Eq. 7
+    lambda2 = 0.001      # Eq. 8
+    heatmap_sigma = 5.0  # §3.1.2, voxels
+    network_width = 1.0  # factor on the channel counts of Tables 9-10 (ORGANMTL_FOCUSNET_WIDTH overrides)
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.initial_lr = O.env_float("ORGANMTL_FOCUSNET_LR", 5e-4)   # §4.2: Adam, lr 0.0005
+        self.weight_decay = 0.0
+        self.enable_deep_supervision = False
+        self.centre_jitter = int(O.env_float("ORGANMTL_FOCUSNET_CENTRE_JITTER", 2))
+        self.schedule: list[tuple[str, int]] = []
+        self.focus_settings: dict = {}
+        self.organ_sizes_mm3: dict[int, float] = {}
+
+    # ------------------------------------------------------------------------------ set-up
+    def _module(self) -> FocusNet:
+        mod = self.network.module if isinstance(self.network, DDP) else self.network
+        return mod._orig_mod if isinstance(mod, OptimizedModule) else mod
+
+    def _training_seg_files(self) -> list[Path]:
+        tr_keys, _ = self.do_split()
+        folder = Path(self.preprocessed_dataset_folder_base) / "gt_segmentations"
+        files = [folder / f"{k}{self.dataset_json['file_ending']}" for k in tr_keys]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"FocusNet: ground-truth segmentations missing (run preprocessing): {missing[:3]}")
+        return files
+
+    def _resolve_settings(self) -> dict:
+        """Small organs, organ sizes, ROI and variant switches; written into the configuration of the
+        plans (saved as plans.json next to the model) so that ``nnUNetv2_predict`` builds the same network."""
+        if self.label_manager.has_regions:
+            raise ValueError("FocusNet trainers need label maps (softmax classes), not region-based training")
+        labels = self.dataset_json["labels"]
+        fg = sorted(int(v) for k, v in labels.items() if isinstance(v, int) and v > 0 and k != "ignore")
+        self.dataset_class = infer_dataset_class(self.preprocessed_dataset_folder)
+        reader = self.plans_manager.image_reader_writer_class()
+        self.organ_sizes_mm3 = O.measure_organ_sizes(self._training_seg_files(), reader,
+                                                     [0] + [v for v in fg if v != self.label_manager.ignore_label])
+        small_names = O.choose_small_organs(labels, self.dataset_json, self.organ_sizes_mm3) if self.use_sos else []
+        cm = self.configuration_manager
+        settings = {
+            "small_organs": small_names, "small_labels": [int(labels[n]) for n in small_names],
+            "roi_size": O.roi_size(cm.spacing, cm.patch_size), "use_sos": self.use_sos and bool(small_names),
+            "concat_image": self.concat_image, "use_ae": self.use_ae,
+            "heat_threshold": O.env_float("ORGANMTL_FOCUSNET_HEAT_THRESHOLD", 0.5),
+            "width": O.env_float("ORGANMTL_FOCUSNET_WIDTH", self.network_width),
+        }
+        if len(cm.patch_size) != 3:
+            raise ValueError(f"FocusNet is a 3D network; configuration {self.configuration_name!r} has patch {cm.patch_size}")
+        cm.configuration[O.PLANS_KEY] = settings
+        self.plans_manager.plans["configurations"][self.configuration_name][O.PLANS_KEY] = settings
+        return settings
+
+    def initialize(self):
+        if not self.was_initialized:
+            self.focus_settings = self._resolve_settings()
+            phases = self.phases if self.focus_settings["use_sos"] else ("snet",)
+            raw = O.env_str("ORGANMTL_FOCUSNET_PHASE_EPOCHS")
+            explicit = O.parse_phase_epochs(raw, phases) if raw else None
+            self.schedule = O.phase_schedule(phases, self.num_epochs, explicit)
+            self.num_epochs = sum(n for _, n in self.schedule)
+            self.print_to_log_file(f"FocusNet settings: {self.focus_settings}")
+            self.print_to_log_file(f"FocusNet phases (epochs): {self.schedule}; organ sizes (mm^3): "
+                                   f"{ {k: round(v, 1) for k, v in self.organ_sizes_mm3.items()} }")
+        super().initialize()
+        if self.is_ddp:
+            # phases leave parts of the network unused: DDP must look for them (rewrap the same module)
+            self.network = DDP(self.network.module, device_ids=[self.local_rank], find_unused_parameters=True)
+
+    @staticmethod
+    def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,
+                                   num_output_channels: int, enable_deep_supervision: bool = True) -> FocusNet:
+        """FocusNet from the settings stored in the configuration (see :meth:`_resolve_settings`)."""
+        s = configuration_manager.configuration.get(O.PLANS_KEY)
+        if s is None:
+            raise ValueError(f"plans configuration has no {O.PLANS_KEY!r} entry: it was not trained with a FocusNet trainer")
+        return FocusNet(num_input_channels, num_output_channels, s["small_labels"], s["roi_size"],
+                        use_sos=s["use_sos"], concat_image=s["concat_image"], use_ae=s["use_ae"],
+                        heat_threshold=s["heat_threshold"], width=s.get("width", 1.0))
+
+    def _class_alpha(self) -> torch.Tensor:
+        n = self.label_manager.num_segmentation_heads
+        return L.alpha_from_sizes([self.organ_sizes_mm3.get(c, 0.0) for c in range(n)])
+
+    def _build_loss(self):
+        """Eq. 3 with alpha_t from the organ sizes measured on the fold's training cases."""
+        return L.SegmentationLoss(self._class_alpha(), gamma=2.0, dice_weight=1.0,
+                                  ignore_label=self.label_manager.ignore_label)
+
+    def configure_optimizers(self):
+        """Adam, lr 5e-4, constant (§4.2); the shape autoencoder is a second parameter group so that
+        nnU-Net's checkpoint carries their optimizer state too."""
+        mod = self.network
+        groups = [{"params": [p for n, p in mod.named_parameters() if not n.startswith("shape_ae.")]}]
+        ae = [p for n, p in mod.named_parameters() if n.startswith("shape_ae.")]
+        if ae:
+            groups.append({"params": ae})
+        optimizer = torch.optim.Adam(groups, lr=self.initial_lr, weight_decay=self.weight_decay)
+        return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs, exponent=0.0)
+
+    def _do_i_compile(self):
+        # data-dependent ROI crops: compile only when asked for explicitly
+        return os.environ.get("nnUNet_compile", "").lower() in ("true", "1", "t") and super()._do_i_compile()
+
+    def set_deep_supervision_enabled(self, enabled: bool):
+        """S-Net has a single output: nothing to switch."""
+
+    # ------------------------------------------------------------------------------ phases
+    @property
+    def current_phase(self) -> str:
+        return O.phase_at(self.schedule, self.current_epoch)
+
+    def on_train_epoch_start(self):
+        phase = self.current_phase
+        self._module().paste_small_organs = self._module().use_sos and phase in ("sos", "joint")
+        super().on_train_epoch_start()
+        self.print_to_log_file(f"FocusNet phase: {phase}")
+
+    def on_epoch_end(self):
+        """nnU-Net's epoch end, plus ``checkpoint_latest.pth`` at the end of every phase so that ``--c``
+        resumes at the start of the next phase."""
+        ep = self.current_epoch
+        phase = O.phase_at(self.schedule, ep)
+        if O.phase_at(self.schedule, ep + 1) != phase and ep != self.num_epochs - 1:
+            self.save_checkpoint(os.path.join(self.output_folder, "checkpoint_latest.pth"))
+            self.print_to_log_file(f"FocusNet: phase {phase} done, checkpoint_latest.pth written")
+        super().on_epoch_end()
+
+    def on_train_end(self):
+        self._module().paste_small_organs = self._module().use_sos
+        super().on_train_end()
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        """nnU-Net's final validation (segmentations through the stock predictor, SOS-Net pasted in
+        each window), then the SOL-Net centres of each validation case as
+        ``validation/<case>_centres.json`` (mm, see :mod:`.centres`)."""
+        super().perform_actual_validation(save_probabilities)
+        net = self._module()
+        if not net.use_sos:
+            return
+        from organmtl.nnunet_trainers.focusnet.centres import centres_record, sliding_window_heatmaps, write_centres
+
+        _, val_keys = self.do_split()
+        if self.is_ddp:
+            val_keys = val_keys[self.local_rank::torch.distributed.get_world_size()]
+        ds = self.dataset_class(self.preprocessed_dataset_folder, val_keys)
+        folder = Path(self.output_folder) / "validation"
+        for k in ds.identifiers:
+            data, _, _, props = ds.load_case(k)
+            heat = sliding_window_heatmaps(net, torch.from_numpy(np.asarray(data[:], dtype=np.float32)),
+                                           self.configuration_manager.patch_size)
+            rec = centres_record(heat, self.focus_settings["small_organs"], self.focus_settings["small_labels"],
+                                 props, self.plans_manager)
+            write_centres(folder / f"{k}_centres.json", rec)
+        self.print_to_log_file(f"FocusNet: SOL-Net centres written for {len(ds.identifiers)} validation cases")
+
+    def _small_centres(self, target: torch.Tensor, jitter: int = 0) -> list[list[tuple | None]]:
+        """Per sample, per small organ: the organ's centre of mass in the patch (None when absent),
+        optionally moved by up to ``jitter`` voxels per axis (stands in for SOL-Net's error)."""
+        labels = self.focus_settings["small_labels"]
+        out = []
+        for b in range(target.shape[0]):
+            row = []
+            for lab in labels:
+                c = mask_centre(target[b, 0] == lab)
+                if c is not None and jitter > 0:
+                    shift = torch.randint(-jitter, jitter + 1, (len(c),)).tolist()
+                    c = tuple(int(min(max(ci + si, 0), n - 1)) for ci, si, n in zip(c, shift, target.shape[2:]))
+                row.append(c)
+            out.append(row)
+        return out
+
+    def _heatmap_targets(self, target: torch.Tensor) -> torch.Tensor:
+        centres = self._small_centres(target)
+        return torch.stack([torch.stack([gaussian_heatmap(target.shape[2:], c, self.heatmap_sigma, target.device)
+                                         for c in row]) for row in centres])
+
+    def _gt_rois(self, target, centres):
+        """Ground-truth ROI masks per small organ: list of ``(N, 1, *roi)`` (None when no sample has it)."""
+        roi = self.focus_settings["roi_size"]
+        out = []
+        for k, lab in enumerate(self.focus_settings["small_labels"]):
+            crops = [crop_roi((target[b] == lab).float(), roi_start(row[k], roi), roi)
+                     for b, row in enumerate(centres) if row[k] is not None]
+            out.append(torch.stack(crops) if crops else None)
+        return out
+
+    def _sos_alpha(self, label: int) -> float:
+        """Two-class alpha of Eq. 1 for SOS-Net: organ vs the rest of its ROI (voxel counts)."""
+        voxel = float(np.prod(self.configuration_manager.spacing))
+        organ = max(self.organ_sizes_mm3.get(label, 0.0) / voxel, 1.0)
+        rest = max(float(np.prod(self.focus_settings["roi_size"])) - organ, 1.0)
+        return float(L.alpha_from_sizes([rest, organ])[1])
+
+    def _apply(self, loss: torch.Tensor, parts) -> None:
+        """Backward, drop the gradients of every parameter outside ``parts``, clip, Adam step (nothing
+        when the loss has no gradient: no small organ in any patch of the batch)."""
+        if not loss.requires_grad:
+            return
+        loss.backward()
+        for name, p in self._module().named_parameters():
+            if not name.startswith(tuple(f"{q}." for q in parts)):
+                p.grad = None
+        torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+        self.optimizer.step()
+
+    def train_step(self, batch: dict) -> dict:
+        data = batch["data"].to(self.device, non_blocking=True)
+        target = batch["target"]
+        target = (target[0] if isinstance(target, list) else target).to(self.device, non_blocking=True)
+        phase = self.current_phase
+        self.optimizer.zero_grad(set_to_none=True)
+        if phase == "snet":
+            loss = self.loss(self.network(data, mode="snet")["logits"], target)
+            self._apply(loss, PHASE_PARAMETERS[phase])
+        elif phase == "sol":
+            out = self.network(data, mode="heatmap", train_snet=False)
+            loss = L.heatmap_l2_loss(out["heatmaps"], self._heatmap_targets(target))
+            self._apply(loss, PHASE_PARAMETERS[phase])
+        elif phase == "ae":
+            rois = self._gt_rois(target, self._small_centres(target, self.centre_jitter))
+            outs = self.network(None, mode="ae", masks=rois)
+            terms = [L.reconstruction_loss(o[0], m) for o, m in zip(outs, rois) if o is not None]
+            if not terms:
+                return {"loss": np.array(np.nan)}
+            loss = sum(terms)
+            self._apply(loss, PHASE_PARAMETERS[phase])
+        else:
+            loss = self._sos_step(data, target, joint=phase == "joint")
+        return {"loss": loss.detach().cpu().numpy()}
+
+    def _sos_step(self, data, target, joint: bool) -> torch.Tensor:
+        """G step (Eq. 7: L_seg + lambda1 L_shape with the autoencoder fixed), then, for the adversarial
+        variants, D step (Eq. 8: L_rec - lambda2 L_shape with the segmentation network fixed)."""
+        centres = self._small_centres(target, self.centre_jitter)
+        out = self.network(data, mode="sos", centres=centres, train_snet=joint, train_sol=joint)
+        records = out["sos"]
+        labels = self.focus_settings["small_labels"]
+        roi = self.focus_settings["roi_size"]
+        gts = [crop_roi((target[r["b"]] == labels[r["k"]]).float(), r["start"], roi) for r in records]
+        loss = out["logits"].new_zeros(())
+        if records:
+            loss = sum(L.binary_segmentation_loss(r["prob"], g, self._sos_alpha(labels[r["k"]]))
+                       for r, g in zip(records, gts)) / len(records)
+        if joint:
+            loss = loss + self.loss(out["logits"], target) + L.heatmap_l2_loss(out["heatmaps"], self._heatmap_targets(target))
+        per_organ = [([g for r, g in zip(records, gts) if r["k"] == k], [r["prob"] for r in records if r["k"] == k])
+                     for k in range(len(labels))]
+        if self.use_ae and records:
+            # autoencoder on [ground truth; prediction] per organ, in one forward (DDP: one forward per backward)
+            masks = [torch.cat([torch.stack(g), torch.stack(p)]) if g else None for g, p in per_organ]
+            ae_params = list(self._module().shape_ae.parameters())
+            for prm in ae_params:       # D is fixed in the G step: no gradients for it at all
+                prm.requires_grad_(False)
+            try:
+                ae_out = self._module().forward(None, mode="ae", masks=masks)
+            finally:
+                for prm in ae_params:
+                    prm.requires_grad_(True)
+            l_shape = 0.0
+            for (g, _), o in zip(per_organ, ae_out):
+                if o is None:
+                    continue
+                n = len(g)
+                l_shape = l_shape + L.shape_loss([f[:n].detach() for f in o[1]], [f[n:] for f in o[1]])
+            loss = L.generator_loss(loss, l_shape, self.lambda1)
+        parts = PHASE_PARAMETERS["joint" if joint else "sos"]
+        self._apply(loss, parts)
+        if self.use_ae and self.adversarial and records:
+            self.optimizer.zero_grad(set_to_none=True)
+            masks = [torch.cat([torch.stack(g), torch.stack(p).detach()]) if g else None for g, p in per_organ]
+            ae_out = self.network(None, mode="ae", masks=masks)
+            l_rec, l_shape = 0.0, 0.0
+            for (g, _), m, o in zip(per_organ, masks, ae_out):
+                if o is None:
+                    continue
+                n = len(g)
+                l_rec = l_rec + L.reconstruction_loss(o[0][:n], m[:n], o[0][n:], m[n:])
+                l_shape = l_shape + L.shape_loss([f[:n] for f in o[1]], [f[n:] for f in o[1]])
+            self._apply(L.discriminator_loss(l_rec, l_shape, self.lambda2), ("shape_ae",))
+        return loss

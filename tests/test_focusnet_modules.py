@@ -1,0 +1,180 @@
+"""FocusNetv2 network modules (papers/focusnetv2.txt Tables 9-10): shapes, receptive fields,
+in-plane-only DenseASPP dilation, ROI crop/paste at borders, paste-back through the logits."""
+import pytest
+import torch
+
+from organmtl.nnunet_trainers.focusnet.blocks import DenseASPP3d, SEResBlock, SqueezeExcitation3d
+from organmtl.nnunet_trainers.focusnet.network import FocusNet, SNet, overlay_probability
+from organmtl.nnunet_trainers.focusnet.roi import (crop_roi, gaussian_heatmap, heatmap_peak, mask_centre, paste_roi,
+                                                   roi_start)
+from organmtl.nnunet_trainers.focusnet.shape_ae import ShapeAutoencoder
+
+
+def _extent(grad: torch.Tensor) -> list[int]:
+    """Extent (voxels) of the non-zero input gradient along z, y, x."""
+    nz = torch.nonzero(grad.abs().sum(dim=(0, 1)) > 0)
+    return [int(nz[:, i].max() - nz[:, i].min() + 1) for i in range(3)]
+
+
+def _positive(module):
+    """Norms and squeeze-excitation (global by design) removed, every weight positive, biases zero: all activations stay positive, so the
+    input gradient is non-zero exactly on the receptive field (no ReLU cut-offs, no cancellation)."""
+    for name, child in list(module.named_children()):
+        if isinstance(child, (torch.nn.InstanceNorm3d, SqueezeExcitation3d)):
+            setattr(module, name, torch.nn.Identity())
+        else:
+            _positive(child)
+    for p_name, p in module.named_parameters(recurse=False):
+        with torch.no_grad():
+            p.copy_(torch.full_like(p, 0.01) if "weight" in p_name else torch.zeros_like(p))
+    return module.eval()
+
+
+def _receptive_field(module, shape, out_index=None, in_channels=1):
+    module = _positive(module)
+    x = (torch.rand(1, in_channels, *shape, dtype=torch.float64) + 0.5).requires_grad_(True)
+    module = module.double()
+    y = module(x)
+    y = y[0] if isinstance(y, tuple) else y
+    idx = out_index or tuple(s // 2 for s in y.shape[2:])
+    y[(0, slice(None), *idx)].sum().backward()
+    return _extent(x.grad)
+
+
+def test_seresblock_keeps_size_and_projects_channels():
+    torch.manual_seed(0)
+    blk = SEResBlock(3, 5, dilation=(1, 2, 2))
+    y = blk(torch.randn(2, 3, 6, 12, 12))
+    assert y.shape == (2, 5, 6, 12, 12) and (y >= 0).all()
+    assert blk.conv1.dilation == (1, 2, 2)
+    # two 3x3x3 convs: receptive field 5 without dilation
+    assert _receptive_field(SEResBlock(1, 2), (9, 9, 9), in_channels=1) == [5, 5, 5]
+
+
+def test_dense_aspp_dilates_in_plane_only():
+    aspp = DenseASPP3d(4, rates=(3, 6, 12, 18), growth=4, bottleneck=4)
+    assert aspp.out_channels == 4 + 4 * 4
+    dil = [m.dilation for m in aspp.modules() if isinstance(m, torch.nn.Conv3d) and m.kernel_size == (3, 3, 3)]
+    assert dil == [(1, 3, 3), (1, 6, 6), (1, 12, 12), (1, 18, 18)]
+    # the four stacked 3x3x3 layers reach 1 + 2*4 = 9 slices in z but 1 + 2*(3+6+12+18) = 79 voxels in-plane
+    rf = _receptive_field(aspp, (13, 81, 81), in_channels=4)
+    assert rf == [9, 79, 79]
+    # paper width: 64 + 4 x 64 = 320 channels
+    assert DenseASPP3d(64).out_channels == 320
+
+
+def test_snet_shapes_channels_and_receptive_field():
+    net = SNet(1, 10, channels=(4, 6, 8), aspp_growth=4)
+    logits, feats = net(torch.randn(2, 1, 8, 32, 32))
+    assert logits.shape == (2, 10, 8, 32, 32) and feats.shape == (2, 4, 8, 32, 32)
+    paper = SNet(1, 10)
+    assert paper.aspp.out_channels == 320 and paper.head.in_channels == 32
+    assert [m.kernel_size for m in (paper.pool1, paper.pool2)] == [(1, 2, 2), (2, 2, 2)]
+    # in-plane receptive field far larger than along z (DenseASPP in x,y only, z pooled once)
+    rf = _receptive_field(net, (24, 72, 72))
+    assert rf[1] > 2.5 * rf[0] and rf[1] == rf[2]
+
+
+@pytest.mark.parametrize("shape", [(8, 20, 20), (7, 17, 21), (3, 10, 9)])
+def test_focusnet_pads_any_patch_and_outputs_every_head(shape):
+    torch.manual_seed(0)
+    net = FocusNet(1, 6, small_labels=[2, 5], roi_size=(4, 8, 8), width=0.25)
+    out = net(torch.randn(2, 1, *shape), mode="heatmap")
+    assert out["logits"].shape == (2, 6, *shape) and out["heatmaps"].shape == (2, 2, *shape)
+    assert out["features"].shape[1] == 8 and ((out["heatmaps"] >= 0) & (out["heatmaps"] <= 1)).all()
+    net.eval()
+    assert net(torch.randn(1, 1, *shape)).shape == (1, 6, *shape)
+
+
+def test_sos_input_concat_and_no_concat():
+    x = torch.randn(1, 2, 8, 16, 16)
+    with_img = FocusNet(2, 4, [1], (4, 8, 8), width=0.25)
+    no_img = FocusNet(2, 4, [1], (4, 8, 8), concat_image=False, width=0.25)
+    assert with_img.sos[0].blocks[0].conv1.in_channels == 8 + 2
+    assert no_img.sos[0].blocks[0].conv1.in_channels == 8
+    out = with_img(x, mode="sos", centres=[[(0, 0, 15)]])
+    (rec,) = out["sos"]
+    assert rec["start"] == (-2, -4, 11) and rec["prob"].shape == (1, 4, 8, 8)
+    # the image part of the ROI is the raw image (zero outside the volume)
+    inp = with_img.sos_input(x, out["features"], 0, rec["start"])
+    torch.testing.assert_close(inp[0, 8:], crop_roi(x[0], rec["start"], (4, 8, 8)))
+    assert (inp[0, 8:, :2] == 0).all()
+
+
+def test_shape_autoencoder_follows_table_9():
+    ae = ShapeAutoencoder((8, 64, 64))
+    convs = [m for m in ae.encoder.modules() if isinstance(m, torch.nn.Conv3d)]
+    assert [c.kernel_size for c in convs] == [(5, 5, 5)] * 4
+    assert [c.stride for c in convs] == [(2, 2, 2), (2, 2, 2), (1, 1, 1), (2, 2, 2)]
+    assert [c.out_channels for c in convs] == [64, 128, 128, 256]
+    assert ae.fc_latent.out_features == 512 and ae.fc_channels == 256
+    small = ShapeAutoencoder((5, 12, 9), channels=(4, 8, 8, 16), latent=32)
+    rec, feats = small(torch.rand(3, 1, 5, 12, 9))
+    assert rec.shape == (3, 1, 5, 12, 9) and ((rec >= 0) & (rec <= 1)).all()
+    assert feats[0].shape == (3, 32) and len(feats) == 4
+    with pytest.raises(ValueError, match="expected"):
+        small(torch.rand(1, 1, 4, 12, 9))
+
+
+@pytest.mark.parametrize("centre", [(0, 0, 0), (9, 19, 14), (5, 0, 14), (4, 10, 7), (-2, 25, 3)])
+def test_roi_crop_paste_round_trip_at_borders(centre):
+    vol = torch.arange(2 * 10 * 20 * 15, dtype=torch.float32).reshape(2, 10, 20, 15)
+    size = (4, 8, 8)
+    start = roi_start(centre, size)
+    roi = crop_roi(vol, start, size)
+    assert roi.shape == (2, *size)
+    back = paste_roi(torch.zeros_like(vol), roi, start)
+    inside = torch.zeros(vol.shape[1:], dtype=torch.bool)
+    sl = tuple(slice(max(s, 0), max(min(s + n, d), 0)) for s, n, d in zip(start, size, vol.shape[1:]))
+    inside[sl] = True
+    torch.testing.assert_close(back[:, inside], vol[:, inside])
+    assert (back[:, ~inside] == 0).all()
+    # the part of the ROI outside the volume is zero
+    assert roi.sum() == vol[(slice(None), *sl)].sum()
+
+
+def test_centres_heatmaps_and_peaks():
+    m = torch.zeros(6, 10, 10, dtype=torch.bool)
+    m[2:4, 3:6, 7:10] = True
+    assert mask_centre(m) == (2, 4, 8) or mask_centre(m) == (3, 4, 8)
+    assert mask_centre(torch.zeros(3, 3, 3, dtype=torch.bool)) is None
+    h = gaussian_heatmap((6, 10, 10), (2, 4, 8), sigma=5.0)
+    assert h[2, 4, 8] == 1.0
+    assert abs(float(h[2, 4, 3]) - float(torch.exp(torch.tensor(-25 / 50)))) < 1e-6
+    assert heatmap_peak(h) == ((2, 4, 8), 1.0)
+    assert gaussian_heatmap((2, 2, 2), None).sum() == 0
+
+
+def test_overlay_probability_sets_softmax_of_the_small_organ():
+    logits = torch.randn(5, 3, 4, 4)
+    p = torch.rand(3, 4, 4) * 0.98 + 0.01
+    out = overlay_probability(logits, 2, p)
+    sm = torch.softmax(out, 0)
+    torch.testing.assert_close(sm[2], p, atol=1e-5, rtol=1e-4)
+    rest = torch.softmax(torch.cat([logits[:2], logits[3:]]), 0)          # other classes keep their ratios
+    torch.testing.assert_close(sm[[0, 1, 3, 4]] / (1 - p), rest, atol=1e-5, rtol=1e-4)
+
+
+def test_inference_pastes_sos_mask_around_the_heatmap_peak():
+    torch.manual_seed(0)
+    net = FocusNet(1, 4, small_labels=[3], roi_size=(2, 4, 4), heat_threshold=0.0, width=0.25).eval()
+
+    class Peak(torch.nn.Module):
+        def forward(self, feats):
+            h = torch.zeros(feats.shape[0], 1, *feats.shape[2:])
+            h[:, 0, 3, 5, 6] = 1.0
+            return h
+
+    class Certain(torch.nn.Module):
+        def forward(self, x):
+            return torch.ones(x.shape[0], 1, *x.shape[2:])
+
+    net.sol = Peak()
+    net.sos[0] = Certain()
+    seg = net(torch.randn(1, 1, 6, 12, 12)).argmax(1)[0]
+    box = torch.zeros_like(seg, dtype=torch.bool)
+    box[2:4, 3:7, 4:8] = True
+    assert (seg[box] == 3).all()
+    assert net.last_centres[0][3] == ((3, 5, 6), 1.0)
+    net.paste_small_organs = False
+    assert not (net(torch.randn(1, 1, 6, 12, 12)).argmax(1)[0][box] == 3).all()
