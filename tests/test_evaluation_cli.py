@@ -192,3 +192,19 @@ def test_regions_and_ignore_label(tmp_path):
     assert set(by) == {"whole", "inner"}
     assert by["whole"]["dice"] == 1.0 and by["whole"]["hd_mm"] == 0.0   # ignored voxels do not count
     assert by["inner"]["status"] == "pred_empty" and by["inner"]["dice"] == 0.0
+
+
+def test_landmarks_beside_the_volumes(volume_folders, tmp_path):
+    """Landmark trainers write PRED/<case>.json next to PRED/<case>.nii.gz: found by default."""
+    import shutil
+
+    from organmtl.evaluation.evaluate import run_evaluation
+
+    pred, ds = volume_folders
+    flat = tmp_path / "pred"
+    shutil.copytree(pred, flat, ignore=shutil.ignore_patterns("landmarks", "*.csv", "summary.*"))
+    for f in (pred / "landmarks").glob("*.json"):
+        shutil.copy(f, flat / f.name)
+    summary, paths = run_evaluation(flat, ds / "labelsTs", out_dir=tmp_path / "out")
+    assert summary["landmarks"]["n_landmarks"] == 6 and summary["landmarks"]["n_missing"] == 1
+    assert paths["landmarks_csv"].is_file()

@@ -23,7 +23,8 @@ def run_evaluation(pred: Path, gt: Path, out_dir: Path | None = None, dataset_js
 
     PRED a folder -> nnU-Net volumes (GT: reference folder); PRED a ``.json`` file -> COCO instance
     results (GT: COCO ground-truth JSON). Landmarks: ``landmarks_pred``/``landmarks_gt`` folders of
-    ``<case>.json``; by default ``PRED/landmarks`` and ``GT/../landmarks`` when both exist."""
+    ``<case>.json``; by default ``PRED/landmarks/`` (or ``PRED/<case>.json`` beside the predicted
+    volumes) and ``GT/../landmarks/`` when both exist."""
     from organmtl.evaluation.landmarks import evaluate_landmark_folders
 
     pred, gt = Path(pred), Path(gt)
@@ -39,15 +40,20 @@ def run_evaluation(pred: Path, gt: Path, out_dir: Path | None = None, dataset_js
         rows, summary = evaluate_coco(pred, gt, tolerance_mm, score_threshold, small_organs)
     else:
         raise EvaluationError(f"{pred}: neither a prediction folder nor a COCO results .json file")
-    lm_pred = landmarks_pred or (pred / "landmarks" if pred.is_dir() else None)
-    lm_gt = landmarks_gt or gt.parent / "landmarks"
+    lm_pred, lm_gt = landmarks_pred, landmarks_gt or gt.parent / "landmarks"
+    cases = {str(r["case"]) for r in rows} if summary["kind"] == "nnunet" else None
+    if lm_pred is None and pred.is_dir():
+        # landmark predictions in PRED/landmarks/, or as PRED/<case>.json beside the volumes
+        if (pred / "landmarks").is_dir():
+            lm_pred = pred / "landmarks"
+        elif any((pred / f"{c}.json").is_file() for c in cases or ()):
+            lm_pred = pred
     lm_rows = None
-    if landmarks_pred or landmarks_gt or (lm_pred and lm_pred.is_dir() and lm_gt.is_dir()):
+    if landmarks_pred or landmarks_gt or (lm_pred is not None and lm_gt.is_dir()):
         for folder in (lm_pred, lm_gt):
             if folder is None or not Path(folder).is_dir():
                 raise EvaluationError(f"{folder}: landmark folder not found (give --landmarks-pred and --landmarks-gt)")
         try:
-            cases = {str(r["case"]) for r in rows} if summary["kind"] == "nnunet" else None
             lm_rows, summary["landmarks"] = evaluate_landmark_folders(lm_pred, lm_gt, cases=cases)
         except ValueError as e:
             raise EvaluationError(str(e)) from None
