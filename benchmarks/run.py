@@ -115,7 +115,8 @@ def run_one(script: Path, device: str, quick: bool, timeout: int) -> dict:
         if status != "ok":
             print(stderr[-3000:], file=sys.stderr)
         result = json.loads(json_out.read_text()) if json_out.is_file() else None
-    return {"script": script.name, "args": argv, "status": status, "wall_s": round(wall, 1), "stdout": stdout,
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return {"script": script.name, "args": argv, "date": date, "status": status, "wall_s": round(wall, 1), "stdout": stdout,
             "stderr_tail": stderr[-2000:] if status != "ok" else "", "result": result}
 
 
@@ -123,13 +124,14 @@ def write_page(runs: list[dict], machine: str, args, out: Path) -> Path:
     """docs/benchmarks.md: date, machine, command, then each script's printed output."""
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = ["# Benchmarks", "",
-             f"Measured {now} by `benchmarks/run.py{' --quick' if args.quick else ''} --device {args.device}"
-             f"{' --only ' + ' '.join(args.only) if args.only else ''}` (see benchmarks/README.md).", "",
+             f"Written {now} by `benchmarks/run.py{' --quick' if args.quick else ''} --device {args.device}"
+             f"{' --only ' + ' '.join(args.only) if args.only else ''}` (see benchmarks/README.md); the table "
+             "gives when each script was measured.", "",
              f"Machine: {machine}", "",
              "Every figure is compared with the stock baseline measured in the same run. Wall times on shared "
              "or busy cores vary by 20 % or more between runs; ratios within one run are the numbers to read.", "",
-             "| benchmark | status | wall s |", "|---|---|---|"]
-    lines += [f"| {r['script']} | {r['status']} | {r['wall_s']} |" for r in runs]
+             "| benchmark | status | wall s | measured |", "|---|---|---|---|"]
+    lines += [f"| {r['script']} | {r['status']} | {r['wall_s']} | {r.get('date', now)} |" for r in runs]
     for r in runs:
         lines += ["", f"## {r['script']} {' '.join(r['args'])}", ""]
         body = r["stdout"].strip()
@@ -139,7 +141,7 @@ def write_page(runs: list[dict], machine: str, args, out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
     out.with_suffix(".json").write_text(json.dumps(
-        {"date": now, "machine": machine, "runs": [{k: v for k, v in r.items() if k != "stdout"} for r in runs]},
+        {"date": now, "machine": machine, "runs": runs},
         indent=2, default=str) + "\n")
     return out
 
@@ -157,6 +159,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md", help="Markdown page to write")
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per script (default 3600)")
     parser.add_argument("--list", action="store_true", help="list the benchmarks and exit")
+    parser.add_argument("--keep", action="store_true",
+                        help="with --only: keep the other scripts' sections of the existing page (from its .json)")
     args = parser.parse_args(argv)
     scripts = discover(args.only)
     if args.list:
@@ -170,6 +174,14 @@ def main(argv=None) -> int:
     machine = describe_machine()
     print(f"Machine: {machine}")
     runs = [run_one(s, args.device, args.quick, args.timeout) for s in scripts]
+    if args.keep and args.out.with_suffix(".json").is_file():
+        previous = json.loads(args.out.with_suffix(".json").read_text())
+        if previous.get("machine") != machine:
+            print(f"note: the kept sections were measured on: {previous.get('machine')}")
+        order = [p.name for p in discover()]
+        fresh = {r["script"] for r in runs}
+        runs = sorted(runs + [r for r in previous.get("runs", []) if r["script"] not in fresh and "stdout" in r],
+                      key=lambda r: order.index(r["script"]) if r["script"] in order else len(order))
     page = write_page(runs, machine, args, args.out)
     print(f"\n{page} written ({sum(r['status'] == 'ok' for r in runs)}/{len(runs)} benchmarks ok)")
     return 0 if all(r["status"] == "ok" for r in runs) else 1

@@ -72,3 +72,21 @@ def test_run_one_script_and_write_page(suite, tmp_path):
     assert f"Machine: {machine}" in text and "| bench_dummy.py | ok |" in text and "| square | 9 | 1.00 |" in text
     assert (tmp_path / "docs" / "benchmarks.json").is_file()
     assert sys.modules.get("bench_dummy") is None     # the script ran in its own process
+
+
+def test_only_keep_merges_with_the_existing_page(suite, tmp_path, monkeypatch):
+    scripts = [Path("bench_a.py"), Path("bench_b.py")]
+    monkeypatch.setattr(suite, "discover", lambda only=None: [s for s in scripts if not only or s.stem[6:] in only])
+    fake = lambda script, device, quick, timeout: {  # noqa: E731
+        "script": script.name, "args": [], "date": "today", "status": "ok", "wall_s": 1.0,
+        "stdout": f"| {script.stem} | new |", "stderr_tail": "", "result": {}}
+    monkeypatch.setattr(suite, "run_one", fake)
+    out = tmp_path / "benchmarks.md"
+    assert suite.main(["--out", str(out)]) == 0
+    text = out.read_text()
+    assert "| bench_a | new |" in text and "| bench_b | new |" in text
+    monkeypatch.setattr(suite, "run_one", lambda *a: dict(fake(*a), stdout="| bench_b | newer |"))
+    assert suite.main(["--only", "b", "--keep", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "| bench_a | new |" in text and "| bench_b | newer |" in text and "| bench_b | new |" not in text
+    assert text.index("## bench_a") < text.index("## bench_b")
