@@ -62,14 +62,18 @@ def prepare(root: Path, env: dict, n_cases: int) -> dict:
     from organmtl.demo_data import write_demo_data
 
     demo = root / "demo"
-    write_demo_data(demo, seed=0, families=["abdomen_mr"], n_cases=n_cases)
+    if not (demo / "abdomen_mr").is_dir():
+        write_demo_data(demo, seed=0, families=["abdomen_mr"], n_cases=n_cases)
     out = {}
     for dataset_id, name, encoding in ((HEAT, "BenchLmHeat", ["heatmap", "--one-channel-per-landmark"]),
                                        (DIST, "BenchLmDist", ["distance"])):
+        out[dataset_id] = root / "raw" / f"Dataset{dataset_id:03d}_{name}"
+        if (root / "pre" / out[dataset_id].name / f"nnUNetPlans_{CONFIG}").is_dir() or \
+                (root / "pre" / out[dataset_id].name / "nnUNetPlans_3d_fullres").is_dir():
+            continue                                   # --work kept from an earlier run
         _run([_bin("organmtl"), "convert", "volumes", demo / "abdomen_mr", "--dataset-id", dataset_id, "--name", name,
               "--landmark-channels", *encoding], env, root / "prepare.log")
         _run([_bin("organmtl"), "plan-tiny", "-d", dataset_id, "-c", CONFIG, "-np", "1"], env, root / "prepare.log")
-        out[dataset_id] = root / "raw" / f"Dataset{dataset_id:03d}_{name}"
     return out
 
 
@@ -114,6 +118,7 @@ def step_times(raw_folders: dict, env: dict, device: str, steps: int) -> dict:
     for dataset_id, raw in raw_folders.items():
         pre = Path(env["nnUNet_preprocessed"]) / raw.name
         plans = json.loads((pre / "nnUNetPlans.json").read_text())
+        plans["continue_training"] = False              # what nnunetv2.run.run_training adds
         dataset_json = json.loads((pre / "dataset.json").read_text())
         batch = None
         names = ["nnUNetTrainer"] + [tr for _, d, tr, _ in METHODS if d == dataset_id]
@@ -148,10 +153,10 @@ def main(argv=None) -> dict:
     """Train every method at the same budget, score it, time its train step; print Markdown tables."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--quick", action="store_true", help="2 epochs x 5 iterations, 6 cases, 3 timed steps")
+    p.add_argument("--quick", action="store_true", help="2 epochs x 5 iterations, 5 cases, 3 timed steps")
     p.add_argument("--work", type=Path, default=None, help="keep the work folder here (default: a temporary one)")
     args = p.parse_args(argv)
-    epochs, iters, n_cases, steps = (2, 5, 6, 3) if args.quick else (20, 50, 10, 10)
+    epochs, iters, n_cases, steps = (2, 5, 5, 3) if args.quick else (20, 50, 10, 10)
     tmp = None
     if args.work is None:
         tmp = tempfile.TemporaryDirectory(prefix="bench_landmarks_")
@@ -168,10 +173,12 @@ def main(argv=None) -> dict:
     results = {}
     for row, dataset_id, trainer, tail in tqdm(METHODS, desc="methods"):
         log = root / f"{trainer}.log"
-        t0 = time.perf_counter()
-        _run([_bin("nnUNetv2_train"), dataset_id, CONFIG, 0, "-tr", trainer, "-device", args.device], env, log)
-        wall = time.perf_counter() - t0
         fold = root / "res" / raw[dataset_id].name / f"{trainer}__nnUNetPlans__{CONFIG}" / "fold_0"
+        t0 = time.perf_counter()
+        if not (fold / "checkpoint_final.pth").is_file():      # else trained by an earlier run with --work
+            _run([_bin("nnUNetv2_train"), dataset_id, CONFIG, 0, "-tr", trainer, "-device", args.device], env, log)
+            (fold / "train_wall_s.txt").write_text(str(time.perf_counter() - t0))
+        wall = float((fold / "train_wall_s.txt").read_text()) if (fold / "train_wall_s.txt").is_file() else float("nan")
         landmarks = None
         if tail:
             inp = root / f"in_{trainer}"

@@ -1,0 +1,200 @@
+"""Landmark U-Net trainers through the stock commands (``nnUNetv2_train -tr``, ``nnUNetv2_predict``)
+on converted demo data with tiny plans on a CPU (1 epoch of 2 iterations):
+
+- abdominal fat/water MR with hip-joint heatmaps, one channel per landmark (3d_tiny and 2d_tiny):
+  joint (3D) with landmark coordinates predicted next to the segmentation, alternate (2D; plus the
+  gradient check that each iteration touches one task's head only), uncertainty weighting (3D,
+  log-variances restored by ``--c``), multi-task block (3D);
+- VISCERAL-like CT with the renal-pelvis pair as one inverse Manhattan distance map (2d_tiny):
+  early and late fusion.
+"""
+from __future__ import annotations
+
+import json
+import re
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from organmtl.procs import run_in_group, venv_bin
+from tests.conftest import run_cli
+
+pytestmark = pytest.mark.e2e
+BUDGET = {"ORGANMTL_EPOCHS": "1", "ORGANMTL_ITERS_PER_EPOCH": "2", "ORGANMTL_VAL_ITERS": "1"}
+ABDOMEN, VISCERAL = 611, 612
+
+
+def _prepare(root: Path, env: dict, source: str, src: Path, dataset_id: int, name: str, configs, *options) -> Path:
+    r = run_cli("convert", source, src, "--dataset-id", dataset_id, "--name", name, *options, env=env)
+    assert r.returncode == 0, r.stderr
+    r = run_cli("plan-tiny", "-d", dataset_id, "-c", *configs, "-np", "1", env=env)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    # one validation case in fold 0: nnU-Net's final validation predicts every validation case
+    pre = root / "pre" / f"Dataset{dataset_id:03d}_{name}"
+    cases = sorted(p.name[: -len("_0000.nii.gz")] for p in (root / "raw" / pre.name / "imagesTr").glob("*_0000.nii.gz"))
+    (pre / "splits_final.json").write_text(json.dumps([{"train": cases[1:], "val": cases[:1]}]))
+    return root / "raw" / pre.name
+
+
+def _train(env, dataset_id, config, trainer, log: Path, extra=(), budget=None):
+    run_in_group([venv_bin("nnUNetv2_train"), str(dataset_id), config, "0", "-tr", trainer, "-device", "cpu", *extra],
+                 env={**env, **BUDGET, **(budget or {})}, log_file=log, timeout=900)
+    return log.read_text()
+
+
+def _fold(root: Path, raw: Path, trainer: str, config: str) -> Path:
+    return root / "res" / raw.name / f"{trainer}__nnUNetPlans__{config}" / "fold_0"
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory, demo_root):
+    root = tmp_path_factory.mktemp("landmark_e2e")
+    env = {"nnUNet_raw": str(root / "raw"), "nnUNet_preprocessed": str(root / "pre"),
+           "nnUNet_results": str(root / "res"), "nnUNet_n_proc_DA": "0", "nnUNet_def_n_proc": "1"}
+    with ThreadPoolExecutor(2) as pool:
+        abdomen = pool.submit(_prepare, root, env, "volumes", demo_root / "abdomen_mr", ABDOMEN, "LmAbdomen",
+                              ("3d_tiny", "2d_tiny"), "--landmark-channels", "heatmap", "--one-channel-per-landmark")
+        visceral = pool.submit(_prepare, root, env, "visceral", demo_root / "visceral_ct", VISCERAL, "LmVisceral",
+                               ("2d_tiny",), "--landmark-channels", "distance")
+        abdomen, visceral = abdomen.result(), visceral.result()
+    runs = [("joint", ABDOMEN, "3d_tiny", "nnUNetTrainerOMTLLandmarkJoint_Tiny"),
+            ("alternate", ABDOMEN, "2d_tiny", "nnUNetTrainerOMTLLandmarkAlternate_Tiny"),
+            ("uncertainty", ABDOMEN, "3d_tiny", "nnUNetTrainerOMTLLandmarkUncertainty_Tiny"),
+            ("multitask_block", ABDOMEN, "3d_tiny", "nnUNetTrainerOMTLMultiTaskBlock_Tiny"),
+            ("early", VISCERAL, "2d_tiny", "nnUNetTrainerOMTLLandmarkEarlyFusion_Tiny"),
+            ("late", VISCERAL, "2d_tiny", "nnUNetTrainerOMTLLandmarkLateFusion_Tiny")]
+    with ThreadPoolExecutor(2) as pool:       # two nnU-Net processes at a time on the two cores
+        logs = {key: pool.submit(_train, env, d, c, tr, root / f"train_{key}.log") for key, d, c, tr in runs}
+        logs = {k: f.result() for k, f in logs.items()}
+    return {"root": root, "env": env, "raw": {ABDOMEN: abdomen, VISCERAL: visceral}, "logs": logs,
+            "runs": {key: (d, c, tr) for key, d, c, tr in runs}}
+
+
+def _predict(work, key, tmp_path, channels=2, module=None) -> tuple[Path, Path, str]:
+    dataset_id, config, trainer = work["runs"][key]
+    raw = work["raw"][dataset_id]
+    case = json.loads((work["root"] / "pre" / raw.name / "splits_final.json").read_text())[0]["val"][0]
+    inp = tmp_path / "in"
+    inp.mkdir()
+    for c in range(channels):
+        (inp / f"{case}_{c:04d}.nii.gz").write_bytes((raw / "imagesTr" / f"{case}_{c:04d}.nii.gz").read_bytes())
+    out = tmp_path / "out"
+    command = [venv_bin("python"), "-m", module] if module else [venv_bin("nnUNetv2_predict")]
+    run_in_group([*command, "-i", str(inp), "-o", str(out), "-d", str(dataset_id), "-c", config, "-f", "0",
+                  "-tr", trainer, "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"],
+                 env={**work["env"], **BUDGET}, log_file=tmp_path / "predict.log", timeout=900)
+    pred = sitk.ReadImage(str(out / f"{case}.nii.gz"))
+    ref = sitk.ReadImage(str(raw / "imagesTr" / f"{case}_0000.nii.gz"))
+    assert pred.GetSize() == ref.GetSize()
+    np.testing.assert_allclose(pred.GetOrigin(), ref.GetOrigin(), atol=1e-4)
+    labels = set(json.loads((raw / "dataset.json").read_text())["labels"].values())
+    assert set(np.unique(sitk.GetArrayFromImage(pred)).tolist()) <= labels
+    return out, raw, case
+
+
+def _check_training(work, key):
+    dataset_id, config, trainer = work["runs"][key]
+    log = work["logs"][key]
+    assert f"Using trainer '{trainer}'" in log or trainer in log
+    fold = _fold(work["root"], work["raw"][dataset_id], trainer, config)
+    ckpt = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert ckpt["trainer_name"] == trainer and ckpt["current_epoch"] == 1
+    assert (fold / "progress.png").is_file()
+    return fold, ckpt, log
+
+
+def test_joint_3d_trains_logs_landmarks_and_predicts_coordinates(work, tmp_path):
+    fold, ckpt, log = _check_training(work, "joint")
+    assert re.search(r"landmark error (\d+\.\d+|nan) mm over \d+ landmarks in validation patches, heatmap RMSE \d", log)
+    assert len(ckpt["logging"]["landmark_error_mm"]) == 1 and np.isfinite(ckpt["logging"]["heatmap_rmse"][0])
+    assert (fold / "progress_landmarks.png").is_file()
+    assert any(k.startswith("landmark_tail.") for k in ckpt["network_weights"])
+    plans = json.loads((fold.parent / "plans.json").read_text())
+    assert plans["configurations"]["3d_tiny"]["organmtl_landmark_channels"]["n_landmark"] == 2
+    # image channels only: the network never reads the heatmap channels
+    out, raw, case = _predict(work, "joint", tmp_path, module="organmtl.nnunet_trainers.landmarks.predict")
+    record = json.loads((out / f"{case}.json").read_text())
+    assert [lm["name"] for lm in record["landmarks"]] == ["hip_left", "hip_right"] and not record["merged_map"]
+    ref = sitk.ReadImage(str(raw / "imagesTr" / f"{case}_0000.nii.gz"))
+    for lm in record["landmarks"]:
+        assert all(0 <= v < n for v, n in zip(lm["voxel_xyz"], ref.GetSize()))
+        np.testing.assert_allclose(lm["lps_mm"], ref.TransformContinuousIndexToPhysicalPoint(lm["voxel_xyz"]), atol=1e-3)
+    from organmtl.evaluation.landmarks import evaluate_landmark_folders
+    gt = tmp_path / "gt"
+    gt.mkdir()
+    (gt / f"{case}.json").write_bytes((raw / "landmarks" / f"{case}.json").read_bytes())
+    rows, summary = evaluate_landmark_folders(out, gt)
+    assert summary["n_landmarks"] == 2 and summary["n_missing"] == 0 and all(np.isfinite(r["error_mm"]) for r in rows)
+
+
+def test_alternate_2d_and_each_iteration_touches_one_head(work, tmp_path, monkeypatch):
+    _, _, log = _check_training(work, "alternate")
+    assert "alternate: 1 segmentation iterations" in log and "1 landmark iterations" in log
+    _predict(work, "alternate", tmp_path)
+    # in-process: one iteration per task, gradients on the intended head only
+    import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as stock
+    from organmtl.nnunet_trainers.landmarks import nnUNetTrainerOMTLLandmarkAlternate_Tiny
+    for key in ("nnUNet_preprocessed", "nnUNet_results"):
+        monkeypatch.setattr(stock, key, work["env"][key])
+    monkeypatch.setenv("nnUNet_n_proc_DA", "0")                 # single-threaded augmenter in this process
+    raw = work["raw"][ABDOMEN]
+    pre = work["root"] / "pre" / raw.name
+    plans = {**json.loads((pre / "nnUNetPlans.json").read_text()), "continue_training": False}   # as run_training
+    trainer = nnUNetTrainerOMTLLandmarkAlternate_Tiny(plans, "3d_tiny", 0, json.loads((pre / "dataset.json").read_text()),
+                                                      torch.device("cpu"))
+    trainer.initialize()
+    dl_train, _ = trainer.get_dataloaders()
+    net = trainer._module()
+    seg_head = list(net.unet.decoder.seg_layers[-1].parameters())
+    tail = list(net.landmark_tail.parameters())
+    trainer.global_iteration = 0
+    net.train()
+    for expected in ("segmentation", "landmarks", "segmentation"):
+        assert trainer.current_task() == expected
+        out = trainer.train_step(next(dl_train))
+        assert out["task"] == expected
+        touched_seg = all(p.grad is not None and p.grad.abs().sum() > 0 for p in seg_head)
+        touched_tail = all(p.grad is not None and p.grad.abs().sum() > 0 for p in tail)
+        idle = tail if expected == "segmentation" else seg_head
+        assert (touched_seg, touched_tail) == ((True, False) if expected == "segmentation" else (False, True))
+        assert all(p.grad is None or p.grad.abs().sum() == 0 for p in idle)
+
+
+def test_uncertainty_log_variances_logged_saved_and_restored_by_continue(work, tmp_path):
+    fold, ckpt, log = _check_training(work, "uncertainty")
+    saved = ckpt["network_weights"]["task_weighting.log_vars"].numpy()
+    assert saved.shape == (2,) and np.all(saved != 0)                 # they were trained
+    logged = ckpt["logging"]
+    np.testing.assert_allclose([logged["log_var_segmentation"][0], logged["log_var_landmarks"][0]], saved, rtol=1e-6)
+    dataset_id, config, trainer = work["runs"]["uncertainty"]
+    log2 = _train(work["env"], dataset_id, config, trainer, tmp_path / "continue.log", extra=("--c",),
+                  budget={"ORGANMTL_EPOCHS": "2"})
+    start = re.search(r"log variances at start: \{'segmentation': ([-\d.e]+), 'landmarks': ([-\d.e]+)\}", log2)
+    np.testing.assert_allclose([float(start.group(1)), float(start.group(2))], saved, rtol=1e-6)
+    ckpt2 = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert ckpt2["current_epoch"] == 2 and len(ckpt2["logging"]["log_var_segmentation"]) == 2
+    assert ckpt2["logging"]["log_var_segmentation"][0] == logged["log_var_segmentation"][0]
+
+
+def test_multitask_block_3d_sigmoid_per_organ(work, tmp_path):
+    fold, ckpt, _ = _check_training(work, "multitask_block")
+    dataset = json.loads((fold.parent / "dataset.json").read_text())
+    assert dataset["regions_class_order"] == [1, 2, 3, 4, 5, 6]
+    organ_convs = [k for k in ckpt["network_weights"] if k.startswith("unet.decoder.seg_layers.1.organs.")
+                   and (k.endswith("conv.weight") or re.search(r"organs\.\d+\.1\.weight$", k))]
+    assert len(organ_convs) == 6 * (2 + 1)                       # per organ: double conv + 1x1
+    # the heatmap channels are early-fusion input here: predict with all four channels
+    _predict(work, "multitask_block", tmp_path, channels=4)
+
+
+@pytest.mark.parametrize("key", ["early", "late"])
+def test_fusion_2d_on_visceral_distance_maps(work, tmp_path, key):
+    fold, ckpt, _ = _check_training(work, key)
+    first = ckpt["network_weights"]["unet.encoder.stages.0.0.convs.0.conv.weight" if key == "late"
+                                    else "encoder.stages.0.0.convs.0.conv.weight"]
+    assert first.shape[1] == (1 if key == "late" else 2)          # late fusion: the encoder sees CT only
+    _predict(work, key, tmp_path, channels=2)                      # CT + distance map channel
