@@ -10,6 +10,15 @@ from organmtl.nnunet_trainers.focusnet.roi import (crop_roi, gaussian_heatmap, h
 from organmtl.nnunet_trainers.focusnet.shape_ae import ShapeAutoencoder
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one thread is faster and immune to oversubscription on a shared CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _extent(grad: torch.Tensor) -> list[int]:
     """Extent (voxels) of the non-zero input gradient along z, y, x."""
     nz = torch.nonzero(grad.abs().sum(dim=(0, 1)) > 0)

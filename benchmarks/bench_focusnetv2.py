@@ -1,0 +1,289 @@
+"""FocusNetv2 vs stock nnU-Net on the demo head-and-neck phantom (issue #5, papers/focusnetv2.txt
+Tables 6-7): equal budget, same plans.
+
+For the stock baseline (``nnUNetTrainerOMTLBaseline_Tiny``), S-Net, FocusNetv1 and FocusNetv2
+(``_Tiny`` trainers, the same ``ORGANMTL_EPOCHS`` x ``ORGANMTL_ITERS_PER_EPOCH``) it trains with the
+stock ``nnUNetv2_train`` and reads nnU-Net's own final validation (fold 0):
+
+- Dice and HD95 (mean of both directed 95th percentiles, §4.3) per organ, small-organ average;
+- SOL-Net localisation error (mm) and identification rate at 3/4/5 mm (Table 7) from the
+  ``validation/<case>_centres.json`` the FocusNet trainers write, against the ground-truth centroids;
+- training step time and peak memory (a fresh process per network, one training step on a batch
+  of the plans' patch size, repeated) and inference seconds per volume (nnU-Net's predictor);
+
+every figure also as a ratio to the stock baseline of the same run. Not run in CI.
+
+    python benchmarks/bench_focusnetv2.py --quick [--device cpu|cuda] [--work DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+TRAINERS = ["nnUNetTrainerOMTLBaseline_Tiny", "nnUNetTrainerOMTLSNet_Tiny", "nnUNetTrainerOMTLFocusNetV1_Tiny",
+            "nnUNetTrainerOMTLFocusNetV2_Tiny"]
+SHORT = {"nnUNetTrainerOMTLBaseline_Tiny": "stock nnU-Net", "nnUNetTrainerOMTLSNet_Tiny": "S-Net",
+         "nnUNetTrainerOMTLFocusNetV1_Tiny": "FocusNetv1", "nnUNetTrainerOMTLFocusNetV2_Tiny": "FocusNetv2"}
+DATASET = "652"
+
+
+def _bin(name):
+    return str(Path(sys.executable).parent / name)
+
+
+def _run(cmd, env, log):
+    with open(log, "w") as fh:
+        r = subprocess.run(cmd, env={**os.environ, **env}, stdout=fh, stderr=subprocess.STDOUT)
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:3])} failed, see {log}")
+
+
+def prepare(work: Path, n_cases: int, env: dict) -> Path:
+    """Demo HaN phantom -> PDDCA converter -> tiny plans (once per work folder)."""
+    from organmtl.demo_data import write_demo_data
+
+    raw = Path(env["nnUNet_raw"]) / f"Dataset{DATASET}_BenchHaN"
+    if not (Path(env["nnUNet_preprocessed"]) / f"Dataset{DATASET}_BenchHaN" / "nnUNetPlans.json").is_file():
+        write_demo_data(work / "demo", seed=0, families=["han_pddca"], n_cases=n_cases, overwrite=True)
+        _run([_bin("organmtl"), "convert", "pddca", str(work / "demo" / "han_pddca"), "--dataset-id", DATASET,
+              "--name", "BenchHaN"], env, work / "convert.log")
+        _run([_bin("organmtl"), "plan-tiny", "-d", DATASET, "-np", "1"], env, work / "plan.log")
+    return raw
+
+
+def _model_dir(env, trainer):
+    return Path(env["nnUNet_results"]) / f"Dataset{DATASET}_BenchHaN" / f"{trainer}__nnUNetPlans__3d_tiny"
+
+
+def train(trainer: str, env: dict, work: Path, device: str) -> float:
+    t0 = time.time()
+    _run([_bin("nnUNetv2_train"), DATASET, "3d_tiny", "0", "-tr", trainer, "-device", device], env,
+         work / f"train_{trainer}.log")
+    return time.time() - t0
+
+
+def _world_centroid(mask: np.ndarray, img) -> list[float] | None:
+    idx = np.argwhere(mask)
+    if len(idx) == 0:
+        return None
+    z, y, x = idx.mean(0)
+    return list(img.TransformContinuousIndexToPhysicalPoint((float(x), float(y), float(z))))
+
+
+def evaluate(trainer: str, env: dict, dataset_json: dict) -> dict:
+    """Per-organ Dice / HD95 and SOL-Net centre errors on fold 0's validation cases."""
+    import SimpleITK as sitk
+
+    from organmtl.evaluation.metrics import (dice, hausdorff_distance_mean_directed, identification_rates,
+                                             landmark_errors_mm)
+
+    val = _model_dir(env, trainer) / "fold_0" / "validation"
+    gt_dir = Path(env["nnUNet_preprocessed"]) / f"Dataset{DATASET}_BenchHaN" / "gt_segmentations"
+    labels = {k: v for k, v in dataset_json["labels"].items() if v > 0}
+    small = dataset_json.get("organmtl_small_organs", [])
+    per = {n: {"dice": [], "hd95": []} for n in labels}
+    errors = []
+    for f in sorted(val.glob("*.nii.gz")):
+        pred_img, gt_img = sitk.ReadImage(str(f)), sitk.ReadImage(str(gt_dir / f.name))
+        pred, gt = sitk.GetArrayFromImage(pred_img), sitk.GetArrayFromImage(gt_img)
+        spacing = gt_img.GetSpacing()[::-1]
+        for n, v in labels.items():
+            if not (gt == v).any():
+                continue
+            per[n]["dice"].append(dice(pred == v, gt == v))
+            per[n]["hd95"].append(hausdorff_distance_mean_directed(pred == v, gt == v, spacing, 95.0))
+        cj = val / f.name.replace(".nii.gz", "_centres.json")
+        if cj.is_file():
+            centres = json.loads(cj.read_text())["centres"]
+            for n in small:
+                ref = _world_centroid(gt == labels[n], gt_img)
+                if ref is not None and n in centres:
+                    errors.append(float(landmark_errors_mm([centres[n]["world_mm"]], [ref])[0]))
+    out = {"dice": {n: float(np.nanmean(d["dice"])) if d["dice"] else float("nan") for n, d in per.items()},
+           "hd95": {n: float(np.nanmean(d["hd95"])) if d["hd95"] else float("nan") for n, d in per.items()}}
+    out["small_dice"] = float(np.nanmean([out["dice"][n] for n in small])) if small else float("nan")
+    out["all_dice"] = float(np.nanmean(list(out["dice"].values())))
+    out["loc_error_mm"] = float(np.mean(errors)) if errors else float("nan")
+    out["id_rates"] = identification_rates(errors) if errors else {}
+    return out
+
+
+def _cost_child(model_dir: str, device: str, n_steps: int, queue) -> None:
+    """In a fresh process: one training step (forward, loss, backward, Adam) of the trained network on a
+    batch of the plans' patch size, timed over ``n_steps``; peak memory; predictor seconds per volume."""
+    import torch
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    from organmtl.nnunet_trainers.focusnet import losses as L
+    from organmtl.nnunet_trainers.focusnet.network import FocusNet
+    from organmtl.nnunet_trainers.focusnet.roi import gaussian_heatmap
+
+    dev = torch.device(device)
+    pred = nnUNetPredictor(device=dev, allow_tqdm=False, use_mirroring=False)
+    pred.initialize_from_trained_model_folder(model_dir, ("0",), "checkpoint_final.pth")
+    net = pred.network.to(dev)
+    cm = pred.configuration_manager
+    n_cls = pred.label_manager.num_segmentation_heads
+    x = torch.randn(cm.batch_size, 1, *cm.patch_size, device=dev)
+    y = torch.randint(0, n_cls, (cm.batch_size, 1, *cm.patch_size), device=dev)
+    opt = torch.optim.Adam(net.parameters(), 1e-4)
+    seg_loss = L.SegmentationLoss([1.0 / n_cls] * n_cls).to(dev)
+    if not isinstance(net, FocusNet):
+        from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
+        from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
+        dc_ce = DC_and_CE_loss({"batch_dice": cm.batch_dice, "smooth": 1e-5, "do_bg": False, "ddp": False}, {},
+                               weight_ce=1, weight_dice=1, dice_class=MemoryEfficientSoftDiceLoss)
+        net.decoder.deep_supervision = False
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        if not isinstance(net, FocusNet):
+            loss = dc_ce(net(x), y)
+        elif not net.use_sos:
+            loss = seg_loss(net(x, mode="snet")["logits"], y)
+        else:
+            # the joint phase, the heaviest: every part of the network and the AE's G and D steps
+            centre = tuple(s // 2 for s in cm.patch_size)
+            out = net(x, mode="sos", centres=[[centre] * len(net.small_labels)] * x.shape[0])
+            heat_t = torch.stack([torch.stack([gaussian_heatmap(cm.patch_size, centre, 5.0, dev)] * len(net.small_labels))] * x.shape[0])
+            roi_mask = (torch.rand_like(out["sos"][0]["prob"]) > 0.5).float()
+            sos = sum(L.binary_segmentation_loss(r["prob"], roi_mask, 0.9) for r in out["sos"])
+            loss = seg_loss(out["logits"], y) + L.heatmap_l2_loss(out["heatmaps"], heat_t) + sos
+            if net.shape_ae is not None:
+                probs = torch.stack([r["prob"] for r in out["sos"]])
+                masks = torch.cat([roi_mask.expand_as(probs), probs])
+                (o,) = net(None, mode="ae", masks=[masks])
+                n = probs.shape[0]
+                loss = loss + 5 * L.shape_loss([f[:n].detach() for f in o[1]], [f[n:] for f in o[1]])
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                (o,) = net(None, mode="ae", masks=[masks.detach()])
+                loss = L.discriminator_loss(L.reconstruction_loss(o[0], masks.detach()),
+                                            L.shape_loss([f[:n] for f in o[1]], [f[n:] for f in o[1]]))
+        loss.backward()
+        opt.step()
+
+    net.train()
+    step()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.time()
+    for _ in range(n_steps):
+        step()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    step_s = (time.time() - t0) / n_steps
+    peak = (torch.cuda.max_memory_allocated() / 2 ** 20 if dev.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    vol = torch.randn(1, *[int(s * 2) for s in cm.patch_size])        # a volume of 2 x the patch per axis
+    if isinstance(net, FocusNet):
+        net.paste_small_organs = net.use_sos
+    t0 = time.time()
+    pred.predict_sliding_window_return_logits(vol)
+    queue.put({"step_s": step_s, "peak_mb": peak, "infer_s": time.time() - t0,
+               "params_m": sum(p.numel() for p in net.parameters()) / 1e6})
+
+
+def cost(trainer: str, env: dict, device: str, n_steps: int) -> dict:
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    old = dict(os.environ)
+    os.environ.update(env)
+    try:
+        p = ctx.Process(target=_cost_child, args=(str(_model_dir(env, trainer)), device, n_steps, q))
+        p.start()
+        res = q.get(timeout=3600)
+        p.join()
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
+    return res
+
+
+def _ratio(v, ref):
+    if ref is None or not np.isfinite(ref) or ref == 0 or not np.isfinite(v):
+        return "–"
+    return f"{v / ref:.2f}x"
+
+
+def table(results: dict, dataset_json: dict) -> str:
+    base = results[TRAINERS[0]]
+    organs = [n for n, v in dataset_json["labels"].items() if v > 0]
+    names = [SHORT[t] for t in results]
+    lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+
+    def row(label, get, fmt="{:.3f}"):
+        cells = []
+        for t, r in results.items():
+            v = get(r)
+            ref = get(base)
+            txt = "–" if v is None or not np.isfinite(v) else fmt.format(v)
+            if t != TRAINERS[0] and v is not None and ref is not None:
+                txt += f" ({_ratio(v, ref)})"
+            cells.append(txt)
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+
+    for n in organs:
+        row(f"Dice {n}", lambda r, n=n: r["eval"]["dice"].get(n))
+    row("**Dice small-organ mean**", lambda r: r["eval"]["small_dice"])
+    row("Dice all-organ mean", lambda r: r["eval"]["all_dice"])
+    for n in organs:
+        row(f"HD95 {n} (mm)", lambda r, n=n: r["eval"]["hd95"].get(n), "{:.1f}")
+    row("SOL-Net centre error (mm)", lambda r: r["eval"]["loc_error_mm"], "{:.1f}")
+    for k in ("3mm", "4mm", "5mm"):
+        row(f"identification rate <= {k}", lambda r, k=k: r["eval"]["id_rates"].get(k), "{:.2f}")
+    row("train step (s)", lambda r: r["cost"]["step_s"], "{:.3f}")
+    row("peak memory (MiB)", lambda r: r["cost"]["peak_mb"], "{:.0f}")
+    row("inference (s / volume)", lambda r: r["cost"]["infer_s"], "{:.2f}")
+    row("parameters (M)", lambda r: r["cost"]["params_m"], "{:.2f}")
+    row("nnUNetv2_train wall (s)", lambda r: r["train_s"], "{:.0f}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--quick", action="store_true", help="5 epochs x 3 iterations, 8 cases, 3 timed steps")
+    ap.add_argument("--work", type=Path, default=None, help="working folder (default: a temporary one)")
+    ap.add_argument("--epochs", type=int, default=None)
+    ap.add_argument("--iters", type=int, default=None)
+    a = ap.parse_args(argv)
+    epochs = a.epochs or (5 if a.quick else 50)
+    iters = a.iters or (3 if a.quick else 25)
+    work = a.work or Path(tempfile.mkdtemp(prefix="bench_focusnetv2_"))
+    work.mkdir(parents=True, exist_ok=True)
+    env = {"nnUNet_raw": str(work / "raw"), "nnUNet_preprocessed": str(work / "pre"),
+           "nnUNet_results": str(work / "res"), "nnUNet_n_proc_DA": "0", "nnUNet_def_n_proc": "1",
+           "ORGANMTL_EPOCHS": str(epochs), "ORGANMTL_ITERS_PER_EPOCH": str(iters), "ORGANMTL_VAL_ITERS": "1"}
+    raw = prepare(work, 8 if a.quick else 16, env)
+    dataset_json = json.loads((raw / "dataset.json").read_text())
+    results = {}
+    for t in TRAINERS:
+        print(f"[bench_focusnetv2] training {t} ({epochs} epochs x {iters} iterations)", flush=True)
+        train_s = train(t, env, work, a.device)
+        results[t] = {"train_s": train_s, "eval": evaluate(t, env, dataset_json),
+                      "cost": cost(t, env, a.device, 3 if a.quick else 10)}
+    md = table(results, dataset_json)
+    machine = (f"machine: {platform.machine()} {os.cpu_count()} CPU cores, {platform.system()}, device {a.device}, "
+               f"python {platform.python_version()}; budget {epochs} epochs x {iters} iterations per trainer, "
+               f"same 3d_tiny plans; ratios are to the stock baseline of this run")
+    print(md)
+    print(machine)
+    return {"markdown": md, "machine": machine, "results": results, "work": str(work)}
+
+
+if __name__ == "__main__":
+    main()

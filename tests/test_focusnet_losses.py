@@ -1,0 +1,209 @@
+"""FocusNetv2 losses against hand computation (papers/focusnetv2.txt Eq. 1-8), the phase schedule,
+and the trainer steps: each phase and the alternating G/D steps update only their parameters."""
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from organmtl.nnunet_trainers.focusnet import losses as L
+from organmtl.nnunet_trainers.focusnet import options as O
+from organmtl.nnunet_trainers.focusnet.network import FocusNet
+from organmtl.nnunet_trainers.focusnet.trainers import (nnUNetTrainerOMTLFocusNetV1, nnUNetTrainerOMTLFocusNetV2,
+                                                        nnUNetTrainerOMTLFocusNetV2OriginAE)
+
+
+def test_alpha_inversely_proportional_to_size():
+    a = L.alpha_from_sizes([100.0, 10.0, 0.0, 50.0])
+    inv = np.array([1 / 100, 1 / 10, 1 / 10, 1 / 50])
+    np.testing.assert_allclose(a.numpy(), inv / inv.sum(), rtol=1e-6)
+
+
+def test_weighted_focal_loss_by_hand():
+    # two voxels, three classes; voxel 0 is class 0, voxel 1 class 2
+    logits = torch.tensor([[1.0, 0.0, -1.0], [0.5, 0.5, 2.0]]).T.reshape(1, 3, 2, 1, 1)
+    target = torch.tensor([0, 2]).reshape(1, 1, 2, 1, 1)
+    alpha = [0.2, 0.3, 0.5]
+    p = torch.softmax(logits[0, :, :, 0, 0], 0)
+    p0, p1 = float(p[0, 0]), float(p[2, 1])
+    hand = (-0.2 * (1 - p0) ** 2 * math.log(p0) - 0.5 * (1 - p1) ** 2 * math.log(p1)) / 2
+    assert abs(float(L.WeightedFocalLoss(alpha)(logits, target)) - hand) < 1e-6
+    # ignored voxels do not count
+    t_ign = torch.tensor([0, 9]).reshape(1, 1, 2, 1, 1)
+    hand0 = -0.2 * (1 - p0) ** 2 * math.log(p0)
+    assert abs(float(L.WeightedFocalLoss(alpha, ignore_label=9)(logits, t_ign)) - hand0) < 1e-6
+
+
+def test_generalised_dice_loss_by_hand():
+    probs = torch.tensor([[0.8, 0.3], [0.2, 0.7]]).reshape(1, 2, 2, 1, 1)     # classes x voxels
+    onehot = torch.tensor([[1.0, 0.0], [0.0, 1.0]]).reshape(1, 2, 2, 1, 1)
+    # class 0: 1 - 2*0.8/(1 + 1.1); class 1: 1 - 2*0.7/(1 + 0.9)
+    hand = (1 - 1.6 / 2.1) + (1 - 1.4 / 1.9)
+    assert abs(float(L.generalised_dice_loss(probs, onehot, smooth=0.0)) - hand) < 1e-6
+
+
+def test_segmentation_loss_is_focal_plus_lambda_dice():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 3, 5, 5)
+    target = torch.randint(0, 4, (2, 1, 3, 5, 5))
+    alpha = [0.1, 0.2, 0.3, 0.4]
+    onehot = torch.nn.functional.one_hot(target[:, 0], 4).movedim(-1, 1).float()
+    expected = L.WeightedFocalLoss(alpha)(logits, target) + L.generalised_dice_loss(torch.softmax(logits, 1), onehot)
+    torch.testing.assert_close(L.SegmentationLoss(alpha)(logits, target), expected)
+
+
+def test_binary_segmentation_loss_by_hand():
+    prob = torch.tensor([0.9, 0.2]).reshape(1, 2, 1, 1)
+    mask = torch.tensor([1.0, 0.0]).reshape(1, 2, 1, 1)
+    focal = (-0.7 * 0.1 ** 2 * math.log(0.9) - 0.3 * 0.2 ** 2 * math.log(0.8)) / 2
+    dice = (1 - 2 * 0.9 / (1 + 1.1)) + (1 - 2 * 0.8 / (1 + 0.9))
+    assert abs(float(L.binary_segmentation_loss(prob, mask, alpha_fg=0.7)) - (focal + dice)) < 1e-5
+
+
+def test_aae_losses_by_hand():
+    y, ry = torch.tensor([1.0, 0.0]), torch.tensor([0.5, 0.0])
+    g, rg = torch.tensor([0.0, 1.0]), torch.tensor([0.0, 0.0])
+    assert float(L.reconstruction_loss(ry, y, rg, g)) == pytest.approx(0.25 / 2 + 1 / 2)      # Eq. 4
+    assert float(L.reconstruction_loss(ry, y)) == pytest.approx(0.125)
+    fy = [torch.tensor([1.0, 2.0]), torch.tensor([[0.0]])]
+    fg = [torch.tensor([1.0, 0.0]), torch.tensor([[3.0]])]
+    ls = L.shape_loss(fy, fg)                                                                 # Eq. 5
+    assert float(ls) == pytest.approx(4 / 2 + 9)
+    assert float(L.generator_loss(torch.tensor(1.0), ls)) == pytest.approx(1 + 5 * 11)       # Eq. 7
+    assert float(L.discriminator_loss(torch.tensor(2.0), ls)) == pytest.approx(2 - 0.001 * 11)  # Eq. 8
+
+
+def test_phase_schedule_and_parsing():
+    assert O.phase_schedule(O.ALL_PHASES, 10) == [("snet", 4), ("sol", 1), ("ae", 1), ("sos", 2), ("joint", 2)]
+    assert O.phase_schedule(("snet",), 7) == [("snet", 7)]
+    # fewer epochs than phases: every phase still runs once
+    assert [n for _, n in O.phase_schedule(O.ALL_PHASES, 2)] == [1, 1, 1, 1, 1]
+    sched = O.phase_schedule(O.ALL_PHASES, 0, O.parse_phase_epochs("snet=2,sol=0,ae=1,sos=1,joint=1", O.ALL_PHASES))
+    assert sched == [("snet", 2), ("ae", 1), ("sos", 1), ("joint", 1)]
+    assert [O.phase_at(sched, e) for e in range(6)] == ["snet", "snet", "ae", "sos", "joint", "joint"]
+    with pytest.raises(ValueError, match="ORGANMTL_FOCUSNET_PHASE_EPOCHS"):
+        O.parse_phase_epochs("snet=2,aae=1", O.ALL_PHASES)
+    with pytest.raises(ValueError, match="integer"):
+        O.parse_phase_epochs("snet=two", O.ALL_PHASES)
+
+
+def test_small_organs_and_roi(monkeypatch):
+    labels = {"background": 0, "BrainStem": 1, "Chiasm": 2, "OpticNerve_L": 3}
+    sizes = {0: 1e6, 1: 25000.0, 2: 300.0, 3: 500.0}
+    assert O.choose_small_organs(labels, {"organmtl_small_organs": ["Chiasm"]}, sizes) == ["Chiasm"]
+    assert O.choose_small_organs(labels, {}, sizes) == ["Chiasm", "OpticNerve_L"]        # threshold 2000 mm^3
+    assert O.choose_small_organs(labels, {}, sizes, threshold_mm3=400) == ["Chiasm"]
+    monkeypatch.setenv("ORGANMTL_FOCUSNET_SMALL_ORGANS", "OpticNerve_L")
+    assert O.choose_small_organs(labels, {"organmtl_small_organs": ["Chiasm"]}, sizes) == ["OpticNerve_L"]
+    monkeypatch.setenv("ORGANMTL_FOCUSNET_SMALL_ORGANS", "Lens")
+    with pytest.raises(ValueError, match="Lens"):
+        O.choose_small_organs(labels, {}, sizes)
+    monkeypatch.delenv("ORGANMTL_FOCUSNET_SMALL_ORGANS")
+    assert O.roi_size([3.0, 1.0, 1.0], [40, 240, 240]) == [8, 64, 64]                      # the paper's ROI
+    assert O.roi_size([2.5, 1.0, 1.0], [16, 40, 40]) == [10, 40, 40]                       # capped at the patch
+    monkeypatch.setenv("ORGANMTL_FOCUSNET_ROI", "4,16,16")
+    assert O.roi_size([2.5, 1.0, 1.0], [16, 40, 40]) == [4, 16, 16]
+    monkeypatch.setenv("ORGANMTL_FOCUSNET_ROI", "4,16")
+    with pytest.raises(ValueError, match="ORGANMTL_FOCUSNET_ROI"):
+        O.roi_size([2.5, 1.0, 1.0], [16, 40, 40])
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one thread is faster and immune to oversubscription on a shared CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _fake_trainer(cls, phase):
+    """A trainer object with just what train_step needs (no nnU-Net folders)."""
+    torch.manual_seed(0)
+    tr = object.__new__(cls)
+    net = FocusNet(1, 4, small_labels=[2, 3], roi_size=(4, 8, 8), use_ae=cls.use_ae, width=0.125)
+    tr.network = net
+    tr.device = torch.device("cpu")
+    tr.focus_settings = {"small_labels": [2, 3], "roi_size": [4, 8, 8]}
+    tr.organ_sizes_mm3 = {0: 5000.0, 1: 800.0, 2: 20.0, 3: 30.0}
+    tr.configuration_manager = SimpleNamespace(spacing=[1.0, 1.0, 1.0])
+    tr.label_manager = SimpleNamespace(num_segmentation_heads=4, ignore_label=None)
+    tr.centre_jitter = 1
+    tr.loss = tr._build_loss()
+    tr.initial_lr, tr.weight_decay, tr.num_epochs = 1e-3, 0.0, 5
+    tr.optimizer, _ = tr.configure_optimizers()
+    order = list(O.ALL_PHASES) if cls.use_ae else ["snet", "sol", "sos", "joint"]
+    tr.schedule = [(p, 1) for p in order]
+    tr.current_epoch = order.index(phase)
+    return tr
+
+
+def _batch():
+    target = torch.zeros(2, 1, 6, 16, 16, dtype=torch.long)
+    target[:, :, 1:5, 2:14, 2:14] = 1
+    target[0, :, 2:4, 5:8, 6:9] = 2
+    target[:, :, 3:5, 9:12, 9:12] = 3
+    data = torch.randn(2, 1, 6, 16, 16) + target.float()
+    return {"data": data, "target": target}
+
+
+def _changed(before, net):
+    parts = set()
+    for n, p in net.named_parameters():
+        if not torch.equal(before[n], p.detach()):
+            parts.add(n.split(".")[0])
+    return parts
+
+
+@pytest.mark.parametrize("cls, phase, expected", [
+    (nnUNetTrainerOMTLFocusNetV2, "snet", {"snet"}),
+    (nnUNetTrainerOMTLFocusNetV2, "sol", {"sol"}),
+    (nnUNetTrainerOMTLFocusNetV2, "ae", {"shape_ae"}),
+    (nnUNetTrainerOMTLFocusNetV2, "sos", {"sos", "shape_ae"}),       # G step: SOS-Net; D step: the AE
+    (nnUNetTrainerOMTLFocusNetV2OriginAE, "sos", {"sos"}),           # frozen AE: no D step
+    (nnUNetTrainerOMTLFocusNetV1, "sos", {"sos"}),
+    (nnUNetTrainerOMTLFocusNetV2, "joint", {"snet", "sol", "sos", "shape_ae"}),
+])
+def test_each_phase_updates_only_its_parameters(cls, phase, expected):
+    tr = _fake_trainer(cls, phase)
+    before = {n: p.detach().clone() for n, p in tr.network.named_parameters()}
+    tr.network.train()
+    out = tr.train_step(_batch())
+    assert np.isfinite(out["loss"])
+    assert _changed(before, tr.network) == expected
+
+
+def test_generator_step_leaves_the_autoencoder_and_discriminator_step_the_segmenter(monkeypatch):
+    """Split the alternating step: after the G step only SOS-Net moved; the D step then moves only the AE."""
+    tr = _fake_trainer(nnUNetTrainerOMTLFocusNetV2, "sos")
+    tr.network.train()
+    snapshots = []
+    real_apply = tr._apply
+
+    def spy(loss, parts):
+        real_apply(loss, parts)
+        snapshots.append(({n: p.detach().clone() for n, p in tr.network.named_parameters()}, parts))
+
+    monkeypatch.setattr(tr, "_apply", spy)
+    before = {n: p.detach().clone() for n, p in tr.network.named_parameters()}
+    tr.train_step(_batch())
+    (after_g, parts_g), (after_d, parts_d) = snapshots
+    assert parts_g == ("sos",) and parts_d == ("shape_ae",)
+    moved_g = {n.split(".")[0] for n in before if not torch.equal(before[n], after_g[n])}
+    moved_d = {n.split(".")[0] for n in before if not torch.equal(after_g[n], after_d[n])}
+    assert moved_g == {"sos"} and moved_d == {"shape_ae"}
+
+
+def test_snet_overfits_a_tiny_phantom():
+    tr = _fake_trainer(nnUNetTrainerOMTLFocusNetV1, "snet")
+    for g in tr.optimizer.param_groups:
+        g["lr"] = 5e-3
+    batch = _batch()
+    tr.network.train()
+    first = float(tr.train_step(batch)["loss"])
+    for _ in range(60):
+        last = float(tr.train_step(batch)["loss"])
+    assert last < 0.6 * first
+    seg = tr.network(batch["data"], mode="snet")["logits"].argmax(1)
+    assert (seg == batch["target"][:, 0]).float().mean() > 0.8
