@@ -143,7 +143,8 @@ def degrade_images(coco: Path, out: Path, seed: int = 0) -> Path:
 
 def _train_budget_and_evaluate(args) -> dict:
     """In a fresh process: train for ``budget`` seconds of process CPU time (or wall time on CUDA),
-    then evaluate Dice/HD (HMRNetEvaluator) on the degraded val slices."""
+    then evaluate Dice/HD (HMRNetEvaluator) on the degraded val slices. Same data pipeline for every
+    model (resize only), gradient clipping on for all."""
     config, coco, device, size, batch, budget, out = args
     import torch
     from detectron2.data import build_detection_test_loader, build_detection_train_loader
@@ -157,7 +158,6 @@ def _train_budget_and_evaluate(args) -> dict:
 
     torch.manual_seed(0)
     cfg = _cfg(config, coco, "bench_occl", device, size, batch)
-    cfg.INPUT.HMRNET_AUG.NAMES = ["flip", "rotate", "translate_scale", "blur"] if "hmrnet" in config else []
     cfg.SOLVER.STEPS = (10 ** 6,)
     cfg.SOLVER.CLIP_GRADIENTS.ENABLED = True
     model = build_model(cfg).train()
@@ -205,6 +205,7 @@ def main(argv=None) -> dict:
     p.add_argument("--iters", type=int, default=None, help="timed training iterations per model")
     p.add_argument("--budget", type=float, default=None, help="training seconds per model for the Dice/HD part")
     p.add_argument("--cases", type=int, default=None, help="demo spine cases")
+    p.add_argument("--parts", default="timing,quality", help="comma list of the parts to run: timing, quality")
     args = p.parse_args(argv)
     quick = args.quick or args.device == "cpu"
     configs = TINY if quick else FULL
@@ -226,12 +227,32 @@ def main(argv=None) -> dict:
     degraded = degrade_images(tmp / "coco", tmp / "coco_degraded")
     ctx = mp.get_context("spawn")
 
-    timing = {}
-    for label, cfg in configs.items():
+    parts = set(args.parts.split(","))
+    lines, timing, quality = [], {}, {}
+    for label, cfg in (configs.items() if "timing" in parts else ()):
         with ctx.Pool(1) as pool:
             timing[label] = pool.apply(_time_iterations, ((cfg, tmp / "coco", args.device, size, batch, iters),))
+    if timing:
+        lines += _timing_table(timing, args.device, size, batch, iters)
+        print("\n".join(lines), flush=True)
+    for label in (("Mask R-CNN (baseline)", "HMR-Net", "HMR-Net, mask head") if "quality" in parts else ()):
+        with ctx.Pool(1) as pool:
+            quality[label] = pool.apply(_train_budget_and_evaluate, ((configs[label], degraded, args.device, size, batch,
+                                                                      budget, tmp / "eval" / label.replace(" ", "_")),))
+    if quality:
+        lines += _quality_table(quality, budget, args.device)
+    machine = _machine()
+    lines += ["", f"Machine: {machine}"]
+    text = "\n".join(lines)
+    print(text)
+    return {"timing": timing, "quality": quality, "machine": machine, "markdown": text,
+            "settings": {"device": args.device, "size": size, "batch": batch, "iters": iters, "budget": budget,
+                         "cases": cases}}
+
+
+def _timing_table(timing, device, size, batch, iters) -> list[str]:
     base = timing["Mask R-CNN (baseline)"]
-    lines = [f"### HMR-Net vs Mask R-CNN: training iteration ({args.device}, {size} px, batch {batch}, "
+    lines = [f"### HMR-Net vs Mask R-CNN: training iteration ({device}, {size} px, batch {batch}, "
              f"{iters} timed iterations after 2 warm-up)", "",
              "| model | params (M) | s / iteration | ratio | peak memory (MiB) | ratio |", "|---|---|---|---|---|---|"]
     for label, t in timing.items():
@@ -243,26 +264,19 @@ def main(argv=None) -> dict:
         lines.append(f"| {label} | " + " | ".join(f"{v:.3f} ({_ratio(v, base['parts'][k])})"
                                                   for k, v in t["parts"].items()) + " |")
 
-    quality = {}
-    for label in ("Mask R-CNN (baseline)", "HMR-Net", "HMR-Net, mask head"):
-        with ctx.Pool(1) as pool:
-            quality[label] = pool.apply(_train_budget_and_evaluate, ((configs[label], degraded, args.device, size, batch,
-                                                                      budget, tmp / "eval" / label.replace(" ", "_")),))
+    return lines
+
+
+def _quality_table(quality, budget, device) -> list[str]:
     qb = quality["Mask R-CNN (baseline)"]
-    unit = "CPU s" if args.device == "cpu" else "s"
-    lines += ["", f"### Shape head vs mask head after {budget:.0f} {unit} of training each, evaluated on "
+    unit = "CPU s" if device == "cpu" else "s"
+    lines = ["", f"### Shape head vs mask head after {budget:.0f} {unit} of training each, evaluated on "
               "held-out demo spine slices with occlusion + low contrast", "",
               "| model | iterations | Dice | ratio | HD (mm) | ratio | segm AP11 | ratio |", "|---|---|---|---|---|---|---|---|"]
     for label, q in quality.items():
         lines.append(f"| {label} | {q['iters']} | {q['dice']:.3f} | {_ratio(q['dice'], qb['dice'])} | {q['hd']:.2f} | "
                      f"{_ratio(q['hd'], qb['hd'])} | {q['segm_ap11']:.1f} | {_ratio(q['segm_ap11'], qb['segm_ap11'])} |")
-    machine = _machine()
-    lines += ["", f"Machine: {machine}"]
-    text = "\n".join(lines)
-    print(text)
-    return {"timing": timing, "quality": quality, "machine": machine, "markdown": text,
-            "settings": {"device": args.device, "size": size, "batch": batch, "iters": iters, "budget": budget,
-                         "cases": cases}}
+    return lines
 
 
 if __name__ == "__main__":

@@ -85,7 +85,7 @@ def decode_points(q: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`encode_points`: (R, 2p) box coordinates -> (R, p, 2) image points (§2.4,
     "rescaling step ... back to the original image space")."""
     centre, size = _box_centre_size(boxes)
-    return centre[:, None] + q.view(q.shape[0], -1, 2) * size[:, None] / 2
+    return centre[:, None] + q.view(q.shape[0], q.shape[1] // 2, 2) * size[:, None] / 2
 
 
 def shape_regression_loss(q: torch.Tensor, q_star: torch.Tensor, norm_weight: float = 0.0) -> torch.Tensor:

@@ -82,3 +82,4 @@ def test_point_normalisation_round_trip():
     q = encode_points(pts, boxes)
     assert torch.allclose(q, torch.tensor([[-1.0, -1.0, 1.0, 1.0, 0.0, 0.0]]))
     assert torch.allclose(decode_points(q, boxes), pts)
+    assert decode_points(torch.zeros(0, 6), torch.zeros(0, 4)).shape == (0, 3, 2)     # no detections

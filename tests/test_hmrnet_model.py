@@ -165,3 +165,11 @@ def test_inference_outputs_masks_at_output_size(batch, config):
         assert inst.pred_points.shape == (len(inst), 8, 2)
         cx = (inst.pred_boxes.tensor[:, 0] + inst.pred_boxes.tensor[:, 2]) / 2
         assert torch.allclose(inst.pred_points[..., 0].mean(1), cx, atol=64)    # output-image coordinates
+
+
+def test_inference_without_detections(batch):
+    model = build_model(tiny_cfg(**{"MODEL.ROI_HEADS.SCORE_THRESH_TEST": 1.01})).eval()
+    with torch.no_grad():
+        inst = model([{k: batch[0][k] for k in ("image", "height", "width")}])[0]["instances"]
+    assert len(inst) == 0
+    assert inst.pred_points.shape == (0, 8, 2) and inst.pred_masks.shape == (0, 128, 128)
