@@ -47,7 +47,7 @@ def sliding_window_heatmaps(network, data: torch.Tensor, patch_size, step: float
                 feats = network.segment(window)[1]
                 acc[(slice(None), *sl)] += network.sol(feats)[0].float().cpu() * gauss
                 weight[sl] += gauss
-    heat = acc / weight.clamp_min(1e-8)
+    heat = torch.where(weight > 0, acc / torch.where(weight > 0, weight, torch.ones_like(weight)), acc)
     return heat[(slice(None), *revert[1:])]
 
 
