@@ -82,6 +82,8 @@ def test_phase_schedule_and_parsing():
     sched = O.phase_schedule(O.ALL_PHASES, 0, O.parse_phase_epochs("snet=2,sol=0,ae=1,sos=1,joint=1", O.ALL_PHASES))
     assert sched == [("snet", 2), ("ae", 1), ("sos", 1), ("joint", 1)]
     assert [O.phase_at(sched, e) for e in range(6)] == ["snet", "snet", "ae", "sos", "joint", "joint"]
+    # phases the variant does not run are ignored (one setting for every trainer)
+    assert O.parse_phase_epochs("snet=3,ae=2", ("snet", "sol")) == {"snet": 3}
     with pytest.raises(ValueError, match="ORGANMTL_FOCUSNET_PHASE_EPOCHS"):
         O.parse_phase_epochs("snet=2,aae=1", O.ALL_PHASES)
     with pytest.raises(ValueError, match="integer"):

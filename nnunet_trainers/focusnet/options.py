@@ -46,7 +46,8 @@ def env_float(name: str, default: float) -> float:
 
 
 def parse_phase_epochs(raw: str, phases: Sequence[str]) -> dict[str, int]:
-    """``"snet=2,sol=1"`` -> ``{"snet": 2, "sol": 1}``; every name must be one of ``phases``."""
+    """``"snet=2,sol=1"`` -> ``{"snet": 2, "sol": 1}`` restricted to ``phases`` (one setting can serve
+    several variants: phases a variant does not run are ignored); every name must be a known phase."""
     out = {}
     for item in raw.split(","):
         item = item.strip()
@@ -54,15 +55,16 @@ def parse_phase_epochs(raw: str, phases: Sequence[str]) -> dict[str, int]:
             continue
         name, sep, value = item.partition("=")
         name = name.strip()
-        if not sep or name not in phases:
-            raise ValueError(f"ORGANMTL_FOCUSNET_PHASE_EPOCHS: {item!r} is not NAME=EPOCHS with NAME one of {list(phases)}")
+        if not sep or name not in ALL_PHASES:
+            raise ValueError(f"ORGANMTL_FOCUSNET_PHASE_EPOCHS: {item!r} is not NAME=EPOCHS with NAME one of {list(ALL_PHASES)}")
         try:
             n = int(value)
         except ValueError as e:
             raise ValueError(f"ORGANMTL_FOCUSNET_PHASE_EPOCHS: {item!r} has no integer epoch count") from e
         if n < 0:
             raise ValueError(f"ORGANMTL_FOCUSNET_PHASE_EPOCHS: {item!r} is negative")
-        out[name] = n
+        if name in phases:
+            out[name] = n
     return out
 
 
