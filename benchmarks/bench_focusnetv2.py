@@ -260,7 +260,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--work", type=Path, default=None, help="working folder (default: a temporary one)")
     ap.add_argument("--epochs", type=int, default=None)
     ap.add_argument("--iters", type=int, default=None)
+    ap.add_argument("--trainers", nargs="+", default=TRAINERS, choices=TRAINERS,
+                    help="subset to run (results are cached in --work, so runs can be split and combined)")
     a = ap.parse_args(argv)
+    if a.trainers[0] != TRAINERS[0] and not a.work:
+        ap.error("--trainers without the baseline needs --work with the baseline's cached result")
     epochs = a.epochs or (5 if a.quick else 50)
     iters = a.iters or (3 if a.quick else 25)
     work = a.work or Path(tempfile.mkdtemp(prefix="bench_focusnetv2_"))
@@ -271,11 +275,22 @@ def main(argv=None) -> dict:
     raw = prepare(work, 8 if a.quick else 16, env)
     dataset_json = json.loads((raw / "dataset.json").read_text())
     results = {}
-    for t in TRAINERS:
+    for t in a.trainers:
+        cache = work / f"result_{t}_{epochs}x{iters}.json"
+        if cache.is_file():
+            results[t] = json.loads(cache.read_text())
+            continue
         print(f"[bench_focusnetv2] training {t} ({epochs} epochs x {iters} iterations)", flush=True)
         train_s = train(t, env, work, a.device)
         results[t] = {"train_s": train_s, "eval": evaluate(t, env, dataset_json),
                       "cost": cost(t, env, a.device, 3 if a.quick else 10)}
+        cache.write_text(json.dumps(results[t], indent=1))
+    if TRAINERS[0] not in results:
+        cache = work / f"result_{TRAINERS[0]}_{epochs}x{iters}.json"
+        if not cache.is_file():
+            raise FileNotFoundError(f"{cache}: run the baseline first (it is the reference of every ratio)")
+        results = {TRAINERS[0]: json.loads(cache.read_text()), **results}
+    results = {t: results[t] for t in TRAINERS if t in results}
     md = table(results, dataset_json)
     machine = (f"machine: {platform.machine()} {os.cpu_count()} CPU cores, {platform.system()}, device {a.device}, "
                f"python {platform.python_version()}; budget {epochs} epochs x {iters} iterations per trainer, "
