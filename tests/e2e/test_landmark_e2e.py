@@ -29,9 +29,9 @@ ABDOMEN, VISCERAL = 611, 612
 
 
 def _prepare(root: Path, env: dict, source: str, src: Path, dataset_id: int, name: str, configs, *options) -> Path:
-    r = run_cli("convert", source, src, "--dataset-id", dataset_id, "--name", name, *options, env=env)
+    r = run_cli("convert", source, src, "--dataset-id", dataset_id, "--name", name, *options, env=env, timeout=1800)
     assert r.returncode == 0, r.stderr
-    r = run_cli("plan-tiny", "-d", dataset_id, "-c", *configs, "-np", "1", env=env)
+    r = run_cli("plan-tiny", "-d", dataset_id, "-c", *configs, "-np", "1", env=env, timeout=1800)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     # one validation case in fold 0: nnU-Net's final validation predicts every validation case
     pre = root / "pre" / f"Dataset{dataset_id:03d}_{name}"
@@ -42,7 +42,7 @@ def _prepare(root: Path, env: dict, source: str, src: Path, dataset_id: int, nam
 
 def _train(env, dataset_id, config, trainer, log: Path, extra=(), budget=None):
     run_in_group([venv_bin("nnUNetv2_train"), str(dataset_id), config, "0", "-tr", trainer, "-device", "cpu", *extra],
-                 env={**env, **BUDGET, **(budget or {})}, log_file=log, timeout=900)
+                 env={**env, **BUDGET, **(budget or {})}, log_file=log, timeout=1800)
     return log.read_text()
 
 
@@ -86,7 +86,7 @@ def _predict(work, key, tmp_path, channels=2, module=None) -> tuple[Path, Path, 
     command = [venv_bin("python"), "-m", module] if module else [venv_bin("nnUNetv2_predict")]
     run_in_group([*command, "-i", str(inp), "-o", str(out), "-d", str(dataset_id), "-c", config, "-f", "0",
                   "-tr", trainer, "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"],
-                 env={**work["env"], **BUDGET}, log_file=tmp_path / "predict.log", timeout=900)
+                 env={**work["env"], **BUDGET}, log_file=tmp_path / "predict.log", timeout=1800)
     pred = sitk.ReadImage(str(out / f"{case}.nii.gz"))
     ref = sitk.ReadImage(str(raw / "imagesTr" / f"{case}_0000.nii.gz"))
     assert pred.GetSize() == ref.GetSize()
@@ -150,7 +150,8 @@ def test_alternate_2d_and_each_iteration_touches_one_head(work, tmp_path, monkey
     dl_train, _ = trainer.get_dataloaders()
     net = trainer._module()
     seg_head = list(net.unet.decoder.seg_layers[-1].parameters())
-    tail = list(net.landmark_tail.parameters())
+    # a conv bias right before instance norm has a zero gradient in theory (1e-7 in floats): leave it out
+    tail = [p for n, p in net.landmark_tail.named_parameters() if not n.endswith("conv.bias")]
     trainer.global_iteration = 0
     net.train()
     for expected in ("segmentation", "landmarks", "segmentation"):
