@@ -61,7 +61,8 @@ def _sync(device):
 
 
 def _time_iterations(args) -> dict:
-    """In a fresh process: mean training-iteration time and peak memory, plus HMR-Net's split."""
+    """In a fresh process: mean training-iteration time (CPU seconds on CPU, wall seconds on CUDA) and
+    peak memory (CUDA: max allocated; CPU: the process's peak RSS, imports included), plus the split."""
     config, coco, device, size, batch, iters = args
     import torch
     from detectron2.data import build_detection_train_loader
@@ -78,29 +79,31 @@ def _time_iterations(args) -> dict:
     data = iter(build_detection_train_loader(cfg, mapper=HMRNetDatasetMapper(cfg, True)))
     parts = {"backbone": 0.0, "rpn": 0.0, "roi_heads": 0.0, "backward+step": 0.0}
     times = []
+    # CPU: process CPU time (robust on shared cores, OMP_NUM_THREADS=1); CUDA: synchronised wall time
+    clock = time.process_time if device == "cpu" else time.perf_counter
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     with EventStorage(0) as storage:
         for i in range(iters + 2):
             batch_in = next(data)
             _sync(device)
-            t0 = time.perf_counter()
+            t0 = clock()
             images = model.preprocess_image(batch_in)
             gt = [x["instances"].to(model.device) for x in batch_in]
             feats = model.backbone(images.tensor)
             _sync(device)
-            t1 = time.perf_counter()
+            t1 = clock()
             props, l1 = model.proposal_generator(images, feats, gt)
             _sync(device)
-            t2 = time.perf_counter()
+            t2 = clock()
             _, l2 = model.roi_heads(images, feats, props, gt)
             _sync(device)
-            t3 = time.perf_counter()
+            t3 = clock()
             opt.zero_grad()
             sum({**l1, **l2}.values()).backward()
             opt.step()
             _sync(device)
-            t4 = time.perf_counter()
+            t4 = clock()
             storage.step()
             if i >= 2:                                   # 2 warm-up iterations
                 times.append(t4 - t0)
@@ -254,7 +257,8 @@ def _timing_table(timing, device, size, batch, iters) -> list[str]:
     base = timing["Mask R-CNN (baseline)"]
     lines = [f"### HMR-Net vs Mask R-CNN: training iteration ({device}, {size} px, batch {batch}, "
              f"{iters} timed iterations after 2 warm-up)", "",
-             "| model | params (M) | s / iteration | ratio | peak memory (MiB) | ratio |", "|---|---|---|---|---|---|"]
+             "| model | params (M) | " + ("CPU s" if device == "cpu" else "s") + " / iteration | ratio | "
+             + ("peak RSS" if device == "cpu" else "peak CUDA memory") + " (MiB) | ratio |", "|---|---|---|---|---|---|"]
     for label, t in timing.items():
         lines.append(f"| {label} | {t['params_m']:.1f} | {t['iter_s']:.3f} | {_ratio(t['iter_s'], base['iter_s'])} | "
                      f"{t['peak_mb']:.0f} | {_ratio(t['peak_mb'], base['peak_mb'])} |")
