@@ -107,7 +107,7 @@ def score(raw: Path, fold: Path, predicted_landmarks: Path | None) -> dict:
     return result
 
 
-def step_times(raw_folders: dict, env: dict, device: str, steps: int) -> dict:
+def step_times(raw_folders: dict, env: dict, device: str, steps: int, methods=METHODS) -> dict:
     """Seconds per train_step (median of ``steps`` after one warm-up) on one fixed batch per dataset."""
     import torch
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
@@ -121,7 +121,7 @@ def step_times(raw_folders: dict, env: dict, device: str, steps: int) -> dict:
         plans["continue_training"] = False              # what nnunetv2.run.run_training adds
         dataset_json = json.loads((pre / "dataset.json").read_text())
         batch = None
-        names = ["nnUNetTrainer"] + [tr for _, d, tr, _ in METHODS if d == dataset_id]
+        names = ["nnUNetTrainer"] + [tr for _, d, tr, _ in methods if d == dataset_id]
         for name in names:
             cls = nnUNetTrainer if name == "nnUNetTrainer" else getattr(trainers, name)
             trainer = cls(json.loads(json.dumps(plans)), CONFIG, 0, dataset_json, torch.device(device))
@@ -154,8 +154,12 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--quick", action="store_true", help="2 epochs x 5 iterations, 5 cases, 3 timed steps")
-    p.add_argument("--work", type=Path, default=None, help="keep the work folder here (default: a temporary one)")
+    p.add_argument("--work", type=Path, default=None, help="keep the work folder here (default: a temporary one); "
+                                                           "methods already trained there are not trained again")
+    p.add_argument("--only", nargs="+", default=None, metavar="TRAINER",
+                   help="a subset of the methods (trainer names; the baseline is always included)")
     args = p.parse_args(argv)
+    methods = [m for m in METHODS if args.only is None or m is METHODS[0] or m[2] in args.only]
     epochs, iters, n_cases, steps = (2, 5, 5, 3) if args.quick else (20, 50, 10, 10)
     tmp = None
     if args.work is None:
@@ -171,7 +175,7 @@ def main(argv=None) -> dict:
 
     raw = prepare(root, env, n_cases)
     results = {}
-    for row, dataset_id, trainer, tail in tqdm(METHODS, desc="methods"):
+    for row, dataset_id, trainer, tail in tqdm(methods, desc="methods"):
         log = root / f"{trainer}.log"
         fold = root / "res" / raw[dataset_id].name / f"{trainer}__nnUNetPlans__{CONFIG}" / "fold_0"
         t0 = time.perf_counter()
@@ -192,8 +196,8 @@ def main(argv=None) -> dict:
                   "-d", dataset_id, "-c", CONFIG, "-f", 0, "-tr", trainer, "-device", args.device, "--disable_tta"],
                  env, log)
         results[row] = {"trainer": trainer, "train_wall_s": wall, **score(raw[dataset_id], fold, landmarks)}
-    times = step_times(raw, env, args.device, steps)
-    for row, dataset_id, trainer, _ in METHODS:
+    times = step_times(raw, env, args.device, steps, methods)
+    for row, dataset_id, trainer, _ in methods:
         results[row]["step_s"] = times[(dataset_id, trainer)]
         results[row]["stock_step_s"] = times[(dataset_id, "nnUNetTrainer")]
 
@@ -205,10 +209,10 @@ def main(argv=None) -> dict:
              "baseline, step time to the stock nnUNetTrainer on the same dataset, same run.", "",
              "| method | mean Dice | mean IoU | landmark error (mm) | s / train step | train wall (s) |",
              "|---|---|---|---|---|---|"]
-    for row, _, _, _ in METHODS:
+    for row, _, _, _ in methods:
         r = results[row]
         lm = r.get("landmark_error_mm")
-        lm_text = f"{lm:.1f} ({_ratio(lm, results['joint lambda=1'].get('landmark_error_mm'))} of joint 1)" \
+        lm_text = f"{lm:.1f} ({_ratio(lm, results.get('joint lambda=1', {}).get('landmark_error_mm'))} of joint 1)" \
             if lm is not None else "n/a"
         lines.append(f"| {row} | {r['mean_dice']:.3f} ({_ratio(r['mean_dice'], base['mean_dice'])}) | "
                      f"{r['mean_iou']:.3f} ({_ratio(r['mean_iou'], base['mean_iou'])}) | {lm_text} | "
@@ -216,7 +220,7 @@ def main(argv=None) -> dict:
                      f"{r['train_wall_s']:.0f} ({_ratio(r['train_wall_s'], base['train_wall_s'])}) |")
     lines += ["", "Per-organ Dice (ratio to the baseline):", "",
               "| method | " + " | ".join(organs) + " |", "|---|" + "---|" * len(organs)]
-    for row, _, _, _ in METHODS:
+    for row, _, _, _ in methods:
         r = results[row]
         lines.append(f"| {row} | " + " | ".join(f"{r['dice'][o]:.3f} ({_ratio(r['dice'][o], base['dice'][o])})"
                                                   for o in organs) + " |")
