@@ -95,12 +95,19 @@ def test_trainer_runs_every_phase_and_predicts(han, trainer, tmp_path):
     ckpt = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert ckpt["trainer_name"] == trainer and ckpt["current_epoch"] == len(PHASES[trainer])
     settings = json.loads((fold.parent / "plans.json").read_text())["configurations"]["3d_tiny"]["organmtl_focusnet"]
-    assert settings["small_organs"] == ["Chiasm", "OpticNerve_L", "OpticNerve_R"]
-    assert settings["use_sos"] == (trainer != "nnUNetTrainerOMTLSNet_Tiny")
+    with_sos = trainer != "nnUNetTrainerOMTLSNet_Tiny"
+    assert settings["use_sos"] == with_sos
+    assert settings["small_organs"] == (["Chiasm", "OpticNerve_L", "OpticNerve_R"] if with_sos else [])
     assert settings["concat_image"] == ("NoConcat" not in trainer)
     has_ae = any(k.startswith("shape_ae.") for k in ckpt["network_weights"])
     assert has_ae == ("FocusNetV2" in trainer)
     assert (fold / "validation" / "summary.json").is_file()
+    centres = sorted((fold / "validation").glob("*_centres.json"))
+    assert bool(centres) == with_sos
+    for c in centres:
+        rec = json.loads(c.read_text())["centres"]
+        assert set(rec) == {"Chiasm", "OpticNerve_L", "OpticNerve_R"}
+        assert all(len(v["world_mm"]) == 3 and np.isfinite(v["world_mm"]).all() for v in rec.values())
     _predict_and_check(root, env, trainer, tmp_path)
 
 
