@@ -192,12 +192,14 @@ def main(argv=None) -> dict:
                     name = f"{case}_{c:04d}.nii.gz"
                     (inp / name).write_bytes((raw[dataset_id] / "imagesTr" / name).read_bytes())
             landmarks = root / f"pred_{trainer}"
-            _run([sys.executable, "-m", "organmtl.nnunet_trainers.landmarks.predict", "-i", inp, "-o", landmarks,
-                  "-d", dataset_id, "-c", CONFIG, "-f", 0, "-tr", trainer, "-device", args.device, "--disable_tta"],
-                 env, log)
+            if not list(landmarks.glob("*.json")):            # else predicted by an earlier run with --work
+                    _run([sys.executable, "-m", "organmtl.nnunet_trainers.landmarks.predict", "-i", inp, "-o", landmarks,
+                      "-d", dataset_id, "-c", CONFIG, "-f", 0, "-tr", trainer, "-device", args.device, "--disable_tta"],
+                     env, log)
         results[row] = {"trainer": trainer, "train_wall_s": wall, **score(raw[dataset_id], fold, landmarks)}
-    times = step_times(raw, env, args.device, steps, methods)
-    for row, dataset_id, trainer, _ in methods:
+    times = step_times(raw, env, args.device, steps, METHODS)     # step time of every method, trained or not
+    for row, dataset_id, trainer, _ in METHODS:
+        results.setdefault(row, {"trainer": trainer, "not_run": True})
         results[row]["step_s"] = times[(dataset_id, trainer)]
         results[row]["stock_step_s"] = times[(dataset_id, "nnUNetTrainer")]
 
@@ -209,8 +211,12 @@ def main(argv=None) -> dict:
              "baseline, step time to the stock nnUNetTrainer on the same dataset, same run.", "",
              "| method | mean Dice | mean IoU | landmark error (mm) | s / train step | train wall (s) |",
              "|---|---|---|---|---|---|"]
-    for row, _, _, _ in methods:
+    for row, _, _, _ in METHODS:
         r = results[row]
+        if r.get("not_run"):
+            lines.append(f"| {row} | not run (--only) | | | {r['step_s']:.3f} ({_ratio(r['step_s'], r['stock_step_s'])} "
+                         f"of stock) | |")
+            continue
         lm = r.get("landmark_error_mm")
         lm_text = f"{lm:.1f} ({_ratio(lm, results.get('joint lambda=1', {}).get('landmark_error_mm'))} of joint 1)" \
             if lm is not None else "n/a"
