@@ -193,7 +193,7 @@ def main(argv=None) -> dict:
                     (inp / name).write_bytes((raw[dataset_id] / "imagesTr" / name).read_bytes())
             landmarks = root / f"pred_{trainer}"
             if not list(landmarks.glob("*.json")):            # else predicted by an earlier run with --work
-                    _run([sys.executable, "-m", "organmtl.nnunet_trainers.landmarks.predict", "-i", inp, "-o", landmarks,
+                _run([sys.executable, "-m", "organmtl.nnunet_trainers.landmarks.predict", "-i", inp, "-o", landmarks,
                       "-d", dataset_id, "-c", CONFIG, "-f", 0, "-tr", trainer, "-device", args.device, "--disable_tta"],
                      env, log)
         results[row] = {"trainer": trainer, "train_wall_s": wall, **score(raw[dataset_id], fold, landmarks)}
