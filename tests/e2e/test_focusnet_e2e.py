@@ -49,7 +49,7 @@ def _fold(root, trainer):
     return root / "res" / "Dataset451_FocusNet" / f"{trainer}__nnUNetPlans__3d_tiny" / "fold_0"
 
 
-def _train_until(cmd, env, log, marker, timeout=900):
+def _train_until(cmd, env, log, marker, timeout=1800):
     """Start training and kill its process group once ``marker`` appears in the log (a crash mid-run)."""
     with open(log, "w") as fh:
         proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=fh, stderr=subprocess.STDOUT,
@@ -75,7 +75,7 @@ def _predict_and_check(root, env, trainer, tmp_path):
     out = tmp_path / "out"
     run_in_group([venv_bin("nnUNetv2_predict"), "-i", str(inp), "-o", str(out), "-d", DATASET, "-c", "3d_tiny",
                   "-f", "0", "-tr", trainer, "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"],
-                 env=env, log_file=tmp_path / "predict.log", timeout=900)
+                 env=env, log_file=tmp_path / "predict.log", timeout=1800)
     name = case.name.replace("_0000.nii.gz", ".nii.gz")
     pred, ref = sitk.ReadImage(str(out / name)), sitk.ReadImage(str(case))
     assert pred.GetSize() == ref.GetSize()
@@ -88,7 +88,7 @@ def test_trainer_runs_every_phase_and_predicts(han, trainer, tmp_path):
     root, env = han
     log = tmp_path / "train.log"
     run_in_group([venv_bin("nnUNetv2_train"), DATASET, "3d_tiny", "0", "-tr", trainer, "-device", "cpu"],
-                 env=env, log_file=log, timeout=900)
+                 env=env, log_file=log, timeout=1800)
     text = log.read_text()
     assert [p for p in PHASES[trainer] if f"FocusNet phase: {p}" in text] == PHASES[trainer]
     fold = _fold(root, trainer)
@@ -120,7 +120,7 @@ def test_focusnet_v1_resumes_across_a_phase_and_predicts(han, tmp_path):
     fold = _fold(root, trainer)
     assert torch.load(fold / "checkpoint_latest.pth", map_location="cpu", weights_only=False)["current_epoch"] == 1
     log = tmp_path / "resumed.log"
-    run_in_group(cmd + ["--c"], env=env, log_file=log, timeout=900)
+    run_in_group(cmd + ["--c"], env=env, log_file=log, timeout=1800)
     text = log.read_text()
     assert "FocusNet phase: snet" not in text
     assert all(f"FocusNet phase: {p}" in text for p in ("sol", "sos", "joint"))
