@@ -21,6 +21,7 @@ import importlib
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -101,15 +102,20 @@ def run_one(script: Path, device: str, quick: bool, timeout: int) -> dict:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--_child", str(script), "--_json", str(json_out), "--", *argv]
         print(f"\n=== {script.name} {' '.join(argv)}", flush=True)
         t0 = time.time()
+        # own process group, so that a timeout also ends the script's workers and subprocesses
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                                env={**os.environ, "TQDM_DISABLE": "1"}, start_new_session=True)
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-                                  env={**os.environ, "TQDM_DISABLE": "1"})
+            stdout, stderr = proc.communicate(timeout=timeout)
             status = "ok" if proc.returncode == 0 else f"failed (exit {proc.returncode})"
-            stdout, stderr = proc.stdout, proc.stderr
-        except subprocess.TimeoutExpired as e:
-            out = e.stdout or ""
-            status, stdout, stderr = f"timed out after {timeout} s", (
-                out.decode(errors="replace") if isinstance(out, bytes) else out), ""
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                stdout, stderr = proc.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                stdout, stderr = proc.communicate()
+            status = f"timed out after {timeout} s"
         wall = time.time() - t0
         print(stdout, end="", flush=True)
         if status != "ok":

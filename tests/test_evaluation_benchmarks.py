@@ -90,3 +90,24 @@ def test_only_keep_merges_with_the_existing_page(suite, tmp_path, monkeypatch):
     text = out.read_text()
     assert "| bench_a | new |" in text and "| bench_b | newer |" in text and "| bench_b | new |" not in text
     assert text.index("## bench_a") < text.index("## bench_b")
+
+
+def test_timeout_ends_the_script_and_its_subprocesses(suite, tmp_path):
+    import subprocess
+
+    marker = f"organmtl_bench_timeout_{tmp_path.name}"
+    script = tmp_path / "bench_sleepy.py"
+    script.write_text(f'''
+import subprocess, sys, time
+
+
+def main(argv=None):
+    subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)  # {marker}"])
+    print("| started | 1 | 1.00 |", flush=True)
+    time.sleep(120)
+    return {{}}
+''')
+    run = suite.run_one(script, "cpu", True, timeout=20)
+    assert run["status"] == "timed out after 20 s" and "| started |" in run["stdout"]
+    left = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout.split()
+    assert left == []
