@@ -136,11 +136,9 @@ def test_alternate_2d_and_each_iteration_touches_one_head(work, tmp_path, monkey
     assert "alternate: 1 segmentation iterations" in log and "1 landmark iterations" in log
     _predict(work, "alternate", tmp_path)
     # in-process: one iteration per task, gradients on the intended head only
-    import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as stock
     from organmtl.nnunet_trainers.landmarks import nnUNetTrainerOMTLLandmarkAlternate_Tiny
-    for key in ("nnUNet_preprocessed", "nnUNet_results"):
-        monkeypatch.setattr(stock, key, work["env"][key])
-    monkeypatch.setenv("nnUNet_n_proc_DA", "0")                 # single-threaded augmenter in this process
+    for key, value in work["env"].items():                      # nnU-Net 2.8 reads its paths when used
+        monkeypatch.setenv(key, value)
     raw = work["raw"][ABDOMEN]
     pre = work["root"] / "pre" / raw.name
     plans = {**json.loads((pre / "nnUNetPlans.json").read_text()), "continue_training": False}   # as run_training
