@@ -234,10 +234,11 @@ def to_coco(dataset: Path, out: Path, args, run_cases) -> dict:
             for a in anns:
                 ann_id += 1
                 splits[split]["annotations"].append({"id": ann_id, "image_id": image_id, **a})
+    small = {"organmtl_small_organs": meta["organmtl_small_organs"]} if "organmtl_small_organs" in meta else {}
     for split, content in splits.items():
         write_json(out / "annotations" / f"instances_{split}.json", {
             "info": {"description": f"{meta.get('name', dataset.name)} ({args.axis} slices) by organmtl",
                      "source_dataset": str(dataset.name)},
-            "licenses": [], "categories": categories, **content})
+            "licenses": [], "categories": categories, **small, **content})
     return {"images": image_id, "annotations": ann_id, "categories": len(categories),
             "train_images": len(splits["train"]["images"]), "val_images": len(splits["val"]["images"])}

@@ -3,7 +3,7 @@ import pytest
 
 from tests.conftest import run_cli
 
-SUBCOMMANDS = ["list", "doctor", "install-hooks", "demo-data", "convert", "plan-tiny", "evaluate", "demo"]
+SUBCOMMANDS = ["list", "doctor", "install-hooks", "demo-data", "convert", "plan-tiny", "evaluate", "report", "demo", "multitask-experiments"]
 
 
 @pytest.mark.parametrize("sub", SUBCOMMANDS)

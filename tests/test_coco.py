@@ -105,3 +105,4 @@ def test_han_volume_to_coco_along_each_axis(demo_root, tmp_path):
         spacing = {tuple(im["pixel_spacing"]) for im in data["images"]}
         assert spacing == {"axial": {(1.0, 1.0)}, "coronal": {(2.5, 1.0)}, "sagittal": {(2.5, 1.0)}}[axis]
         assert {c["name"] for c in data["categories"]} >= {"Chiasm", "OpticNerve_L"}
+        assert data["organmtl_small_organs"] == ["Chiasm", "OpticNerve_L", "OpticNerve_R"]   # for `evaluate`
