@@ -118,7 +118,7 @@ def cmd_demo(args) -> int:
     from organmtl.demo import run_demo
 
     return run_demo(args.out, epochs=args.epochs, iterations=args.iterations, overwrite=args.overwrite,
-                    detectron_iterations=args.detectron_iterations)
+                    detectron_iterations=args.detectron_iterations, only=args.only)
 
 
 def cmd_multitask_experiments(args) -> int:
@@ -216,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None, help="nnU-Net epochs (default: demo budget)")
     p.add_argument("--iterations", type=int, default=None, help="iterations per epoch")
     p.add_argument("--detectron-iterations", type=int, default=None, help="Detectron2 iterations (default: demo budget)")
+    p.add_argument("--only", nargs="+", choices=[*demo_studies(), "detectron"], default=None,
+                   help="run only these parts (default: all)")
     p.add_argument("--overwrite", action="store_true", help="start again from scratch")
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("multitask-experiments", help="Moeskops et al.'s task-subset experiments: train every "
@@ -236,6 +238,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "mps"])
     p.set_defaults(func=cmd_multitask_experiments)
     return parser
+
+
+def demo_studies() -> list[str]:
+    from organmtl.demo import STUDIES
+
+    return [s.key for s in STUDIES]
 
 
 def _version() -> str:

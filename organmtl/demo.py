@@ -1,35 +1,82 @@
 """``organmtl demo``: the main job end to end on the built-in demo data, on a CPU.
 
-1. write the phantoms (``organmtl demo-data``), keeping 4 head-and-neck cases aside as a test set;
-2. convert PDDCA-style head-and-neck CT -> nnU-Net raw (``organmtl convert pddca --test``);
-3. plan + preprocess with the tiny CPU configuration (``organmtl plan-tiny``);
-4. train each nnU-Net trainer of the comparison with the stock ``nnUNetv2_train``;
-5. predict the test cases with the stock ``nnUNetv2_predict``; Dice per organ (nnU-Net's own
-   evaluation); PNG overlays of the reference vs predicted contours;
-6. Detectron2: spine slices -> COCO (``organmtl convert volumes --to coco``), ``train_net.py``
-   with the tiny Mask R-CNN config, COCO segm AP per structure.
+Every implemented method runs on the demo dataset of its paper, next to the stock baseline it is
+compared against, through the same commands a user types:
+
+1. write the phantoms (``organmtl demo-data``);
+2. per nnU-Net study (:data:`STUDIES`): convert to nnU-Net raw format (``organmtl convert``), plan
+   and preprocess the tiny CPU configuration (``organmtl plan-tiny``), train each trainer with the
+   stock ``nnUNetv2_train``; the head-and-neck study also predicts held-out cases with the stock
+   ``nnUNetv2_predict`` and evaluates them (``organmtl evaluate``: Dice, HD95, small organs), the
+   others report nnU-Net's own fold-0 validation;
+3. Detectron2: spine slices -> COCO (``organmtl convert volumes --to coco``), ``train_net.py`` with
+   the tiny Mask R-CNN baseline and the tiny HMR-Net config, COCO segm AP and Dice per structure;
+4. ``organmtl report``: overlays and learning curves; one comparison table in ``summary.md``.
 
 Everything lives under ``--out`` (nnU-Net's three folders included); nothing outside is touched.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from organmtl.procs import run_in_group, venv_bin
 
 MARKER = ".organmtl-demo"
-DATASET_ID = 501
-CONFIGURATION = "3d_tiny"
 FOLD = 0
-TRAINERS = {"nnU-Net baseline": "nnUNetTrainerOMTLBaseline_Tiny"}
-DEFAULT_EPOCHS, DEFAULT_ITERATIONS = 40, 25
-DETECTRON_ITERATIONS = 300
+BASELINE = "nnUNetTrainerOMTLBaseline_Tiny"
+DEFAULT_EPOCHS, DEFAULT_ITERATIONS = 6, 25
+DETECTRON_ITERATIONS = 150
 N_TEST = 4
+
+
+@dataclass(frozen=True)
+class Study:
+    """One nnU-Net comparison of the demo: a dataset made by ``convert`` commands and the trainers
+    trained on it (column label -> trainer class name; the first is the baseline)."""
+
+    key: str
+    title: str
+    dataset_id: int
+    name: str
+    families: tuple[str, ...]
+    convert: tuple[tuple[str, ...], ...]        # organmtl arguments; "{data}" is the demo data folder
+    trainers: dict[str, str]
+    configuration: str = "3d_tiny"
+    test_set: bool = False                      # predict held-out cases (else: fold-0 validation)
+    env: dict[str, str] = field(default_factory=dict)
+
+
+STUDIES = (
+    Study("han", "Head-and-neck CT (PDDCA layout): FocusNetv2 vs nnU-Net", 501, "HaNDemo", ("han_pddca",),
+          (("convert", "pddca", "{data}/han_pddca", "--test", "{data}/han_pddca_test", "--dataset-id", "501",
+            "--name", "HaNDemo", "-j", "2"),),
+          {"nnU-Net": BASELINE, "FocusNetv2": "nnUNetTrainerOMTLFocusNetV2_Tiny"}, test_set=True),
+    # one conversion with Gaussian landmark channels serves all three: the auxiliary-task trainers
+    # need heatmaps, early fusion takes either map (the paper's distance map: --landmark-channels distance)
+    Study("abdomen", "Fat/water MR with hip-joint landmarks: landmark U-Nets vs nnU-Net", 503, "AbdomenDemo",
+          ("abdomen_mr",),
+          (("convert", "volumes", "{data}/abdomen_mr", "--dataset-id", "503", "--name", "AbdomenDemo",
+            "--landmark-channels", "heatmap"),),
+          {"nnU-Net (image only)": "nnUNetTrainerOMTLLandmarkImageOnly_Tiny",
+           "landmarks as input (early fusion)": "nnUNetTrainerOMTLLandmarkEarlyFusion_Tiny",
+           "landmarks as auxiliary task (joint)": "nnUNetTrainerOMTLLandmarkJoint_Tiny"}),
+    Study("multitask", "Brain MR + breast MR + cardiac CTA in one network: multi-task CNN vs nnU-Net", 504,
+          "MultiTaskDemo", ("multimodal",),
+          (("convert", "volumes", "{data}/multimodal/brain_mr", "--dataset-id", "505", "--name", "BrainDemo"),
+           ("convert", "volumes", "{data}/multimodal/breast_mr", "--dataset-id", "506", "--name", "BreastDemo"),
+           ("convert", "volumes", "{data}/multimodal/cardiac_cta", "--dataset-id", "507", "--name", "CardiacDemo"),
+           ("convert", "merge", "{raw}/Dataset505_BrainDemo", "{raw}/Dataset506_BreastDemo",
+            "{raw}/Dataset507_CardiacDemo", "--dataset-id", "504", "--name", "MultiTaskDemo")),
+          {"nnU-Net": BASELINE, "multi-task U-Net (balanced)": "nnUNetTrainerOMTLMultiTaskUNet_Tiny",
+           "triplanar multi-task CNN": "nnUNetTrainerOMTLTriplanar_Tiny"}),
+)
 
 
 def _step(title: str):
@@ -53,12 +100,14 @@ def prepare_out(out: Path, overwrite: bool) -> None:
 
 
 def run_demo(out: Path, epochs: int | None = None, iterations: int | None = None, overwrite: bool = False,
-             detectron_iterations: int | None = None) -> int:
+             detectron_iterations: int | None = None, only: list[str] | None = None) -> int:
     from organmtl.demo_data import write_demo_data
     from organmtl.demo_data.han import write_han
 
     out = Path(out).resolve()
     detectron_iterations = detectron_iterations or DETECTRON_ITERATIONS
+    studies = [s for s in STUDIES if not only or s.key in only]
+    run_detectron = not only or "detectron" in only
     prepare_out(out, overwrite)
     env = {"nnUNet_raw": str(out / "nnUNet_raw"), "nnUNet_preprocessed": str(out / "nnUNet_preprocessed"),
            "nnUNet_results": str(out / "nnUNet_results"), "nnUNet_n_proc_DA": os.environ.get("nnUNet_n_proc_DA", "0"),
@@ -68,95 +117,140 @@ def run_demo(out: Path, epochs: int | None = None, iterations: int | None = None
     os.environ.update(env)
     logs = out / "logs"
     logs.mkdir()
-    organmtl = [sys.executable, "-m", "organmtl.cli"]
     t_all = time.time()
 
-    t0 = _step("1/6 demo data")
+    t0 = _step("demo data")
     data = out / "demo_data"
-    write_demo_data(data, seed=0, families=["han_pddca", "spine"], overwrite=True)
-    test_dir = data / "han_pddca_test"
-    write_han(test_dir, N_TEST, seed=0, first_index=100, with_missing=False)
-    n_train = sum(1 for p in (data / "han_pddca").iterdir() if p.is_dir())
-    print(f"    {data}: {n_train} training + {N_TEST} test head-and-neck CTs, spine slices")
+    families = sorted({f for s in studies for f in s.families} | ({"spine"} if run_detectron else set()))
+    write_demo_data(data, seed=0, families=families, overwrite=True)
+    if any(s.key == "han" for s in studies):
+        write_han(data / "han_pddca_test", N_TEST, seed=0, first_index=100, with_missing=False)
+    print(f"    {data}: {', '.join(families)}")
     _done(t0)
 
-    t0 = _step("2/6 convert PDDCA-style data to nnU-Net raw format")
-    run_in_group(organmtl + ["convert", "pddca", str(data / "han_pddca"), "--test", str(test_dir),
-                             "--dataset-id", str(DATASET_ID), "--name", "HaNDemo", "-j", "2"],
-                 log_file=logs / "convert.log")
-    raw = out / "nnUNet_raw" / f"Dataset{DATASET_ID:03d}_HaNDemo"
-    print("    " + "\n    ".join(l for l in (logs / "convert.log").read_text().splitlines() if "%|" not in l))
-    _done(t0)
-
-    t0 = _step(f"3/6 nnU-Net plan + preprocess ({CONFIGURATION})")
-    run_in_group(organmtl + ["plan-tiny", "-d", str(DATASET_ID), "-c", CONFIGURATION], log_file=logs / "plan.log")
-    _done(t0)
-
-    columns, pictures = {}, []
-    for label, trainer in TRAINERS.items():
-        t0 = _step(f"4/6 nnUNetv2_train {DATASET_ID} {CONFIGURATION} {FOLD} -tr {trainer} "
-                   f"({env['ORGANMTL_EPOCHS']} epochs x {env['ORGANMTL_ITERS_PER_EPOCH']} iterations)")
-        run_in_group([venv_bin("nnUNetv2_train"), str(DATASET_ID), CONFIGURATION, str(FOLD), "-tr", trainer,
-                      "-device", "cpu"], log_file=logs / f"train_{trainer}.log")
-        fold_dir = out / "nnUNet_results" / raw.name / f"{trainer}__nnUNetPlans__{CONFIGURATION}" / f"fold_{FOLD}"
-        pictures.append(fold_dir / "progress.png")
-        _done(t0)
-        t0 = _step(f"5/6 nnUNetv2_predict -tr {trainer} on {N_TEST} test cases + evaluation")
-        pred = out / "predictions" / trainer
-        run_in_group([venv_bin("nnUNetv2_predict"), "-i", str(raw / "imagesTs"), "-o", str(pred), "-d",
-                      str(DATASET_ID), "-c", CONFIGURATION, "-f", str(FOLD), "-tr", trainer, "-device", "cpu",
-                      "--disable_tta", "-npp", "1", "-nps", "1"], log_file=logs / f"predict_{trainer}.log")
-        columns[label] = _evaluate(raw, pred, out / "pictures" / trainer, pictures)
+    sections = []
+    for study in studies:
+        sections.append(_run_study(study, out, data, logs, env))
+    if run_detectron:
+        t0 = _step("Detectron2: spine slices -> COCO -> train_net.py (Mask R-CNN vs HMR-Net, tiny)")
+        sections.append(_detectron_demo(out, data, logs, detectron_iterations))
         _done(t0)
 
-    t0 = _step("6/6 Detectron2: spine slices -> COCO -> train_net.py (tiny Mask R-CNN)")
-    det = _detectron_demo(out, data, logs, detectron_iterations)
+    t0 = _step("organmtl report: overlays and learning curves")
+    run_in_group([sys.executable, "-m", "organmtl.cli", "report", str(out), "--output", str(out / "report")],
+                 log_file=logs / "report.log")
     _done(t0)
 
-    from organmtl.evaluation.segmentation import format_table
-
-    table = format_table(columns)
-    det_table = "\n".join([f"Detectron2 Mask R-CNN R18-FPN tiny, {detectron_iterations} iterations, "
-                           "spine sagittal slices, validation fold (COCO segm AP):",
-                           "| structure | AP | ", "|---|---|"] +
-                          [f"| {k} | {v:.1f} |" for k, v in det.items()])
-    summary = (f"# organmtl demo ({time.time() - t_all:.0f} s on CPU)\n\n"
-               f"Head-and-neck CT phantom, {N_TEST} test cases, nnU-Net {CONFIGURATION}:\n\n{table}\n\n{det_table}\n\n"
-               "Pictures:\n" + "\n".join(f"- {p}" for p in pictures) + "\n")
+    budget = (f"nnU-Net trainers: {env['ORGANMTL_EPOCHS']} epochs x {env['ORGANMTL_ITERS_PER_EPOCH']} iterations "
+              f"each; Detectron2: {detectron_iterations} iterations each")
+    summary = (f"# organmtl demo ({time.time() - t_all:.0f} s on CPU)\n\n{budget}. Tiny CPU budgets: the numbers "
+               "show that every method runs end to end, not how the methods compare at full training.\n\n"
+               + "\n\n".join(sections) + f"\n\nPictures and learning curves: {out / 'report' / 'report.md'}\n")
     (out / "summary.md").write_text(summary)
     print("\n" + summary)
     print(f"Everything is under {out}; this summary is {out / 'summary.md'}")
     return 0
 
 
-def _evaluate(raw: Path, pred: Path, picture_dir: Path, pictures: list) -> dict:
-    from organmtl.evaluation.overlays import overlay_case
+def _run_study(study: Study, out: Path, data: Path, logs: Path, env: dict) -> str:
+    raw_root = out / "nnUNet_raw"
+    organmtl = [sys.executable, "-m", "organmtl.cli"]
+    t0 = _step(f"{study.title}: convert, plan + preprocess ({study.configuration})")
+    for args in study.convert:
+        run_in_group(organmtl + [a.format(data=data, raw=raw_root) for a in args],
+                     log_file=logs / f"{study.key}_convert.log")
+    run_in_group(organmtl + ["plan-tiny", "-d", str(study.dataset_id), "-c", study.configuration],
+                 log_file=logs / f"{study.key}_plan.log")
+    raw = raw_root / f"Dataset{study.dataset_id:03d}_{study.name}"
+    _done(t0)
+
+    columns = {}
+    for label, trainer in study.trainers.items():
+        t0 = _step(f"nnUNetv2_train {study.dataset_id} {study.configuration} {FOLD} -tr {trainer}")
+        run_in_group([venv_bin("nnUNetv2_train"), str(study.dataset_id), study.configuration, str(FOLD), "-tr",
+                      trainer, "-device", "cpu"], env=study.env, log_file=logs / f"{study.key}_train_{trainer}.log")
+        fold_dir = out / "nnUNet_results" / raw.name / f"{trainer}__nnUNetPlans__{study.configuration}" / f"fold_{FOLD}"
+        if study.test_set:
+            pred = out / "predictions" / trainer
+            run_in_group([venv_bin("nnUNetv2_predict"), "-i", str(raw / "imagesTs"), "-o", str(pred), "-d",
+                          str(study.dataset_id), "-c", study.configuration, "-f", str(FOLD), "-tr", trainer,
+                          "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"],
+                         env=study.env, log_file=logs / f"{study.key}_predict_{trainer}.log")
+            columns[label] = _evaluate_test_set(raw, pred, out / "evaluation" / trainer)
+        else:
+            columns[label] = _validation_scores(fold_dir, raw)
+        _done(t0)
+    where = "held-out test cases (nnUNetv2_predict)" if study.test_set else "nnU-Net's fold-0 validation cases"
+    return f"## {study.title}\n\nDataset{study.dataset_id:03d}, {study.configuration}, {where}.\n\n" + \
+        _comparison_table(columns)
+
+
+def _evaluate_test_set(raw: Path, pred: Path, eval_dir: Path) -> dict:
+    """Dice (nnU-Net's evaluation) and HD95 in mm (organmtl's) per structure of the test predictions."""
     from organmtl.evaluation.segmentation import evaluate_folders
 
+    dice = evaluate_folders(pred, raw / "labelsTs", raw / "dataset.json", full_output_dir=eval_dir)
+    full = json.loads((eval_dir / "summary.json").read_text())
+    hd95 = {}
+    for name, stats in full.get("per_structure", {}).items():
+        value = stats.get("hd95_mm")
+        hd95[name] = value.get("mean") if isinstance(value, dict) else value
+    return {name: {"Dice": d, "HD95 mm": hd95.get(name)} for name, d in dice.items()}
+
+
+def _validation_scores(fold_dir: Path, raw: Path) -> dict:
+    """Mean Dice per structure from nnU-Net's own fold validation (``validation/summary.json``)."""
+    summary = json.loads((fold_dir / "validation" / "summary.json").read_text())
     meta = json.loads((raw / "dataset.json").read_text())
-    scores = evaluate_folders(pred, raw / "labelsTs", raw / "dataset.json")
-    for seg in sorted((raw / "labelsTs").glob(f"*{meta['file_ending']}")):
-        case = seg.name[: -len(meta["file_ending"])]
-        pictures.append(overlay_case(raw / "imagesTs" / f"{case}_0000{meta['file_ending']}", seg, pred / seg.name,
-                                     meta["labels"], picture_dir / f"{case}.png", window=(-160, 240)))
-    return scores
+    names = {str(v): k for k, v in meta["labels"].items() if isinstance(v, int)}
+    return {names.get(str(label), str(label)): {"Dice": m["Dice"]} for label, m in summary["mean"].items()}
 
 
-def _detectron_demo(out: Path, data: Path, logs: Path, iterations: int) -> dict:
+def _fmt(v) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}" if abs(v) < 100 else f"{v:.0f}"
+
+
+def _comparison_table(columns: dict[str, dict[str, dict]]) -> str:
+    """Markdown table, one row per structure, one column per (method, metric)."""
+    metrics = list(dict.fromkeys(m for col in columns.values() for row in col.values() for m in row))
+    structures = list(dict.fromkeys(s for col in columns.values() for s in col))
+    heads = [f"{label} {m}" for label in columns for m in metrics]
+    lines = [f"| structure | {' | '.join(heads)} |", "|" + "---|" * (len(heads) + 1)]
+    for s in structures:
+        cells = [_fmt(columns[label].get(s, {}).get(m)) for label in columns for m in metrics]
+        lines.append(f"| {s} | {' | '.join(cells)} |")
+    means = []
+    for label in columns:
+        for m in metrics:
+            vals = [r.get(m) for r in columns[label].values()]
+            vals = [v for v in vals if v is not None and not (isinstance(v, float) and math.isnan(v))]
+            means.append(_fmt(sum(vals) / len(vals)) if vals else "-")
+    lines.append(f"| mean | {' | '.join(means)} |")
+    return "\n".join(lines)
+
+
+DETECTRON_CONFIGS = {"Mask R-CNN R18-FPN": "mask_rcnn_R_18_FPN_baseline_tiny.yaml",
+                     "HMR-Net R18 (shape head + manifold + cross-stitch)": "hmrnet_R_18_FPN_tiny.yaml"}
+
+
+def _detectron_demo(out: Path, data: Path, logs: Path, iterations: int) -> str:
     from importlib import resources
 
     coco = out / "coco" / "spine_sag_mr"
     run_in_group([sys.executable, "-m", "organmtl.cli", "convert", "volumes", str(data / "spine" / "spine_sag_mr"),
                   "--to", "coco", "--dataset-id", "502", "--name", "SpineSagDemo", "--out", str(coco)],
                  log_file=logs / "convert_coco.log")
-    config = resources.files("organmtl.detectron_heads") / "configs/tiny/mask_rcnn_R_18_FPN_baseline_tiny.yaml"
-    output_dir = out / "detectron2" / "mask_rcnn_R_18_FPN_baseline_tiny"
-    run_in_group([sys.executable, "-m", "organmtl.detectron_heads.train_net", "--config-file", str(config),
-                  "ORGANMTL.DATASET_ROOT", str(coco), "ORGANMTL.DATASET_NAME", "spine_sag_demo",
-                  "SOLVER.MAX_ITER", str(iterations), "SOLVER.STEPS", f"({int(iterations * 0.8)},)",
-                  "OUTPUT_DIR", str(output_dir)], log_file=logs / "train_net.log")
-    results = json.loads((output_dir / "final_metrics.json").read_text())
-    segm = results.get("segm")
-    if not segm:   # COCOEvaluator reports no segm block when the model predicted nothing
-        return {"(no instance predicted)": float("nan")}
-    return {k[3:]: v for k, v in segm.items() if k.startswith("AP-")} | {"mean (AP)": segm.get("AP", float("nan"))}
+    columns = {}
+    for label, name in DETECTRON_CONFIGS.items():
+        config = resources.files("organmtl.detectron_heads") / "configs" / "tiny" / name
+        output_dir = out / "detectron2" / name.removesuffix(".yaml")
+        run_in_group([sys.executable, "-m", "organmtl.detectron_heads.train_net", "--config-file", str(config),
+                      "ORGANMTL.DATASET_ROOT", str(coco), "ORGANMTL.DATASET_NAME", "spine_sag_demo",
+                      "SOLVER.MAX_ITER", str(iterations), "SOLVER.STEPS", f"({int(iterations * 0.8)},)",
+                      "OUTPUT_DIR", str(output_dir)], log_file=logs / f"train_net_{name}.log")
+        results = json.loads((output_dir / "final_metrics.json").read_text())
+        segm = results.get("segm") or {}   # COCOEvaluator reports no segm block when nothing was predicted
+        columns[label] = {k[3:]: {"segm AP": v} for k, v in segm.items() if k.startswith("AP-")}
+    return ("## Spine sagittal MR slices (Detectron2): HMR-Net vs Mask R-CNN\n\n"
+            f"COCO validation split, {iterations} iterations each; COCO segm AP (0-100) per structure.\n\n"
+            + _comparison_table(columns))

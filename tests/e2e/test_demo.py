@@ -1,6 +1,7 @@
 """The README's main command, `organmtl demo`, end to end with minimal budgets."""
 import pytest
 
+from organmtl.demo import DETECTRON_CONFIGS, STUDIES
 from tests.conftest import run_cli
 
 pytestmark = pytest.mark.e2e
@@ -9,11 +10,18 @@ pytestmark = pytest.mark.e2e
 def test_demo_runs_end_to_end(tmp_path):
     out = tmp_path / "demo"
     r = run_cli("demo", "--out", out, "--epochs", "1", "--iterations", "2", "--detectron-iterations", "2",
-                timeout=1800)
+                timeout=3600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     summary = (out / "summary.md").read_text()
-    assert "| BrainStem |" in summary and "Detectron2 Mask R-CNN" in summary
-    assert len(list((out / "pictures").rglob("*.png"))) == 4
+    for study in STUDIES:                          # one comparison table per study, every trainer a column
+        assert f"## {study.title}" in summary
+        for label in study.trainers:
+            assert f"{label} Dice" in summary
+    for label in DETECTRON_CONFIGS:
+        assert f"{label} segm AP" in summary
+    assert "| BrainStem |" in summary and "HD95 mm" in summary and "| liver |" in summary
+    assert (out / "report" / "report.md").is_file()
+    assert len(list((out / "report").rglob("*.png"))) >= 6       # overlays and learning curves
     assert "Everything is under" in r.stdout
     # running again replaces the earlier demo folder; a foreign folder is refused
     foreign = tmp_path / "foreign"
