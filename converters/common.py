@@ -48,6 +48,18 @@ def read_image(path: Path) -> sitk.Image:
     return img
 
 
+def read_header(path: Path) -> sitk.ImageFileReader:
+    """Image information only (size, spacing, origin, direction: the ``sitk.Image`` getters), voxels
+    left unread; an unreadable file raises ConversionError."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        raise ConversionError(f"{path}: cannot be read as an image") from None
+    return reader
+
+
 def same_geometry(a: sitk.Image, b: sitk.Image, tol: float = GEOMETRY_TOL) -> bool:
     if (a.GetSize(), a.GetSpacing(), a.GetOrigin(), a.GetDirection()) == \
             (b.GetSize(), b.GetSpacing(), b.GetOrigin(), b.GetDirection()):

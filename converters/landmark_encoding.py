@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from organmtl.converters.common import ConversionError, run_cases, write_image
+from organmtl.converters.common import ConversionError, read_header, run_cases, write_image
 
 ENCODINGS = ("distance", "heatmap")
 NO_NORMALIZATION = "noNorm"   # casefolds to nnU-Net's 'nonorm' -> NoNormalization
@@ -176,12 +176,7 @@ def _remove_case(folder: Path, split: str, case: str, file_ending: str) -> None:
 
 def _geometry(path: Path) -> tuple:
     """(size, spacing, origin, direction) from the header of ``path``, voxels left unread."""
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError:
-        raise ConversionError(f"{path}: cannot be read as an image") from None
+    reader = read_header(path)
     return reader.GetSize(), reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection()
 
 

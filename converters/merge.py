@@ -37,7 +37,7 @@ import SimpleITK as sitk
 
 from organmtl.converters.command import SourceConverter
 from organmtl.converters.common import (ConversionError, check_geometry, check_nifti_complete, copy_geometry,
-                                        read_image, unique_ids, write_image, write_json)
+                                        read_header, read_image, unique_ids, write_image, write_json)
 
 _DATASET_FOLDER = re.compile(r"^Dataset\d{3}_(?P<name>.+)$")
 _TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
@@ -234,17 +234,6 @@ def source_cases(s: Source) -> dict[str, list[tuple[str, list[Path], Path | None
 
 # ---------------------------------------------------------------- one case
 
-def _read_header(path: Path) -> sitk.ImageFileReader:
-    """Image information only (size, spacing, origin, direction), for a geometry check before a byte copy."""
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError:
-        raise ConversionError(f"{path}: cannot be read as an image") from None
-    return reader
-
-
 def remap_label_map(arr: np.ndarray, remap: dict[int, int], path: Path, meta_path: Path) -> np.ndarray:
     """Source label values -> merged values; a value the source's dataset.json does not name is an error."""
     if not np.issubdtype(arr.dtype, np.integer):
@@ -265,7 +254,7 @@ def _copy_channel(path: Path, target: Path, reference, reference_path: Path, rew
     """One channel image: checked against the case's reference grid, then copied byte for byte, or
     read and rewritten when the file ending changes."""
     check_nifti_complete(path)
-    img = read_image(path) if rewrite else _read_header(path)
+    img = read_image(path) if rewrite else read_header(path)
     check_geometry(reference, img, path, reference_path)
     target.parent.mkdir(parents=True, exist_ok=True)
     if rewrite:
@@ -286,7 +275,7 @@ def _merge_case(job) -> dict:
         merged = remap_label_map(sitk.GetArrayFromImage(reference), remap, label_path, meta_path)
         record["labels_present"] = [int(v) for v in np.unique(merged)]
     else:
-        reference, reference_path = _read_header(images[0]), images[0]
+        reference, reference_path = read_header(images[0]), images[0]
     for c, p in enumerate(images):
         _copy_channel(p, out / img_dir / f"{new_case}_{c:04d}{ending}", reference, reference_path,
                       rewrite=src_ending != ending)
