@@ -40,8 +40,8 @@ import SimpleITK as sitk
 from pydicom.errors import InvalidDicomError
 
 from organmtl.converters.command import SourceConverter
-from organmtl.converters.common import ConversionError, copy_geometry, write_image, write_json
-from organmtl.converters.landmarks import landmarks_record
+from organmtl.converters.common import ConversionError
+from organmtl.converters.landmarks import write_case
 
 POSITION_TOL_MM = 0.01          # slice positions: spacing regularity and drift off the normal
 ORIENTATION_TOL = 1e-4          # direction cosines of different slices
@@ -537,14 +537,8 @@ def _convert_case(task):
         record["action"] = "kept, unannotated voxels set to the ignore label"
     elif found["missing"]:
         record["action"] = "kept, missing structures counted as background"
-    write_image(image, out / "imagesTr" / f"{case}_0000{opts['file_ending']}")
-    write_image(copy_geometry(seg, image), out / "labelsTr" / f"{case}{opts['file_ending']}")
     points = _landmark_points([r for r in used if r.points])
-    lm = landmarks_record(case, points, image)
-    if points:
-        write_json(out / "landmarks" / f"{case}.json", lm)
-    record["landmarks_dropped"] = lm["dropped"]
-    return record
+    return write_case(out, case, image, seg, points, opts["file_ending"], record)
 
 
 def _label_names(cases: list[Path], roi_map, run_cases) -> list[str]:

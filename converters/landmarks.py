@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from organmtl.converters.common import ConversionError
+from organmtl.converters.common import ConversionError, copy_geometry, write_image, write_json
 
 _RAS_TO_LPS = np.array([-1.0, -1.0, 1.0])
 
@@ -95,3 +95,16 @@ def landmarks_record(case: str, points, image: sitk.Image, min_separation_mm: fl
         kept.append({"name": name, "lps_mm": [round(float(v), 4) for v in lps],
                      "voxel_xyz": [round(float(v), 4) for v in voxel]})
     return {"case": case, "coordinate_system": "LPS", "landmarks": kept, "dropped": dropped}
+
+
+def write_case(out: Path, case: str, image: sitk.Image, seg, points, file_ending: str, record: dict) -> dict:
+    """Write one converted case: ``imagesTr/<case>_0000``, the label map ``seg`` (numpy, on the
+    image's grid) as ``labelsTr/<case>``, and ``landmarks/<case>.json`` when there are ``points``;
+    notes the dropped landmarks in ``record`` and returns it."""
+    write_image(image, out / "imagesTr" / f"{case}_0000{file_ending}")
+    write_image(copy_geometry(seg, image), out / "labelsTr" / f"{case}{file_ending}")
+    lm = landmarks_record(case, points, image)
+    if points:
+        write_json(out / "landmarks" / f"{case}.json", lm)
+    record["landmarks_dropped"] = lm["dropped"]
+    return record

@@ -19,9 +19,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from organmtl.converters.common import (ConversionError, copy_geometry, read_binary_mask, read_image,
-                                        write_image, write_json)
-from organmtl.converters.landmarks import landmarks_record, read_fcsv
+from organmtl.converters.common import ConversionError, read_binary_mask, read_image
+from organmtl.converters.landmarks import read_fcsv, write_case
 
 LABELS = {"background": 0, "BrainStem": 1, "Chiasm": 2, "Mandible": 3, "OpticNerve_L": 4,
           "OpticNerve_R": 5, "Parotid_L": 6, "Parotid_R": 7, "Submandibular_L": 8, "Submandibular_R": 9}
@@ -73,14 +72,8 @@ def _convert_case(task):
         record["action"] = "kept, unannotated voxels set to the ignore label"
     elif missing:
         record["action"] = "kept, missing structures counted as background"
-    write_image(image, out / "imagesTr" / f"{case}_0000{file_ending}")
-    write_image(copy_geometry(seg, image), out / "labelsTr" / f"{case}{file_ending}")
     points = [p for f in sorted(case_dir.rglob("*.fcsv")) for p in read_fcsv(f)]
-    lm = landmarks_record(case, points, image)
-    if points:
-        write_json(out / "landmarks" / f"{case}.json", lm)
-    record["landmarks_dropped"] = lm["dropped"]
-    return record
+    return write_case(out, case, image, seg, points, file_ending, record)
 
 
 def convert(src: Path, out: Path, args, run_cases) -> dict:

@@ -26,10 +26,10 @@ import SimpleITK as sitk
 
 from organmtl.converters.command import SourceConverter
 from organmtl.converters.common import (ConversionError, add_missing_argument, apply_missing_policy,
-                                        check_nifti_complete, copy_geometry, find_files, paint_structures,
+                                        check_nifti_complete, find_files, paint_structures,
                                         read_binary_mask, read_image, strip_image_suffix, structure_labels,
-                                        unique_ids, write_image, write_json)
-from organmtl.converters.landmarks import landmarks_record, read_fcsv
+                                        unique_ids)
+from organmtl.converters.landmarks import read_fcsv, write_case
 
 # The 20 Anatomy3 structures by RadLex id, in ascending id order (= label order; a structure listed
 # later wins overlaps, so the gallbladder is painted over the liver and the adrenals over the kidneys).
@@ -175,14 +175,8 @@ def _convert_case(task) -> dict:
     record["action"] = apply_missing_policy(seg, missing, policy, labels)
     if record["action"] == "dropped":
         return record
-    write_image(image, out / "imagesTr" / f"{vol.case}_0000{file_ending}")
-    write_image(copy_geometry(seg, image), out / "labelsTr" / f"{vol.case}{file_ending}")
     points = [p for f in vol.landmarks for p in read_fcsv(f)]
-    lm = landmarks_record(vol.case, points, image)
-    if points:
-        write_json(out / "landmarks" / f"{vol.case}.json", lm)
-    record["landmarks_dropped"] = lm["dropped"]
-    return record
+    return write_case(out, vol.case, image, seg, points, file_ending, record)
 
 
 def convert(src: Path, out: Path, args, run_cases) -> dict:
