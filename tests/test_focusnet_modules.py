@@ -187,3 +187,36 @@ def test_inference_pastes_sos_mask_around_the_heatmap_peak():
     assert net.last_centres[0][3] == ((3, 5, 6), 1.0)
     net.paste_small_organs = False
     assert not (net(torch.randn(1, 1, 6, 12, 12)).argmax(1)[0][box] == 3).all()
+
+
+def test_channels_last_layout_gives_the_same_outputs_and_gradients():
+    """The CPU channels-last-3d layout (FocusNet.set_channels_last) changes memory order only."""
+    torch.manual_seed(0)
+    ref = FocusNet(1, 4, [2, 3], (4, 8, 8), width=0.25).train()
+    cl = FocusNet(1, 4, [2, 3], (4, 8, 8), width=0.25).train()
+    cl.load_state_dict(ref.state_dict())
+    cl.set_channels_last(True)
+    convs = [p for p in cl.parameters() if p.dim() == 5 and p.shape[2:].numel() > 1]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last_3d) for p in convs)
+    assert any(not p.is_contiguous() for p in convs)
+    x = torch.randn(2, 1, 8, 16, 16)
+    centres = [[(3, 7, 8), (4, 2, 14)], [(2, 9, 9), None]]
+    outs = []
+    for net in (ref, cl):
+        out = net(x, mode="sos", centres=centres)
+        masks = [torch.rand(3, 1, 4, 8, 8, generator=torch.Generator().manual_seed(1)), None]
+        ((rec, feats),) = [o for o in net(None, mode="ae", masks=masks) if o is not None]
+        loss = out["logits"].square().mean() + out["heatmaps"].mean() + sum(r["prob"].mean() for r in out["sos"]) \
+            + rec.mean() + feats[0].square().mean()
+        loss.backward()
+        outs.append((out["logits"], out["heatmaps"], rec, {n: p.grad for n, p in net.named_parameters()}))
+    for a, b in zip(outs[0][:3], outs[1][:3]):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+    for name, g in outs[0][3].items():
+        assert torch.allclose(g, outs[1][3][name], atol=1e-5, rtol=1e-3), name
+    # eval-mode prediction on the CPU switches the layout on by itself and predicts the same
+    ref.eval(), cl.eval()
+    fresh = FocusNet(1, 4, [2, 3], (4, 8, 8), width=0.25)
+    fresh.load_state_dict(ref.state_dict())
+    fresh.eval()
+    assert torch.allclose(fresh(x), cl(x), atol=1e-5) and fresh.channels_last

@@ -145,6 +145,26 @@ class FocusNet(nn.Module):
         self.paste_small_organs = self.use_sos
         #: centres found by the last eval-mode forward: per sample, {label: (voxel, peak value)}
         self.last_centres: list[dict] = []
+        #: weights and activations in channels-last-3d layout (see :meth:`set_channels_last`)
+        self.channels_last = False
+
+    def set_channels_last(self, enabled: bool = True) -> "FocusNet":
+        """Put the weights (and, in :meth:`forward`, the inputs) in ``torch.channels_last_3d`` layout.
+
+        On the CPU, oneDNN's 3D convolutions run faster in this layout: measured on 2 cores, the
+        ``_Tiny`` S-Net forward+backward 1.6x and the Table 9 autoencoder 2.3x (its 5x5x5 kernels). The
+        trainers switch it on when they train on the CPU and eval-mode prediction on the CPU switches it on
+        itself; on CUDA the layout stays nnU-Net's (contiguous). Numerics are the same convolutions.
+        """
+        fmt = torch.channels_last_3d if enabled else torch.contiguous_format
+        self.to(memory_format=fmt)
+        self.channels_last = bool(enabled)
+        return self
+
+    def _layout(self, t: torch.Tensor | None) -> torch.Tensor | None:
+        if t is None or not self.channels_last or t.dim() != 5:
+            return t
+        return t.contiguous(memory_format=torch.channels_last_3d)
 
     # ----------------------------------------------------------------------------------- helpers
     @staticmethod
@@ -190,6 +210,9 @@ class FocusNet(nn.Module):
 
         ``train_snet`` / ``train_sol`` = False run those parts without gradients (frozen phases of §4.2).
         """
+        x = self._layout(x)
+        if masks is not None:
+            masks = [self._layout(m) for m in masks]
         if mode is None:
             if not self.training:
                 return self.infer(x)
@@ -240,6 +263,9 @@ class FocusNet(nn.Module):
         """Eval-mode prediction of one window (§3.1, the decision documented in docs/focusnetv2.md):
         S-Net logits; for every small organ whose SOL-Net peak reaches ``heat_threshold`` the SOS-Net
         probability on the ROI at the peak is pasted over the S-Net logits (:func:`overlay_probability`)."""
+        if x.device.type == "cpu" and not self.channels_last:
+            self.set_channels_last(True)
+            x = self._layout(x)
         logits, feats = self.segment(x)
         self.last_centres = [{} for _ in range(x.shape[0])]
         if not (self.use_sos and self.paste_small_organs):

@@ -115,6 +115,8 @@ class nnUNetTrainerOMTLFocusNetBase(LateralityAwareMirroringMixin, nnUNetTrainer
             self.print_to_log_file(f"FocusNet phases (epochs): {self.schedule}; organ sizes (mm^3): "
                                    f"{ {k: round(v, 1) for k, v in self.organ_sizes_mm3.items()} }")
         super().initialize()
+        if self.device.type == "cpu":
+            self._module().set_channels_last(True)     # faster oneDNN 3D convolutions (FocusNet.set_channels_last)
         if self.is_ddp:
             # phases leave parts of the network unused: DDP must look for them (rewrap the same module)
             self.network = DDP(self.network.module, device_ids=[self.local_rank], find_unused_parameters=True)
