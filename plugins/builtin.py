@@ -59,6 +59,8 @@ LANDMARK_UNET = Plugin(
         f"{_LANDMARKS}:nnUNetTrainerOMTLLandmarkJointL5_Tiny",
         f"{_LANDMARKS}:nnUNetTrainerOMTLLandmarkJointL10",
         f"{_LANDMARKS}:nnUNetTrainerOMTLLandmarkJointL10_Tiny",
+        f"{_LANDMARKS}:nnUNetTrainerOMTLLandmarkJointLite",
+        f"{_LANDMARKS}:nnUNetTrainerOMTLLandmarkJointLite_Tiny",
         f"{_LANDMARKS}:nnUNetTrainerOMTLLandmarkJointThesisCT",
         f"{_LANDMARKS}:nnUNetTrainerOMTLLandmarkJointThesisCT_Tiny",
         f"{_LANDMARKS}:nnUNetTrainerOMTLLandmarkAlternate",

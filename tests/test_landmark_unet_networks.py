@@ -12,7 +12,9 @@ from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from organmtl.converters.landmark_encoding import gaussian_heatmap
-from organmtl.nnunet_trainers.landmarks.aux_trainers import (nnUNetTrainerOMTLLandmarkJointThesisCT,
+from organmtl.nnunet_trainers.landmarks.aux_trainers import (nnUNetTrainerOMTLLandmarkJoint,
+                                                             nnUNetTrainerOMTLLandmarkJointLite,
+                                                             nnUNetTrainerOMTLLandmarkJointThesisCT,
                                                              nnUNetTrainerOMTLLandmarkUncertainty)
 from organmtl.nnunet_trainers.landmarks.channels import PLANS_KEY, LandmarkChannels, LandmarkChannelsError
 from organmtl.nnunet_trainers.landmarks.input_trainers import (nnUNetTrainerOMTLLandmarkLateFusion,
@@ -143,6 +145,39 @@ def test_trainer_builds_networks_from_plans_and_thesis_ct_window():
     assert isinstance(late, LateFusionUNet)
     with pytest.raises(ValueError, match="CTNormalization"):
         ThesisCTWindow.from_plans(*_plans(3, lc, schemes=("ZScoreNormalization",)))
+
+
+def test_tail_cost_thesis_width_vs_lite_on_an_nnunet_sized_plan():
+    """The thesis tail repeats the full-resolution decoder stage (+~40% FLOPs per training step against
+    the stock U-Net on a 3d_fullres-like plan, 32-256 features); the Lite tail (a quarter as wide)
+    stays under +10%."""
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from torch.utils.flop_counter import FlopCounterMode
+
+    lc = LandmarkChannels(n_image=1, n_landmark=2, encoding="heatmap", channel_names=("a", "b"), landmarks=("a", "b"),
+                          sigma_mm=5.0)
+    pm, cm = _plans(3, lc)
+    cm.configuration["architecture"]["arch_kwargs"].update(
+        n_stages=4, features_per_stage=[32, 64, 128, 256], kernel_sizes=[[3, 3, 3]] * 4, strides=[[1, 1, 1]] + [[2, 2, 2]] * 3,
+        n_conv_per_stage=[2] * 4, n_conv_per_stage_decoder=[2] * 3)
+    x = torch.randn(1, 3, 16, 16, 16)
+
+    def flops(net, inp):
+        with FlopCounterMode(display=False) as fc:
+            out = net(inp)
+            outs = [o for group in (out if isinstance(out, tuple) else (out,)) for o in group]
+            sum(o.sum() for o in outs).backward()
+        return fc.get_total_flops()
+
+    stock = flops(nnUNetTrainer.build_network_architecture(pm, cm, 1, 3, True), x[:, :1])
+    ratios = {}
+    for cls in (nnUNetTrainerOMTLLandmarkJoint, nnUNetTrainerOMTLLandmarkJointLite):
+        net = cls.build_network_architecture(pm, cm, 3, 3, True)
+        net.outputs = "both"
+        ratios[cls.__name__] = flops(net, x) / stock
+    assert net.landmark_tail[0].convs[0].conv.out_channels == 8     # Lite: 32 / 4
+    assert 1.3 < ratios["nnUNetTrainerOMTLLandmarkJoint"] < 1.5, ratios
+    assert ratios["nnUNetTrainerOMTLLandmarkJointLite"] < 1.1, ratios
 
 
 @pytest.mark.parametrize("dim", [2, 3])

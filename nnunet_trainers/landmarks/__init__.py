@@ -9,7 +9,8 @@ from organmtl.nnunet_trainers.landmarks.aux_trainers import (
     nnUNetTrainerOMTLLandmarkAlternate, nnUNetTrainerOMTLLandmarkAlternate_Tiny, nnUNetTrainerOMTLLandmarkJoint,
     nnUNetTrainerOMTLLandmarkJoint_Tiny, nnUNetTrainerOMTLLandmarkJointL3, nnUNetTrainerOMTLLandmarkJointL3_Tiny,
     nnUNetTrainerOMTLLandmarkJointL5, nnUNetTrainerOMTLLandmarkJointL5_Tiny, nnUNetTrainerOMTLLandmarkJointL10,
-    nnUNetTrainerOMTLLandmarkJointL10_Tiny, nnUNetTrainerOMTLLandmarkJointThesisCT,
+    nnUNetTrainerOMTLLandmarkJointL10_Tiny, nnUNetTrainerOMTLLandmarkJointLite, nnUNetTrainerOMTLLandmarkJointLite_Tiny,
+    nnUNetTrainerOMTLLandmarkJointThesisCT,
     nnUNetTrainerOMTLLandmarkJointThesisCT_Tiny, nnUNetTrainerOMTLLandmarkUncertainty,
     nnUNetTrainerOMTLLandmarkUncertainty_Tiny)
 from organmtl.nnunet_trainers.landmarks.input_trainers import (
@@ -23,6 +24,7 @@ __all__ = [
     "nnUNetTrainerOMTLLandmarkJointL3", "nnUNetTrainerOMTLLandmarkJointL3_Tiny",
     "nnUNetTrainerOMTLLandmarkJointL5", "nnUNetTrainerOMTLLandmarkJointL5_Tiny",
     "nnUNetTrainerOMTLLandmarkJointL10", "nnUNetTrainerOMTLLandmarkJointL10_Tiny",
+    "nnUNetTrainerOMTLLandmarkJointLite", "nnUNetTrainerOMTLLandmarkJointLite_Tiny",
     "nnUNetTrainerOMTLLandmarkJointThesisCT", "nnUNetTrainerOMTLLandmarkJointThesisCT_Tiny",
     "nnUNetTrainerOMTLLandmarkAlternate", "nnUNetTrainerOMTLLandmarkAlternate_Tiny",
     "nnUNetTrainerOMTLLandmarkUncertainty", "nnUNetTrainerOMTLLandmarkUncertainty_Tiny",

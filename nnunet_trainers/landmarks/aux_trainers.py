@@ -37,6 +37,7 @@ class nnUNetTrainerOMTLLandmarkJoint(LandmarkChannelsTrainer):
     lambda_landmarks = 1.0
     thesis_ct_window = False       # thesis §2.2 CT window (clamp [-1024, 1024] HU, / 500) in the network
     landmark_tail_features = None  # None: nnU-Net's full-resolution width (the thesis' 64 for its U-Net)
+    landmark_tail_width = 1.0      # factor on that width (the "Lite" variant: 0.25)
     extra_log_keys: tuple = ()
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
@@ -52,7 +53,8 @@ class nnUNetTrainerOMTLLandmarkJoint(LandmarkChannelsTrainer):
         unet = nnUNetTrainer.build_network_architecture(plans_manager, configuration_manager, lc.n_image,
                                                         num_output_channels, enable_deep_supervision)
         window = ThesisCTWindow.from_plans(plans_manager, configuration_manager) if cls.thesis_ct_window else None
-        return LandmarkTailUNet(unet, lc.n_image, lc.n_landmark, cls.landmark_tail_features, window)
+        return LandmarkTailUNet(unet, lc.n_image, lc.n_landmark, cls.landmark_tail_features, window,
+                                tail_width=cls.landmark_tail_width)
 
     # ------------------------------------------------------------------ losses
 
@@ -152,6 +154,17 @@ class nnUNetTrainerOMTLLandmarkJointL10(nnUNetTrainerOMTLLandmarkJoint):
     lambda_landmarks = 10.0
 
 
+class nnUNetTrainerOMTLLandmarkJointLite(nnUNetTrainerOMTLLandmarkJoint):
+    """Joint training with a landmark tail a quarter as wide (not in the thesis; a speed option).
+
+    The thesis' tail (2 convs + 1x1 at full resolution, as wide as the last decoder stage) repeats the
+    most expensive stage of the U-Net: +38-40% FLOPs per training step on nnU-Net's 3d_fullres and
+    tiny plans (docs/landmark_unets.md). At a quarter of the width the tail costs a few percent.
+    """
+
+    landmark_tail_width = 0.25
+
+
 class nnUNetTrainerOMTLLandmarkJointThesisCT(nnUNetTrainerOMTLLandmarkJoint):
     """Joint training with the thesis' CT preprocessing (§2.2: clamp [-1024, 1024] HU, divide by 500)."""
 
@@ -245,6 +258,10 @@ class nnUNetTrainerOMTLLandmarkJointL5_Tiny(CPUBudgetMixin, nnUNetTrainerOMTLLan
 
 class nnUNetTrainerOMTLLandmarkJointL10_Tiny(CPUBudgetMixin, nnUNetTrainerOMTLLandmarkJointL10):
     """:class:`nnUNetTrainerOMTLLandmarkJointL10` on the CPU budget schedule."""
+
+
+class nnUNetTrainerOMTLLandmarkJointLite_Tiny(CPUBudgetMixin, nnUNetTrainerOMTLLandmarkJointLite):
+    """:class:`nnUNetTrainerOMTLLandmarkJointLite` on the CPU budget schedule."""
 
 
 class nnUNetTrainerOMTLLandmarkJointThesisCT_Tiny(CPUBudgetMixin, nnUNetTrainerOMTLLandmarkJointThesisCT):

@@ -104,15 +104,15 @@ class LandmarkTailUNet(_WrappedUNet):
     predictor expects), ``"landmarks"`` (the landmark heatmaps, used for sliding-window landmark
     prediction) or ``"both"`` (``(segmentation, heatmaps)`` for training). ``tail_features``: width of
     the landmark tail's convs (the thesis' 64 is its U-Net's full-resolution width; default: nnU-Net's
-    full-resolution width from the plans).
+    full-resolution width from the plans, times ``tail_width``, at least 4).
     """
 
     def __init__(self, unet: nn.Module, n_image: int, n_landmark: int, tail_features: int | None = None,
-                 input_transform: nn.Module | None = None):
+                 input_transform: nn.Module | None = None, tail_width: float = 1.0):
         super().__init__(unet, n_image, input_transform)
         encoder = unet.decoder.encoder
         skip = encoder.output_channels[0]
-        features = tail_features or skip
+        features = tail_features or max(4, int(round(skip * tail_width)))
         self.landmark_tail = nn.Sequential(_conv_blocks(encoder, 2, 2 * skip, features),
                                            encoder.conv_op(features, n_landmark, 1, 1, 0, bias=True))
         self.landmark_tail.apply(InitWeights_He(1e-2))
