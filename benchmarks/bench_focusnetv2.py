@@ -119,82 +119,65 @@ def evaluate(trainer: str, env: dict, dataset_json: dict) -> dict:
     return out
 
 
-def _cost_child(model_dir: str, device: str, n_steps: int, queue) -> None:
-    """In a fresh process: one training step (forward, loss, backward, Adam) of the trained network on a
-    batch of the plans' patch size, timed over ``n_steps``; peak memory; predictor seconds per volume."""
+def _cost_child(trainer_name: str, model_dir: str, device: str, n_steps: int, queue) -> None:
+    """In a fresh process: the trainer's own ``train_step`` (what ``nnUNetv2_train`` runs: loss, backward,
+    optimiser, and for the adversarial variants the G and D steps) on one fixed batch of the plans' patch
+    size, timed per phase of its schedule over ``n_steps`` after a warm-up; peak memory (CUDA allocator,
+    or the process's maximum RSS on CPU); predictor seconds per volume of 2x the patch per axis."""
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-    from organmtl.nnunet_trainers.focusnet import losses as L
-    from organmtl.nnunet_trainers.focusnet.network import FocusNet
-    from organmtl.nnunet_trainers.focusnet.roi import gaussian_heatmap
+    import organmtl.nnunet_trainers as trainers
+    from organmtl.nnunet_trainers.focusnet.options import phase_at
 
     dev = torch.device(device)
-    pred = nnUNetPredictor(device=dev, allow_tqdm=False, use_mirroring=False)
-    pred.initialize_from_trained_model_folder(model_dir, ("0",), "checkpoint_final.pth")
-    net = pred.network.to(dev)
-    cm = pred.configuration_manager
-    n_cls = pred.label_manager.num_segmentation_heads
-    x = torch.randn(cm.batch_size, 1, *cm.patch_size, device=dev)
-    y = torch.randint(0, n_cls, (cm.batch_size, 1, *cm.patch_size), device=dev)
-    opt = torch.optim.Adam(net.parameters(), 1e-4)
-    seg_loss = L.SegmentationLoss([1.0 / n_cls] * n_cls).to(dev)
-    if not isinstance(net, FocusNet):
-        from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
-        from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
-        dc_ce = DC_and_CE_loss({"batch_dice": cm.batch_dice, "smooth": 1e-5, "do_bg": False, "ddp": False}, {},
-                               weight_ce=1, weight_dice=1, dice_class=MemoryEfficientSoftDiceLoss)
-        net.decoder.deep_supervision = False
+    folder = Path(model_dir)
+    plans = json.loads((folder / "plans.json").read_text())
+    plans["continue_training"] = False
+    dataset_json = json.loads((folder / "dataset.json").read_text())
+    cls = getattr(trainers, trainer_name)
+    trainer = cls(plans, "3d_tiny", 0, dataset_json, dev)
+    trainer.initialize()
+    batch = next(trainer.get_dataloaders()[0])
+    schedule = getattr(trainer, "schedule", [("stock", 1)])
+    trainer.network.train()
 
     def step():
-        opt.zero_grad(set_to_none=True)
-        if not isinstance(net, FocusNet):
-            loss = dc_ce(net(x), y)
-        elif not net.use_sos:
-            loss = seg_loss(net(x, mode="snet")["logits"], y)
-        else:
-            # the joint phase, the heaviest: every part of the network and the AE's G and D steps
-            centre = tuple(s // 2 for s in cm.patch_size)
-            out = net(x, mode="sos", centres=[[centre] * len(net.small_labels)] * x.shape[0])
-            heat_t = torch.stack([torch.stack([gaussian_heatmap(cm.patch_size, centre, 5.0, dev)] * len(net.small_labels))] * x.shape[0])
-            roi_mask = (torch.rand_like(out["sos"][0]["prob"]) > 0.5).float()
-            sos = sum(L.binary_segmentation_loss(r["prob"], roi_mask, 0.9) for r in out["sos"])
-            loss = seg_loss(out["logits"], y) + L.heatmap_l2_loss(out["heatmaps"], heat_t) + sos
-            if net.shape_ae is not None:
-                probs = torch.stack([r["prob"] for r in out["sos"]])
-                masks = torch.cat([roi_mask.expand_as(probs), probs])
-                (o,) = net(None, mode="ae", masks=[masks])
-                n = probs.shape[0]
-                loss = loss + 5 * L.shape_loss([f[:n].detach() for f in o[1]], [f[n:] for f in o[1]])
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                (o,) = net(None, mode="ae", masks=[masks.detach()])
-                loss = L.discriminator_loss(L.reconstruction_loss(o[0], masks.detach()),
-                                            L.shape_loss([f[:n] for f in o[1]], [f[n:] for f in o[1]]))
-        loss.backward()
-        opt.step()
+        target = batch["target"]
+        trainer.train_step({"data": batch["data"].clone(),
+                            "target": [t.clone() for t in target] if isinstance(target, list) else target.clone()})
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
 
-    net.train()
-    step()
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.time()
-    for _ in range(n_steps):
+    phases, first_epoch = {}, 0
+    for phase, n_epochs in schedule:
+        trainer.current_epoch = first_epoch
+        first_epoch += n_epochs
+        if phase != "stock":
+            assert phase_at(trainer.schedule, trainer.current_epoch) == phase
+            trainer.on_train_epoch_start()
         step()
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-    step_s = (time.time() - t0) / n_steps
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.time()
+        for _ in range(n_steps):
+            step()
+        phases[phase] = (time.time() - t0) / n_steps
     peak = (torch.cuda.max_memory_allocated() / 2 ** 20 if dev.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    vol = torch.randn(1, *[int(s * 2) for s in cm.patch_size])        # a volume of 2 x the patch per axis
-    if isinstance(net, FocusNet):
-        net.paste_small_organs = net.use_sos
+    # per-iteration mean over the schedule a full run follows (phase epochs as the trainer planned them)
+    total = sum(n for _, n in schedule)
+    mean_step = sum(phases[p] * n for p, n in schedule) / total
+    params_m = sum(p.numel() for p in trainer.network.parameters()) / 1e6
+    del trainer
+    pred = nnUNetPredictor(device=dev, allow_tqdm=False, use_mirroring=False)
+    pred.initialize_from_trained_model_folder(model_dir, ("0",), "checkpoint_final.pth")
+    vol = torch.randn(1, *[int(s * 2) for s in pred.configuration_manager.patch_size])
     t0 = time.time()
     pred.predict_sliding_window_return_logits(vol)
-    queue.put({"step_s": step_s, "peak_mb": peak, "infer_s": time.time() - t0,
-               "params_m": sum(p.numel() for p in net.parameters()) / 1e6})
+    queue.put({"step_s": mean_step, "step_s_phase": phases, "step_s_max": max(phases.values()), "peak_mb": peak,
+               "infer_s": time.time() - t0, "params_m": params_m})
 
 
 def cost(trainer: str, env: dict, device: str, n_steps: int) -> dict:
@@ -203,7 +186,7 @@ def cost(trainer: str, env: dict, device: str, n_steps: int) -> dict:
     old = dict(os.environ)
     os.environ.update(env)
     try:
-        p = ctx.Process(target=_cost_child, args=(str(_model_dir(env, trainer)), device, n_steps, q))
+        p = ctx.Process(target=_cost_child, args=(trainer, str(_model_dir(env, trainer)), device, n_steps, q))
         p.start()
         res = q.get(timeout=3600)
         p.join()
@@ -245,7 +228,13 @@ def table(results: dict, dataset_json: dict) -> str:
     row("SOL-Net centre error (mm)", lambda r: r["eval"]["loc_error_mm"], "{:.1f}")
     for k in ("3mm", "4mm", "5mm"):
         row(f"identification rate <= {k}", lambda r, k=k: r["eval"]["id_rates"].get(k), "{:.2f}")
-    row("train step (s)", lambda r: r["cost"]["step_s"], "{:.3f}")
+    row("train step (s), mean over the schedule", lambda r: r["cost"]["step_s"], "{:.3f}")
+    row("train step (s), slowest phase", lambda r: r["cost"].get("step_s_max"), "{:.3f}")
+    phases = dict.fromkeys(ph for r in results.values() for ph in r["cost"].get("step_s_phase", {}) if ph != "stock")
+    for ph in phases:
+        row(f"train step (s), phase {ph}",
+            lambda r, ph=ph: r["cost"].get("step_s_phase", {}).get(ph, r["cost"].get("step_s_phase", {}).get("stock")),
+            "{:.3f}")
     row("peak memory (MiB)", lambda r: r["cost"]["peak_mb"], "{:.0f}")
     row("inference (s / volume)", lambda r: r["cost"]["infer_s"], "{:.2f}")
     row("parameters (M)", lambda r: r["cost"]["params_m"], "{:.2f}")
@@ -262,6 +251,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--iters", type=int, default=None)
     ap.add_argument("--trainers", nargs="+", default=TRAINERS, choices=TRAINERS,
                     help="subset to run (results are cached in --work, so runs can be split and combined)")
+    ap.add_argument("--steps", type=int, default=None, help="timed train steps per phase (default 3 with --quick, else 10)")
+    ap.add_argument("--recost", action="store_true", help="time the cached trained models again (no training)")
     a = ap.parse_args(argv)
     if a.trainers[0] != TRAINERS[0] and not a.work:
         ap.error("--trainers without the baseline needs --work with the baseline's cached result")
@@ -279,11 +270,13 @@ def main(argv=None) -> dict:
         cache = work / f"result_{t}_{epochs}x{iters}.json"
         if cache.is_file():
             results[t] = json.loads(cache.read_text())
-            continue
-        print(f"[bench_focusnetv2] training {t} ({epochs} epochs x {iters} iterations)", flush=True)
-        train_s = train(t, env, work, a.device)
-        results[t] = {"train_s": train_s, "eval": evaluate(t, env, dataset_json),
-                      "cost": cost(t, env, a.device, 3 if a.quick else 10)}
+            if "step_s_phase" in results[t]["cost"] and not a.recost:
+                continue
+        else:
+            print(f"[bench_focusnetv2] training {t} ({epochs} epochs x {iters} iterations)", flush=True)
+            train_s = train(t, env, work, a.device)
+            results[t] = {"train_s": train_s, "eval": evaluate(t, env, dataset_json)}
+        results[t]["cost"] = cost(t, env, a.device, a.steps or (3 if a.quick else 10))
         cache.write_text(json.dumps(results[t], indent=1))
     if TRAINERS[0] not in results:
         cache = work / f"result_{TRAINERS[0]}_{epochs}x{iters}.json"

@@ -36,6 +36,7 @@ METHODS = [  # (row, dataset, trainer, has landmark tail)
     ("baseline (no landmarks)", HEAT, "nnUNetTrainerOMTLLandmarkImageOnly_Tiny", False),
     ("joint lambda=1", HEAT, "nnUNetTrainerOMTLLandmarkJoint_Tiny", True),
     ("joint lambda=10", HEAT, "nnUNetTrainerOMTLLandmarkJointL10_Tiny", True),
+    ("joint lambda=1, Lite tail (1/4 width)", HEAT, "nnUNetTrainerOMTLLandmarkJointLite_Tiny", True),
     ("alternate", HEAT, "nnUNetTrainerOMTLLandmarkAlternate_Tiny", True),
     ("uncertainty", HEAT, "nnUNetTrainerOMTLLandmarkUncertainty_Tiny", True),
     ("early fusion (distance)", DIST, "nnUNetTrainerOMTLLandmarkEarlyFusion_Tiny", False),
@@ -158,9 +159,13 @@ def main(argv=None) -> dict:
                                                            "methods already trained there are not trained again")
     p.add_argument("--only", nargs="+", default=None, metavar="TRAINER",
                    help="a subset of the methods (trainer names; the baseline is always included)")
+    p.add_argument("--epochs", type=int, default=None, help="override the epochs per trainer")
+    p.add_argument("--iters", type=int, default=None, help="override the iterations per epoch")
+    p.add_argument("--steps", type=int, default=None, help="override the timed train steps per method")
     args = p.parse_args(argv)
     methods = [m for m in METHODS if args.only is None or m is METHODS[0] or m[2] in args.only]
     epochs, iters, n_cases, steps = (2, 5, 5, 3) if args.quick else (20, 50, 10, 10)
+    epochs, iters, steps = args.epochs or epochs, args.iters or iters, args.steps or steps
     tmp = None
     if args.work is None:
         tmp = tempfile.TemporaryDirectory(prefix="bench_landmarks_")
