@@ -253,6 +253,8 @@ def main(argv=None) -> dict:
                     help="subset to run (results are cached in --work, so runs can be split and combined)")
     ap.add_argument("--steps", type=int, default=None, help="timed train steps per phase (default 3 with --quick, else 10)")
     ap.add_argument("--recost", action="store_true", help="time the cached trained models again (no training)")
+    ap.add_argument("--skip-cost", action="store_true",
+                    help="train and score only (e.g. while the machine is busy); time later with --recost")
     a = ap.parse_args(argv)
     if a.trainers[0] != TRAINERS[0] and not a.work:
         ap.error("--trainers without the baseline needs --work with the baseline's cached result")
@@ -270,13 +272,14 @@ def main(argv=None) -> dict:
         cache = work / f"result_{t}_{epochs}x{iters}.json"
         if cache.is_file():
             results[t] = json.loads(cache.read_text())
-            if "step_s_phase" in results[t]["cost"] and not a.recost:
+            if a.skip_cost or ("step_s_phase" in results[t].get("cost", {}) and not a.recost):
                 continue
         else:
             print(f"[bench_focusnetv2] training {t} ({epochs} epochs x {iters} iterations)", flush=True)
             train_s = train(t, env, work, a.device)
             results[t] = {"train_s": train_s, "eval": evaluate(t, env, dataset_json)}
-        results[t]["cost"] = cost(t, env, a.device, a.steps or (3 if a.quick else 10))
+        if not a.skip_cost:
+            results[t]["cost"] = cost(t, env, a.device, a.steps or (3 if a.quick else 10))
         cache.write_text(json.dumps(results[t], indent=1))
     if TRAINERS[0] not in results:
         cache = work / f"result_{TRAINERS[0]}_{epochs}x{iters}.json"
@@ -284,6 +287,9 @@ def main(argv=None) -> dict:
             raise FileNotFoundError(f"{cache}: run the baseline first (it is the reference of every ratio)")
         results = {TRAINERS[0]: json.loads(cache.read_text()), **results}
     results = {t: results[t] for t in TRAINERS if t in results}
+    if a.skip_cost:
+        print(json.dumps({t: r["eval"] for t, r in results.items()}, indent=1))
+        return {"results": results, "work": str(work)}
     md = table(results, dataset_json)
     machine = (f"machine: {platform.machine()} {os.cpu_count()} CPU cores, {platform.system()}, device {a.device}, "
                f"python {platform.python_version()}; budget {epochs} epochs x {iters} iterations per trainer, "

@@ -161,11 +161,12 @@ def main(argv=None) -> dict:
                    help="a subset of the methods (trainer names; the baseline is always included)")
     p.add_argument("--epochs", type=int, default=None, help="override the epochs per trainer")
     p.add_argument("--iters", type=int, default=None, help="override the iterations per epoch")
-    p.add_argument("--steps", type=int, default=None, help="override the timed train steps per method")
+    p.add_argument("--steps", type=int, default=None, help="override the timed train steps per method (0: no timing)")
     args = p.parse_args(argv)
     methods = [m for m in METHODS if args.only is None or m is METHODS[0] or m[2] in args.only]
     epochs, iters, n_cases, steps = (2, 5, 5, 3) if args.quick else (20, 50, 10, 10)
-    epochs, iters, steps = args.epochs or epochs, args.iters or iters, args.steps or steps
+    epochs, iters = args.epochs or epochs, args.iters or iters
+    steps = steps if args.steps is None else args.steps
     tmp = None
     if args.work is None:
         tmp = tempfile.TemporaryDirectory(prefix="bench_landmarks_")
@@ -202,7 +203,8 @@ def main(argv=None) -> dict:
                       "-d", dataset_id, "-c", CONFIG, "-f", 0, "-tr", trainer, "-device", args.device, "--disable_tta"],
                      env, log)
         results[row] = {"trainer": trainer, "train_wall_s": wall, **score(raw[dataset_id], fold, landmarks)}
-    times = step_times(raw, env, args.device, steps, METHODS)     # step time of every method, trained or not
+    times = step_times(raw, env, args.device, steps, METHODS) if steps else {}   # step time of every method
+    times = {k: times.get(k, float("nan")) for k in [(d, tr) for _, d, tr, _ in METHODS] + [(d, "nnUNetTrainer") for d in raw]}
     for row, dataset_id, trainer, _ in METHODS:
         results.setdefault(row, {"trainer": trainer, "not_run": True})
         results[row]["step_s"] = times[(dataset_id, trainer)]
