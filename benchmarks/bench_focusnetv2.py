@@ -139,6 +139,8 @@ def _cost_child(trainer_name: str, model_dir: str, device: str, n_steps: int, qu
     cls = getattr(trainers, trainer_name)
     trainer = cls(plans, "3d_tiny", 0, dataset_json, dev)
     trainer.initialize()
+    import random
+    random.seed(0), np.random.seed(0), torch.manual_seed(0)     # the same training batch for every trainer
     batch = next(trainer.get_dataloaders()[0])
     schedule = getattr(trainer, "schedule", [("stock", 1)])
     trainer.network.train()
