@@ -194,7 +194,7 @@ def _evaluate_test_set(raw: Path, pred: Path, eval_dir: Path) -> dict:
     dice = evaluate_folders(pred, raw / "labelsTs", raw / "dataset.json", full_output_dir=eval_dir)
     full = json.loads((eval_dir / "summary.json").read_text())
     hd95 = {}
-    for name, stats in full.get("per_structure", {}).items():
+    for name, stats in full["segmentation"]["per_structure"].items():
         value = stats.get("hd95_mm")
         hd95[name] = value.get("mean") if isinstance(value, dict) else value
     return {name: {"Dice": d, "HD95 mm": hd95.get(name)} for name, d in dice.items()}
