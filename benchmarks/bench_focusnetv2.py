@@ -124,9 +124,10 @@ def _cost_child(trainer_name: str, model_dir: str, device: str, n_steps: int, qu
     optimiser, and for the adversarial variants the G and D steps) on one fixed batch of the plans' patch
     size, timed per phase of its schedule over ``n_steps`` after a warm-up; peak memory (CUDA allocator,
     or the process's maximum RSS on CPU); predictor seconds per volume of 2x the patch per axis."""
+    import random
+
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
     import organmtl.nnunet_trainers as trainers
     from organmtl.nnunet_trainers.focusnet.options import phase_at
@@ -139,7 +140,6 @@ def _cost_child(trainer_name: str, model_dir: str, device: str, n_steps: int, qu
     cls = getattr(trainers, trainer_name)
     trainer = cls(plans, "3d_tiny", 0, dataset_json, dev)
     trainer.initialize()
-    import random
     random.seed(0), np.random.seed(0), torch.manual_seed(0)     # the same training batch for every trainer
     batch = next(trainer.get_dataloaders()[0])
     schedule = getattr(trainer, "schedule", [("stock", 1)])
@@ -172,7 +172,6 @@ def _cost_child(trainer_name: str, model_dir: str, device: str, n_steps: int, qu
     total = sum(n for _, n in schedule)
     mean_step = sum(phases[p] * n for p, n in schedule) / total
     params_m = sum(p.numel() for p in trainer.network.parameters()) / 1e6
-    del trainer
     pred = nnUNetPredictor(device=dev, allow_tqdm=False, use_mirroring=False)
     pred.initialize_from_trained_model_folder(model_dir, ("0",), "checkpoint_final.pth")
     vol = torch.randn(1, *[int(s * 2) for s in pred.configuration_manager.patch_size])
