@@ -131,26 +131,16 @@ def _cost_child(trainer_name: str, model_dir: str, device: str, n_steps: int, qu
 
     import organmtl.nnunet_trainers as trainers
     from organmtl.nnunet_trainers.focusnet.options import phase_at
+    from trainer_timing import initialized_trainer, train_step_seconds
 
     dev = torch.device(device)
     folder = Path(model_dir)
     plans = json.loads((folder / "plans.json").read_text())
-    plans["continue_training"] = False
     dataset_json = json.loads((folder / "dataset.json").read_text())
-    cls = getattr(trainers, trainer_name)
-    trainer = cls(plans, "3d_tiny", 0, dataset_json, dev)
-    trainer.initialize()
+    trainer = initialized_trainer(getattr(trainers, trainer_name), plans, "3d_tiny", dataset_json, device)
     random.seed(0), np.random.seed(0), torch.manual_seed(0)     # the same training batch for every trainer
     batch = next(trainer.get_dataloaders()[0])
     schedule = getattr(trainer, "schedule", [("stock", 1)])
-    trainer.network.train()
-
-    def step():
-        target = batch["target"]
-        trainer.train_step({"data": batch["data"].clone(),
-                            "target": [t.clone() for t in target] if isinstance(target, list) else target.clone()})
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
 
     phases, first_epoch = {}, 0
     for phase, n_epochs in schedule:
@@ -159,13 +149,9 @@ def _cost_child(trainer_name: str, model_dir: str, device: str, n_steps: int, qu
         if phase != "stock":
             assert phase_at(trainer.schedule, trainer.current_epoch) == phase
             trainer.on_train_epoch_start()
-        step()
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        t0 = time.time()
-        for _ in range(n_steps):
-            step()
-        phases[phase] = (time.time() - t0) / n_steps
+        phases[phase] = float(np.mean(train_step_seconds(trainer, batch, n_steps)))
     peak = (torch.cuda.max_memory_allocated() / 2 ** 20 if dev.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     # per-iteration mean over the schedule a full run follows (phase epochs as the trainer planned them)

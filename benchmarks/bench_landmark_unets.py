@@ -30,6 +30,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from run import describe_machine  # noqa: E402  (the suite runner's machine line)
+from trainer_timing import initialized_trainer, train_step_seconds  # noqa: E402
 
 HEAT, DIST = 651, 652
 METHODS = [  # (row, dataset, trainer, has landmark tail)
@@ -110,7 +111,6 @@ def score(raw: Path, fold: Path, predicted_landmarks: Path | None) -> dict:
 
 def step_times(raw_folders: dict, env: dict, device: str, steps: int, methods=METHODS) -> dict:
     """Seconds per train_step (median of ``steps`` after one warm-up) on one fixed batch per dataset."""
-    import torch
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
     import organmtl.nnunet_trainers as trainers
@@ -119,28 +119,15 @@ def step_times(raw_folders: dict, env: dict, device: str, steps: int, methods=ME
     for dataset_id, raw in raw_folders.items():
         pre = Path(env["nnUNet_preprocessed"]) / raw.name
         plans = json.loads((pre / "nnUNetPlans.json").read_text())
-        plans["continue_training"] = False              # what nnunetv2.run.run_training adds
         dataset_json = json.loads((pre / "dataset.json").read_text())
         batch = None
         names = ["nnUNetTrainer"] + [tr for _, d, tr, _ in methods if d == dataset_id]
         for name in names:
             cls = nnUNetTrainer if name == "nnUNetTrainer" else getattr(trainers, name)
-            trainer = cls(json.loads(json.dumps(plans)), CONFIG, 0, dataset_json, torch.device(device))
-            trainer.initialize()
+            trainer = initialized_trainer(cls, plans, CONFIG, dataset_json, device)
             if batch is None:
                 batch = next(trainer.get_dataloaders()[0])
-            trainer.network.train()
-            times = []
-            for i in range(steps + 1):
-                t0 = time.perf_counter()
-                target = batch["target"]
-                trainer.train_step({"data": batch["data"].clone(),
-                                    "target": [t.clone() for t in target] if isinstance(target, list) else target.clone()})
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                if i:
-                    times.append(time.perf_counter() - t0)
-            out[(dataset_id, name)] = float(np.median(times))
+            out[(dataset_id, name)] = float(np.median(train_step_seconds(trainer, batch, steps)))
     return out
 
 
@@ -204,11 +191,10 @@ def main(argv=None) -> dict:
                      env, log)
         results[row] = {"trainer": trainer, "train_wall_s": wall, **score(raw[dataset_id], fold, landmarks)}
     times = step_times(raw, env, args.device, steps, METHODS) if steps else {}   # step time of every method
-    times = {k: times.get(k, float("nan")) for k in [(d, tr) for _, d, tr, _ in METHODS] + [(d, "nnUNetTrainer") for d in raw]}
     for row, dataset_id, trainer, _ in METHODS:
         results.setdefault(row, {"trainer": trainer, "not_run": True})
-        results[row]["step_s"] = times[(dataset_id, trainer)]
-        results[row]["stock_step_s"] = times[(dataset_id, "nnUNetTrainer")]
+        results[row]["step_s"] = times.get((dataset_id, trainer), float("nan"))
+        results[row]["stock_step_s"] = times.get((dataset_id, "nnUNetTrainer"), float("nan"))
 
     base = results[METHODS[0][0]]
     organs = list(base["dice"])
