@@ -23,7 +23,10 @@ The evaluation runs on the CPU; ``--device cuda`` is accepted for the suite and 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
+import os
 import sys
 import tempfile
 import time
@@ -96,44 +99,75 @@ def _machine() -> str:
     return describe_machine()
 
 
-def main(argv=None) -> dict:
+def _parse(argv) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="accepted; evaluation runs on CPU")
     parser.add_argument("--quick", action="store_true", help="4 small cases, 1 repeat")
-    parser.add_argument("--cases", type=int, default=None)
-    parser.add_argument("--repeats", type=int, default=None)
-    args = parser.parse_args(argv)
+    parser.add_argument("--cases", type=int, default=None, help="number of cases (default 8, --quick 4)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats, fastest kept (default 3, --quick 1)")
+    return parser.parse_args(argv)
+
+
+def _warm_up(tmp: Path, ds: Path) -> None:
+    """One untimed run of every side on one case (imports, worker pool, MONAI kernels)."""
+    warm = tmp / "warm"
+    for d in ("gt", "pred"):
+        (warm / d).mkdir(parents=True)
+        (warm / d / "case000.nii.gz").write_bytes((tmp / "data" / d / "case000.nii.gz").read_bytes())
+    with contextlib.redirect_stdout(io.StringIO()):
+        _nnunet(warm / "gt", warm / "pred", warm)
+        _nnunet_in_process(warm / "gt", warm / "pred")
+        _organmtl(warm / "gt", warm / "pred", ds, warm)
+
+
+def _time_sides(tmp: Path, gt: Path, pred: Path, ds: Path, repeats: int) -> tuple[dict, dict, dict]:
+    """Fastest of ``repeats`` alternating runs per side; returns (seconds, nnU-Net result, organmtl summary)."""
+    sides = {"nnunet": lambda: _nnunet(gt, pred, tmp), "nnunet_loop": lambda: _nnunet_in_process(gt, pred),
+             "organmtl": lambda: _organmtl(gt, pred, ds, tmp / "ours")}
+    best = dict.fromkeys(sides, float("inf"))
+    out = {}
+    for _ in range(repeats):
+        for name, run in sides.items():
+            with contextlib.redirect_stdout(io.StringIO()):
+                t0 = time.perf_counter()
+                out[name] = run()
+                best[name] = min(best[name], time.perf_counter() - t0)
+    return best, out["nnunet"], out["organmtl"]
+
+
+def _print_tables(result: dict, best: dict) -> None:
+    n, shape = result["cases"], result["shape_zyx"]
+    print(f"## bench_evaluation: {n} cases of {shape[0]} x {shape[1]} x {shape[2]} voxels, 3 structures, "
+          f"best of {result['repeats']}\n")
+    base = best["nnunet_loop"]
+    print("| evaluation | s/case | ratio to nnU-Net compute_metrics |")
+    print("|---|---|---|")
+    print(f"| nnU-Net compute_metrics per case, in-process (Dice, IoU, counts): baseline | "
+          f"{result['nnunet_in_process_s_per_case']:.3f} | 1.00 |")
+    print(f"| nnU-Net compute_metrics_on_folder, 1 process (spawned pool: start-up included) | "
+          f"{result['nnunet_folder_s_per_case']:.3f} | {best['nnunet'] / base:.2f} |")
+    print(f"| organmtl evaluate (+ HD, HD95 x2, ASD, surface Dice, CSV/JSON/MD) | {result['organmtl_s_per_case']:.3f} "
+          f"| {result['ratio_to_nnunet_in_process']:.2f} |")
+    print("\n| structure | mean Dice organmtl | mean Dice nnU-Net |")
+    print("|---|---|---|")
+    for k, ours in result["mean_dice_organmtl"].items():
+        print(f"| {k} | {ours:.4f} | {result['mean_dice_nnunet'][k]:.4f} |")
+    print("\n(nnU-Net's mean leaves out cases where a label is absent from both masks (nan); organmtl counts "
+          "them as Dice 1; the synthetic cases always contain every reference structure, so the means agree.)")
+    print(f"\nMachine: {result['machine']}")
+
+
+def main(argv=None) -> dict:
+    args = _parse(argv)
     n = args.cases or (4 if args.quick else 8)
     shape = (16, 64, 64) if args.quick else (32, 128, 128)
     repeats = args.repeats or (1 if args.quick else 3)
-    import contextlib
-    import io
-    import os
-
     os.environ.setdefault("TQDM_DISABLE", "1")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         gt, pred, ds = write_cases(tmp / "data", n, shape)
-        warm = tmp / "warm"
-        for d in ("gt", "pred"):
-            (warm / d).mkdir(parents=True)
-            (warm / d / "case000.nii.gz").write_bytes((tmp / "data" / d / "case000.nii.gz").read_bytes())
-        with contextlib.redirect_stdout(io.StringIO()):
-            _nnunet(warm / "gt", warm / "pred", warm)
-            _nnunet_in_process(warm / "gt", warm / "pred")
-            _organmtl(warm / "gt", warm / "pred", ds, warm)
-        best = {"nnunet": float("inf"), "nnunet_loop": float("inf"), "organmtl": float("inf")}
-        for _ in range(repeats):
-            with contextlib.redirect_stdout(io.StringIO()):
-                t0 = time.perf_counter()
-                ref = _nnunet(gt, pred, tmp)
-                best["nnunet"] = min(best["nnunet"], time.perf_counter() - t0)
-                t0 = time.perf_counter()
-                _nnunet_in_process(gt, pred)
-                best["nnunet_loop"] = min(best["nnunet_loop"], time.perf_counter() - t0)
-                t0 = time.perf_counter()
-                ours = _organmtl(gt, pred, ds, tmp / "ours")
-                best["organmtl"] = min(best["organmtl"], time.perf_counter() - t0)
+        _warm_up(tmp, ds)
+        best, ref, ours = _time_sides(tmp, gt, pred, ds, repeats)
     per = ours["segmentation"]["per_structure"]
     dice_nn = {int(k): v["Dice"] for k, v in ref["mean"].items()}
     result = {
@@ -146,25 +180,7 @@ def main(argv=None) -> dict:
         "mean_dice_nnunet": {name: dice_nn[i] for i, name in enumerate(per, start=1)},
         "machine": _machine(),
     }
-    print(f"## bench_evaluation: {n} cases of {shape[0]} x {shape[1]} x {shape[2]} voxels, 3 structures, "
-          f"best of {repeats}\n")
-    base = best["nnunet_loop"]
-    print("| evaluation | s/case | ratio to nnU-Net compute_metrics |")
-    print("|---|---|---|")
-    print(f"| nnU-Net compute_metrics per case, in-process (Dice, IoU, counts): baseline | "
-          f"{result['nnunet_in_process_s_per_case']:.3f} | 1.00 |")
-    print(f"| nnU-Net compute_metrics_on_folder, 1 process (spawned pool: start-up included) | "
-          f"{result['nnunet_folder_s_per_case']:.3f} | {best['nnunet'] / base:.2f} |")
-    print(f"| organmtl evaluate (+ HD, HD95 x2, ASD, surface Dice, CSV/JSON/MD) | {result['organmtl_s_per_case']:.3f} "
-          f"| {result['ratio_to_nnunet_in_process']:.2f} |")
-    print("\n| structure | mean Dice organmtl | mean Dice nnU-Net |")
-    print("|---|---|---|")
-    for k in per:
-        nn = result["mean_dice_nnunet"][k]
-        print(f"| {k} | {result['mean_dice_organmtl'][k]:.4f} | {nn:.4f} |")
-    print("\n(nnU-Net's mean leaves out cases where a label is absent from both masks (nan); organmtl counts "
-          "them as Dice 1; the synthetic cases always contain every reference structure, so the means agree.)")
-    print(f"\nMachine: {result['machine']}")
+    _print_tables(result, best)
     return result
 
 
