@@ -1,21 +1,12 @@
-"""Shared fixtures: demo phantoms generated once per session, CLI runners, nnU-Net folders."""
+"""Shared fixtures: demo phantoms generated once per session, nnU-Net folders, one torch thread.
+Plain helpers (``run_cli``, rotations, strategies, ...) are in ``tests/helpers.py``."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-
-
-def run_cli(*args, env=None, cwd=None, timeout=600) -> subprocess.CompletedProcess:
-    """Run ``organmtl ARGS`` as a user would (console script of this interpreter's venv)."""
-    exe = Path(sys.executable).parent / "organmtl"
-    return subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})}, cwd=cwd)
+from tests.helpers import nnunet_env_vars, one_thread, run_cli  # noqa: F401  (run_cli: old import path)
 
 
 @pytest.fixture(scope="session")
@@ -31,8 +22,14 @@ def demo_root(tmp_path_factory) -> Path:
 @pytest.fixture
 def nnunet_env(tmp_path, monkeypatch) -> dict:
     """Fresh nnU-Net raw/preprocessed/results folders, exported for this test and its subprocesses."""
-    env = {"nnUNet_raw": str(tmp_path / "raw"), "nnUNet_preprocessed": str(tmp_path / "pre"),
-           "nnUNet_results": str(tmp_path / "res"), "nnUNet_n_proc_DA": "0", "nnUNet_def_n_proc": "1"}
+    env = nnunet_env_vars(tmp_path)
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     return env
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Torch on one thread for the test (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``)."""
+    with one_thread():
+        yield
