@@ -1,6 +1,6 @@
 """FocusNet trainers through the stock ``nnUNetv2_train`` / ``nnUNetv2_predict`` on the demo HaN
 phantom with tiny plans on CPU: every trainer, every phase (1 epoch each), plus a ``--c`` resume
-across a phase boundary. One converted + planned dataset is shared by all trainers."""
+across a phase boundary. The session's converted + planned HaN dataset is shared by all trainers."""
 import json
 import os
 import shutil
@@ -14,10 +14,8 @@ import SimpleITK as sitk
 import torch
 
 from organmtl.procs import run_in_group, venv_bin
-from tests.conftest import run_cli
 
-pytestmark = pytest.mark.e2e
-DATASET = "451"
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(2400)]
 PHASES = {
     "nnUNetTrainerOMTLSNet_Tiny": ["snet"],
     "nnUNetTrainerOMTLFocusNetV1_Tiny": ["snet", "sol", "sos", "joint"],
@@ -30,23 +28,9 @@ BUDGET = {"ORGANMTL_ITERS_PER_EPOCH": "2", "ORGANMTL_VAL_ITERS": "1",
 
 
 @pytest.fixture(scope="module")
-def han(demo_root, tmp_path_factory):
-    """The demo HaN phantom converted (PDDCA layout) and planned with tiny plans, once."""
-    root = tmp_path_factory.mktemp("focusnet_e2e")
-    env = {"nnUNet_raw": str(root / "raw"), "nnUNet_preprocessed": str(root / "pre"),
-           "nnUNet_results": str(root / "res"), "nnUNet_n_proc_DA": "0", "nnUNet_def_n_proc": "1"}
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in env.items():
-            mp.setenv(k, v)
-        r = run_cli("convert", "pddca", demo_root / "han_pddca", "--dataset-id", DATASET, "--name", "FocusNet")
-        assert r.returncode == 0, r.stderr
-        r = run_cli("plan-tiny", "-d", DATASET, "-np", "1")
-        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-        yield root, {**env, **BUDGET}
-
-
-def _fold(root, trainer):
-    return root / "res" / "Dataset451_FocusNet" / f"{trainer}__nnUNetPlans__3d_tiny" / "fold_0"
+def han(han_dataset):
+    """The shared demo HaN dataset (converted and tiny-planned once per session) and the phase budget."""
+    return han_dataset, {**han_dataset.env, **BUDGET}
 
 
 def _train_until(cmd, env, log, marker, timeout=1800):
@@ -66,35 +50,36 @@ def _train_until(cmd, env, log, marker, timeout=1800):
         proc.wait()
 
 
-def _predict_and_check(root, env, trainer, tmp_path):
-    raw = root / "raw" / "Dataset451_FocusNet"
-    case = sorted((raw / "imagesTr").glob("*_0000.nii.gz"))[0]
+def _predict_and_check(ds, env, trainer, tmp_path):
+    case = sorted((ds.raw / "imagesTr").glob("*_0000.nii.gz"))[0]
     inp = tmp_path / "in"
     inp.mkdir()
     shutil.copy(case, inp)
     out = tmp_path / "out"
-    run_in_group([venv_bin("nnUNetv2_predict"), "-i", str(inp), "-o", str(out), "-d", DATASET, "-c", "3d_tiny",
-                  "-f", "0", "-tr", trainer, "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"],
+    run_in_group([venv_bin("nnUNetv2_predict"), "-i", str(inp), "-o", str(out), "-d", str(ds.dataset_id),
+                  "-c", ds.configuration, "-f", "0", "-tr", trainer, "-device", "cpu", "--disable_tta",
+                  "-npp", "1", "-nps", "1"],
                  env=env, log_file=tmp_path / "predict.log", timeout=1800)
     name = case.name.replace("_0000.nii.gz", ".nii.gz")
     pred, ref = sitk.ReadImage(str(out / name)), sitk.ReadImage(str(case))
     assert pred.GetSize() == ref.GetSize()
     labels = set(np.unique(sitk.GetArrayFromImage(pred)).tolist())
-    assert labels <= set(json.loads((raw / "dataset.json").read_text())["labels"].values())
+    assert labels <= set(json.loads((ds.raw / "dataset.json").read_text())["labels"].values())
 
 
 @pytest.mark.parametrize("trainer", [t for t in PHASES if t != "nnUNetTrainerOMTLFocusNetV1_Tiny"])
 def test_trainer_runs_every_phase_and_predicts(han, trainer, tmp_path):
-    root, env = han
+    ds, env = han
     log = tmp_path / "train.log"
-    run_in_group([venv_bin("nnUNetv2_train"), DATASET, "3d_tiny", "0", "-tr", trainer, "-device", "cpu"],
-                 env=env, log_file=log, timeout=1800)
+    run_in_group([venv_bin("nnUNetv2_train"), str(ds.dataset_id), ds.configuration, "0", "-tr", trainer,
+                  "-device", "cpu"], env=env, log_file=log, timeout=1800)
     text = log.read_text()
     assert [p for p in PHASES[trainer] if f"FocusNet phase: {p}" in text] == PHASES[trainer]
-    fold = _fold(root, trainer)
+    fold = ds.fold(trainer)
     ckpt = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert ckpt["trainer_name"] == trainer and ckpt["current_epoch"] == len(PHASES[trainer])
-    settings = json.loads((fold.parent / "plans.json").read_text())["configurations"]["3d_tiny"]["organmtl_focusnet"]
+    plans = json.loads((fold.parent / "plans.json").read_text())
+    settings = plans["configurations"][ds.configuration]["organmtl_focusnet"]
     with_sos = trainer != "nnUNetTrainerOMTLSNet_Tiny"
     assert settings["use_sos"] == with_sos
     assert settings["small_organs"] == (["Chiasm", "OpticNerve_L", "OpticNerve_R"] if with_sos else [])
@@ -108,16 +93,16 @@ def test_trainer_runs_every_phase_and_predicts(han, trainer, tmp_path):
         rec = json.loads(c.read_text())["centres"]
         assert set(rec) == {"Chiasm", "OpticNerve_L", "OpticNerve_R"}
         assert all(len(v["world_mm"]) == 3 and np.isfinite(v["world_mm"]).all() for v in rec.values())
-    _predict_and_check(root, env, trainer, tmp_path)
+    _predict_and_check(ds, env, trainer, tmp_path)
 
 
 def test_focusnet_v1_resumes_across_a_phase_and_predicts(han, tmp_path):
     """Killed right after the S-Net phase, ``--c`` continues with SOL-Net from checkpoint_latest."""
-    root, env = han
+    ds, env = han
     trainer = "nnUNetTrainerOMTLFocusNetV1_Tiny"
-    cmd = [venv_bin("nnUNetv2_train"), DATASET, "3d_tiny", "0", "-tr", trainer, "-device", "cpu"]
+    cmd = [venv_bin("nnUNetv2_train"), str(ds.dataset_id), ds.configuration, "0", "-tr", trainer, "-device", "cpu"]
     _train_until(cmd, env, tmp_path / "first.log", "phase snet done, checkpoint_latest.pth written")
-    fold = _fold(root, trainer)
+    fold = ds.fold(trainer)
     assert torch.load(fold / "checkpoint_latest.pth", map_location="cpu", weights_only=False)["current_epoch"] == 1
     log = tmp_path / "resumed.log"
     run_in_group(cmd + ["--c"], env=env, log_file=log, timeout=1800)
@@ -126,4 +111,4 @@ def test_focusnet_v1_resumes_across_a_phase_and_predicts(han, tmp_path):
     assert all(f"FocusNet phase: {p}" in text for p in ("sol", "sos", "joint"))
     ckpt = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert ckpt["current_epoch"] == 4
-    _predict_and_check(root, env, trainer, tmp_path)
+    _predict_and_check(ds, env, trainer, tmp_path)

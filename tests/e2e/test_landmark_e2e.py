@@ -21,46 +21,28 @@ import SimpleITK as sitk
 import torch
 
 from organmtl.procs import run_in_group, venv_bin
-from tests.conftest import run_cli
+from tests.helpers import PlannedDataset, plan_dataset
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(2400)]
 BUDGET = {"ORGANMTL_EPOCHS": "1", "ORGANMTL_ITERS_PER_EPOCH": "2", "ORGANMTL_VAL_ITERS": "1"}
 ABDOMEN, VISCERAL = 611, 612
 
 
-def _prepare(root: Path, env: dict, source: str, src: Path, dataset_id: int, name: str, configs, *options) -> Path:
-    r = run_cli("convert", source, src, "--dataset-id", dataset_id, "--name", name, *options, env=env, timeout=1800)
-    assert r.returncode == 0, r.stderr
-    r = run_cli("plan-tiny", "-d", dataset_id, "-c", *configs, "-np", "1", env=env, timeout=1800)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    # one validation case in fold 0: nnU-Net's final validation predicts every validation case
-    pre = root / "pre" / f"Dataset{dataset_id:03d}_{name}"
-    cases = sorted(p.name[: -len("_0000.nii.gz")] for p in (root / "raw" / pre.name / "imagesTr").glob("*_0000.nii.gz"))
-    (pre / "splits_final.json").write_text(json.dumps([{"train": cases[1:], "val": cases[:1]}]))
-    return root / "raw" / pre.name
-
-
-def _train(env, dataset_id, config, trainer, log: Path, extra=(), budget=None):
-    run_in_group([venv_bin("nnUNetv2_train"), str(dataset_id), config, "0", "-tr", trainer, "-device", "cpu", *extra],
-                 env={**env, **BUDGET, **(budget or {})}, log_file=log, timeout=1800)
+def _train(ds: PlannedDataset, config, trainer, log, extra=(), budget=None):
+    run_in_group([venv_bin("nnUNetv2_train"), str(ds.dataset_id), config, "0", "-tr", trainer, "-device", "cpu",
+                  *extra], env={**ds.env, **BUDGET, **(budget or {})}, log_file=log, timeout=1800)
     return log.read_text()
 
 
-def _fold(root: Path, raw: Path, trainer: str, config: str) -> Path:
-    return root / "res" / raw.name / f"{trainer}__nnUNetPlans__{config}" / "fold_0"
-
-
 @pytest.fixture(scope="module")
-def work(tmp_path_factory, demo_root):
-    root = tmp_path_factory.mktemp("landmark_e2e")
-    env = {"nnUNet_raw": str(root / "raw"), "nnUNet_preprocessed": str(root / "pre"),
-           "nnUNet_results": str(root / "res"), "nnUNet_n_proc_DA": "0", "nnUNet_def_n_proc": "1"}
-    with ThreadPoolExecutor(2) as pool:
-        abdomen = pool.submit(_prepare, root, env, "volumes", demo_root / "abdomen_mr", ABDOMEN, "LmAbdomen",
-                              ("3d_tiny", "2d_tiny"), "--landmark-channels", "heatmap", "--one-channel-per-landmark")
-        visceral = pool.submit(_prepare, root, env, "visceral", demo_root / "visceral_ct", VISCERAL, "LmVisceral",
-                               ("2d_tiny",), "--landmark-channels", "distance")
-        abdomen, visceral = abdomen.result(), visceral.result()
+def work(abdomen_dataset, demo_root, tmp_path_factory):
+    """The session's abdomen dataset, the VISCERAL-like CT planned here (one validation case each),
+    and every trainer trained once, two at a time."""
+    assert abdomen_dataset.dataset_id == ABDOMEN
+    visceral = plan_dataset(tmp_path_factory.mktemp("visceral"), "visceral", demo_root / "visceral_ct", VISCERAL,
+                            "LmVisceral", "--landmark-channels", "distance", configurations=("2d_tiny",),
+                            one_validation_case=True)
+    datasets = {ABDOMEN: abdomen_dataset, VISCERAL: visceral}
     runs = [("joint", ABDOMEN, "3d_tiny", "nnUNetTrainerOMTLLandmarkJoint_Tiny"),
             ("joint_lite", ABDOMEN, "3d_tiny", "nnUNetTrainerOMTLLandmarkJointLite_Tiny"),
             ("alternate", ABDOMEN, "2d_tiny", "nnUNetTrainerOMTLLandmarkAlternate_Tiny"),
@@ -68,40 +50,40 @@ def work(tmp_path_factory, demo_root):
             ("multitask_block", ABDOMEN, "3d_tiny", "nnUNetTrainerOMTLMultiTaskBlock_Tiny"),
             ("early", VISCERAL, "2d_tiny", "nnUNetTrainerOMTLLandmarkEarlyFusion_Tiny"),
             ("late", VISCERAL, "2d_tiny", "nnUNetTrainerOMTLLandmarkLateFusion_Tiny")]
+    logs_dir = tmp_path_factory.mktemp("landmark_logs")
     with ThreadPoolExecutor(2) as pool:       # two nnU-Net processes at a time on the two cores
-        logs = {key: pool.submit(_train, env, d, c, tr, root / f"train_{key}.log") for key, d, c, tr in runs}
+        logs = {key: pool.submit(_train, datasets[d], c, tr, logs_dir / f"train_{key}.log") for key, d, c, tr in runs}
         logs = {k: f.result() for k, f in logs.items()}
-    return {"root": root, "env": env, "raw": {ABDOMEN: abdomen, VISCERAL: visceral}, "logs": logs,
-            "runs": {key: (d, c, tr) for key, d, c, tr in runs}}
+    return {"datasets": datasets, "logs": logs, "runs": {key: (d, c, tr) for key, d, c, tr in runs}}
 
 
 def _predict(work, key, tmp_path, channels=2, module=None) -> tuple[Path, Path, str]:
     dataset_id, config, trainer = work["runs"][key]
-    raw = work["raw"][dataset_id]
-    case = json.loads((work["root"] / "pre" / raw.name / "splits_final.json").read_text())[0]["val"][0]
+    ds = work["datasets"][dataset_id]
+    case = json.loads((ds.preprocessed / "splits_final.json").read_text())[0]["val"][0]
     inp = tmp_path / "in"
     inp.mkdir()
     for c in range(channels):
-        (inp / f"{case}_{c:04d}.nii.gz").write_bytes((raw / "imagesTr" / f"{case}_{c:04d}.nii.gz").read_bytes())
+        (inp / f"{case}_{c:04d}.nii.gz").write_bytes((ds.raw / "imagesTr" / f"{case}_{c:04d}.nii.gz").read_bytes())
     out = tmp_path / "out"
     command = [venv_bin("python"), "-m", module] if module else [venv_bin("nnUNetv2_predict")]
     run_in_group([*command, "-i", str(inp), "-o", str(out), "-d", str(dataset_id), "-c", config, "-f", "0",
                   "-tr", trainer, "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"],
-                 env={**work["env"], **BUDGET}, log_file=tmp_path / "predict.log", timeout=1800)
+                 env={**ds.env, **BUDGET}, log_file=tmp_path / "predict.log", timeout=1800)
     pred = sitk.ReadImage(str(out / f"{case}.nii.gz"))
-    ref = sitk.ReadImage(str(raw / "imagesTr" / f"{case}_0000.nii.gz"))
+    ref = sitk.ReadImage(str(ds.raw / "imagesTr" / f"{case}_0000.nii.gz"))
     assert pred.GetSize() == ref.GetSize()
     np.testing.assert_allclose(pred.GetOrigin(), ref.GetOrigin(), atol=1e-4)
-    labels = set(json.loads((raw / "dataset.json").read_text())["labels"].values())
+    labels = set(json.loads((ds.raw / "dataset.json").read_text())["labels"].values())
     assert set(np.unique(sitk.GetArrayFromImage(pred)).tolist()) <= labels
-    return out, raw, case
+    return out, ds.raw, case
 
 
 def _check_training(work, key):
     dataset_id, config, trainer = work["runs"][key]
     log = work["logs"][key]
     assert f"Using trainer '{trainer}'" in log or trainer in log
-    fold = _fold(work["root"], work["raw"][dataset_id], trainer, config)
+    fold = work["datasets"][dataset_id].fold(trainer, configuration=config)
     ckpt = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert ckpt["trainer_name"] == trainer and ckpt["current_epoch"] == 1
     assert (fold / "progress.png").is_file()
@@ -144,11 +126,11 @@ def test_alternate_2d_and_each_iteration_touches_one_head(work, tmp_path, monkey
     assert "alternate: 1 segmentation iterations" in log and "1 landmark iterations" in log
     _predict(work, "alternate", tmp_path)
     # in-process: one iteration per task, gradients on the intended head only
-    from organmtl.nnunet_trainers.landmarks import nnUNetTrainerOMTLLandmarkAlternate_Tiny
-    for key, value in work["env"].items():                      # nnU-Net 2.8 reads its paths when used
+    from organmtl.nnunet_trainers import nnUNetTrainerOMTLLandmarkAlternate_Tiny
+    ds = work["datasets"][ABDOMEN]
+    for key, value in ds.env.items():                           # nnU-Net 2.8 reads its paths when used
         monkeypatch.setenv(key, value)
-    raw = work["raw"][ABDOMEN]
-    pre = work["root"] / "pre" / raw.name
+    pre = ds.preprocessed
     plans = {**json.loads((pre / "nnUNetPlans.json").read_text()), "continue_training": False}   # as run_training
     trainer = nnUNetTrainerOMTLLandmarkAlternate_Tiny(plans, "3d_tiny", 0, json.loads((pre / "dataset.json").read_text()),
                                                       torch.device("cpu"))
@@ -178,7 +160,7 @@ def test_uncertainty_log_variances_logged_saved_and_restored_by_continue(work, t
     logged = ckpt["logging"]
     np.testing.assert_allclose([logged["log_var_segmentation"][0], logged["log_var_landmarks"][0]], saved, rtol=1e-6)
     dataset_id, config, trainer = work["runs"]["uncertainty"]
-    log2 = _train(work["env"], dataset_id, config, trainer, tmp_path / "continue.log", extra=("--c",),
+    log2 = _train(work["datasets"][dataset_id], config, trainer, tmp_path / "continue.log", extra=("--c",),
                   budget={"ORGANMTL_EPOCHS": "2"})
     start = re.search(r"log variances at start: \{'segmentation': ([-\d.e]+), 'landmarks': ([-\d.e]+)\}", log2)
     np.testing.assert_allclose([float(start.group(1)), float(start.group(2))], saved, rtol=1e-6)
