@@ -20,6 +20,8 @@ class Plugin:
     name: short id used on the command line (``organmtl list``).
     nnunet_trainers: class names findable by ``nnUNetv2_train -tr`` (via ``nnUNet_extTrainer``),
         each given as ``"module:ClassName"`` so the manifest can be checked without nnU-Net's search.
+    nnunet_trainer_sets: ``"module:attribute"`` of sequences of trainer classes (the built-in families:
+        ``organmtl.nnunet_trainers:FOCUSNET`` ...), imported only when the trainers are asked for.
     detectron_modules: modules whose import registers the method's Detectron2 heads/backbones.
     detectron_configs: config files as ``"package:relative/path.yaml"`` (package resources).
     converters: ``{source_name: "module:function"}`` for ``organmtl convert <source_name>``.
@@ -29,6 +31,7 @@ class Plugin:
     name: str
     description: str
     nnunet_trainers: tuple[str, ...] = ()
+    nnunet_trainer_sets: tuple[str, ...] = ()
     detectron_modules: tuple[str, ...] = ()
     detectron_configs: tuple[str, ...] = ()
     converters: dict[str, str] = field(default_factory=dict)
@@ -36,8 +39,19 @@ class Plugin:
     distribution: str = ""  # filled by discovery: which installed package declared it
 
     @property
+    def has_trainers(self) -> bool:
+        return bool(self.nnunet_trainers or self.nnunet_trainer_sets)
+
+    def trainer_refs(self) -> list[str]:
+        """Every trainer as ``"module:ClassName"``: the named ones, then those of each set (imported)."""
+        refs = list(self.nnunet_trainers)
+        for ref in self.nnunet_trainer_sets:
+            refs += [f"{c.__module__}:{c.__qualname__}" for c in load_reference(ref)]
+        return list(dict.fromkeys(refs))
+
+    @property
     def trainer_names(self) -> list[str]:
-        return [t.split(":", 1)[1] for t in self.nnunet_trainers]
+        return [t.split(":", 1)[1] for t in self.trainer_refs()]
 
     def config_paths(self) -> list[str]:
         """Absolute file paths of the Detectron2 configs (raises PluginError if one is missing)."""
@@ -53,7 +67,12 @@ class Plugin:
     def check(self) -> list[str]:
         """Resolve every reference of the manifest; return a list of problems (empty when sound)."""
         problems = []
-        for ref in list(self.nnunet_trainers) + list(self.converters.values()):
+        try:
+            trainers = self.trainer_refs()
+        except Exception as e:  # noqa: BLE001 - a set that fails to import is a problem like any other
+            trainers = list(self.nnunet_trainers)
+            problems.append(f"{', '.join(self.nnunet_trainer_sets)}: {type(e).__name__}: {e}")
+        for ref in trainers + list(self.converters.values()):
             try:
                 load_reference(ref)
             except Exception as e:  # noqa: BLE001 - report every failure kind the same way

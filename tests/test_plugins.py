@@ -41,6 +41,59 @@ def test_organmtl_list_shows_builtins():
     assert "nnUNetTrainerOMTLBaseline_Tiny" in r.stdout
 
 
+def _trainers_nnunet_finds(folder: Path, package: str) -> dict[str, type]:
+    """Every ``nnUNetTrainerOMTL*`` nnUNetTrainer subclass that nnU-Net's class search can return
+    under ``folder``: the modules it imports (every non-package module of a folder, then each
+    subpackage, as ``nnunetv2.utilities.find_class_by_name``) and the trainer attributes they hold."""
+    import importlib
+    import pkgutil
+
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    found = {}
+    for _, name, ispkg in pkgutil.iter_modules([str(folder)]):
+        if ispkg:
+            found.update(_trainers_nnunet_finds(folder / name, f"{package}.{name}"))
+            continue
+        module = importlib.import_module(f"{package}.{name}")
+        found.update({k: v for k, v in vars(module).items() if k.startswith("nnUNetTrainerOMTL")
+                      and isinstance(v, type) and issubclass(v, nnUNetTrainer)})
+    return found
+
+
+def test_listed_trainers_are_exactly_those_nnunet_finds():
+    """The names ``organmtl list`` prints == the nnUNetTrainerOMTL* classes nnU-Net's own search finds
+    under organmtl.nnunet_trainers; each resolves to the same class there and through the
+    nnUNet_extTrainer shim folder (the path ``nnUNetv2_train -tr`` takes)."""
+    import re
+
+    import organmtl.nnunet_trainers as package
+    from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
+    from organmtl.env import ext_trainer_dir
+
+    r = run_cli("list")
+    assert r.returncode == 0, r.stdout + r.stderr
+    listed = {name for line in r.stdout.splitlines() if "nnU-Net trainers :" in line
+              for name in re.split(r",\s*", line.split(":", 1)[1].strip())}
+    folder = Path(package.__file__).parent
+    found = _trainers_nnunet_finds(folder, package.__name__)
+    assert len(found) >= 45 and listed == set(found), (sorted(listed ^ set(found)))
+    assert {c.__name__ for c in package.TRAINERS} == listed and sorted(package.__all__) == sorted(listed)
+    for name, cls in found.items():
+        assert recursive_find_python_class(str(folder), name, package.__name__) is cls, name
+        via_shim = recursive_find_python_class(str(ext_trainer_dir()), name, None, base_folder=str(ext_trainer_dir()),
+                                               cleanup_imports_from_base_folder=True)
+        assert via_shim is cls, name
+
+
+def test_trainer_sets_are_resolved_lazily_and_checked():
+    lazy = Plugin(name="lazy", description="", nnunet_trainer_sets=("organmtl.nnunet_trainers:MULTITASK",))
+    assert lazy.has_trainers and "nnUNetTrainerOMTLTriplanar_Tiny" in lazy.trainer_names
+    assert all(ref.startswith("organmtl.nnunet_trainers.multitask.trainers:") for ref in lazy.trainer_refs())
+    broken = Plugin(name="broken", description="", nnunet_trainer_sets=("organmtl.nnunet_trainers:NO_SUCH_SET",))
+    assert any("NO_SUCH_SET" in p for p in broken.check())
+
+
 @pytest.fixture
 def third_party_installed():
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]

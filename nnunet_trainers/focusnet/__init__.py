@@ -1,11 +1,8 @@
-"""FocusNetv2 (papers/focusnetv2.txt) as nnU-Net v2 trainers: networks (``blocks``, ``network``,
-``shape_ae``), ROI handling (``roi``), losses (``losses``), options and phase schedule (``options``),
-the trainer machinery (``trainer``), the trainer classes (``trainers``) and centre export
-(``centres``). See docs/focusnetv2.md."""
-from organmtl.nnunet_trainers.focusnet.trainers import (  # noqa: F401
-    TRAINERS, nnUNetTrainerOMTLFocusNetV1, nnUNetTrainerOMTLFocusNetV1_Tiny, nnUNetTrainerOMTLFocusNetV2,
-    nnUNetTrainerOMTLFocusNetV2_Tiny, nnUNetTrainerOMTLFocusNetV2NoConcat, nnUNetTrainerOMTLFocusNetV2NoConcat_Tiny,
-    nnUNetTrainerOMTLFocusNetV2OriginAE, nnUNetTrainerOMTLFocusNetV2OriginAE_Tiny, nnUNetTrainerOMTLSNet,
-    nnUNetTrainerOMTLSNet_Tiny)
+"""FocusNetv2 (Gao et al., "FocusNetv2: imbalanced large and small organ segmentation with
+adversarial shape constraint for head and neck CT images"; docs/focusnetv2.md) as nnU-Net v2
+trainers: networks (``blocks``, ``network``, ``shape_ae``), ROI handling (``roi``), losses
+(``losses``), options and phase schedule (``options``), the trainer machinery (``trainer``), the
+trainer classes (``trainers``) and centre export (``centres``).
 
-__all__ = list(TRAINERS)
+Importing this package imports none of its modules (no cycle with ``trainer``); the trainer classes
+are collected by :mod:`organmtl.nnunet_trainers` (``FOCUSNET``)."""

@@ -1,4 +1,4 @@
-"""FocusNetv2 as nnU-Net v2 trainers (papers/focusnetv2.txt §3-4; SPEC §2).
+"""FocusNetv2 as nnU-Net v2 trainers (FocusNetv2 paper §3-4; docs/focusnetv2.md).
 
 One ``nnUNetv2_train`` call runs the staged schedule of §4.2 as phases (epoch budgets from
 ``ORGANMTL_FOCUSNET_PHASE_EPOCHS``, see :mod:`.options`): ``snet`` (S-Net, L_seg) -> ``sol`` (SOL-Net,
@@ -8,10 +8,21 @@ Eq. 7 / Eq. 8) -> ``joint`` (everything fine-tuned together, autoencoder still a
 is a function of the epoch, so ``--c`` resumes inside any phase from nnU-Net's own checkpoints
 (the autoencoder's Adam state is a second parameter group of the one optimizer nnU-Net saves).
 
+Settings that travel with the model (docs/focusnetv2.md "Options"): :class:`~.options.FocusNetOptions`
+and the network they imply (small organs, ROI, width, variant switches) go into the configuration
+entry ``organmtl_focusnet`` of the plans, which nnU-Net saves as the model's ``plans.json`` and, as
+``init_args``, inside every checkpoint; what one fold derives for itself (organ sizes of its training
+cases, phase schedule) is added to the checkpoint's copy only. ``--c``/``--val`` read them back from
+the checkpoint, a new fold of a model folder that already has folds from its ``plans.json``, and
+``nnUNetv2_predict`` builds the network from ``plans.json``. The small organs chosen by volume are
+measured on all cases of the dataset (like nnU-Net's fingerprint), so every fold builds the same
+network: nnU-Net's predictor loads every fold into one network.
+
 Deep supervision is off: S-Net has one full-resolution output (the paper uses none).
 """
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 
@@ -28,10 +39,16 @@ from organmtl.nnunet_trainers.focusnet import options as O
 from organmtl.nnunet_trainers.focusnet.network import FocusNet
 from organmtl.nnunet_trainers.focusnet.roi import crop_roi, gaussian_heatmap, mask_centre, roi_start
 from organmtl.nnunet_trainers.laterality import LateralityAwareMirroringMixin
+from organmtl.nnunet_trainers.settings import plan_width_factor, resolve, to_stored
 
 #: parameters each phase may update (the others get no update even when they received gradients)
 PHASE_PARAMETERS = {"snet": ("snet",), "sol": ("sol",), "ae": ("shape_ae",), "sos": ("sos",),
                     "joint": ("snet", "sol", "sos")}
+#: keys of the plans entry that define the network (what ``build_network_architecture`` reads)
+NETWORK_KEYS = ("small_organs", "small_labels", "roi_size", "use_sos", "concat_image", "use_ae",
+                "heat_threshold", "width")
+#: key, inside the checkpoint's copy of the entry, of what this fold derived for itself
+FOLD_KEY = "fold_record"
 
 
 class nnUNetTrainerOMTLFocusNetBase(LateralityAwareMirroringMixin, nnUNetTrainer):
@@ -40,6 +57,7 @@ class nnUNetTrainerOMTLFocusNetBase(LateralityAwareMirroringMixin, nnUNetTrainer
     Attributes:
         phases: the phases of §4.2 this variant runs.
         use_sos / concat_image / use_ae / adversarial: variant switches (Table 6 ablations).
+        options: the :class:`~.options.FocusNetOptions` of this model (stored > environment > defaults).
     """
 
     phases: tuple[str, ...] = O.ALL_PHASES
@@ -50,67 +68,146 @@ class nnUNetTrainerOMTLFocusNetBase(LateralityAwareMirroringMixin, nnUNetTrainer
     lambda1 = 5.0        # Eq. 7
     lambda2 = 0.001      # Eq. 8
     heatmap_sigma = 5.0  # §3.1.2, voxels
-    network_width = 1.0  # factor on the channel counts of Tables 9-10 (ORGANMTL_FOCUSNET_WIDTH overrides)
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.initial_lr = O.env_float("ORGANMTL_FOCUSNET_LR", 5e-4)   # §4.2: Adam, lr 0.0005
         self.weight_decay = 0.0
         self.enable_deep_supervision = False
-        self.centre_jitter = int(O.env_float("ORGANMTL_FOCUSNET_CENTRE_JITTER", 2))
         self.schedule: list[tuple[str, int]] = []
         self.focus_settings: dict = {}
         self.organ_sizes_mm3: dict[int, float] = {}
+        self._stored: dict | None = None
+        entry, source = self._model_entry()
+        self._adopt(entry, source)
 
-    # ------------------------------------------------------------------------------ set-up
-    def _module(self) -> FocusNet:
-        mod = self.network.module if isinstance(self.network, DDP) else self.network
-        return mod._orig_mod if isinstance(mod, OptimizedModule) else mod
+    # ------------------------------------------------------------------------------ settings
+    def _model_entry(self) -> tuple[dict | None, str]:
+        """The FocusNet entry stored with this model before this run: the plans' own configuration
+        entry, else (a new fold of a model folder that has other folds) the folder's ``plans.json``."""
+        entry = self.configuration_manager.configuration.get(O.PLANS_KEY)
+        if entry:
+            return entry, "the plans' configuration entry"
+        base = Path(self.output_folder_base) if self.output_folder_base else None
+        if base is None or not (base / "plans.json").is_file():
+            return None, ""
+        others = [d.name for d in base.glob("fold_*") if d.is_dir() and d.name != f"fold_{self.fold}"]
+        if not others:
+            return None, ""
+        import json
 
-    def _training_seg_files(self) -> list[Path]:
-        tr_keys, _ = self.do_split()
+        stored = json.loads((base / "plans.json").read_text())["configurations"].get(self.configuration_name, {})
+        entry = stored.get(O.PLANS_KEY)
+        return (entry, f"{base / 'plans.json'}, shared with {sorted(others)}") if entry else (None, "")
+
+    def _adopt(self, entry: dict | None, source: str) -> None:
+        """Options from ``entry`` (stored values win), else the environment, else the defaults;
+        the log names every stored value that won over a different environment value."""
+        resolved = resolve(O.FocusNetOptions, (entry or {}).get("options"), source)
+        self.options = resolved.options
+        self.initial_lr = self.options.lr                # §4.2: Adam, lr 0.0005
+        self.centre_jitter = self.options.centre_jitter
+        self._stored = copy.deepcopy(entry) if entry else None
+        for note in resolved.notes:
+            self.print_to_log_file(f"FocusNet setting {note}")
+        if entry:
+            self.print_to_log_file(f"FocusNet settings read from {source}")
+
+    def load_checkpoint(self, filename_or_checkpoint) -> None:
+        """nnU-Net's ``load_checkpoint`` (``--c``, ``--val``), after adopting the FocusNet entry the
+        checkpoint carries (its ``init_args`` plans): the network is built from it, not from the shell."""
+        if isinstance(filename_or_checkpoint, str):
+            ckpt = torch.load(filename_or_checkpoint, map_location="cpu", weights_only=False)
+            source = f"checkpoint {filename_or_checkpoint}"
+        else:
+            ckpt, source = filename_or_checkpoint, "the checkpoint"
+        args = ckpt.get("init_args", {})
+        entry = args.get("plans", {}).get("configurations", {}).get(args.get("configuration"), {}).get(O.PLANS_KEY)
+        if entry:
+            if self.was_initialized:
+                mine = {k: self.focus_settings.get(k) for k in NETWORK_KEYS}
+                if {k: entry.get(k) for k in NETWORK_KEYS} != mine:
+                    raise ValueError(f"{source}: FocusNet network {({k: entry.get(k) for k in NETWORK_KEYS})} differs "
+                                     f"from this initialised trainer's {mine}")
+            else:
+                self._adopt(entry, source)
+        super().load_checkpoint(filename_or_checkpoint)
+
+    def _training_seg_files(self, keys) -> list[Path]:
         folder = Path(self.preprocessed_dataset_folder_base) / "gt_segmentations"
-        files = [folder / f"{k}{self.dataset_json['file_ending']}" for k in tr_keys]
+        files = [folder / f"{k}{self.dataset_json['file_ending']}" for k in keys]
         missing = [str(f) for f in files if not f.is_file()]
         if missing:
             raise FileNotFoundError(f"FocusNet: ground-truth segmentations missing (run preprocessing): {missing[:3]}")
         return files
 
-    def _resolve_settings(self) -> dict:
-        """Small organs, organ sizes, ROI and variant switches; written into the configuration of the
-        plans (saved as plans.json next to the model) so that ``nnUNetv2_predict`` builds the same network."""
-        if self.label_manager.has_regions:
-            raise ValueError("FocusNet trainers need label maps (softmax classes), not region-based training")
+    def _measure_sizes(self, keys) -> dict[int, float]:
         labels = self.dataset_json["labels"]
         fg = sorted(int(v) for k, v in labels.items() if isinstance(v, int) and v > 0 and k != "ignore")
-        self.dataset_class = infer_dataset_class(self.preprocessed_dataset_folder)
-        reader = self.plans_manager.image_reader_writer_class()
-        self.organ_sizes_mm3 = O.measure_organ_sizes(self._training_seg_files(), reader,
-                                                     [0] + [v for v in fg if v != self.label_manager.ignore_label])
-        small_names = O.choose_small_organs(labels, self.dataset_json, self.organ_sizes_mm3) if self.use_sos else []
+        return O.measure_organ_sizes(self._training_seg_files(keys), self.plans_manager.image_reader_writer_class(),
+                                     [0] + [v for v in fg if v != self.label_manager.ignore_label])
+
+    def _derive_network(self) -> dict:
+        """Small organs, ROI, width and variant switches from the options, the dataset and the plan;
+        the same for every fold (small organs by volume are measured on all cases)."""
+        labels = self.dataset_json["labels"]
+        opts = self.options
+        small = []
+        if self.use_sos:
+            named = opts.small_organs is not None or O.SMALL_ORGANS_KEY in self.dataset_json
+            tr, val = self.do_split()
+            sizes = None if named else self._measure_sizes(sorted(set(tr) | set(val)))
+            small = O.choose_small_organs(labels, self.dataset_json, sizes, opts)
         cm = self.configuration_manager
-        settings = {
-            "small_organs": small_names, "small_labels": [int(labels[n]) for n in small_names],
-            "roi_size": O.roi_size(cm.spacing, cm.patch_size), "use_sos": self.use_sos and bool(small_names),
-            "concat_image": self.concat_image, "use_ae": self.use_ae,
-            "heat_threshold": O.env_float("ORGANMTL_FOCUSNET_HEAT_THRESHOLD", 0.5),
-            "width": O.env_float("ORGANMTL_FOCUSNET_WIDTH", self.network_width),
-        }
+        width = opts.width if opts.width is not None else plan_width_factor(cm, O.PAPER_FIRST_STAGE)
+        return {"small_organs": small, "small_labels": [int(labels[n]) for n in small],
+                "roi_size": O.roi_size(cm.spacing, cm.patch_size, opts.roi), "use_sos": self.use_sos and bool(small),
+                "concat_image": self.concat_image, "use_ae": self.use_ae,
+                "heat_threshold": float(opts.heat_threshold), "width": float(width)}
+
+    def _resolve_settings(self) -> dict:
+        """The network entry (stored, else derived), this fold's organ sizes and phase schedule, all
+        written into the plans (network + options) and the checkpoint's ``init_args`` (+ fold record)."""
+        if self.label_manager.has_regions:
+            raise ValueError("FocusNet trainers need label maps (softmax classes), not region-based training")
+        cm = self.configuration_manager
         if len(cm.patch_size) != 3:
             raise ValueError(f"FocusNet is a 3D network; configuration {self.configuration_name!r} has patch {cm.patch_size}")
-        cm.configuration[O.PLANS_KEY] = settings
-        self.plans_manager.plans["configurations"][self.configuration_name][O.PLANS_KEY] = settings
-        return settings
+        self.dataset_class = infer_dataset_class(self.preprocessed_dataset_folder)
+        stored = self._stored or {}
+        record = stored.get(FOLD_KEY) if stored.get(FOLD_KEY, {}).get("fold") == self.fold else None
+        if all(k in stored for k in NETWORK_KEYS):
+            network = {k: stored[k] for k in NETWORK_KEYS}
+        else:
+            network = self._derive_network()
+        if record is not None:
+            self.organ_sizes_mm3 = {int(k): float(v) for k, v in record["organ_sizes_mm3"].items()}
+        else:
+            self.organ_sizes_mm3 = self._measure_sizes(self.do_split()[0])
+        phases = self.phases if network["use_sos"] else ("snet",)
+        derived = O.phase_schedule(phases, self.num_epochs, self.options.explicit_phase_epochs(phases))
+        if record is not None:
+            self.schedule = [(str(p), int(n)) for p, n in record["schedule"]]
+            if self.schedule != derived:
+                self.print_to_log_file(f"FocusNet setting schedule={self.schedule} stored with the model wins over "
+                                       f"{derived} from this run's budget")
+        else:
+            self.schedule = derived
+        self.num_epochs = sum(n for _, n in self.schedule)
+        entry = {"options": to_stored(self.options), **network}
+        cm.configuration[O.PLANS_KEY] = entry
+        self.plans_manager.plans["configurations"][self.configuration_name][O.PLANS_KEY] = entry
+        mine = copy.deepcopy(self.plans_manager.plans)
+        mine["configurations"][self.configuration_name][O.PLANS_KEY] = {**entry, FOLD_KEY: {
+            "fold": self.fold, "organ_sizes_mm3": {str(k): v for k, v in self.organ_sizes_mm3.items()},
+            "schedule": [list(p) for p in self.schedule]}}
+        self.my_init_kwargs["plans"] = mine
+        return network
 
     def initialize(self):
         if not self.was_initialized:
             self.focus_settings = self._resolve_settings()
-            phases = self.phases if self.focus_settings["use_sos"] else ("snet",)
-            raw = O.env_str("ORGANMTL_FOCUSNET_PHASE_EPOCHS")
-            explicit = O.parse_phase_epochs(raw, phases) if raw else None
-            self.schedule = O.phase_schedule(phases, self.num_epochs, explicit)
-            self.num_epochs = sum(n for _, n in self.schedule)
+            self.print_to_log_file(f"FocusNet options: {to_stored(self.options)}")
             self.print_to_log_file(f"FocusNet settings: {self.focus_settings}")
             self.print_to_log_file(f"FocusNet phases (epochs): {self.schedule}; organ sizes (mm^3): "
                                    f"{ {k: round(v, 1) for k, v in self.organ_sizes_mm3.items()} }")
@@ -120,6 +217,10 @@ class nnUNetTrainerOMTLFocusNetBase(LateralityAwareMirroringMixin, nnUNetTrainer
         if self.is_ddp:
             # phases leave parts of the network unused: DDP must look for them (rewrap the same module)
             self.network = DDP(self.network.module, device_ids=[self.local_rank], find_unused_parameters=True)
+
+    def _module(self) -> FocusNet:
+        mod = self.network.module if isinstance(self.network, DDP) else self.network
+        return mod._orig_mod if isinstance(mod, OptimizedModule) else mod
 
     @staticmethod
     def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,

@@ -11,33 +11,33 @@ counts x 0.25).
 | ``nnUNetTrainerOMTLFocusNetV2OriginAE`` | origin AE | as v2, AE trained on GT only, then frozen |
 """
 from organmtl.nnunet_trainers.budget import CPUBudgetMixin
-from organmtl.nnunet_trainers.focusnet.trainer import nnUNetTrainerOMTLFocusNetBase
+from organmtl.nnunet_trainers.focusnet.trainer import FocusNetTrainerBase
 
 
-class nnUNetTrainerOMTLSNet(nnUNetTrainerOMTLFocusNetBase):
+class nnUNetTrainerOMTLSNet(FocusNetTrainerBase):
     """S-Net alone with the weighted focal + generalised Dice loss (§3.1.1, §3.2)."""
     phases = ("snet",)
     use_sos = False
     use_ae = False
 
 
-class nnUNetTrainerOMTLFocusNetV1(nnUNetTrainerOMTLFocusNetBase):
+class nnUNetTrainerOMTLFocusNetV1(FocusNetTrainerBase):
     """FocusNetv1: S-Net + SOL-Net + SOS-Net, no shape autoencoder (Table 6)."""
     phases = ("snet", "sol", "sos", "joint")
     use_ae = False
     adversarial = False
 
 
-class nnUNetTrainerOMTLFocusNetV2(nnUNetTrainerOMTLFocusNetBase):
+class nnUNetTrainerOMTLFocusNetV2(FocusNetTrainerBase):
     """Full FocusNetv2: S-Net, SOL-Net, SOS-Net, adversarial shape autoencoder (§3, §4.2)."""
 
 
-class nnUNetTrainerOMTLFocusNetV2NoConcat(nnUNetTrainerOMTLFocusNetBase):
+class nnUNetTrainerOMTLFocusNetV2NoConcat(FocusNetTrainerBase):
     """Ablation "FocusNetv2 no concat": SOS-Net sees only the S-Net features, not the raw image."""
     concat_image = False
 
 
-class nnUNetTrainerOMTLFocusNetV2OriginAE(nnUNetTrainerOMTLFocusNetBase):
+class nnUNetTrainerOMTLFocusNetV2OriginAE(FocusNetTrainerBase):
     """Ablation "origin AE": autoencoder trained on ground truth only, then frozen (Oktay et al. 2017
     style shape prior, no adversarial D step)."""
     adversarial = False
@@ -67,11 +67,3 @@ class nnUNetTrainerOMTLFocusNetV2OriginAE_Tiny(CPUBudgetMixin, nnUNetTrainerOMTL
     """:class:`nnUNetTrainerOMTLFocusNetV2OriginAE` on the CPU budget."""
     network_width = 0.25
 
-
-TRAINERS = [
-    "nnUNetTrainerOMTLSNet", "nnUNetTrainerOMTLSNet_Tiny",
-    "nnUNetTrainerOMTLFocusNetV1", "nnUNetTrainerOMTLFocusNetV1_Tiny",
-    "nnUNetTrainerOMTLFocusNetV2", "nnUNetTrainerOMTLFocusNetV2_Tiny",
-    "nnUNetTrainerOMTLFocusNetV2NoConcat", "nnUNetTrainerOMTLFocusNetV2NoConcat_Tiny",
-    "nnUNetTrainerOMTLFocusNetV2OriginAE", "nnUNetTrainerOMTLFocusNetV2OriginAE_Tiny",
-]

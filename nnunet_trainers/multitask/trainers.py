@@ -185,8 +185,3 @@ class nnUNetTrainerOMTLMultiTaskUNetDiceCE(nnUNetTrainerOMTLMultiTaskUNet):
 class nnUNetTrainerOMTLMultiTaskUNetDiceCE_Tiny(CPUBudgetMixin, nnUNetTrainerOMTLMultiTaskUNetDiceCE):
     """CPU variant of :class:`nnUNetTrainerOMTLMultiTaskUNetDiceCE`."""
 
-
-TRAINERS = (nnUNetTrainerOMTLTriplanar, nnUNetTrainerOMTLTriplanar_Tiny,
-            nnUNetTrainerOMTLTriplanarDiceCE, nnUNetTrainerOMTLTriplanarDiceCE_Tiny,
-            nnUNetTrainerOMTLMultiTaskUNet, nnUNetTrainerOMTLMultiTaskUNet_Tiny,
-            nnUNetTrainerOMTLMultiTaskUNetDiceCE, nnUNetTrainerOMTLMultiTaskUNetDiceCE_Tiny)
