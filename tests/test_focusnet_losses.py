@@ -1,5 +1,7 @@
-"""FocusNetv2 losses against hand computation (papers/focusnetv2.txt Eq. 1-8), the phase schedule,
-and the trainer steps: each phase and the alternating G/D steps update only their parameters."""
+"""FocusNetv2 losses against hand computation (Gao et al., "FocusNetv2: Imbalanced large and small
+organ segmentation with adversarial shape constraint for head and neck CT images", Eq. 1-8;
+docs/focusnetv2.md), the phase schedule, and the trainer steps: each phase and the alternating G/D
+steps update only their parameters."""
 import math
 from types import SimpleNamespace
 

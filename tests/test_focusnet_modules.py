@@ -1,5 +1,7 @@
-"""FocusNetv2 network modules (papers/focusnetv2.txt Tables 9-10): shapes, receptive fields,
-in-plane-only DenseASPP dilation, ROI crop/paste at borders, paste-back through the logits."""
+"""FocusNetv2 network modules (Gao et al., "FocusNetv2: Imbalanced large and small organ segmentation
+with adversarial shape constraint for head and neck CT images", Tables 9-10; docs/focusnetv2.md):
+shapes, receptive fields, in-plane-only DenseASPP dilation, ROI crop/paste at borders, paste-back
+through the logits."""
 import pytest
 import torch
 

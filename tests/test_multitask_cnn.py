@@ -1,4 +1,5 @@
-"""Multi-task multi-modality CNN (papers/moeskops_multitask_cnn.txt): the triplanar network (§3.1),
+"""Multi-task multi-modality CNN (Moeskops et al., "Deep Learning for Multi-task Medical Image
+Segmentation in Multiple Modalities"; docs/multitask_cnn.md): the triplanar network (§3.1),
 task/class-balanced nnU-Net batches (§3.2), the losses, the task table, and the evaluation pieces
 (per-task masking, cross-task confusion, Dice-optimal PR threshold, §4)."""
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Multi-task CNN end to end with the stock commands (papers/moeskops_multitask_cnn.txt): the three
+"""Multi-task CNN end to end with the stock commands (Moeskops et al., "Deep Learning for Multi-task
+Medical Image Segmentation in Multiple Modalities"; docs/multitask_cnn.md): the three
 demo multi-modality tasks converted with ``volumes``, merged with ``merge`` and planned once (module
 fixture); the triplanar and U-Net trainers through ``nnUNetv2_train``/``nnUNetv2_predict``; the
 experiment runner on two tasks (three subsets); and the brain task on nilearn's MNI152 template."""
