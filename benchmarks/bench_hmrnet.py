@@ -23,25 +23,27 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = {"Mask R-CNN (baseline)": "tiny/mask_rcnn_R_18_FPN_baseline_tiny.yaml",
-        "HMR-Net": "tiny/hmrnet_R_18_FPN_tiny.yaml",
-        "HMR-Net, one N-Net": "tiny/hmrnet_R_18_FPN_no_cross_stitch_tiny.yaml",
-        "HMR-Net, mask head": "tiny/hmrnet_R_18_FPN_mask_head_tiny.yaml"}
-FULL = {"Mask R-CNN (baseline)": "mask_rcnn_R_50_FPN_baseline.yaml",
-        "HMR-Net": "hmrnet_R_50_FPN.yaml",
-        "HMR-Net, one N-Net": "hmrnet_R_50_FPN_no_cross_stitch.yaml",
-        "HMR-Net, mask head": "hmrnet_R_50_FPN_mask_head.yaml"}
+# config paths relative to detectron_heads/: the generic baselines in configs/, HMR-Net's in hmrnet/configs/
+TINY = {"Mask R-CNN (baseline)": "configs/tiny/mask_rcnn_R_18_FPN_baseline_tiny.yaml",
+        "HMR-Net": "hmrnet/configs/tiny/hmrnet_R_18_FPN_tiny.yaml",
+        "HMR-Net, one N-Net": "hmrnet/configs/tiny/hmrnet_R_18_FPN_no_cross_stitch_tiny.yaml",
+        "HMR-Net, mask head": "hmrnet/configs/tiny/hmrnet_R_18_FPN_mask_head_tiny.yaml"}
+FULL = {"Mask R-CNN (baseline)": "configs/mask_rcnn_R_50_FPN_baseline.yaml",
+        "HMR-Net": "hmrnet/configs/hmrnet_R_50_FPN.yaml",
+        "HMR-Net, one N-Net": "hmrnet/configs/hmrnet_R_50_FPN_no_cross_stitch.yaml",
+        "HMR-Net, mask head": "hmrnet/configs/hmrnet_R_50_FPN_mask_head.yaml"}
 
 
 def _cfg(config: str, coco: Path, name: str, device: str, size: int, batch: int):
     from detectron2.config import get_cfg
 
-    from organmtl.detectron_heads import add_hmrnet_config, add_organmtl_config, register_from_cfg
+    from organmtl.detectron_heads import add_organmtl_config, register_from_cfg
+    from organmtl.detectron_heads.hmrnet import add_hmrnet_config
 
     cfg = get_cfg()
     add_organmtl_config(cfg)
     add_hmrnet_config(cfg)
-    cfg.merge_from_file(str(REPO / "detectron_heads" / "configs" / config))
+    cfg.merge_from_file(str(REPO / "detectron_heads" / config))
     cfg.ORGANMTL.DATASET_ROOT, cfg.ORGANMTL.DATASET_NAME = str(coco), name
     cfg.MODEL.DEVICE = device
     cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN = (size,), size * 2
@@ -70,7 +72,7 @@ def _time_iterations(args) -> dict:
     from detectron2.solver import build_optimizer
     from detectron2.utils.events import EventStorage
 
-    from organmtl.detectron_heads import HMRNetDatasetMapper
+    from organmtl.detectron_heads.hmrnet import HMRNetDatasetMapper
 
     torch.manual_seed(0)
     cfg = _cfg(config, coco, "bench_time", device, size, batch)
@@ -156,8 +158,7 @@ def _train_budget_and_evaluate(args) -> dict:
     from detectron2.solver import build_lr_scheduler, build_optimizer
     from detectron2.utils.events import EventStorage
 
-    from organmtl.detectron_heads import HMRNetDatasetMapper
-    from organmtl.detectron_heads.hmrnet_evaluator import HMRNetEvaluator
+    from organmtl.detectron_heads.hmrnet import HMRNetDatasetMapper, HMRNetEvaluator
 
     torch.manual_seed(0)
     cfg = _cfg(config, coco, "bench_occl", device, size, batch)

@@ -9,7 +9,8 @@ annotation holds what pycocotools and Detectron2's ``load_coco_json`` read (``se
 instance's outer contour (HMR-Net §2.4; p = 50 for images >= 512 px, 100 otherwise, or
 ``--points``). Canonical order: start at the top-most contour point (smallest y, then smallest x),
 run clockwise as seen on screen (x right, y down). Coordinates are COCO's continuous pixel
-coordinates (pixel (r, c) covers [c, c+1] x [r, r+1]).
+coordinates (pixel (r, c) covers [c, c+1] x [r, r+1]). The contour geometry is
+:mod:`organmtl.geometry`, shared with the HMR-Net mapper and shape head.
 
 Segmentation is a list of polygons (outer contours) unless a component has a hole; then it is a
 compressed RLE so no pixel is lost. Slices are written as 8-bit RGB PNGs with a window
@@ -28,9 +29,9 @@ import SimpleITK as sitk
 from PIL import Image
 from pycocotools import mask as mask_util
 from scipy import ndimage
-from skimage import measure
 
 from organmtl.converters.common import ConversionError, read_image, write_json
+from organmtl.geometry import contour_points, outer_contour
 
 AXES = ("axial", "coronal", "sagittal")
 CT_WINDOW = (-160.0, 240.0)
@@ -49,54 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--fold", type=int, default=0, help="fold written as instances_val.json (default 0)")
 
 
-# ---------------------------------------------------------------- geometry of contours / masks
-
-def outer_contour(mask: np.ndarray) -> np.ndarray:
-    """Outer contour (N, 2) as (x, y) COCO coordinates of the largest-area boundary of ``mask``."""
-    padded = np.pad(mask.astype(np.float32), 1)
-    contours = measure.find_contours(padded, 0.5)
-    if not contours:
-        raise ValueError("empty mask has no contour")
-    best = max(contours, key=lambda c: abs(_signed_area(c[:, ::-1])))
-    xy = best[:, ::-1] - 1.0 + 0.5        # undo padding; pixel centres sit at +0.5
-    if np.allclose(xy[0], xy[-1]):
-        xy = xy[:-1]
-    return xy
-
-
-def _signed_area(xy: np.ndarray) -> float:
-    x, y = xy[:, 0], xy[:, 1]
-    return 0.5 * float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))
-
-
-def canonical_contour(xy: np.ndarray) -> np.ndarray:
-    """Orient clockwise on screen (positive shoelace area with y pointing down) and start at the
-    top-most, then left-most, vertex."""
-    if _signed_area(xy) < 0:
-        xy = xy[::-1]
-    start = np.lexsort((xy[:, 0], xy[:, 1]))[0]
-    return np.roll(xy, -start, axis=0)
-
-
-def resample_closed(xy: np.ndarray, p: int) -> np.ndarray:
-    """``p`` points evenly spaced by arc length along the closed polyline ``xy`` from ``xy[0]``."""
-    closed = np.vstack([xy, xy[:1]])
-    seg = np.linalg.norm(np.diff(closed, axis=0), axis=1)
-    cum = np.concatenate([[0.0], np.cumsum(seg)])
-    targets = np.arange(p) * cum[-1] / p
-    return np.stack([np.interp(targets, cum, closed[:, 0]), np.interp(targets, cum, closed[:, 1])], axis=1)
-
-
-def contour_points(mask: np.ndarray, p: int) -> np.ndarray:
-    """HMR-Net's boundary target (§2.4): (p, 2) canonical, evenly spaced outer-contour points."""
-    return resample_closed(canonical_contour(outer_contour(mask)), p)
-
-
-def rasterize_polygon(points_xy: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Binary mask of the polygon through ``points_xy`` (COCO coordinates), via pycocotools."""
-    rle = mask_util.frPyObjects([np.asarray(points_xy, dtype=float).ravel().tolist()], height, width)
-    return mask_util.decode(mask_util.merge(rle)).astype(bool)
-
+# ---------------------------------------------------------------- COCO annotations of masks
 
 def _encode(mask: np.ndarray) -> dict:
     return mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))

@@ -4,7 +4,20 @@
     python -m organmtl.detectron_heads.train_net --config-file CONFIG.yaml \
         ORGANMTL.DATASET_ROOT /path/to/coco ORGANMTL.DATASET_NAME spine
     python -m organmtl.detectron_heads.train_net --config-file CONFIG.yaml --eval-only MODEL.WEIGHTS model.pth
-    python -m organmtl.detectron_heads.train_net --num-gpus 8 --config-file CONFIG.yaml   # multi-GPU
+    python -m organmtl.detectron_heads.train_net --num-gpus 8 --config-file CONFIG.yaml \
+        SOLVER.REFERENCE_WORLD_SIZE 1 ...                                             # multi-GPU
+
+Multi-GPU: ``SOLVER.IMS_PER_BATCH`` is the total batch over all GPUs and must be divisible by
+``--num-gpus`` (Detectron2 refuses it otherwise). The paper configs use 3 images on one GPU, so
+for N GPUs scale the batch with the GPUs: ``SOLVER.REFERENCE_WORLD_SIZE 1`` makes Detectron2's
+``DefaultTrainer.auto_scale_workers`` set IMS_PER_BATCH 3N, BASE_LR x N (linear scaling rule,
+Goyal et al., "Accurate, Large Minibatch SGD") and MAX_ITER / STEPS / WARMUP_ITERS / N (same
+epochs); or pass those values yourself. See docs/hmrnet.md ("Multi-GPU").
+
+Every config gets ``cfg.ORGANMTL`` (generic) and HMR-Net's keys; the loaders use HMR-Net's mapper
+(Detectron2's DatasetMapper plus contour points when the model has a shape head) and the
+evaluators add HMR-Net's Dice / Hausdorff / 11-point mAP to COCOEvaluator, for any instance
+segmentation config (the Mask R-CNN baselines included).
 """
 import json
 import logging
@@ -19,9 +32,8 @@ from detectron2.engine import DefaultTrainer, default_argument_parser, default_s
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluators, verify_results
 
-from organmtl.detectron_heads import add_hmrnet_config, add_organmtl_config, register_from_cfg
-from organmtl.detectron_heads.hmrnet_evaluator import HMRNetEvaluator
-from organmtl.detectron_heads.hmrnet_mapper import HMRNetDatasetMapper
+from organmtl.detectron_heads import add_organmtl_config, register_from_cfg
+from organmtl.detectron_heads.hmrnet import HMRNetDatasetMapper, HMRNetEvaluator, add_hmrnet_config
 
 
 class Trainer(DefaultTrainer):

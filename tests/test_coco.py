@@ -8,7 +8,8 @@ from pycocotools.coco import COCO
 from scipy import ndimage
 
 from organmtl.cli import main
-from organmtl.converters.coco import canonical_contour, contour_points, instance_annotation, rasterize_polygon
+from organmtl.converters.coco import instance_annotation
+from organmtl.geometry import canonical_contour, contour_points, rasterize_polygon
 
 
 def _dice(a, b):

@@ -26,7 +26,7 @@ def _models_and_losses():
     from organmtl.nnunet_trainers.focusnet.losses import SegmentationLoss
     from organmtl.nnunet_trainers.landmarks.losses import UncertaintyWeighting, heatmap_mse
     from organmtl.nnunet_trainers.multitask.triplanar import TriplanarCNN
-    from organmtl.detectron_heads.manifold_loss import manifold_loss
+    from organmtl.detectron_heads.hmrnet.manifold_loss import manifold_loss
 
     def batch(seed, n=4, classes=3):
         g = torch.Generator().manual_seed(seed)

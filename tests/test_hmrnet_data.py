@@ -1,4 +1,4 @@
-"""HMR-Net data (papers/hmrnet.txt §2.4, §3.1): contour points <-> polygon round trip on the demo
+"""HMR-Net data (paper §2.4, §3.1, docs/hmrnet.md): contour points <-> polygon round trip on the demo
 spine masks, the dataset mapper carrying points through augmentations (flip keeps the canonical
 orientation), the paper's augmentation list and the evaluator's 11-point mAP."""
 import json
@@ -11,13 +11,14 @@ from detectron2.config import get_cfg
 from detectron2.data import transforms as T
 
 from organmtl.cli import main
-from organmtl.converters.coco import _signed_area, contour_points, rasterize_polygon
-from organmtl.detectron_heads import HMRNetDatasetMapper, add_hmrnet_config, add_organmtl_config
-from organmtl.detectron_heads.hmrnet_evaluator import eleven_point_map
+from organmtl.detectron_heads import add_organmtl_config
+from organmtl.detectron_heads.hmrnet import HMRNetDatasetMapper, add_hmrnet_config
+from organmtl.detectron_heads.hmrnet.dataset_mapper import (AUGMENTATIONS, GaussianBlurTransform,
+                                                            build_hmrnet_augmentation, transform_contour_points)
+from organmtl.detectron_heads.hmrnet.evaluator import eleven_point_map
 from organmtl.evaluation.coco_eval import decode_segmentation
-from organmtl.detectron_heads.hmrnet_mapper import (AUGMENTATIONS, GaussianBlurTransform, build_hmrnet_augmentation,
-                                                    transform_contour_points)
 from organmtl.evaluation.metrics import dice
+from organmtl.geometry import contour_points, rasterize_polygon, signed_area
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +44,7 @@ def test_points_polygon_round_trip_dice_on_demo_masks(spine_coco):
         h, w = sizes[a["image_id"]]
         mask = decode_segmentation(a["segmentation"], h, w)
         pts = contour_points(mask, 50)                          # p = 50
-        assert _signed_area(pts) > 0                            # clockwise on screen
+        assert signed_area(pts) > 0                            # clockwise on screen
         scores.append(dice(rasterize_polygon(pts, h, w), mask))
     assert len(scores) >= 10
     assert np.mean(scores) >= 0.98 and min(scores) >= 0.95
@@ -61,7 +62,7 @@ def _square(x0=10.0, y0=20.0, s=8.0, n=2):
 def test_flip_reverses_order_to_keep_orientation():
     pts = _square()
     flipped = transform_contour_points(pts.ravel(), T.TransformList([T.HFlipTransform(64)]))
-    assert _signed_area(flipped) > 0                             # still clockwise
+    assert signed_area(flipped) > 0                             # still clockwise
     assert np.allclose(flipped[0], [64 - 18.0, 20.0])           # starts at the new top-left corner
     expected = np.stack([64 - pts[:, 0], pts[:, 1]], 1)
     assert {tuple(p) for p in np.round(flipped, 6)} == {tuple(p) for p in np.round(expected, 6)}
@@ -98,7 +99,7 @@ def test_mapper_carries_points_through_a_forced_flip(monkeypatch):
     out = mapper(_record())
     pts = out["instances"].gt_points[0].numpy()
     assert pts.shape == (8, 2)
-    assert _signed_area(pts) > 0 and np.allclose(pts[0], [64 - 18.0, 20.0])
+    assert signed_area(pts) > 0 and np.allclose(pts[0], [64 - 18.0, 20.0])
     assert torch.allclose(out["instances"].gt_boxes.tensor, torch.tensor([[46.0, 20.0, 54.0, 28.0]]))
 
 
@@ -117,7 +118,7 @@ def test_paper_augmentation_list_runs_and_keeps_points_with_the_image(monkeypatc
         if len(inst):
             pts = inst.gt_points[0].numpy()
             box = inst.gt_boxes.tensor[0].numpy()
-            assert _signed_area(pts) > 0
+            assert signed_area(pts) > 0
             assert np.allclose(pts.mean(0), [(box[0] + box[2]) / 2, (box[1] + box[3]) / 2], atol=3)
     with pytest.raises(ValueError, match="unknown augmentation"):
         build_hmrnet_augmentation(_cfg(**{"INPUT.HMRNET_AUG.NAMES": "['zoom']"}), True)

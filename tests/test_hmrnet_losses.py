@@ -1,12 +1,12 @@
-"""HMR-Net losses (papers/hmrnet.txt): manifold regularisation (Eq. 2-6) against a hand computation,
+"""HMR-Net losses (docs/hmrnet.md): manifold regularisation (Eq. 2-6) against a hand computation,
 gradient check, degenerate batches; shape regression loss (Eq. 10); point normalisation (§2.4)."""
 import math
 
 import pytest
 import torch
 
-from organmtl.detectron_heads.manifold_loss import heat_kernel_knn_similarity, manifold_loss, normalized_laplacian
-from organmtl.detectron_heads.shape_head import decode_points, encode_points, shape_regression_loss
+from organmtl.detectron_heads.hmrnet.manifold_loss import heat_kernel_knn_similarity, manifold_loss, normalized_laplacian
+from organmtl.detectron_heads.hmrnet.shape_head import decode_points, encode_points, shape_regression_loss
 
 # 4 targets on a line: pairwise distances 1, 3, 7, 2, 6, 4 -> sigma = 23/6
 Y4 = torch.tensor([[0.0, 0.0], [1.0, 0.0], [3.0, 0.0], [7.0, 0.0]], dtype=torch.float64)

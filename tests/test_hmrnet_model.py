@@ -1,4 +1,4 @@
-"""HMR-Net model pieces (papers/hmrnet.txt §2.2-2.5): maxout and CoordConv shapes, cross-stitch units
+"""HMR-Net model pieces (paper §2.2-2.5, docs/hmrnet.md): maxout and CoordConv shapes, cross-stitch units
 (identity alpha = two independent N-Nets, exactly), the N-Net outputs, the maxout LRN, Eq. 1 level
 pooling on equal-stride maps, gradient routing of the losses and inference outputs."""
 from importlib import resources
@@ -14,12 +14,13 @@ from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 from detectron2.utils.visualizer import Visualizer
 
-from organmtl.detectron_heads import add_hmrnet_config, add_organmtl_config
-from organmtl.detectron_heads.hmrnet_layers import CrossStitchUnit, Maxout, add_coord_channels
-from organmtl.detectron_heads.hmrnet_roi_heads import HighResolutionLevelPooler
-from organmtl.detectron_heads.nnet_backbone import NNetBackbone
+from organmtl.detectron_heads import add_organmtl_config
+from organmtl.detectron_heads.hmrnet import add_hmrnet_config
+from organmtl.detectron_heads.hmrnet.backbone import NNetBackbone
+from organmtl.detectron_heads.hmrnet.layers import CrossStitchUnit, Maxout, add_coord_channels
+from organmtl.detectron_heads.hmrnet.roi_heads import HighResolutionLevelPooler
 
-CONFIGS = resources.files("organmtl.detectron_heads") / "configs"
+CONFIGS = resources.files("organmtl.detectron_heads.hmrnet") / "configs"
 
 
 def tiny_cfg(name="tiny/hmrnet_R_18_FPN_tiny.yaml", **opts):
@@ -173,3 +174,50 @@ def test_inference_without_detections(batch):
         inst = model([{k: batch[0][k] for k in ("image", "height", "width")}])[0]["instances"]
     assert len(inst) == 0
     assert inst.pred_points.shape == (0, 8, 2) and inst.pred_masks.shape == (0, 128, 128)
+
+
+def _full_cfg(path):
+    cfg = get_cfg()
+    add_organmtl_config(cfg)
+    add_hmrnet_config(cfg)
+    cfg.merge_from_file(path)
+    return cfg
+
+
+def test_manifest_lists_every_yaml_and_each_merges():
+    """The hmrnet manifest is derived from the two config folders (generic base + baselines, HMR-Net's
+    own); every listed file merges through its _BASE_ chain into a config with the method it names."""
+    from pathlib import Path
+
+    from organmtl.plugins.builtin import HMRNET
+
+    root = Path(str(resources.files("organmtl.detectron_heads")))
+    on_disk = {p.relative_to(root).as_posix() for p in root.rglob("*.yaml")}
+    listed = {ref.split(":", 1)[1] for ref in HMRNET.detectron_configs}
+    assert listed == on_disk and len(listed) == 12
+    assert "hmrnet/configs/Base-HMRNet.yaml" in listed and "configs/Base-OMTL-RCNN-FPN.yaml" in listed
+    for path in HMRNET.config_paths():
+        cfg = _full_cfg(path)
+        name = Path(path).name
+        if name.startswith("hmrnet_"):
+            assert cfg.MODEL.META_ARCHITECTURE == "HMRNetRCNN" and cfg.MODEL.ROI_HEADS.NAME == "HMRNetROIHeads", name
+        elif name.startswith("mask_rcnn_"):
+            assert cfg.MODEL.META_ARCHITECTURE == "GeneralizedRCNN" and cfg.MODEL.MASK_ON, name
+        assert cfg.SOLVER.NESTEROV and cfg.SOLVER.WEIGHT_DECAY == pytest.approx(1e-4), name   # from the shared base
+
+
+@pytest.mark.parametrize("gpus", [2, 4, 8])
+def test_paper_batch_scales_with_gpus_by_reference_world_size(gpus):
+    """The documented multi-GPU rule: batch 3 does not divide over 2/4/8 GPUs (Detectron2's loader
+    refuses it); with SOLVER.REFERENCE_WORLD_SIZE 1 Detectron2's trainer scales to 3N images, lr x N
+    and iterations / N."""
+    from detectron2.engine import DefaultTrainer
+
+    cfg = _full_cfg(str(CONFIGS / "hmrnet_R_50_FPN.yaml"))
+    assert cfg.SOLVER.IMS_PER_BATCH == 3 and cfg.SOLVER.IMS_PER_BATCH % gpus != 0
+    cfg.SOLVER.REFERENCE_WORLD_SIZE = 1
+    scaled = DefaultTrainer.auto_scale_workers(cfg, gpus)
+    assert scaled.SOLVER.IMS_PER_BATCH == 3 * gpus and scaled.SOLVER.IMS_PER_BATCH % gpus == 0
+    assert scaled.SOLVER.BASE_LR == pytest.approx(0.001 * gpus)
+    assert scaled.SOLVER.MAX_ITER == round(cfg.SOLVER.MAX_ITER / gpus)
+    assert scaled.SOLVER.STEPS == tuple(round(s / gpus) for s in cfg.SOLVER.STEPS)

@@ -1,4 +1,4 @@
-"""HMR-Net end to end (papers/hmrnet.txt): ``train_net.py`` run as a script trains every tiny
+"""HMR-Net end to end (docs/hmrnet.md): ``train_net.py`` run as a script trains every tiny
 config (full, no-manifold, no-cross-stitch, mask head, Mask R-CNN baseline) 2 iterations on CPU and
 evaluates it (COCO bbox/segm, Dice/HD/11-point mAP, CSV, overlays); the full tiny HMR-Net overfits
 two demo spine slices (segm Dice >= 0.8)."""
@@ -15,7 +15,8 @@ from organmtl.procs import run_in_group
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
-TINY = REPO / "detectron_heads" / "configs" / "tiny"
+TINY = REPO / "detectron_heads" / "hmrnet" / "configs" / "tiny"
+BASELINE_TINY = REPO / "detectron_heads" / "configs" / "tiny"      # generic Mask R-CNN baseline
 OVERFIT_ITERS = int(os.environ.get("ORGANMTL_HMRNET_OVERFIT_ITERS", "80"))
 CHEAP = ["SOLVER.MAX_ITER", "2", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0", "TEST.HMRNET.SCORE_THRESH", "0.0",
          "TEST.DETECTIONS_PER_IMAGE", "10", "TEST.HMRNET.NUM_OVERLAYS", "1"]
@@ -46,7 +47,8 @@ def train_net(config: Path, coco: Path, name: str, out: Path, *opts: str, timeou
                                     "mask_rcnn_R_18_FPN_baseline_tiny"])
 def test_train_net_trains_and_evaluates_each_tiny_config(tmp_path, spine_coco, config):
     out = tmp_path / "run"
-    results = train_net(TINY / f"{config}.yaml", spine_coco, f"e2e_{config}", out, *CHEAP)
+    folder = BASELINE_TINY if config.startswith("mask_rcnn") else TINY
+    results = train_net(folder / f"{config}.yaml", spine_coco, f"e2e_{config}", out, *CHEAP)
     assert {"bbox", "segm", "hmrnet"} <= set(results)
     assert "AP-disc" in results["segm"]
     hm = results["hmrnet"]

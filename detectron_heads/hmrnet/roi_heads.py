@@ -1,4 +1,4 @@
-"""HMR-Net ROI heads (papers/hmrnet.txt §2.2-2.6): LRN box head pooled from the H2..H5 maps with the
+"""HMR-Net ROI heads (paper §2.2-2.6): LRN box head pooled from the H2..H5 maps with the
 FPN level rule (Eq. 1), SRN shape head (or, for the Table 5/6 ablation, Detectron2's mask head) on
 ROIAlign of the concatenated high-resolution maps of the shape N-Net, and the multitask loss of
 Eq. 7 (class CE, smooth-L1 box, shape MSE of Eq. 10, manifold of Eq. 6)."""
@@ -17,8 +17,8 @@ from detectron2.modeling.roi_heads import build_box_head, build_mask_head
 from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers
 from detectron2.modeling.roi_heads.roi_heads import select_foreground_proposals
 
-from organmtl.detectron_heads.manifold_loss import manifold_loss
-from organmtl.detectron_heads.shape_head import build_shape_head, decode_points, encode_points, shape_regression_loss
+from organmtl.detectron_heads.hmrnet.manifold_loss import manifold_loss
+from organmtl.detectron_heads.hmrnet.shape_head import build_shape_head, decode_points, encode_points, shape_regression_loss
 
 CANONICAL_BOX_SIZE, CANONICAL_LEVEL = 224, 4        # Eq. 1: k0 = 4 for a 224 x 224 ROI
 

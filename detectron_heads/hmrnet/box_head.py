@@ -1,4 +1,4 @@
-"""HMR-Net's LRN box head (papers/hmrnet.txt §2.3): Detectron2's FastRCNNConvFCHead with a maxout
+"""HMR-Net's LRN box head (paper §2.3): Detectron2's FastRCNNConvFCHead with a maxout
 activation on its final fully connected layer."""
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from torch import nn
 
 from detectron2.modeling.roi_heads.box_head import ROI_BOX_HEAD_REGISTRY, FastRCNNConvFCHead
 
-from organmtl.detectron_heads.hmrnet_layers import Maxout
+from organmtl.detectron_heads.hmrnet.layers import Maxout
 
 
 @ROI_BOX_HEAD_REGISTRY.register()

@@ -1,4 +1,5 @@
-"""Config keys of HMR-Net (papers/hmrnet.txt), added PointRend-style by :func:`add_hmrnet_config`.
+"""Config keys of HMR-Net (the holistic multitask regression network), added PointRend-style by
+:func:`add_hmrnet_config`.
 
 Every key is documented in docs/hmrnet.md ("Options"). Defaults are the paper's values where the
 paper gives one (§2.2-2.6, §3.2) and our documented choice where it does not.

@@ -7,7 +7,7 @@ from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
 from detectron2.modeling.postprocessing import detector_postprocess
 
-from organmtl.detectron_heads.shape_head import rasterize_points
+from organmtl.detectron_heads.hmrnet.shape_head import rasterize_points
 
 
 @META_ARCH_REGISTRY.register()

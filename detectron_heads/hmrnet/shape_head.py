@@ -1,4 +1,4 @@
-"""HMR-Net's shape regression network SRN (papers/hmrnet.txt §2.4-2.6).
+"""HMR-Net's shape regression network SRN (paper §2.4-2.6).
 
 * :class:`SRNShapeHead`: two conv layers (100 and 500 filters, 3x3, BN + ReLU), four fully
   connected layers of 1024 (ReLU, the last one maxout), then a linear layer with 2p outputs (§2.5).
@@ -18,8 +18,8 @@ from detectron2.layers import Conv2d, ShapeSpec, get_norm
 import fvcore.nn.weight_init as weight_init
 from detectron2.utils.registry import Registry
 
-from organmtl.converters.coco import rasterize_polygon
-from organmtl.detectron_heads.hmrnet_layers import Maxout
+from organmtl.detectron_heads.hmrnet.layers import Maxout
+from organmtl.geometry import rasterize_polygon
 
 ROI_SHAPE_HEAD_REGISTRY = Registry("ROI_SHAPE_HEAD")
 ROI_SHAPE_HEAD_REGISTRY.__doc__ = "Shape regression heads of HMR-Net (SRN, §2.5): ROI features -> 2p coordinates."

@@ -16,7 +16,7 @@ from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from fvcore.transforms.transform import NoOpTransform, Transform
 
-from organmtl.converters.coco import canonical_contour, resample_closed
+from organmtl.geometry import canonical_contour, resample_closed
 
 AUGMENTATIONS = ("flip", "rotate", "translate_scale", "crop", "blur")
 
@@ -99,7 +99,7 @@ def transform_contour_points(points, transforms: T.TransformList, num_points: in
 def _has_shape_head(cfg) -> bool:
     from detectron2.modeling import ROI_HEADS_REGISTRY
 
-    from organmtl.detectron_heads.hmrnet_roi_heads import HMRNetROIHeads
+    from organmtl.detectron_heads.hmrnet.roi_heads import HMRNetROIHeads
 
     return issubclass(ROI_HEADS_REGISTRY.get(cfg.MODEL.ROI_HEADS.NAME), HMRNetROIHeads)
 

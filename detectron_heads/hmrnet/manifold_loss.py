@@ -1,4 +1,4 @@
-"""Manifold regularisation of HMR-Net (papers/hmrnet.txt §2.5, Eq. 2-6).
+"""Manifold regularisation of HMR-Net (paper §2.5, Eq. 2-6).
 
 Over the N positive ROIs of a batch with shape targets ``Y`` (N, 2p) and SRN latent features ``Z``
 (N, M):

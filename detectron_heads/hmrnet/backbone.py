@@ -1,4 +1,4 @@
-"""HMR-Net's N-Net backbone (papers/hmrnet.txt §2.2, Fig. 3 and 4).
+"""HMR-Net's N-Net backbone (paper §2.2, Fig. 3 and 4; docs/hmrnet.md).
 
 One N-Net = ResNet (bottom-up C1..C5) + FPN (top-down P2..P5, P6 by max-pool for the RPN) + the
 new bottom-up path H2..H5 at P2 resolution::
@@ -24,7 +24,7 @@ from detectron2.modeling.backbone import FPN, build_resnet_backbone
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 from detectron2.utils.events import get_event_storage
 
-from organmtl.detectron_heads.hmrnet_layers import CrossStitchUnit, add_coord_channels
+from organmtl.detectron_heads.hmrnet.layers import CrossStitchUnit, add_coord_channels
 
 H_LEVELS = (2, 3, 4, 5)
 STAGES = ("stem", "res2", "res3", "res4", "res5")

@@ -1,4 +1,4 @@
-"""HMR-Net evaluation (papers/hmrnet.txt §3.3) next to Detectron2's COCOEvaluator: per-class Dice and
+"""HMR-Net evaluation (paper §3.3) next to Detectron2's COCOEvaluator: per-class Dice and
 Hausdorff distance in mm (organmtl.evaluation.metrics, pixel spacing from the dataset), the
 11-point interpolated mAP the paper reports (pycocotools COCOeval with 11 recall thresholds),
 a printed table, a CSV and PNG overlays of predicted contours (red) vs ground truth (green)."""
