@@ -8,26 +8,18 @@ organmtl trainer run a handful of epochs, read from environment variables so the
 - ``ORGANMTL_ITERS_PER_EPOCH`` (default: ``budget_iters``)
 - ``ORGANMTL_VAL_ITERS`` (default: ``budget_val_iters``)
 
-Inference of these trainers skips mirroring test-time augmentation (8x cheaper on a CPU).
+Inference of these trainers skips mirroring test-time augmentation (8x cheaper on a CPU). That is
+all ``_Tiny`` changes in every family; network sizes follow the plan configuration (docs/trainers.md).
+
+The budget is a run length, not a model setting, so it is not stored with the model: ``--c`` from a
+shell with a larger ``ORGANMTL_EPOCHS`` trains on, as stock nnU-Net does with ``num_epochs``
+(FocusNet stores the phase schedule it derived from the budget, see docs/focusnetv2.md).
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
-
-def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError as e:
-        raise ValueError(f"environment variable {name}={raw!r} is not an integer") from e
-    if value < 1:
-        raise ValueError(f"environment variable {name}={raw!r} must be >= 1")
-    return value
+from organmtl.nnunet_trainers.settings import env_int
 
 
 class CPUBudgetMixin:
@@ -42,9 +34,9 @@ class CPUBudgetMixin:
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = _env_int("ORGANMTL_EPOCHS", self.budget_epochs)
-        self.num_iterations_per_epoch = _env_int("ORGANMTL_ITERS_PER_EPOCH", self.budget_iters)
-        self.num_val_iterations_per_epoch = _env_int("ORGANMTL_VAL_ITERS", self.budget_val_iters)
+        self.num_epochs = env_int("ORGANMTL_EPOCHS", self.budget_epochs, minimum=1)
+        self.num_iterations_per_epoch = env_int("ORGANMTL_ITERS_PER_EPOCH", self.budget_iters, minimum=1)
+        self.num_val_iterations_per_epoch = env_int("ORGANMTL_VAL_ITERS", self.budget_val_iters, minimum=1)
         self.save_every = max(1, min(self.save_every, self.num_epochs))
 
     def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):

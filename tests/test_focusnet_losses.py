@@ -14,6 +14,7 @@ from organmtl.nnunet_trainers.focusnet import options as O
 from organmtl.nnunet_trainers.focusnet.network import FocusNet
 from organmtl.nnunet_trainers.focusnet.trainers import (nnUNetTrainerOMTLFocusNetV1, nnUNetTrainerOMTLFocusNetV2,
                                                         nnUNetTrainerOMTLFocusNetV2OriginAE)
+from organmtl.nnunet_trainers.settings import resolve
 
 
 def test_alpha_inversely_proportional_to_size():
@@ -76,20 +77,30 @@ def test_aae_losses_by_hand():
     assert float(L.discriminator_loss(torch.tensor(2.0), ls)) == pytest.approx(2 - 0.001 * 11)  # Eq. 8
 
 
-def test_phase_schedule_and_parsing():
+def _env_options(monkeypatch, **env) -> O.FocusNetOptions:
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    return resolve(O.FocusNetOptions).options
+
+
+def test_phase_schedule_and_parsing(monkeypatch):
     assert O.phase_schedule(O.ALL_PHASES, 10) == [("snet", 4), ("sol", 1), ("ae", 1), ("sos", 2), ("joint", 2)]
     assert O.phase_schedule(("snet",), 7) == [("snet", 7)]
     # fewer epochs than phases: every phase still runs once
     assert [n for _, n in O.phase_schedule(O.ALL_PHASES, 2)] == [1, 1, 1, 1, 1]
-    sched = O.phase_schedule(O.ALL_PHASES, 0, O.parse_phase_epochs("snet=2,sol=0,ae=1,sos=1,joint=1", O.ALL_PHASES))
+    opts = _env_options(monkeypatch, ORGANMTL_FOCUSNET_PHASE_EPOCHS="snet=2,sol=0,ae=1,sos=1,joint=1")
+    sched = O.phase_schedule(O.ALL_PHASES, 0, opts.explicit_phase_epochs(O.ALL_PHASES))
     assert sched == [("snet", 2), ("ae", 1), ("sos", 1), ("joint", 1)]
     assert [O.phase_at(sched, e) for e in range(6)] == ["snet", "snet", "ae", "sos", "joint", "joint"]
     # phases the variant does not run are ignored (one setting for every trainer)
-    assert O.parse_phase_epochs("snet=3,ae=2", ("snet", "sol")) == {"snet": 3}
-    with pytest.raises(ValueError, match="ORGANMTL_FOCUSNET_PHASE_EPOCHS"):
-        O.parse_phase_epochs("snet=2,aae=1", O.ALL_PHASES)
-    with pytest.raises(ValueError, match="integer"):
-        O.parse_phase_epochs("snet=two", O.ALL_PHASES)
+    opts = _env_options(monkeypatch, ORGANMTL_FOCUSNET_PHASE_EPOCHS="snet=3,ae=2")
+    assert opts.explicit_phase_epochs(("snet", "sol")) == {"snet": 3}
+    monkeypatch.setenv("ORGANMTL_FOCUSNET_PHASE_EPOCHS", "snet=2,aae=1")
+    with pytest.raises(ValueError, match="ORGANMTL_FOCUSNET_PHASE_EPOCHS='snet=2,aae=1'.*'aae=1'"):
+        resolve(O.FocusNetOptions)
+    monkeypatch.setenv("ORGANMTL_FOCUSNET_PHASE_EPOCHS", "snet=two")
+    with pytest.raises(ValueError, match="not an integer"):
+        resolve(O.FocusNetOptions)
 
 
 def test_small_organs_and_roi(monkeypatch):
@@ -97,20 +108,19 @@ def test_small_organs_and_roi(monkeypatch):
     sizes = {0: 1e6, 1: 25000.0, 2: 300.0, 3: 500.0}
     assert O.choose_small_organs(labels, {"organmtl_small_organs": ["Chiasm"]}, sizes) == ["Chiasm"]
     assert O.choose_small_organs(labels, {}, sizes) == ["Chiasm", "OpticNerve_L"]        # threshold 2000 mm^3
-    assert O.choose_small_organs(labels, {}, sizes, threshold_mm3=400) == ["Chiasm"]
-    monkeypatch.setenv("ORGANMTL_FOCUSNET_SMALL_ORGANS", "OpticNerve_L")
-    assert O.choose_small_organs(labels, {"organmtl_small_organs": ["Chiasm"]}, sizes) == ["OpticNerve_L"]
-    monkeypatch.setenv("ORGANMTL_FOCUSNET_SMALL_ORGANS", "Lens")
+    assert O.choose_small_organs(labels, {}, sizes, O.FocusNetOptions(small_mm3=400)) == ["Chiasm"]
+    opts = _env_options(monkeypatch, ORGANMTL_FOCUSNET_SMALL_ORGANS="OpticNerve_L")
+    assert O.choose_small_organs(labels, {"organmtl_small_organs": ["Chiasm"]}, sizes, opts) == ["OpticNerve_L"]
+    opts = _env_options(monkeypatch, ORGANMTL_FOCUSNET_SMALL_ORGANS="Lens")
     with pytest.raises(ValueError, match="Lens"):
-        O.choose_small_organs(labels, {}, sizes)
-    monkeypatch.delenv("ORGANMTL_FOCUSNET_SMALL_ORGANS")
+        O.choose_small_organs(labels, {}, sizes, opts)
     assert O.roi_size([3.0, 1.0, 1.0], [40, 240, 240]) == [8, 64, 64]                      # the paper's ROI
     assert O.roi_size([2.5, 1.0, 1.0], [16, 40, 40]) == [10, 40, 40]                       # capped at the patch
-    monkeypatch.setenv("ORGANMTL_FOCUSNET_ROI", "4,16,16")
-    assert O.roi_size([2.5, 1.0, 1.0], [16, 40, 40]) == [4, 16, 16]
+    opts = _env_options(monkeypatch, ORGANMTL_FOCUSNET_ROI="4,16,16")
+    assert O.roi_size([2.5, 1.0, 1.0], [16, 40, 40], opts.roi) == [4, 16, 16]
     monkeypatch.setenv("ORGANMTL_FOCUSNET_ROI", "4,16")
-    with pytest.raises(ValueError, match="ORGANMTL_FOCUSNET_ROI"):
-        O.roi_size([2.5, 1.0, 1.0], [16, 40, 40])
+    with pytest.raises(ValueError, match="ORGANMTL_FOCUSNET_ROI='4,16'"):
+        resolve(O.FocusNetOptions)
 
 
 @pytest.fixture(autouse=True)
@@ -209,5 +219,5 @@ def test_snet_overfits_a_tiny_phantom():
     for _ in range(60):
         last = float(tr.train_step(batch)["loss"])
     assert last < 0.6 * first
-    seg = tr.network(batch["data"], mode="snet")["logits"].argmax(1)
+    seg = tr.network(batch["data"], part="snet").logits.argmax(1)
     assert (seg == batch["target"][:, 0]).float().mean() > 0.8

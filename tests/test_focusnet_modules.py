@@ -90,9 +90,9 @@ def test_snet_shapes_channels_and_receptive_field():
 def test_focusnet_pads_any_patch_and_outputs_every_head(shape):
     torch.manual_seed(0)
     net = FocusNet(1, 6, small_labels=[2, 5], roi_size=(4, 8, 8), width=0.25)
-    out = net(torch.randn(2, 1, *shape), mode="heatmap")
-    assert out["logits"].shape == (2, 6, *shape) and out["heatmaps"].shape == (2, 2, *shape)
-    assert out["features"].shape[1] == 8 and ((out["heatmaps"] >= 0) & (out["heatmaps"] <= 1)).all()
+    out = net(torch.randn(2, 1, *shape), part="heatmap")
+    assert out.logits.shape == (2, 6, *shape) and out.heatmaps.shape == (2, 2, *shape)
+    assert out.features.shape[1] == 8 and ((out.heatmaps >= 0) & (out.heatmaps <= 1)).all()
     net.eval()
     assert net(torch.randn(1, 1, *shape)).shape == (1, 6, *shape)
 
@@ -103,12 +103,12 @@ def test_sos_input_concat_and_no_concat():
     no_img = FocusNet(2, 4, [1], (4, 8, 8), concat_image=False, width=0.25)
     assert with_img.sos[0].blocks[0].conv1.in_channels == 8 + 2
     assert no_img.sos[0].blocks[0].conv1.in_channels == 8
-    out = with_img(x, mode="sos", centres=[[(0, 0, 15)]])
-    (rec,) = out["sos"]
-    assert rec["start"] == (-2, -4, 11) and rec["prob"].shape == (1, 4, 8, 8)
+    out = with_img(x, part="sos", centres=[[(0, 0, 15)]])
+    (rec,) = out.records
+    assert rec.start == (-2, -4, 11) and rec.prob.shape == (1, 4, 8, 8)
     # the image part of the ROI is the raw image (zero outside the volume)
-    inp = with_img.sos_input(x, out["features"], 0, rec["start"])
-    torch.testing.assert_close(inp[0, 8:], crop_roi(x[0], rec["start"], (4, 8, 8)))
+    inp = with_img.sos_input(x, out.features, 0, rec.start)
+    torch.testing.assert_close(inp[0, 8:], crop_roi(x[0], rec.start, (4, 8, 8)))
     assert (inp[0, 8:, :2] == 0).all()
 
 
@@ -205,13 +205,14 @@ def test_channels_last_layout_gives_the_same_outputs_and_gradients():
     centres = [[(3, 7, 8), (4, 2, 14)], [(2, 9, 9), None]]
     outs = []
     for net in (ref, cl):
-        out = net(x, mode="sos", centres=centres)
+        out = net(x, part="sos", centres=centres)
         masks = [torch.rand(3, 1, 4, 8, 8, generator=torch.Generator().manual_seed(1)), None]
-        ((rec, feats),) = [o for o in net(None, mode="ae", masks=masks) if o is not None]
-        loss = out["logits"].square().mean() + out["heatmaps"].mean() + sum(r["prob"].mean() for r in out["sos"]) \
+        (ae,) = [o for o in net(part="ae", masks=masks) if o is not None]
+        rec, feats = ae.reconstruction, ae.features
+        loss = out.logits.square().mean() + out.heatmaps.mean() + sum(r.prob.mean() for r in out.records) \
             + rec.mean() + feats[0].square().mean()
         loss.backward()
-        outs.append((out["logits"], out["heatmaps"], rec, {n: p.grad for n, p in net.named_parameters()}))
+        outs.append((out.logits, out.heatmaps, rec, {n: p.grad for n, p in net.named_parameters()}))
     for a, b in zip(outs[0][:3], outs[1][:3]):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
     for name, g in outs[0][3].items():

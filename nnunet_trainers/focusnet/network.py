@@ -1,13 +1,15 @@
 """FocusNetv2's segmentation network: S-Net, SOL-Net, SOS-Net and the shape autoencoder
-(papers/focusnetv2.txt §3.1, Table 10; the autoencoder of Table 9 lives in ``shape_ae.py``).
+(FocusNetv2 paper §3.1, Table 10; the autoencoder of Table 9 lives in ``shape_ae.py``).
 
 One ``nn.Module`` (:class:`FocusNet`) holds every part so that nnU-Net checkpoints, DDP and
 ``nnUNetv2_predict`` see a single network. ``FocusNet(x)`` in eval mode is what nnU-Net's sliding-
 window predictor calls: S-Net logits with the SOS-Net masks of the small organs pasted back
-(inside each window). Training phases call it with ``mode=...`` (see :meth:`FocusNet.forward`).
+(inside each window). Training phases call it with ``part=...``, which dispatches to one named
+method per part with one return type each (see :meth:`FocusNet.forward`).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -98,6 +100,46 @@ def overlay_probability(logits: torch.Tensor, channel: int, prob: torch.Tensor, 
     out = logits.clone()
     out[channel] = torch.logsumexp(others, 0) + torch.log(p) - torch.log1p(-p)
     return out
+
+
+@dataclass
+class SNetOutput:
+    """S-Net logits ``(B, classes, *spatial)`` and decoder features ``(B, C, *spatial)``."""
+
+    logits: torch.Tensor
+    features: torch.Tensor
+
+
+@dataclass
+class HeatmapOutput(SNetOutput):
+    """S-Net outputs plus the SOL-Net centre heatmaps ``(B, n_small, *spatial)``."""
+
+    heatmaps: torch.Tensor
+
+
+@dataclass
+class SOSRecord:
+    """SOS-Net foreground probability ``(1, *roi)`` of small organ ``k`` in sample ``b``, ROI at ``start``."""
+
+    b: int
+    k: int
+    start: tuple
+    prob: torch.Tensor
+
+
+@dataclass
+class SOSOutput(HeatmapOutput):
+    """Heatmap outputs plus one :class:`SOSRecord` per (sample, small organ) with a centre."""
+
+    records: list
+
+
+@dataclass
+class AEOutput:
+    """Shape autoencoder reconstruction ``(N, 1, *roi)`` and its features (latent + decoder scales)."""
+
+    reconstruction: torch.Tensor
+    features: list
 
 
 class FocusNet(nn.Module):
@@ -196,56 +238,47 @@ class FocusNet(nn.Module):
         return torch.cat(parts, 0)[None]
 
     # ----------------------------------------------------------------------------------- forward
-    def forward(self, x: torch.Tensor | None = None, mode: str | None = None, centres=None, masks=None,
-                train_snet: bool = True, train_sol: bool = True):
-        """Modes:
+    #: ``part`` of :meth:`forward` -> the method it runs
+    PARTS = {"snet": "run_snet", "heatmap": "run_heatmap", "sos": "run_sos", "ae": "run_autoencoder"}
 
-        - ``None``: eval -> :meth:`infer` (what nnU-Net's predictor calls); train -> S-Net logits.
-        - ``"snet"``: ``{"logits", "features"}``.
-        - ``"heatmap"``: adds ``"heatmaps"`` (SOL-Net, ``(B, n_small, *spatial)``).
-        - ``"sos"``: adds ``"sos"``: one record ``{"b", "k", "start", "prob"}`` per (sample, small organ
-          index) whose ``centres[b][k]`` is not ``None``.
-        - ``"ae"``: ``masks[k]`` ``(N, 1, *roi)`` per small organ -> list of ``(reconstruction, features)``
-          (``None`` where ``masks[k]`` is ``None``).
+    def forward(self, x: torch.Tensor | None = None, part: str | None = None, **kwargs):
+        """The one entry point that DDP and nnU-Net's predictor call.
 
-        ``train_snet`` / ``train_sol`` = False run those parts without gradients (frozen phases of §4.2).
+        ``part=None``: eval -> :meth:`infer` (logits with SOS-Net pasted), train -> S-Net logits; both
+        tensors. Otherwise the method of :attr:`PARTS` with ``kwargs``: ``"snet"`` -> :meth:`run_snet`,
+        ``"heatmap"`` -> :meth:`run_heatmap`, ``"sos"`` -> :meth:`run_sos`, ``"ae"`` ->
+        :meth:`run_autoencoder` (``masks=``, no ``x``). Training steps go through here so that DDP
+        sees every forward; code outside DDP may call the named methods directly.
         """
-        x = self._layout(x)
-        if masks is not None:
-            masks = [self._layout(m) for m in masks]
-        if mode is None:
-            if not self.training:
-                return self.infer(x)
-            return self.segment(x)[0]
-        if mode == "ae":
-            if self.shape_ae is None:
-                raise RuntimeError("FocusNet: this network has no shape autoencoder")
-            present = [m for m in masks if m is not None]
-            if not present:
-                return [None for _ in masks]
-            rec, feats = self.shape_ae(torch.cat(present, 0))
-            out, i = [], 0
-            for m in masks:
-                if m is None:
-                    out.append(None)
-                    continue
-                n = m.shape[0]
-                out.append((rec[i:i + n], [f[i:i + n] for f in feats]))
-                i += n
-            return out
-        logits, feats = self.segment(x, grad=train_snet)
-        out = {"logits": logits, "features": feats}
-        if mode == "snet":
-            return out
+        if part is None:
+            return self.infer(x) if not self.training else self.segment(self._layout(x))[0]
+        if part not in self.PARTS:
+            raise ValueError(f"FocusNet: unknown part {part!r} (one of {sorted(self.PARTS)})")
+        method = getattr(self, self.PARTS[part])
+        return method(**kwargs) if x is None else method(x, **kwargs)
+
+    def run_snet(self, x: torch.Tensor, train_snet: bool = True) -> SNetOutput:
+        """S-Net logits and decoder features (``train_snet=False``: without gradients, a frozen phase)."""
+        logits, feats = self.segment(self._layout(x), grad=train_snet)
+        return SNetOutput(logits, feats)
+
+    def _require_sos(self, what: str) -> None:
         if not self.use_sos:
-            raise RuntimeError(f"FocusNet: mode {mode!r} needs SOL/SOS-Net, which this network does not have")
-        sol_in = feats if train_snet else feats.detach()
+            raise RuntimeError(f"FocusNet: {what} needs SOL/SOS-Net, which this network does not have")
+
+    def run_heatmap(self, x: torch.Tensor, train_snet: bool = True, train_sol: bool = True) -> HeatmapOutput:
+        """S-Net outputs plus SOL-Net heatmaps (SOL-Net sees detached features when S-Net is frozen)."""
+        self._require_sos("run_heatmap")
+        s = self.run_snet(x, train_snet)
+        sol_in = s.features if train_snet else s.features.detach()
         with torch.set_grad_enabled(train_sol and torch.is_grad_enabled()):
-            out["heatmaps"] = self.sol(sol_in)
-        if mode == "heatmap":
-            return out
-        if mode != "sos":
-            raise ValueError(f"FocusNet: unknown mode {mode!r}")
+            heat = self.sol(sol_in)
+        return HeatmapOutput(s.logits, sol_in, heat)
+
+    def run_sos(self, x: torch.Tensor, centres, train_snet: bool = True, train_sol: bool = True) -> SOSOutput:
+        """Heatmap outputs plus SOS-Net on the ROI at ``centres[b][k]`` (voxel or ``None``: organ absent)."""
+        h = self.run_heatmap(x, train_snet, train_sol)
+        x = self._layout(x)
         records = []
         for b in range(x.shape[0]):
             for k in range(len(self.small_labels)):
@@ -253,9 +286,28 @@ class FocusNet(nn.Module):
                 if c is None:
                     continue
                 start = roi_start(c, self.roi_size)
-                prob = self.sos[k](self.sos_input(x, sol_in, b, start))[0]
-                records.append({"b": b, "k": k, "start": start, "prob": prob})
-        out["sos"] = records
+                prob = self.sos[k](self.sos_input(x, h.features, b, start))[0]
+                records.append(SOSRecord(b, k, start, prob))
+        return SOSOutput(h.logits, h.features, h.heatmaps, records)
+
+    def run_autoencoder(self, masks: Sequence[torch.Tensor | None]) -> list[AEOutput | None]:
+        """Shape autoencoder on ``masks[k]`` ``(N, 1, *roi)`` per small organ, all in one batch;
+        ``None`` where ``masks[k]`` is ``None``."""
+        if self.shape_ae is None:
+            raise RuntimeError("FocusNet: this network has no shape autoencoder")
+        masks = [self._layout(m) for m in masks]
+        present = [m for m in masks if m is not None]
+        if not present:
+            return [None for _ in masks]
+        rec, feats = self.shape_ae(torch.cat(present, 0))
+        out, i = [], 0
+        for m in masks:
+            if m is None:
+                out.append(None)
+                continue
+            n = m.shape[0]
+            out.append(AEOutput(rec[i:i + n], [f[i:i + n] for f in feats]))
+            i += n
         return out
 
     @torch.no_grad()

@@ -1,21 +1,21 @@
-"""FocusNetv2 options: small organs, organ sizes, ROI size, phase schedule (papers/focusnetv2.txt
-§3.1.3, §3.2, §4.2). Everything a user may change is an environment variable, so the stock
-``nnUNetv2_train`` command line stays unchanged (table in docs/focusnetv2.md):
+"""FocusNetv2 options: small organs, organ sizes, ROI size, phase schedule (FocusNetv2 paper,
+§3.1.3, §3.2, §4.2; docs/focusnetv2.md "Options").
 
-- ``ORGANMTL_FOCUSNET_PHASE_EPOCHS`` e.g. ``snet=400,sol=100,ae=100,sos=200,joint=200``
-- ``ORGANMTL_FOCUSNET_SMALL_ORGANS`` e.g. ``Chiasm,OpticNerve_L,OpticNerve_R``
-- ``ORGANMTL_FOCUSNET_SMALL_MM3`` volume threshold (mm^3) when dataset.json names no small organs
-- ``ORGANMTL_FOCUSNET_ROI`` ROI size in voxels ``z,y,x``
-- ``ORGANMTL_FOCUSNET_HEAT_THRESHOLD``, ``ORGANMTL_FOCUSNET_CENTRE_JITTER``, ``ORGANMTL_FOCUSNET_LR``
+:class:`FocusNetOptions` is what a user may set. The stock ``nnUNetv2_train`` command line has no
+room for it, so every field has an environment variable; the trainer builds the record once, stores
+it with the model (plans and checkpoint) and reads it back from there for ``--c``, ``--val`` and
+``nnUNetv2_predict`` (:func:`organmtl.nnunet_trainers.settings.resolve`).
 """
 from __future__ import annotations
 
-import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 from tqdm import tqdm
+
+from organmtl.nnunet_trainers.settings import parse_float, parse_int, parse_list, parse_mapping, setting
 
 #: dataset.json key naming the small organs (written by ``organmtl convert pddca``)
 SMALL_ORGANS_KEY = "organmtl_small_organs"
@@ -23,6 +23,8 @@ SMALL_ORGANS_KEY = "organmtl_small_organs"
 PLANS_KEY = "organmtl_focusnet"
 #: the paper's ROI in mm (8 x 64 x 64 voxels at 3 x 1 x 1 mm, §3.1.3)
 PAPER_ROI_MM = (24.0, 64.0, 64.0)
+#: channels of S-Net's first stage in Table 10 (the width factor is the plan's first stage over this)
+PAPER_FIRST_STAGE = 32
 #: the four phases of §4.2 plus the autoencoder pre-training on ground-truth masks
 ALL_PHASES = ("snet", "sol", "ae", "sos", "joint")
 #: share of the epochs each phase gets when ORGANMTL_FOCUSNET_PHASE_EPOCHS does not say
@@ -30,42 +32,48 @@ DEFAULT_PHASE_SHARE = {"snet": 0.4, "sol": 0.1, "ae": 0.1, "sos": 0.2, "joint": 
 DEFAULT_SMALL_MM3 = 2000.0
 
 
-def env_str(name: str) -> str | None:
-    v = os.environ.get(name)
-    return v if v not in (None, "") else None
+def _phase_epochs(name: str, raw: str) -> tuple[tuple[str, int], ...]:
+    explicit = parse_mapping(name, raw, ALL_PHASES, lambda n, v: parse_int(n, v, minimum=0))
+    return tuple((p, explicit[p]) for p in ALL_PHASES if p in explicit)
 
 
-def env_float(name: str, default: float) -> float:
-    raw = env_str(name)
-    if raw is None:
-        return default
-    try:
-        return float(raw)
-    except ValueError as e:
-        raise ValueError(f"environment variable {name}={raw!r} is not a number") from e
+def _load_phase_epochs(value) -> tuple[tuple[str, int], ...]:
+    items = value.items() if isinstance(value, dict) else value
+    return tuple((str(p), int(n)) for p, n in items)
 
 
-def parse_phase_epochs(raw: str, phases: Sequence[str]) -> dict[str, int]:
-    """``"snet=2,sol=1"`` -> ``{"snet": 2, "sol": 1}`` restricted to ``phases`` (one setting can serve
-    several variants: phases a variant does not run are ignored); every name must be a known phase."""
-    out = {}
-    for item in raw.split(","):
-        item = item.strip()
-        if not item:
-            continue
-        name, sep, value = item.partition("=")
-        name = name.strip()
-        if not sep or name not in ALL_PHASES:
-            raise ValueError(f"ORGANMTL_FOCUSNET_PHASE_EPOCHS: {item!r} is not NAME=EPOCHS with NAME one of {list(ALL_PHASES)}")
-        try:
-            n = int(value)
-        except ValueError as e:
-            raise ValueError(f"ORGANMTL_FOCUSNET_PHASE_EPOCHS: {item!r} has no integer epoch count") from e
-        if n < 0:
-            raise ValueError(f"ORGANMTL_FOCUSNET_PHASE_EPOCHS: {item!r} is negative")
-        if name in phases:
-            out[name] = n
-    return out
+def _roi(name: str, raw: str) -> tuple[int, ...]:
+    return parse_list(name, raw, lambda n, v: parse_int(n, v, minimum=1), length=3)
+
+
+@dataclass(frozen=True)
+class FocusNetOptions:
+    """The user-settable FocusNet options (``None``: derived, see each field)."""
+
+    phase_epochs: tuple[tuple[str, int], ...] | None = setting(
+        None, "ORGANMTL_FOCUSNET_PHASE_EPOCHS", _phase_epochs, _load_phase_epochs,
+        "epochs per phase, e.g. snet=400,sol=100; unnamed phases share the rest of the budget")
+    lr: float = setting(5e-4, "ORGANMTL_FOCUSNET_LR", lambda n, v: parse_float(n, v, minimum=0.0), float,
+                        "Adam learning rate (constant, §4.2)")
+    centre_jitter: int = setting(2, "ORGANMTL_FOCUSNET_CENTRE_JITTER", lambda n, v: parse_int(n, v, minimum=0), int,
+                                 "training ROIs: ground-truth centre moved by up to this many voxels")
+    heat_threshold: float = setting(0.5, "ORGANMTL_FOCUSNET_HEAT_THRESHOLD", parse_float, float,
+                                    "inference: a window pastes a small organ if its heatmap peak reaches this")
+    width: float | None = setting(None, "ORGANMTL_FOCUSNET_WIDTH", lambda n, v: parse_float(n, v, minimum=0.0),
+                                  float, "factor on the channels of Tables 9-10; None: the plan's first stage / 32")
+    small_organs: tuple[str, ...] | None = setting(None, "ORGANMTL_FOCUSNET_SMALL_ORGANS", parse_list, tuple,
+                                                   "label names; None: dataset.json, else the volume threshold")
+    small_mm3: float = setting(DEFAULT_SMALL_MM3, "ORGANMTL_FOCUSNET_SMALL_MM3",
+                               lambda n, v: parse_float(n, v, minimum=0.0), float,
+                               "volume threshold (mm^3) when no small organs are named")
+    roi: tuple[int, ...] | None = setting(None, "ORGANMTL_FOCUSNET_ROI", _roi, lambda v: tuple(int(x) for x in v),
+                                          "SOS-Net ROI z,y,x in voxels; None: the paper's 24 x 64 x 64 mm")
+
+    def explicit_phase_epochs(self, phases: Sequence[str]) -> dict[str, int] | None:
+        """The named phase epochs of the phases a variant runs (one setting can serve several variants)."""
+        if self.phase_epochs is None:
+            return None
+        return {p: n for p, n in self.phase_epochs if p in phases}
 
 
 def phase_schedule(phases: Sequence[str], num_epochs: int, explicit: dict[str, int] | None = None) -> list[tuple[str, int]]:
@@ -120,36 +128,29 @@ def measure_organ_sizes(seg_files: Sequence[Path], reader, labels: Sequence[int]
 
 
 def choose_small_organs(labels: dict, dataset_json: dict, sizes_mm3: dict[int, float] | None,
-                        threshold_mm3: float | None = None) -> list[str]:
-    """Names of the small organs: ``ORGANMTL_FOCUSNET_SMALL_ORGANS``, else dataset.json's
-    ``organmtl_small_organs``, else every foreground label whose mean volume is below the threshold
-    (``ORGANMTL_FOCUSNET_SMALL_MM3``, default 2000 mm^3)."""
-    raw = env_str("ORGANMTL_FOCUSNET_SMALL_ORGANS")
-    names = [n.strip() for n in raw.split(",") if n.strip()] if raw else dataset_json.get(SMALL_ORGANS_KEY)
+                        options: FocusNetOptions = FocusNetOptions()) -> list[str]:
+    """Names of the small organs: ``options.small_organs``, else dataset.json's ``organmtl_small_organs``,
+    else every foreground label whose mean volume is below ``options.small_mm3``."""
+    names = list(options.small_organs) if options.small_organs is not None else dataset_json.get(SMALL_ORGANS_KEY)
     fg = {k: int(v) for k, v in labels.items() if k not in ("background", "ignore") and isinstance(v, int) and v > 0}
     if names is not None:
         unknown = [n for n in names if n not in fg]
         if unknown:
-            src = "ORGANMTL_FOCUSNET_SMALL_ORGANS" if raw else f"dataset.json {SMALL_ORGANS_KEY!r}"
+            src = "ORGANMTL_FOCUSNET_SMALL_ORGANS" if options.small_organs is not None else f"dataset.json {SMALL_ORGANS_KEY!r}"
             raise ValueError(f"{src}: {unknown} are not labels of this dataset ({sorted(fg)})")
         return list(names)
     if sizes_mm3 is None:
         raise ValueError("no small organs named (dataset.json has no 'organmtl_small_organs') and no organ sizes to threshold")
-    thr = env_float("ORGANMTL_FOCUSNET_SMALL_MM3", DEFAULT_SMALL_MM3) if threshold_mm3 is None else threshold_mm3
-    return [n for n, v in fg.items() if 0 < sizes_mm3.get(v, 0.0) < thr]
+    return [n for n, v in fg.items() if 0 < sizes_mm3.get(v, 0.0) < options.small_mm3]
 
 
-def roi_size(spacing: Sequence[float], patch_size: Sequence[int]) -> list[int]:
-    """SOS-Net ROI in voxels: ``ORGANMTL_FOCUSNET_ROI`` (``z,y,x``), else the paper's 24 x 64 x 64 mm at
-    the configuration's spacing; either way at most the patch size (one window must hold it)."""
-    raw = env_str("ORGANMTL_FOCUSNET_ROI")
-    if raw:
-        try:
-            roi = [int(v) for v in raw.split(",")]
-        except ValueError as e:
-            raise ValueError(f"ORGANMTL_FOCUSNET_ROI={raw!r} is not three integers z,y,x") from e
+def roi_size(spacing: Sequence[float], patch_size: Sequence[int], roi: Sequence[int] | None = None) -> list[int]:
+    """SOS-Net ROI in voxels: ``roi`` (``z,y,x``, :attr:`FocusNetOptions.roi`), else the paper's
+    24 x 64 x 64 mm at the configuration's spacing; either way at most the patch size (one window must hold it)."""
+    if roi is not None:
         if len(roi) != len(patch_size) or min(roi) < 1:
-            raise ValueError(f"ORGANMTL_FOCUSNET_ROI={raw!r} must be {len(patch_size)} positive integers")
+            raise ValueError(f"ORGANMTL_FOCUSNET_ROI={','.join(map(str, roi))!r} must be {len(patch_size)} positive integers")
+        roi = list(roi)
     else:
         roi = [max(2, int(round(mm / s))) for mm, s in zip(PAPER_ROI_MM[-len(spacing):], spacing)]
     return [int(min(r, p)) for r, p in zip(roi, patch_size)]

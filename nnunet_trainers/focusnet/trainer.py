@@ -23,6 +23,7 @@ Deep supervision is off: S-Net has one full-resolution output (the paper uses no
 from __future__ import annotations
 
 import copy
+import json
 import os
 from pathlib import Path
 
@@ -51,7 +52,7 @@ NETWORK_KEYS = ("small_organs", "small_labels", "roi_size", "use_sos", "concat_i
 FOLD_KEY = "fold_record"
 
 
-class nnUNetTrainerOMTLFocusNetBase(LateralityAwareMirroringMixin, nnUNetTrainer):
+class FocusNetTrainerBase(LateralityAwareMirroringMixin, nnUNetTrainer):
     """Shared machinery of the FocusNet trainers; subclasses pick the variant (class attributes).
 
     Attributes:
@@ -94,8 +95,6 @@ class nnUNetTrainerOMTLFocusNetBase(LateralityAwareMirroringMixin, nnUNetTrainer
         others = [d.name for d in base.glob("fold_*") if d.is_dir() and d.name != f"fold_{self.fold}"]
         if not others:
             return None, ""
-        import json
-
         stored = json.loads((base / "plans.json").read_text())["configurations"].get(self.configuration_name, {})
         entry = stored.get(O.PLANS_KEY)
         return (entry, f"{base / 'plans.json'}, shared with {sorted(others)}") if entry else (None, "")
@@ -116,11 +115,10 @@ class nnUNetTrainerOMTLFocusNetBase(LateralityAwareMirroringMixin, nnUNetTrainer
     def load_checkpoint(self, filename_or_checkpoint) -> None:
         """nnU-Net's ``load_checkpoint`` (``--c``, ``--val``), after adopting the FocusNet entry the
         checkpoint carries (its ``init_args`` plans): the network is built from it, not from the shell."""
-        if isinstance(filename_or_checkpoint, str):
-            ckpt = torch.load(filename_or_checkpoint, map_location="cpu", weights_only=False)
-            source = f"checkpoint {filename_or_checkpoint}"
-        else:
-            ckpt, source = filename_or_checkpoint, "the checkpoint"
+        ckpt = filename_or_checkpoint
+        if isinstance(ckpt, str):
+            ckpt = torch.load(ckpt, map_location="cpu", weights_only=False)
+        source = f"checkpoint {filename_or_checkpoint}" if isinstance(filename_or_checkpoint, str) else "the checkpoint"
         args = ckpt.get("init_args", {})
         entry = args.get("plans", {}).get("configurations", {}).get(args.get("configuration"), {}).get(O.PLANS_KEY)
         if entry:
@@ -366,16 +364,16 @@ class nnUNetTrainerOMTLFocusNetBase(LateralityAwareMirroringMixin, nnUNetTrainer
         phase = self.current_phase
         self.optimizer.zero_grad(set_to_none=True)
         if phase == "snet":
-            loss = self.loss(self.network(data, mode="snet")["logits"], target)
+            loss = self.loss(self.network(data, part="snet").logits, target)
             self._apply(loss, PHASE_PARAMETERS[phase])
         elif phase == "sol":
-            out = self.network(data, mode="heatmap", train_snet=False)
-            loss = L.heatmap_l2_loss(out["heatmaps"], self._heatmap_targets(target))
+            out = self.network(data, part="heatmap", train_snet=False)
+            loss = L.heatmap_l2_loss(out.heatmaps, self._heatmap_targets(target))
             self._apply(loss, PHASE_PARAMETERS[phase])
         elif phase == "ae":
             rois = self._gt_rois(target, self._small_centres(target, self.centre_jitter))
-            outs = self.network(None, mode="ae", masks=rois)
-            terms = [L.reconstruction_loss(o[0], m) for o, m in zip(outs, rois) if o is not None]
+            outs = self.network(part="ae", masks=rois)
+            terms = [L.reconstruction_loss(o.reconstruction, m) for o, m in zip(outs, rois) if o is not None]
             if not terms:
                 return {"loss": np.array(np.nan)}
             loss = sum(terms)
@@ -388,18 +386,18 @@ class nnUNetTrainerOMTLFocusNetBase(LateralityAwareMirroringMixin, nnUNetTrainer
         """G step (Eq. 7: L_seg + lambda1 L_shape with the autoencoder fixed), then, for the adversarial
         variants, D step (Eq. 8: L_rec - lambda2 L_shape with the segmentation network fixed)."""
         centres = self._small_centres(target, self.centre_jitter)
-        out = self.network(data, mode="sos", centres=centres, train_snet=joint, train_sol=joint)
-        records = out["sos"]
+        out = self.network(data, part="sos", centres=centres, train_snet=joint, train_sol=joint)
+        records = out.records
         labels = self.focus_settings["small_labels"]
         roi = self.focus_settings["roi_size"]
-        gts = [crop_roi((target[r["b"]] == labels[r["k"]]).float(), r["start"], roi) for r in records]
-        loss = out["logits"].new_zeros(())
+        gts = [crop_roi((target[r.b] == labels[r.k]).float(), r.start, roi) for r in records]
+        loss = out.logits.new_zeros(())
         if records:
-            loss = sum(L.binary_segmentation_loss(r["prob"], g, self._sos_alpha(labels[r["k"]]))
+            loss = sum(L.binary_segmentation_loss(r.prob, g, self._sos_alpha(labels[r.k]))
                        for r, g in zip(records, gts)) / len(records)
         if joint:
-            loss = loss + self.loss(out["logits"], target) + L.heatmap_l2_loss(out["heatmaps"], self._heatmap_targets(target))
-        per_organ = [([g for r, g in zip(records, gts) if r["k"] == k], [r["prob"] for r in records if r["k"] == k])
+            loss = loss + self.loss(out.logits, target) + L.heatmap_l2_loss(out.heatmaps, self._heatmap_targets(target))
+        per_organ = [([g for r, g in zip(records, gts) if r.k == k], [r.prob for r in records if r.k == k])
                      for k in range(len(labels))]
         if self.use_ae and records:
             # autoencoder on [ground truth; prediction] per organ, in one forward (DDP: one forward per backward)
@@ -408,7 +406,7 @@ class nnUNetTrainerOMTLFocusNetBase(LateralityAwareMirroringMixin, nnUNetTrainer
             for prm in ae_params:       # D is fixed in the G step: no gradients for it at all
                 prm.requires_grad_(False)
             try:
-                ae_out = self._module().forward(None, mode="ae", masks=masks)
+                ae_out = self._module().run_autoencoder(masks)
             finally:
                 for prm in ae_params:
                     prm.requires_grad_(True)
@@ -417,20 +415,21 @@ class nnUNetTrainerOMTLFocusNetBase(LateralityAwareMirroringMixin, nnUNetTrainer
                 if o is None:
                     continue
                 n = len(g)
-                l_shape = l_shape + L.shape_loss([f[:n].detach() for f in o[1]], [f[n:] for f in o[1]])
+                l_shape = l_shape + L.shape_loss([f[:n].detach() for f in o.features], [f[n:] for f in o.features])
             loss = L.generator_loss(loss, l_shape, self.lambda1)
         parts = PHASE_PARAMETERS["joint" if joint else "sos"]
         self._apply(loss, parts)
         if self.use_ae and self.adversarial and records:
             self.optimizer.zero_grad(set_to_none=True)
             masks = [torch.cat([torch.stack(g), torch.stack(p).detach()]) if g else None for g, p in per_organ]
-            ae_out = self.network(None, mode="ae", masks=masks)
+            ae_out = self.network(part="ae", masks=masks)
             l_rec, l_shape = 0.0, 0.0
             for (g, _), m, o in zip(per_organ, masks, ae_out):
                 if o is None:
                     continue
                 n = len(g)
-                l_rec = l_rec + L.reconstruction_loss(o[0][:n], m[:n], o[0][n:], m[n:])
-                l_shape = l_shape + L.shape_loss([f[:n] for f in o[1]], [f[n:] for f in o[1]])
+                rec = o.reconstruction
+                l_rec = l_rec + L.reconstruction_loss(rec[:n], m[:n], rec[n:], m[n:])
+                l_shape = l_shape + L.shape_loss([f[:n] for f in o.features], [f[n:] for f in o.features])
             self._apply(L.discriminator_loss(l_rec, l_shape, self.lambda2), ("shape_ae",))
         return loss

@@ -1,6 +1,6 @@
-"""The FocusNet trainers found by ``nnUNetv2_train -tr NAME`` (papers/focusnetv2.txt Table 6):
-each as a full-schedule class and a ``_Tiny`` CPU variant (:class:`CPUBudgetMixin` first; channel
-counts x 0.25).
+"""The FocusNet trainers found by ``nnUNetv2_train -tr NAME`` (FocusNetv2 paper, Table 6): each as a
+full-schedule class and a ``_Tiny`` CPU variant (:class:`CPUBudgetMixin` first: the CPU schedule and
+no mirroring at inference, nothing else; the width follows the plan, docs/trainers.md).
 
 | trainer | Table 6 row | phases |
 |---|---|---|
@@ -45,25 +45,20 @@ class nnUNetTrainerOMTLFocusNetV2OriginAE(FocusNetTrainerBase):
 
 class nnUNetTrainerOMTLSNet_Tiny(CPUBudgetMixin, nnUNetTrainerOMTLSNet):
     """:class:`nnUNetTrainerOMTLSNet` on the CPU budget."""
-    network_width = 0.25
 
 
 class nnUNetTrainerOMTLFocusNetV1_Tiny(CPUBudgetMixin, nnUNetTrainerOMTLFocusNetV1):
     """:class:`nnUNetTrainerOMTLFocusNetV1` on the CPU budget."""
-    network_width = 0.25
 
 
 class nnUNetTrainerOMTLFocusNetV2_Tiny(CPUBudgetMixin, nnUNetTrainerOMTLFocusNetV2):
     """:class:`nnUNetTrainerOMTLFocusNetV2` on the CPU budget."""
-    network_width = 0.25
 
 
 class nnUNetTrainerOMTLFocusNetV2NoConcat_Tiny(CPUBudgetMixin, nnUNetTrainerOMTLFocusNetV2NoConcat):
     """:class:`nnUNetTrainerOMTLFocusNetV2NoConcat` on the CPU budget."""
-    network_width = 0.25
 
 
 class nnUNetTrainerOMTLFocusNetV2OriginAE_Tiny(CPUBudgetMixin, nnUNetTrainerOMTLFocusNetV2OriginAE):
     """:class:`nnUNetTrainerOMTLFocusNetV2OriginAE` on the CPU budget."""
-    network_width = 0.25
 
