@@ -276,7 +276,7 @@ def convert(src: Path, out: Path, args, run_cases) -> dict:
     (out / "imagesTr").mkdir(parents=True)
     (out / "labelsTr").mkdir()
     tasks = [(p, out, modality, args.file_ending) for p in discover(Path(src), modality)]
-    records = run_cases(_convert_case, tasks, desc=f"chaos {modality}")
+    records = run_cases(_convert_case, tasks, desc=f"chaos {modality}", case=lambda t: t[0][0])
     labels = CT_LABELS if modality == "CT" else MR_LABELS
     channels = {str(c): name for c, name in enumerate(CHANNELS[modality].values())}
     return {"labels": dict(labels), "channel_names": channels, "num_training": len(records), "cases": records,

@@ -4,14 +4,17 @@ from __future__ import annotations
 import argparse
 import functools
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from organmtl.converters import coco, landmark_encoding, pddca, volumes
-from organmtl.converters.common import (ConversionError, atomic_output_dir, nnunet_target, run_cases, write_dataset_json,
-                                        write_json)
+from organmtl.converters.common import (CaseRunner, ConversionError, atomic_output_dir, nnunet_target, run_cases,
+                                        write_dataset_json, write_json)
+
+EXIT_OK, EXIT_PARTIAL, EXIT_USAGE = 0, 1, 2    # all converted / some case failed / nothing converted or usage
 
 
 @dataclass(frozen=True)
@@ -20,7 +23,9 @@ class SourceConverter:
 
     ``convert(src, out, args, run_cases) -> summary`` writes an nnU-Net raw dataset into ``out``
     (a temporary folder) and returns ``labels``, ``channel_names``, ``num_training``, ``cases``
-    (one record per case) and ``dataset_json_extra``. ``to_nnunet=False`` marks converters whose
+    (one record per case) and ``dataset_json_extra``. ``run_cases`` is a
+    :class:`~organmtl.converters.common.CaseRunner`: a converter passes ``case=`` (item -> case id)
+    so that a case raising ConversionError is reported and left out instead of stopping the run. ``to_nnunet=False`` marks converters whose
     input is already an nnU-Net dataset (``to-coco``); ``many_sources=True`` makes ``src`` a list of
     one or more folders (``merge``).
     """
@@ -59,6 +64,9 @@ def add_common_arguments(parser: argparse.ArgumentParser, converter: SourceConve
         parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("-j", "--jobs", type=int, default=1, help="cases converted in parallel")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    parser.add_argument("--strict", action="store_true",
+                        help="stop at the first bad case (default: convert every good case, list the bad "
+                             "ones, exit code 1)")
     converter.add_arguments(parser)
     coco.add_arguments(parser)
 
@@ -72,64 +80,114 @@ def _report(summary: dict) -> list[str]:
             lines.append(f"  {r['case']}: landmark {d['name']!r} dropped ({d['reason']})")
         if r.get("overlap_voxels"):
             lines.append(f"  {r['case']}: overlapping structures {r['overlap_voxels']} (later label wins)")
+        for note in r.get("notes", []):
+            lines.append(f"  {r['case']}: {note}")
+        for warning in r.get("warnings", []):
+            lines.append(f"  {r['case']}: warning: {warning}")
     return lines
 
 
-def _to_nnunet(converter: SourceConverter, args, root: Path | None) -> tuple[Path, dict]:
+def _failure_lines(runner: CaseRunner, total: int | None) -> list[str]:
+    lines = [f"organmtl convert: case {f.case}{' (test)' if f.split == 'test' else ''} not converted: {f.error}"
+             for f in runner.failures]
+    if runner.failures and total is not None:
+        lines.append(f"organmtl convert: warning: {len(runner.failures)} of {total} cases failed and were left out "
+                     "(listed in conversion_report.json; --strict stops at the first)")
+    return lines
+
+
+def _print_failures(runner: CaseRunner, total: int | None) -> None:
+    for line in _failure_lines(runner, total):
+        print(line, file=sys.stderr)
+
+
+def _merge_test_split(tmp: Path, test_tmp: Path) -> None:
+    for sub, dest in (("imagesTr", "imagesTs"), ("labelsTr", "labelsTs")):
+        (test_tmp / sub).rename(tmp / dest)
+    if (test_tmp / "landmarks").is_dir():
+        for f in (test_tmp / "landmarks").iterdir():
+            (tmp / "landmarks").mkdir(exist_ok=True)
+            f.rename(tmp / "landmarks" / f.name)
+    shutil.rmtree(test_tmp)
+
+
+def _source_text(src):
+    return str(src) if isinstance(src, Path) else [str(s) for s in src]
+
+
+def report_record(converter: SourceConverter, args, summary: dict, runner: CaseRunner) -> dict:
+    """The ``conversion_report.json`` content (format: docs/converters.md, "conversion_report.json")."""
+    cases = summary["cases"]
+    dropped = sum(1 for r in cases if r.get("action") == "dropped")
+    return {"converter": converter.name, "source": _source_text(args.src),
+            "test_source": None if getattr(args, "test", None) is None else str(args.test),
+            "status": "partial" if runner.failures else "complete",
+            "counts": {"cases": len(cases) + len(runner.failures), "converted": len(cases) - dropped,
+                       "dropped": dropped, "failed": len(runner.failures)},
+            "cases": cases, "failed": [f.as_dict() for f in runner.failures]}
+
+
+def _to_nnunet(converter: SourceConverter, args, root: Path | None) -> tuple[Path, dict, CaseRunner]:
     name = args.name or converter.name.replace("-", "_").upper()
     target = nnunet_target(root, args.dataset_id, name, args.overwrite)
-    runner = functools.partial(run_cases, jobs=args.jobs)
-    with atomic_output_dir(target, args.overwrite) as tmp:
-        summary = converter.convert(args.src, tmp, args, runner)
-        if getattr(args, "test", None) is not None:
-            test_tmp = tmp / ".test"
-            test_summary = converter.convert(args.test, test_tmp, args, runner)
-            (test_tmp / "imagesTr").rename(tmp / "imagesTs")
-            (test_tmp / "labelsTr").rename(tmp / "labelsTs")
-            if (test_tmp / "landmarks").is_dir():
-                for f in (test_tmp / "landmarks").iterdir():
-                    (tmp / "landmarks").mkdir(exist_ok=True)
-                    f.rename(tmp / "landmarks" / f.name)
-            shutil.rmtree(test_tmp)
-            if test_summary["labels"] != summary["labels"]:
-                raise ConversionError(f"{args.test}: test cases have labels {test_summary['labels']}, "
-                                      f"training cases {summary['labels']}")
-            clash = {r["case"] for r in summary["cases"]} & {r["case"] for r in test_summary["cases"]}
-            if clash:
-                raise ConversionError(f"{args.test}: case id {sorted(clash)[0]!r} is also a training case")
-            summary["cases"] += [{**r, "split": "test"} for r in test_summary["cases"]]
-        write_dataset_json(tmp, summary["channel_names"], summary["labels"], summary["num_training"],
-                           args.file_ending, name, f"converted by organmtl from {converter.name}",
-                           **summary.get("dataset_json_extra", {}))
-        landmark_encoding.apply(tmp, args, summary)      # extra channels + dataset.json update
-        write_json(tmp / "conversion_report.json", {"source": str(args.src) if isinstance(args.src, Path)
-                                                    else [str(s) for s in args.src], "converter": converter.name,
-                                                    "cases": summary["cases"]})
-    return target, summary
+    runner = CaseRunner(jobs=args.jobs, strict=getattr(args, "strict", False))
+    try:
+        with atomic_output_dir(target, args.overwrite) as tmp:
+            runner.out = tmp
+            summary = converter.convert(args.src, tmp, args, runner)
+            summary["cases"] = [{**r, "split": "train"} for r in summary["cases"]]
+            if getattr(args, "test", None) is not None:
+                runner.out, runner.split = tmp / ".test", "test"
+                test_summary = converter.convert(args.test, tmp / ".test", args, runner)
+                runner.out, runner.split = tmp, "train"
+                _merge_test_split(tmp, tmp / ".test")
+                if test_summary["labels"] != summary["labels"]:
+                    raise ConversionError(f"{args.test}: test cases have labels {test_summary['labels']}, "
+                                          f"training cases {summary['labels']}")
+                clash = {r["case"] for r in summary["cases"]} & {r["case"] for r in test_summary["cases"]}
+                if clash:
+                    raise ConversionError(f"{args.test}: case id {sorted(clash)[0]!r} is also a training case")
+                summary["cases"] += [{**r, "split": "test"} for r in test_summary["cases"]]
+            write_dataset_json(tmp, summary["channel_names"], summary["labels"], summary["num_training"],
+                               args.file_ending, name, f"converted by organmtl from {converter.name}",
+                               **summary.get("dataset_json_extra", {}))
+            landmark_encoding.apply(tmp, args, summary)      # extra channels + dataset.json update
+            write_json(tmp / "conversion_report.json", report_record(converter, args, summary, runner))
+    except ConversionError:
+        _print_failures(runner, None)                       # nothing converted: what failed, then the error
+        raise
+    return target, summary, runner
 
 
-def run_conversion(converter: SourceConverter, args) -> Path:
-    """Run one conversion from parsed arguments; print a summary; return the output folder."""
-    runner = functools.partial(run_cases, jobs=args.jobs)
+def convert_with_status(converter: SourceConverter, args) -> tuple[Path, int]:
+    """Run one conversion from parsed arguments; print a summary and every failed case (stderr);
+    return the output folder and the exit code (0 every case converted, 1 some failed)."""
     if not converter.to_nnunet:
+        runner = functools.partial(run_cases, jobs=args.jobs)
         with atomic_output_dir(args.out, args.overwrite) as tmp:
             stats = coco.to_coco(args.src, tmp, args, runner)
         print(f"COCO written to {args.out}: {stats}")
-        return args.out
+        return args.out, EXIT_OK
     if args.to == "nnunet":
-        target, summary = _to_nnunet(converter, args, args.out)
+        target, summary, case_runner = _to_nnunet(converter, args, args.out)
         print(f"nnU-Net dataset written to {target}: {summary['num_training']} training cases, "
               f"labels {summary['labels']}")
-        for line in _report(summary):
-            print(line)
-        return target
-    if args.out is None:
-        raise ConversionError("--to coco needs --out FOLDER")
-    with tempfile.TemporaryDirectory(prefix="organmtl-coco-") as raw_root:
-        target, summary = _to_nnunet(converter, args, Path(raw_root))
-        for line in _report(summary):
-            print(line)
-        with atomic_output_dir(args.out, args.overwrite) as tmp:
-            stats = coco.to_coco(target, tmp, args, runner)
-    print(f"COCO written to {args.out}: {stats}")
-    return args.out
+        out = target
+    else:
+        if args.out is None:
+            raise ConversionError("--to coco needs --out FOLDER")
+        with tempfile.TemporaryDirectory(prefix="organmtl-coco-") as raw_root:
+            target, summary, case_runner = _to_nnunet(converter, args, Path(raw_root))
+            with atomic_output_dir(args.out, args.overwrite) as tmp:
+                stats = coco.to_coco(target, tmp, args, functools.partial(run_cases, jobs=args.jobs))
+        print(f"COCO written to {args.out}: {stats}")
+        out = args.out
+    for line in _report(summary):
+        print(line)
+    _print_failures(case_runner, len(summary["cases"]) + len(case_runner.failures))
+    return out, EXIT_PARTIAL if case_runner.failures else EXIT_OK
+
+
+def run_conversion(converter: SourceConverter, args) -> Path:
+    """:func:`convert_with_status` without the exit code: the output folder."""
+    return convert_with_status(converter, args)[0]

@@ -2,6 +2,7 @@
 parallel per-case execution with a progress bar, and the nnU-Net raw dataset writer."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -9,6 +10,7 @@ import shutil
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -109,16 +111,17 @@ def write_image(img: sitk.Image, path: Path) -> None:
 def atomic_output_dir(target: Path, overwrite: bool):
     """Yield a temporary folder next to ``target``; move it into place only if the block succeeds.
 
-    An existing ``target`` is refused unless ``overwrite``; a failed or killed run leaves only the
-    hidden temporary folder, which is removed on failure (and by the next run's clean-up).
+    An existing ``target`` is refused unless ``overwrite``. A failed run removes its temporary
+    folder; a killed one (``kill -9``) leaves a hidden ``.<target>.tmp-...-<pid>`` folder, or, if
+    killed while replacing an old output, ``.<target>.old-<pid>``, which the next run removes (or,
+    when ``target`` itself is gone, moves back first) once that pid is no longer running, so a
+    re-run always starts from the last complete output or none.
     """
     target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _clean_stale(target)
     if target.exists() and not overwrite:
         raise ConversionError(f"{target}: already exists (use --overwrite to replace it)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    for stale in target.parent.glob(f".{target.name}.tmp-*"):
-        if stale.is_dir() and not _pid_alive(stale.name.rsplit("-", 1)[-1]):
-            shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", suffix=f"-{os.getpid()}", dir=target.parent))
     try:
         yield tmp
@@ -134,6 +137,19 @@ def atomic_output_dir(target: Path, overwrite: bool):
         raise
 
 
+def _clean_stale(target: Path) -> None:
+    """Remove what killed runs left beside ``target`` (see :func:`atomic_output_dir`)."""
+    for stale in sorted(target.parent.glob(f".{target.name}.old-*")):
+        if stale.is_dir() and not _pid_alive(stale.name.rsplit("-", 1)[-1]):
+            if not target.exists():
+                stale.rename(target)               # killed between the two renames: the old output
+            else:
+                shutil.rmtree(stale, ignore_errors=True)
+    for stale in target.parent.glob(f".{target.name}.tmp-*"):
+        if stale.is_dir() and not _pid_alive(stale.name.rsplit("-", 1)[-1]):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
 def _pid_alive(pid: str) -> bool:
     try:
         os.kill(int(pid), 0)
@@ -144,12 +160,87 @@ def _pid_alive(pid: str) -> bool:
     return True
 
 
-def run_cases(fn: Callable, items: list, jobs: int = 1, desc: str = "cases") -> list:
-    """``[fn(item) for item in items]``, in ``jobs`` processes, with a tqdm bar; order kept."""
+def run_cases(fn: Callable, items: list, jobs: int = 1, desc: str = "cases", case: Callable | None = None) -> list:
+    """``[fn(item) for item in items]``, in ``jobs`` processes, with a tqdm bar; order kept; the
+    first error stops the run (``case`` is accepted for :class:`CaseRunner`'s signature)."""
     if jobs <= 1 or len(items) <= 1:
         return [fn(item) for item in tqdm(items, desc=desc, unit="case")]
     with ProcessPoolExecutor(max_workers=jobs) as pool:
         return list(tqdm(pool.map(fn, items), total=len(items), desc=desc, unit="case"))
+
+
+def _guarded(fn: Callable, item):
+    """``("ok", fn(item))`` or ``("failed", one-line message)`` for a ConversionError."""
+    try:
+        return "ok", fn(item)
+    except ConversionError as e:
+        return "failed", " ".join(str(e).split())
+
+
+@dataclass
+class CaseFailure:
+    """A case left out because its input is bad (``error``: one line naming the file and problem)."""
+
+    case: str
+    split: str
+    error: str
+
+    def as_dict(self) -> dict:
+        return {"case": self.case, "split": self.split, "error": self.error}
+
+
+class CaseRunner:
+    """The ``run_cases`` a converter receives: one bad case must not cost the others.
+
+    ``runner(fn, items, desc=..., case=lambda item: case_id)`` runs ``fn`` on every item (in
+    ``jobs`` processes) and returns the results of the items that did not raise
+    :class:`ConversionError`, in order. A failed item is recorded in :attr:`failures` and its
+    files are removed from :attr:`out` (``images*/<case>_XXXX.*``, ``labels*/<case>.*``,
+    ``landmarks/<case>.json``), so the output holds only whole cases; an item whose case already
+    failed (in an earlier pass over the same cases) is skipped. When every item of a call fails
+    the conversion stops (nothing converted). ``strict=True``: the first error stops the run.
+    Errors other than ConversionError (bugs, a full disk) always stop it.
+    """
+
+    def __init__(self, jobs: int = 1, strict: bool = False, out: Path | None = None):
+        self.jobs, self.strict, self.out = jobs, strict, out
+        self.split = "train"
+        self.failures: list[CaseFailure] = []
+
+    def failed(self, case: str) -> bool:
+        return any(f.case == case and f.split == self.split for f in self.failures)
+
+    def __call__(self, fn: Callable, items: list, jobs: int | None = None, desc: str = "cases",
+                 case: Callable | None = None) -> list:
+        jobs = self.jobs if jobs is None else jobs
+        if self.strict or case is None:
+            return run_cases(fn, items, jobs=jobs, desc=desc)
+        todo = [item for item in items if not self.failed(case(item))]
+        outcomes = run_cases(functools.partial(_guarded, fn), todo, jobs=jobs, desc=desc)
+        results = []
+        for item, (status, value) in zip(todo, outcomes):
+            if status == "ok":
+                results.append(value)
+                continue
+            self.failures.append(CaseFailure(case(item), self.split, value))
+            self._remove_case_files(case(item))
+        if todo and not results:
+            first = self.failures[-len(todo)].error
+            raise ConversionError(first if len(todo) == 1 else
+                                  f"no case converted: all {len(todo)} cases failed (first: {first})")
+        return results
+
+    def _remove_case_files(self, case: str) -> None:
+        if self.out is None or not Path(self.out).is_dir():
+            return
+        pattern = re.compile(rf"^{re.escape(case)}(_\d{{4}})?(\.[A-Za-z0-9.]+)$")
+        for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs", "landmarks"):
+            folder = Path(self.out) / sub
+            if folder.is_dir():
+                for p in folder.iterdir():
+                    m = pattern.match(p.name)
+                    if m and (sub.startswith("images") == bool(m.group(1)) or sub == "landmarks"):
+                        p.unlink()
 
 
 def dataset_folder_name(dataset_id: int, name: str) -> str:

@@ -285,8 +285,9 @@ def _merge_case(job) -> dict:
     return record
 
 
-def _copy_landmarks(s: Source, cases: set[str], out: Path) -> int:
-    """``landmarks/<case>.json`` of a source -> ``landmarks/<task>_<case>.json``; returns how many."""
+def _copy_landmarks(s: Source, cases: set[str], out: Path, converted: set[str] | None = None) -> int:
+    """``landmarks/<case>.json`` of a source -> ``landmarks/<task>_<case>.json`` for the
+    ``converted`` merged case ids (default: all); returns how many."""
     folder = s.path / "landmarks"
     if not folder.is_dir():
         return 0
@@ -294,6 +295,8 @@ def _copy_landmarks(s: Source, cases: set[str], out: Path) -> int:
     for p in sorted(folder.glob("*.json")):
         if p.stem not in cases:
             raise ConversionError(f"{p}: landmark file without image")
+        if converted is not None and f"{s.task}_{p.stem}" not in converted:
+            continue
         try:
             lm = json.loads(p.read_text())
         except json.JSONDecodeError as e:
@@ -343,9 +346,12 @@ def convert(src, out: Path, args, run_cases) -> dict:
     jobs = [(s.task, c, imgs, lab, split, out, remap[s.task], s.path / "dataset.json", s.ending,
              args.file_ending)
             for s in sources for split in ("train", "test") for c, imgs, lab in cases[s.task][split]]
-    records = run_cases(_merge_case, jobs, desc="merge")
-    n_landmarks = sum(_copy_landmarks(s, {c for split in cases[s.task].values() for c, _, _ in split}, out)
+    records = run_cases(_merge_case, jobs, desc="merge", case=lambda j: f"{j[0]}_{j[1]}")
+    done = {r["case"] for r in records}                 # a case that failed is left out everywhere
+    n_landmarks = sum(_copy_landmarks(s, {c for split in cases[s.task].values() for c, _, _ in split}, out, done)
                       for s in sources)
+    cases = {t: {split: [c for c in rows if f"{t}_{c[0]}" in done] for split, rows in by_split.items()}
+             for t, by_split in cases.items()}
     write_json(out / "label_remapping.json",
                {task: {str(k): v for k, v in sorted(table.items())} for task, table in remap.items()})
     names = _merged_names(sources, args.shared_labels)

@@ -89,7 +89,7 @@ def convert(src: Path, out: Path, args, run_cases) -> dict:
     (out / "imagesTr").mkdir(parents=True)
     (out / "labelsTr").mkdir()
     tasks = [(c, out, labels, args.missing, args.file_ending) for c in discover(src)]
-    records = run_cases(_convert_case, tasks, desc="pddca")
+    records = run_cases(_convert_case, tasks, desc="pddca", case=lambda t: t[0].name)
     kept = [r for r in records if r["action"] != "dropped"]
     if not kept:
         raise ConversionError(f"{src}: every case lacks a structure; try --missing ignore")

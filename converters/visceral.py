@@ -193,7 +193,7 @@ def convert(src: Path, out: Path, args, run_cases) -> dict:
     (out / "imagesTr").mkdir(parents=True)
     (out / "labelsTr").mkdir()
     tasks = [(v, out, labels, args.missing, args.file_ending) for v in sorted(selected, key=lambda v: v.case)]
-    records = run_cases(_convert_case, tasks, desc="visceral")
+    records = run_cases(_convert_case, tasks, desc="visceral", case=lambda t: t[0].case)
     for r in records:
         for s in r["skipped"]:
             print(f"  {r['case']}: {s['file']} skipped ({s['reason']})")

@@ -141,7 +141,7 @@ def convert(src: Path, out: Path, args, run_cases) -> dict:
                 raise ConversionError(f"{p}: landmark file without image")
     tasks = [(case, imgs, label_files[case], out, remap, args.file_ending, landmark_file(lm_dir, case), lm_names)
              for case, imgs in image_cases.items()]
-    records = run_cases(_convert_case, tasks, desc="volumes")
+    records = run_cases(_convert_case, tasks, desc="volumes", case=lambda t: t[0])
     extra = {"organmtl_label_remap": {name: {"source_value": int(v), "nnunet_label": labels[name]}
                                       for name, v in ordered}}
     if any(t[6] for t in tasks):

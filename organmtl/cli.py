@@ -23,7 +23,7 @@ def cmd_list(args) -> int:
     for p in plugins.values():
         origin = f" [{p.distribution}]" if p.distribution and p.distribution != "organmtl" else ""
         print(f"{p.name}{origin}: {p.description}")
-        if p.nnunet_trainers:
+        if p.has_trainers:
             print(f"  nnU-Net trainers : {', '.join(p.trainer_names)}")
         if p.detectron_configs:
             print(f"  Detectron2 configs: {', '.join(p.config_paths() if args.paths else p.detectron_configs)}")
@@ -69,10 +69,9 @@ def cmd_demo_data(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from organmtl.converters import run_conversion
+    from organmtl.converters.command import convert_with_status
 
-    run_conversion(args.converter, args)
-    return EXIT_OK
+    return convert_with_status(args.converter, args)[1]     # 1: some case failed (listed on stderr)
 
 
 def cmd_plan_tiny(args) -> int:

@@ -18,7 +18,7 @@ from organmtl.converters import ConversionError, add_common_arguments, run_conve
 from organmtl.converters.chaos import CONVERTER, MR_LABELS, MR_RANGES, _decode_table, natural_key
 from organmtl.demo_data.chaos import (ct_patients, dicom_slice, instance_numbers, make_ct, make_mr, mr_patients,
                                       write_chaos)
-from tests.conftest import run_cli
+from tests.helpers import geometries, rotation, run_cli
 
 N = 3   # patients per modality: InstanceNumber against, along, against the slice normal
 
@@ -212,14 +212,6 @@ def test_the_demo_fails_any_other_slice_rule(rule, chaos_src):
     assert wrong > 0
 
 
-def _rotation(angles):
-    a, b, c = angles
-    rx = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
-    ry = np.array([[np.cos(b), 0, np.sin(b)], [0, 1, 0], [-np.sin(b), 0, np.cos(b)]])
-    rz = np.array([[np.cos(c), -np.sin(c), 0], [np.sin(c), np.cos(c), 0], [0, 0, 1]])
-    return rz @ ry @ rx
-
-
 def _write_oblique_case(root: Path, shape, spacing, origin, rot, descending, rng):
     """One CT patient with an oblique orientation, shuffled files and a distinct mask per slice."""
     n, rows, cols = shape
@@ -241,13 +233,7 @@ def _write_oblique_case(root: Path, shape, spacing, origin, rot, descending, rng
     return hu, masks, dicom
 
 
-geometry = st.tuples(
-    st.tuples(st.integers(2, 6), st.integers(2, 7), st.integers(2, 7)),
-    st.tuples(*[st.floats(0.3, 4.0)] * 3),
-    st.tuples(*[st.floats(-300, 300)] * 3),
-    st.tuples(*[st.floats(-np.pi, np.pi)] * 3),
-    st.booleans(),
-)
+geometry = geometries(((2, 6), (2, 7), (2, 7)), st.booleans())
 
 
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -255,7 +241,7 @@ geometry = st.tuples(
 def test_oblique_geometry_and_slice_rule_round_trip(tmp_path_factory, geom):
     shape, spacing, origin, angles, descending = geom
     tmp = tmp_path_factory.mktemp("obl")
-    rot = _rotation(angles)
+    rot = rotation(angles)
     hu, masks, dicom = _write_oblique_case(tmp / "src", shape, spacing, origin, rot, descending,
                                            np.random.default_rng(sum(shape)))
     assert _convert(tmp / "src", tmp / "raw", "CT", "--file-ending", ".nrrd") == 0
@@ -339,7 +325,7 @@ def test_bad_input_one_line_exit_2_nothing_written(kind, chaos_src, tmp_path):
     shutil.copytree(chaos_src, src)
     modality, culprit, problem = _corrupt(kind, src)
     r = run_cli("convert", "chaos", src, "--modality", modality, "--dataset-id", "9", "--out", tmp_path / "raw",
-                timeout=120)
+                "--strict", timeout=120)
     assert r.returncode == 2, r.stderr
     err = [l for l in r.stderr.replace("\r", "\n").splitlines() if "error:" in l or "Traceback" in l]
     assert len(err) == 1 and culprit in err[0] and problem in err[0], err

@@ -263,7 +263,8 @@ def test_bad_input_one_line_exit_2_nothing_written(kind, tmp_path):
     a = write_dataset(tmp_path / "in", "Dataset001_A", {"background": 0, "x": 1}, {"c1": _label_map([1])})
     b = write_dataset(tmp_path / "in", "Dataset002_B", {"background": 0, "y": 1, "z": 2}, {"c1": _label_map([1, 2])})
     args, culprit = _bad(kind, a, b)
-    res = run_cli("convert", "merge", *args, "--dataset-id", "50", "--name", "MT", "--out", tmp_path / "raw")
+    res = run_cli("convert", "merge", *args, "--dataset-id", "50", "--name", "MT", "--out", tmp_path / "raw",
+                  "--strict")
     assert res.returncode == 2, res.stderr
     lines = [l for l in res.stderr.replace("\r", "\n").splitlines() if "error:" in l or "Traceback" in l]
     assert len(lines) == 1 and "organmtl convert: error: " in lines[0] and culprit in lines[0], lines

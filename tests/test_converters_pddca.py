@@ -9,23 +9,15 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 from organmtl.cli import main
 from organmtl.converters.pddca import LABELS
 from organmtl.demo_data.shapes import write_fcsv
+from tests.helpers import geometries, rotation
 
 
 def _convert(src, out, *extra):
     return main(["convert", "pddca", str(src), "--dataset-id", "7", "--name", "T", "--out", str(out), *extra])
-
-
-def _rotation(angles):
-    a, b, c = angles
-    rx = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
-    ry = np.array([[np.cos(b), 0, np.sin(b)], [0, 1, 0], [-np.sin(b), 0, np.cos(b)]])
-    rz = np.array([[np.cos(c), -np.sin(c), 0], [np.sin(c), np.cos(c), 0], [0, 0, 1]])
-    return rz @ ry @ rx
 
 
 def make_case(root: Path, case: str, shape, spacing, origin, direction, rng, structures=("BrainStem", "Chiasm")):
@@ -46,19 +38,14 @@ def make_case(root: Path, case: str, shape, spacing, origin, direction, rng, str
     return img, masks
 
 
-geometry = st.tuples(
-    st.tuples(*[st.integers(2, 9)] * 3),
-    st.tuples(*[st.floats(0.3, 4.0)] * 3),
-    st.tuples(*[st.floats(-300, 300)] * 3),
-    st.tuples(*[st.floats(-np.pi, np.pi)] * 3),
-)
+geometry = geometries(((2, 9), (2, 9), (2, 9)))
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(geometry)
 def test_geometry_and_labels_round_trip(tmp_path_factory, geom):
     shape, spacing, origin, angles = geom
-    direction = tuple(_rotation(angles).ravel())
+    direction = tuple(rotation(angles).ravel())
     tmp = tmp_path_factory.mktemp("rt")
     img, masks = make_case(tmp / "src", "c1", shape, spacing, origin, direction, np.random.default_rng(0))
     assert _convert(tmp / "src", tmp / "raw", "--missing", "background", "--file-ending", ".nrrd") == 0
@@ -77,7 +64,7 @@ def test_geometry_and_labels_round_trip(tmp_path_factory, geom):
 
 
 def test_nifti_output_geometry_within_float32(tmp_path):
-    direction = tuple(_rotation((0.3, -0.2, 1.1)).ravel())
+    direction = tuple(rotation((0.3, -0.2, 1.1)).ravel())
     img, _ = make_case(tmp_path / "src", "c1", (5, 6, 7), (0.7, 0.9, 2.5), (-120.25, 33.5, 10.125), direction,
                        np.random.default_rng(1))
     assert _convert(tmp_path / "src", tmp_path / "raw", "--missing", "background") == 0
@@ -196,7 +183,7 @@ def test_bad_input_one_line_exit_2_nothing_written(kind, demo_root, tmp_path, ca
     src = tmp_path / "src"
     shutil.copytree(demo_root / "han_pddca", src)
     culprit = _corrupt(kind, src / "0522c0002")
-    assert _convert(src, tmp_path / "raw", "-j", "2") == 2
+    assert _convert(src, tmp_path / "raw", "-j", "2", "--strict") == 2
     err = _error_lines(capsys)
     assert len(err) == 1 and culprit in err[0] and "0522c0002" in err[0], err
     assert not (tmp_path / "raw").exists() or not any((tmp_path / "raw").iterdir())

@@ -9,12 +9,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 from organmtl.cli import main
 from organmtl.converters.visceral import RADLEX
 from organmtl.demo_data.visceral import RADLEX as DEMO_RADLEX
-from tests.conftest import run_cli
+from tests.helpers import geometries, rotation, run_cli
 
 STEM = "10000102_1_CT_wb"        # a demo case without landmark problems
 
@@ -61,14 +60,6 @@ def test_radlex_table_has_the_20_anatomy3_structures():
 
 # ------------------------------------------------------------------ geometry round trip
 
-def _rotation(angles):
-    a, b, c = angles
-    rx = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
-    ry = np.array([[np.cos(b), 0, np.sin(b)], [0, 1, 0], [-np.sin(b), 0, np.cos(b)]])
-    rz = np.array([[np.cos(c), -np.sin(c), 0], [np.sin(c), np.cos(c), 0], [0, 0, 1]])
-    return rz @ ry @ rx
-
-
 def _write_case(root: Path, stem: str, shape, spacing, origin, direction, rng, rids=("58", "86"), ext=".nrrd"):
     img = sitk.GetImageFromArray(rng.integers(-1000, 1000, shape).astype(np.int16))
     img.SetSpacing(spacing), img.SetOrigin(origin), img.SetDirection(direction)
@@ -83,12 +74,7 @@ def _write_case(root: Path, stem: str, shape, spacing, origin, direction, rng, r
         sitk.WriteImage(mi, str(root / "Segmentations" / f"{stem}_{rid}_1{ext}"))
 
 
-geometry = st.tuples(
-    st.tuples(st.integers(2, 8), st.integers(2, 8), st.integers(2, 8)),
-    st.tuples(*[st.floats(0.3, 4.0)] * 3),
-    st.tuples(*[st.floats(-300, 300)] * 3),
-    st.tuples(*[st.floats(-np.pi, np.pi)] * 3),
-)
+geometry = geometries(((2, 8), (2, 8), (2, 8)))
 
 
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -96,7 +82,7 @@ geometry = st.tuples(
 def test_geometry_and_labels_round_trip(tmp_path_factory, geom):
     shape, spacing, origin, angles = geom
     tmp = tmp_path_factory.mktemp("rt")
-    _write_case(tmp / "src", "42_1_CT_wb", shape, spacing, origin, tuple(_rotation(angles).ravel()),
+    _write_case(tmp / "src", "42_1_CT_wb", shape, spacing, origin, tuple(rotation(angles).ravel()),
                 np.random.default_rng(0))
     assert _convert(tmp / "src", tmp / "raw", "--file-ending", ".nrrd") == 0
     ds = tmp / "raw" / "Dataset008_V"
@@ -299,7 +285,7 @@ BAD = ["size mismatch", "geometry mismatch", "not binary", "empty mask", "trunca
 def test_bad_input_one_line_exit_2_nothing_written(kind, src, tmp_path):
     culprit = _corrupt(kind, src)
     res = run_cli("convert", "visceral", src, "--dataset-id", "8", "--name", "V", "--out", tmp_path / "raw",
-                  "-j", "2")
+                  "-j", "2", "--strict")
     assert res.returncode == 2, res.stderr
     lines = [l for l in res.stderr.replace("\r", "\n").splitlines() if "error:" in l or "Traceback" in l]
     assert len(lines) == 1 and "organmtl convert: error: " in lines[0] and culprit in lines[0], lines

@@ -80,7 +80,7 @@ def test_bad_inputs(problem, culprit, two_channel_src, tmp_path, capsys):
         _write(src / "labels" / "b.nrrd", np.zeros((4, 5, 6), np.uint8), spacing=(1.0, 1.0, 3.0))
     elif problem == "duplicate case id":
         _write(src / "labels" / "a.nii.gz", np.zeros((4, 5, 6), np.uint8))
-    assert _convert(src, tmp_path / "raw") == 2
+    assert _convert(src, tmp_path / "raw", "--strict") == 2
     err = _error_lines(capsys)
     assert len(err) == 1 and culprit in err[0], err
     assert not (tmp_path / "raw" / "Dataset009_V").exists()
