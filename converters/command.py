@@ -51,7 +51,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, converter: SourceConve
                         else "nnU-Net raw dataset folder(s) (DatasetXXX_Name)")
     if converter.to_nnunet:
         parser.add_argument("--to", choices=("nnunet", "coco"), default="nnunet", help="output format")
-        parser.add_argument("--dataset-id", type=int, required=True, help="nnU-Net dataset id (1-999)")
+        parser.add_argument("-d", "--dataset-id", type=int, required=True, help="nnU-Net dataset id (1-999)")
         parser.add_argument("--name", default=None, help=f"dataset name (default: {converter.name})")
         parser.add_argument("--file-ending", default=".nii.gz", choices=(".nii.gz", ".nrrd", ".mha"),
                             help="file ending of the written images (default .nii.gz)")
