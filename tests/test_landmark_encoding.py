@@ -18,7 +18,7 @@ from organmtl.converters.landmark_encoding import add_landmark_channels, gaussia
 from organmtl.converters.landmarks import landmarks_record
 from organmtl.demo_data import write_demo_data
 from organmtl.demo_data.shapes import write_fcsv
-from tests.conftest import run_cli
+from tests.helpers import rotation, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -138,18 +138,13 @@ def test_bad_arguments():
 
 # ------------------------------------------------------------------ nnU-Net raw datasets
 
-def _rotation(a, c):
-    rx = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
-    rz = np.array([[np.cos(c), -np.sin(c), 0], [np.sin(c), np.cos(c), 0], [0, 0, 1]])
-    return tuple((rz @ rx).ravel())
-
-
 def _hand_dataset(folder: Path, ending: str) -> sitk.Image:
     """One case on an oblique, anisotropic grid with two landmarks on voxel centres."""
     for sub in ("imagesTr", "labelsTr"):
         (folder / sub).mkdir(parents=True)
     img = sitk.GetImageFromArray(np.random.default_rng(0).integers(0, 100, (5, 6, 7)).astype(np.int16))
-    img.SetSpacing((0.7, 0.93, 2.5)), img.SetOrigin((-120.25, 33.5, 10.125)), img.SetDirection(_rotation(0.3, 1.1))
+    img.SetSpacing((0.7, 0.93, 2.5)), img.SetOrigin((-120.25, 33.5, 10.125))
+    img.SetDirection(tuple(rotation((0.3, 0.0, 1.1)).ravel()))
     sitk.WriteImage(img, str(folder / "imagesTr" / f"c1_0000{ending}"), True)
     lab = sitk.GetImageFromArray(np.zeros((5, 6, 7), np.uint8))
     lab.CopyInformation(img)
