@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import nnunet_env_vars, one_thread, run_cli  # noqa: F401  (run_cli: old import path)
+from tests.helpers import nnunet_env_vars, one_thread, run_cli, write_spine_coco  # noqa: F401  (run_cli: old path)
 
 
 @pytest.fixture(scope="session")
@@ -17,6 +17,17 @@ def demo_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("demo") / "data"
     write_demo_data(root, seed=0, n_cases=6)
     return root
+
+
+@pytest.fixture(scope="session")
+def spine_coco(tmp_path_factory) -> Path:
+    """The demo spine slices (spine family only, 6 cases, seed 0) converted once to COCO with the
+    converter's default contour points (100 for these 128 px slices); tests only read it."""
+    from organmtl.demo_data import write_demo_data
+
+    root = tmp_path_factory.mktemp("spine")
+    write_demo_data(root / "demo", seed=0, families=["spine"], n_cases=6)
+    return write_spine_coco(root / "demo", root / "coco")
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ from scipy import ndimage
 from organmtl.cli import main
 from organmtl.converters.coco import instance_annotation
 from organmtl.geometry import canonical_contour, contour_points, rasterize_polygon
+from tests.helpers import write_spine_coco
 
 
 def _dice(a, b):
@@ -18,10 +19,8 @@ def _dice(a, b):
 
 @pytest.fixture(scope="module")
 def spine_coco(demo_root, tmp_path_factory):
-    out = tmp_path_factory.mktemp("coco") / "spine"
-    assert main(["convert", "volumes", str(demo_root / "spine" / "spine_sag_mr"), "--to", "coco",
-                 "--dataset-id", "30", "--out", str(out), "--points", "50"]) == 0
-    return out
+    """Here with 50 contour points (not the shared fixture's default 100)."""
+    return write_spine_coco(demo_root, tmp_path_factory.mktemp("coco") / "spine", "--points", "50")
 
 
 def test_loads_with_pycocotools_and_detectron2(spine_coco):

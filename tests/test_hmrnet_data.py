@@ -10,7 +10,6 @@ import torch
 from detectron2.config import get_cfg
 from detectron2.data import transforms as T
 
-from organmtl.cli import main
 from organmtl.detectron_heads import add_organmtl_config
 from organmtl.detectron_heads.hmrnet import HMRNetDatasetMapper, add_hmrnet_config
 from organmtl.detectron_heads.hmrnet.dataset_mapper import (AUGMENTATIONS, GaussianBlurTransform,
@@ -19,17 +18,6 @@ from organmtl.detectron_heads.hmrnet.evaluator import eleven_point_map
 from organmtl.evaluation.coco_eval import decode_segmentation
 from organmtl.evaluation.metrics import dice
 from organmtl.geometry import contour_points, rasterize_polygon, signed_area
-
-
-@pytest.fixture(scope="module")
-def spine_coco(tmp_path_factory):
-    from organmtl.demo_data import write_demo_data
-
-    root = tmp_path_factory.mktemp("hmrnet_data")
-    write_demo_data(root / "demo", seed=0, families=["spine"], n_cases=4)
-    assert main(["convert", "volumes", str(root / "demo" / "spine" / "spine_sag_mr"), "--to", "coco",
-                 "--dataset-id", "42", "--out", str(root / "coco")]) == 0
-    return root / "coco"
 
 
 def _train_json(coco):

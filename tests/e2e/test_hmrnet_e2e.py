@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from organmtl.cli import main
 from organmtl.procs import run_in_group
 
 pytestmark = pytest.mark.e2e
@@ -20,18 +19,6 @@ BASELINE_TINY = REPO / "detectron_heads" / "configs" / "tiny"      # generic Mas
 OVERFIT_ITERS = int(os.environ.get("ORGANMTL_HMRNET_OVERFIT_ITERS", "80"))
 CHEAP = ["SOLVER.MAX_ITER", "2", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0", "TEST.HMRNET.SCORE_THRESH", "0.0",
          "TEST.DETECTIONS_PER_IMAGE", "10", "TEST.HMRNET.NUM_OVERLAYS", "1"]
-
-
-@pytest.fixture(scope="module")
-def spine_coco(tmp_path_factory):
-    """Demo spine slices converted once to COCO (contour points, pixel spacing), shared by all tests."""
-    from organmtl.demo_data import write_demo_data
-
-    root = tmp_path_factory.mktemp("hmrnet_e2e")
-    write_demo_data(root / "demo", seed=0, families=["spine"], n_cases=6)
-    assert main(["convert", "volumes", str(root / "demo" / "spine" / "spine_sag_mr"), "--to", "coco",
-                 "--dataset-id", "43", "--out", str(root / "coco")]) == 0
-    return root / "coco"
 
 
 def train_net(config: Path, coco: Path, name: str, out: Path, *opts: str, timeout: int = 600) -> dict:
