@@ -17,7 +17,7 @@ from nnunetv2.utilities.label_handling.label_handling import LabelManager
 from organmtl.nnunet_trainers.multitask.evaluation import (DiceOptimalThreshold, argmax_labels, confusion_rate,
                                                             dice_per_label, head_label_values, task_masked_labels,
                                                             thresholded_labels)
-from organmtl.nnunet_trainers.multitask.experiments import plan_experiments, task_subsets
+from organmtl.workflows.multitask_experiments import plan_experiments, task_subsets
 from organmtl.nnunet_trainers.multitask.sampler import TaskBalancedDataLoader
 from organmtl.nnunet_trainers.multitask.tasks import SINGLE_TASK, TaskTable
 from organmtl.nnunet_trainers.multitask.triplanar import TriplanarCNN
@@ -102,12 +102,8 @@ def test_two_dimensional_variant_and_bad_input():
 def test_tiny_triplanar_overfits_a_tiny_phantom():
     """A 2-class phantom (bright sphere) is learnt to Dice > 0.9 with Adam and cross-entropy (§3.2)."""
     torch.manual_seed(0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)                  # tiny tensors: one thread is fastest (and kind to a shared CPU)
-    try:
+    with one_thread():                        # tiny tensors: one thread is fastest (and kind to a shared CPU)
         _overfit()
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _overfit():
@@ -174,7 +170,8 @@ def test_trainer_network_and_loss(name, dice_weight, triplanar, tmp_path, monkey
                                         tr.label_manager.num_segmentation_heads, tr.enable_deep_supervision)
     assert isinstance(net, TriplanarCNN) == triplanar
     if triplanar:
-        assert (net.num_conv, net.features, tr.enable_deep_supervision) == (6, 16, False)
+        # the size follows the plan: first stage 4 of 32 features -> widths x 1/8; patch 16 -> 7 layers
+        assert (net.num_conv, net.features, net.fc[0].out_channels, tr.enable_deep_supervision) == (7, 4, 24, False)
         tr.network = net
         opt, _ = tr.configure_optimizers()
         assert isinstance(opt, torch.optim.Adam) and opt.param_groups[0]["lr"] == 1e-3
@@ -191,6 +188,23 @@ def test_trainer_network_and_loss(name, dice_weight, triplanar, tmp_path, monkey
             torch.testing.assert_close(value, ce)                # exactly categorical cross-entropy
         else:
             assert value.item() != pytest.approx(ce.item())
+
+
+def test_triplanar_size_follows_the_plan():
+    from types import SimpleNamespace
+
+    from organmtl.nnunet_trainers.multitask.trainers import nnUNetTrainerOMTLTriplanar, nnUNetTrainerOMTLTriplanar_Tiny
+
+    def cm(features, patch):
+        return SimpleNamespace(network_arch_init_kwargs={"features_per_stage": features}, patch_size=patch,
+                               network_arch_class_name="PlainConvUNet")
+
+    fullres = cm([32, 64, 128, 256, 320], [128, 128, 128])            # nnU-Net's default width: the paper
+    assert nnUNetTrainerOMTLTriplanar.triplanar_size(fullres) == (25, 32, 192)
+    tiny = cm([8, 16, 32], [32, 32, 32])                               # organmtl plan-tiny's 3d_tiny
+    assert nnUNetTrainerOMTLTriplanar_Tiny.triplanar_size(tiny) == (15, 8, 48)
+    assert nnUNetTrainerOMTLTriplanar.triplanar_size(tiny) == (15, 8, 48)    # _Tiny changes no size
+    assert nnUNetTrainerOMTLTriplanar.triplanar_size(cm([32, 64], [12, 160, 160])) == (5, 32, 192)
 
 
 def test_gradients_reach_every_triplanar_parameter_through_the_shared_stack():

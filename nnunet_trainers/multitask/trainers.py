@@ -1,13 +1,15 @@
-"""nnU-Net v2 trainers of the multi-task multi-modality CNN (papers/moeskops_multitask_cnn.txt).
+"""nnU-Net v2 trainers of the multi-task multi-modality CNN (Moeskops et al., "Deep learning for multi-task medical image segmentation in multiple modalities"; docs/multitask_cnn.md).
 
 - ``nnUNetTrainerOMTLTriplanar``: the paper's triplanar network (§3.1) trained with mini-batches
   balanced over tasks and classes (§3.2), Adam and cross-entropy (§3.2).
 - ``nnUNetTrainerOMTLMultiTaskUNet``: nnU-Net's own U-Net (its planned architecture, SGD schedule,
   deep supervision) on the merged dataset with the same balanced batches and cross-entropy.
 - ``...DiceCE`` variants add nnU-Net's soft Dice term to the cross-entropy (the Dice option).
-- ``..._Tiny``: the CPU schedule of :class:`~organmtl.nnunet_trainers.budget.CPUBudgetMixin`; the
-  tiny triplanar network has 6 conv layers of 16 kernels and FC layers of 64 nodes (receptive field
-  13 x 13 instead of 51 x 51), so a CPU step takes about a second (docs/multitask_cnn.md).
+- ``..._Tiny``: the CPU schedule of :class:`~organmtl.nnunet_trainers.budget.CPUBudgetMixin` and
+  nothing else (docs/trainers.md). The triplanar network's size follows the plan configuration
+  (:meth:`TriplanarNetworkMixin.triplanar_size`): on ``organmtl plan-tiny``'s 3d_tiny (8 first-stage
+  features, patch <= 32^3) 15 conv layers of 8 kernels and FC layers of 48 nodes, about a second per
+  CPU step (docs/multitask_cnn.md); on nnU-Net's 3d_fullres the paper's 25 x 32 and 192.
 
 Per-task output masking and the Dice-optimal threshold are applied to the saved probabilities
 (:mod:`organmtl.nnunet_trainers.multitask.evaluation`), so stock ``nnUNetv2_predict`` output stays
@@ -31,6 +33,7 @@ from organmtl.nnunet_trainers.budget import CPUBudgetMixin
 from organmtl.nnunet_trainers.multitask.sampler import TaskBalancedDataLoader
 from organmtl.nnunet_trainers.multitask.tasks import TaskTable
 from organmtl.nnunet_trainers.multitask.triplanar import TriplanarCNN
+from organmtl.nnunet_trainers.settings import plan_width_factor
 
 
 class TaskBalancedSamplingMixin:
@@ -108,7 +111,9 @@ class CrossEntropyLossMixin:
 
 
 class TriplanarNetworkMixin:
-    """The triplanar network (§3.1) in place of nnU-Net's U-Net; Adam (§3.2); no deep supervision."""
+    """The triplanar network (§3.1) in place of nnU-Net's U-Net; Adam (§3.2); no deep supervision.
+
+    The class attributes are the paper's sizes; :meth:`triplanar_size` scales them to the plan."""
 
     triplanar_num_conv = 25
     triplanar_features = 32
@@ -123,13 +128,26 @@ class TriplanarNetworkMixin:
         self.initial_lr = self.adam_lr
 
     @classmethod
+    def triplanar_size(cls, configuration_manager) -> tuple[int, int, int]:
+        """``(num_conv, features, fc_features)`` for a configuration: the paper's widths times the plan's
+        first-stage features over 32 (nnU-Net's default and the paper's conv width), and at most as many
+        layers as keep the receptive field (``2 * num_conv + 1``) inside the smallest patch edge: beyond
+        the patch a training voxel's field sees only zero padding. Derived from the plans alone, so
+        ``nnUNetv2_predict`` builds the same network."""
+        w = plan_width_factor(configuration_manager, cls.triplanar_features)
+        edge = min(int(p) for p in configuration_manager.patch_size)
+        num_conv = max(1, min(cls.triplanar_num_conv, (edge - 1) // 2))
+        return num_conv, max(1, round(cls.triplanar_features * w)), max(1, round(cls.triplanar_fc_features * w))
+
+    @classmethod
     def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels: int,
                                    num_output_channels: int, enable_deep_supervision: bool = True):
-        """nnU-Net's hook, also used by ``nnUNetv2_predict``: a :class:`TriplanarCNN` of the class'
-        size for the configuration's dimensionality."""
-        return TriplanarCNN(num_input_channels, num_output_channels, num_conv=cls.triplanar_num_conv,
-                            features=cls.triplanar_features, fc_features=cls.triplanar_fc_features,
-                            dropout=cls.triplanar_dropout, ndim=len(configuration_manager.patch_size))
+        """nnU-Net's hook, also used by ``nnUNetv2_predict``: a :class:`TriplanarCNN` of
+        :meth:`triplanar_size` for the configuration's dimensionality."""
+        num_conv, features, fc_features = cls.triplanar_size(configuration_manager)
+        return TriplanarCNN(num_input_channels, num_output_channels, num_conv=num_conv, features=features,
+                            fc_features=fc_features, dropout=cls.triplanar_dropout,
+                            ndim=len(configuration_manager.patch_size))
 
     def set_deep_supervision_enabled(self, enabled: bool):
         """The triplanar network has a single output: nothing to switch."""
@@ -140,22 +158,16 @@ class TriplanarNetworkMixin:
         return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
 
 
-class _TinyTriplanar:
-    triplanar_num_conv = 6
-    triplanar_features = 16
-    triplanar_fc_features = 64
-
-
 # ---------------------------------------------------------------- the trainers
 
 class nnUNetTrainerOMTLTriplanar(TriplanarNetworkMixin, CrossEntropyLossMixin, TaskBalancedSamplingMixin,
                                  nnUNetTrainer):
     """Moeskops et al.'s multi-task triplanar CNN (§3.1-3.2): 25 shared 3x3 conv layers per plane,
-    96 features, 2 x 192 FC, softmax over the union classes; task/class-balanced batches; Adam; CE."""
+    96 features, 2 x 192 FC (at nnU-Net's default width, see :meth:`TriplanarNetworkMixin.triplanar_size`), softmax over the union classes; task/class-balanced batches; Adam; CE."""
 
 
-class nnUNetTrainerOMTLTriplanar_Tiny(CPUBudgetMixin, _TinyTriplanar, nnUNetTrainerOMTLTriplanar):
-    """CPU variant: short schedule and the tiny triplanar network (6 x 16 conv, 2 x 64 FC)."""
+class nnUNetTrainerOMTLTriplanar_Tiny(CPUBudgetMixin, nnUNetTrainerOMTLTriplanar):
+    """CPU variant of :class:`nnUNetTrainerOMTLTriplanar` (the CPU schedule; network size from the plan)."""
 
 
 class nnUNetTrainerOMTLTriplanarDiceCE(nnUNetTrainerOMTLTriplanar):
@@ -164,7 +176,7 @@ class nnUNetTrainerOMTLTriplanarDiceCE(nnUNetTrainerOMTLTriplanar):
     dice_weight = 1.0
 
 
-class nnUNetTrainerOMTLTriplanarDiceCE_Tiny(CPUBudgetMixin, _TinyTriplanar, nnUNetTrainerOMTLTriplanarDiceCE):
+class nnUNetTrainerOMTLTriplanarDiceCE_Tiny(CPUBudgetMixin, nnUNetTrainerOMTLTriplanarDiceCE):
     """CPU variant of :class:`nnUNetTrainerOMTLTriplanarDiceCE`."""
 
 

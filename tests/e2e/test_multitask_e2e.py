@@ -84,7 +84,7 @@ def test_trainers_with_stock_train_and_predict(merged, trainer, tmp_path):
     assert ckpt["trainer_name"] == trainer and ckpt["current_epoch"] == 1
     weights = ckpt["network_weights"]
     if "Triplanar" in trainer:                   # the paper's network was trained, not nnU-Net's U-Net
-        assert weights["classifier.weight"].shape[:2] == (6, 64) and "stack.0.weight" in weights
+        assert weights["classifier.weight"].shape[:2] == (6, 48) and "stack.0.weight" in weights
 
     inp = tmp_path / "in"
     inp.mkdir()
