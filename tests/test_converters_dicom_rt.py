@@ -1,7 +1,11 @@
-"""DICOM CT + RTSTRUCT converter: exact rasterisation (squares, a triangle, holes, separate and
-overlapping contours, clipping), geometry equal to the CT headers for head-first, feet-first and
-oblique orientations, slice order by position, --roi-map, --ct-series, a corpus of bad inputs
-through the CLI, byte-identical re-runs, nnU-Net's integrity check and the COCO export."""
+"""DICOM CT + RTSTRUCT converter: exact rasterisation (squares, a triangle, holes, islands, separate
+and overlapping contours, clipping), geometry equal to the CT headers for head-first, feet-first
+and oblique orientations, slice order by position, --roi-map, --ct-series, byte-identical re-runs,
+nnU-Net's integrity check, the COCO export, and the quirks of real planning-system exports (empty
+and POINT ROIs, DICOMDIR/RTPLAN/RTDOSE/SR/secondary captures beside the CT, files without preamble,
+paint order and --priority, several RTSTRUCTs, ROI synonyms). The bad-input corpus is in
+tests/test_converters_bad_input.py."""
+import copy
 import dataclasses
 import json
 import shutil
@@ -19,7 +23,7 @@ from organmtl.cli import main
 from organmtl.converters.dicom_rt import fill_polygons, physical_to_index
 from organmtl.demo_data.dicom_rt import (FEET_FIRST_SUPINE, HEAD_FIRST_SUPINE, Case, Contour, Roi, SeriesGeometry,
                                          ground_truth, make_case, save, write_case, write_dicom_rt)
-from tests.conftest import run_cli
+from tests.helpers import rotation, run_cli
 
 DEMO_LABELS = {"Body": "Body", "PAROTID_L": "PAROTID_L", "Parotid R": "Parotid_R", "Spinal Cord": "Spinal_Cord",
                "Vertebra": "Vertebra"}
@@ -66,16 +70,18 @@ def _square(a, b, c, d):
 
 def test_rasterisation_equals_analytic_masks(tmp_path):
     """Corners on voxel centres (exact binary fractions end to end), so the tie rule is tested:
-    left/top edges in, right/bottom out; inner contours cut holes; contours combine by XOR."""
+    left/top edges in, right/bottom out; nested contours cut holes (and an island inside a hole
+    fills again); overlapping contours of one ROI add up (union), never cancel out."""
     g = SeriesGeometry((7, 10, 12), (0.5, 1.25, 2.0), (10.25, -20.5, 33.0))
     rois = {
         "Square": [(0, _square(2, 3, 6, 8))],
         "Ring": [(1, _square(1, 1, 9, 9)), (1, _square(3, 3, 6, 6)[::-1])],
         "Two": [(2, _square(0, 0, 2, 2)), (2, _square(5, 4, 8, 7))],
-        "Xor": [(3, _square(0, 0, 4, 4)), (3, _square(2, 2, 6, 6))],
+        "Union": [(3, _square(0, 0, 4, 4)), (3, _square(2, 2, 6, 6))],
         "Triangle": [(4, [(0, 0), (6, 0), (0, 6)])],
         "Clipped": [(5, _square(-3, -3, 4, 4)), (-2, _square(1, 1, 3, 3)), (9, _square(1, 1, 3, 3))],
         "Between": [(6, [(1.5, 2.5), (4.5, 2.5), (4.5, 5.5), (1.5, 5.5)])],   # edges between centres
+        "Island": [(6, _square(6, 0, 11, 9)), (6, _square(7, 1, 10, 8)), (6, _square(8, 3, 9, 5))],
     }
     _index_case(tmp_path / "src", g, rois)
     assert _convert(tmp_path / "src", tmp_path / "raw", "--file-ending", ".nrrd") == 0
@@ -87,15 +93,17 @@ def test_rasterisation_equals_analytic_masks(tmp_path):
     expected["Ring"][1, 1:9, 1:9] = True
     expected["Ring"][1, 3:6, 3:6] = False
     expected["Two"][2, 0:2, 0:2] = expected["Two"][2, 4:7, 5:8] = True
-    expected["Xor"][3, 0:4, 0:4] = True
-    expected["Xor"][3, 2:6, 2:6] ^= True
+    expected["Union"][3, 0:4, 0:4] = expected["Union"][3, 2:6, 2:6] = True
+    expected["Island"][6, 0:9, 6:11] = True
+    expected["Island"][6, 1:8, 7:10] = False
+    expected["Island"][6, 3:5, 8:9] = True
     jj, ii = np.mgrid[0:10, 0:12]
     expected["Triangle"][4] = (ii + jj < 6)
     expected["Clipped"][5, 0:4, 0:4] = True
     expected["Between"][6, 3:6, 2:5] = True
     for name, mask in expected.items():
         np.testing.assert_array_equal(seg == labels[name], mask, err_msg=name)
-    assert expected["Triangle"].sum() == 21 and expected["Xor"].sum() == 24
+    assert expected["Triangle"].sum() == 21 and expected["Union"].sum() == 28 and expected["Island"].sum() == 26
     record = json.loads((ds / "conversion_report.json").read_text())["cases"][0]
     assert record["contours_clipped"] == {"Clipped": 1}
     assert record["contours_outside_slices"] == {"Clipped": 2}
@@ -122,13 +130,6 @@ def test_fill_matches_matplotlib_on_generic_polygons(seed):
     np.testing.assert_array_equal(fill_polygons(polys, (11, 13)).ravel(), expected)
 
 
-def _rotation(a, b, c):
-    rx = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
-    ry = np.array([[np.cos(b), 0, np.sin(b)], [0, 1, 0], [-np.sin(b), 0, np.cos(b)]])
-    rz = np.array([[np.cos(c), -np.sin(c), 0], [np.sin(c), np.cos(c), 0], [0, 0, 1]])
-    return rz @ ry @ rx
-
-
 def _header_geometry(folder: Path):
     """Spacing, origin and direction a CT series' headers define (lowest slice along the normal)."""
     hdr = [pydicom.dcmread(p, stop_before_pixels=True) for p in sorted(folder.rglob("*.dcm"))]
@@ -143,7 +144,7 @@ def _header_geometry(folder: Path):
 
 orientations = st.one_of(st.just(HEAD_FIRST_SUPINE), st.just(FEET_FIRST_SUPINE),
                          st.tuples(*[st.floats(-np.pi, np.pi)] * 3).map(
-                             lambda a: tuple(np.round(_rotation(*a)[:, :2].T.ravel(), 10) + 0.0)))
+                             lambda a: tuple(np.round(rotation(a)[:, :2].T.ravel(), 10) + 0.0)))
 
 
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -160,7 +161,7 @@ def test_geometry_and_labels_for_any_orientation(tmp_path_factory, orientation, 
             "Holed": [(k, p) for k in range(0, shape[0], 2)
                       for p in (_star(rng, centre, 7, 2.5, 3.5), _star(rng, centre, 5, 0.6, 1.2))]}
     case = _index_case(tmp / "src", g, rois)
-    assert _convert(tmp / "src", tmp / "raw", "--file-ending", ".nrrd") == 0
+    assert _convert(tmp / "src", tmp / "raw", "--file-ending", ".nrrd", "--priority", "Holed") == 0
     ds = _dataset(tmp / "raw")
     img, seg = sitk.ReadImage(str(ds / "imagesTr" / "c1_0000.nrrd")), _read(ds / "labelsTr" / "c1.nrrd")
     spacing_h, origin_h, direction_h = _header_geometry(tmp / "src" / "c1")
@@ -200,7 +201,17 @@ def test_demo_conversion_equals_ground_truth(rt_src, tmp_path):
         img = sitk.ReadImage(str(ds / "imagesTr" / f"{case.case_id}_0000.nii.gz"))
         np.testing.assert_array_equal(sitk.GetArrayFromImage(img), case.hu)
         np.testing.assert_allclose(img.GetDirection(), case.geometry.direction, atol=1e-6)
-        assert report[case.case_id]["overlap_voxels"]["Spinal_Cord"] == gt["Spinal Cord"].sum()   # later wins
+        assert report[case.case_id]["overlap_voxels"]["Spinal_Cord"] == gt["Spinal Cord"].sum()   # on top of Body
+        assert report[case.case_id]["paint_order"][0] == "Body" and report[case.case_id]["warnings"] == []
+        source = report[case.case_id]["source"]
+        ct_dir = Path(source["ct_series_folder"])
+        assert ct_dir == (rt_src / case.case_id / "CT").resolve()
+        assert source["series_instance_uid"] == case.series_uid and source["frame_of_reference_uid"] == case.frame_uid
+        assert source["sop_instance_uids"] == [case.slice_uid(k) for k in range(case.geometry.shape_zyx[0])]
+        assert [pydicom.dcmread(ct_dir / f).SOPInstanceUID for f in source["ct_files"]] == source["sop_instance_uids"]
+        assert source["rtstruct_file"] == str((rt_src / case.case_id / "RTSTRUCT" / "RS.dcm").resolve())
+        assert source["rtstruct_sop_instance_uid"] == pydicom.dcmread(source["rtstruct_file"]).SOPInstanceUID
+        assert source["other_rtstructs"] == []
         lm = json.loads((ds / "landmarks" / f"{case.case_id}.json").read_text())["landmarks"]
         iso = next(r for r in case.rois if r.name == "ISO").contours[0].points[0]
         assert [p["name"] for p in lm] == ["ISO"]
@@ -243,8 +254,13 @@ def test_roi_map_regex_missing_policies_and_label_order(rt_src, tmp_path):
     assert report["rt002"]["action"] == "dropped"
     gt = ground_truth(make_case(0, 0))
     seg = _read(ds / "labelsTr" / "rt000.nii.gz")
-    np.testing.assert_array_equal(seg == 4, gt["Body"])                 # Body listed last: it wins everywhere
-    assert report["rt000"]["overlap_voxels"]["Body"] == (gt["PAROTID_L"] | gt["Parotid R"] | gt["Spinal Cord"]).sum()
+    organs = gt["PAROTID_L"] | gt["Parotid R"] | gt["Spinal Cord"]
+    np.testing.assert_array_equal(seg == 4, gt["Body"] & ~organs)       # Body listed last, painted first (largest)
+    np.testing.assert_array_equal(seg == 3, gt["Spinal Cord"])
+    assert "Body" not in report["rt000"]["overlap_voxels"] and report["rt000"]["paint_order"][0] == "Body"
+    assert _convert(rt_src, tmp_path / "p", "--roi-map", roi_map, "--priority", "Body") == 0
+    seg = _read(_dataset(tmp_path / "p") / "labelsTr" / "rt000.nii.gz")
+    np.testing.assert_array_equal(seg == 4, gt["Body"])                 # --priority Body: on top of everything
 
     body_first = tmp_path / "body_first.json"
     body_first.write_text(json.dumps({"Body": "body", **json.loads(roi_map.read_text())}))
@@ -258,12 +274,14 @@ def test_roi_map_regex_missing_policies_and_label_order(rt_src, tmp_path):
     assert set(np.unique(_read(_dataset(tmp_path / "c") / "labelsTr" / "rt002.nii.gz"))) == {0, 1, 2, 4}
 
 
-def test_roi_map_matching_two_rois_is_refused(rt_src, tmp_path, capsys):
+def test_roi_map_matching_two_rois_fails_those_cases(rt_src, tmp_path, capsys):
     roi_map = tmp_path / "map.json"
     roi_map.write_text(json.dumps({"Parotid": "parotid.*"}))
-    assert _convert(rt_src, tmp_path / "raw", "--roi-map", roi_map) == 2
-    err = capsys.readouterr().err
-    assert "RS.dcm" in err and "'PAROTID_L' and 'Parotid R' both map to label 'Parotid'" in err
+    assert _convert(rt_src, tmp_path / "raw", "--roi-map", roi_map) == 1      # rt002 has one parotid only
+    err = [line for line in capsys.readouterr().err.splitlines() if "not converted" in line]
+    assert [line.split()[3] for line in err] == ["rt000", "rt001", "rt003"]
+    assert all("RS.dcm" in line and "'PAROTID_L' and 'Parotid R' both map to label 'Parotid'" in line for line in err)
+    assert sorted(p.name for p in (_dataset(tmp_path / "raw") / "labelsTr").iterdir()) == ["rt002.nii.gz"]
 
 
 def _add_decoy_series(case_dir: Path) -> None:
@@ -317,92 +335,249 @@ def test_to_coco_loads_in_pycocotools(rt_src, tmp_path):
     assert names == set(DEMO_LABELS.values())
 
 
-# ------------------------------------------------------------------ bad input corpus (through the CLI)
+# ------------------------------------------------------------------ helpers shared with the bad-input corpus
 
-def _edit_rtstruct(case: Path, edit) -> str:
-    path = case / "RTSTRUCT" / "RS.dcm"
+def edit_rtstruct(case: Path, edit, name="RS.dcm") -> str:
+    """Apply ``edit(ds)`` to a case's RTSTRUCT file and save it; returns the file name."""
+    path = case / "RTSTRUCT" / name
     ds = pydicom.dcmread(path)
     edit(ds)
     save(ds, path)
-    return "RS.dcm"
+    return name
 
 
-def _roi_contours(ds, name):
+def roi_contours(ds, name):
     number = next(s.ROINumber for s in ds.StructureSetROISequence if s.ROIName == name)
     return next(c for c in ds.ROIContourSequence if c.ReferencedROINumber == number)
 
 
-def _shift_contour(ds):
-    contour = _roi_contours(ds, "Spinal Cord").ContourSequence[3]
-    data = [float(v) for v in contour.ContourData]
-    data[2::3] = [z + 1.0 for z in data[2::3]]
-    contour.ContourData = data
+def add_roi(ds, name, contours=()):
+    """Append an ROI (StructureSetROISequence + ROIContourSequence items) with ``contours``
+    (ContourSequence items); none gives an empty placeholder ROI, as TPS exports have."""
+    number = max(int(s.ROINumber) for s in ds.StructureSetROISequence) + 1
+    s = pydicom.Dataset()
+    s.ROINumber, s.ROIName = number, name
+    s.ReferencedFrameOfReferenceUID = ds.StructureSetROISequence[0].ReferencedFrameOfReferenceUID
+    ds.StructureSetROISequence.append(s)
+    c = pydicom.Dataset()
+    c.ReferencedROINumber = number
+    c.ROIDisplayColor = [255, 0, 0]
+    if contours:
+        c.ContourSequence = pydicom.Sequence(list(contours))
+    ds.ROIContourSequence.append(c)
 
 
-def _other_series(ds):
-    ds.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0].RTReferencedSeriesSequence[0] \
-        .SeriesInstanceUID = "1.2.3.4.5"
+def copy_cases(rt_src: Path, dest: Path, *cases: str) -> Path:
+    for c in cases or [p.name for p in rt_src.iterdir()]:
+        shutil.copytree(rt_src / c, dest / c)
+    return dest
 
 
-def _other_frame(ds):
-    for s in ds.StructureSetROISequence:
-        s.ReferencedFrameOfReferenceUID = "1.2.3.4.6"
+def _expected_seg(case, labels: dict, names=DEMO_LABELS) -> np.ndarray:
+    """The label map the demo case stands for under the default paint order (largest first)."""
+    gt = ground_truth(case)
+    present = [roi for roi in names if roi in gt]
+    expected = np.zeros(case.geometry.shape_zyx, np.uint8)
+    for roi in sorted(present, key=lambda r: -gt[r].sum()):
+        expected[gt[roi]] = labels[names[roi]]
+    return expected
 
 
-def _corrupt(kind: str, case: Path) -> str:
-    ct = case / "CT"
-    if kind == "no CT files":
-        shutil.rmtree(ct)
-        return "rt001"
-    if kind == "no RTSTRUCT":
-        shutil.rmtree(case / "RTSTRUCT")
-        return "rt001"
-    if kind == "two RTSTRUCTs":
-        shutil.copy(case / "RTSTRUCT" / "RS.dcm", case / "RS_copy.dcm")
-        return "RS_copy.dcm"
-    if kind == "not DICOM":
-        (ct / "IM0007.dcm").write_text("hello")
-        return "IM0007.dcm"
-    if kind == "truncated slice":
-        data = (ct / "IM0007.dcm").read_bytes()
-        (ct / "IM0007.dcm").write_bytes(data[: len(data) // 2])
-        return "IM0007.dcm"
-    if kind == "missing slice":
-        hdr = {p: float(pydicom.dcmread(p, stop_before_pixels=True).ImagePositionPatient[2]) for p in ct.iterdir()}
-        order = sorted(hdr, key=hdr.get)
-        order[5].unlink()
-        return order[6].name
-    if kind == "two CT series":
-        _add_decoy_series(case)
-        return "rt001"
-    if kind == "references another series":
-        return _edit_rtstruct(case, _other_series)
-    if kind == "another frame of reference":
-        return _edit_rtstruct(case, _other_frame)
-    if kind == "contour off-plane":
-        return _edit_rtstruct(case, _shift_contour)
-    if kind == "empty ROI":
-        return _edit_rtstruct(case, lambda ds: delattr(_roi_contours(ds, "Vertebra"), "ContourSequence"))
-    if kind == "malformed ContourData":
-        return _edit_rtstruct(case, lambda ds: setattr(_roi_contours(ds, "Body").ContourSequence[0], "ContourData",
-                                                       [1.0, 2.0, 3.0, 4.0]))
-    raise AssertionError(kind)
+# ------------------------------------------------------------------ real-export quirks
+
+def test_empty_open_and_point_rois_are_skipped_in_every_roi_mode(rt_src, tmp_path):
+    """An empty placeholder ROI and an open-contour-only ROI are skipped with a note; the POINT ROI
+    is still a landmark; an ROI empty in one case leaves that case without the label (--missing)."""
+    src = copy_cases(rt_src, tmp_path / "src")
+
+    def placeholders(ds):
+        add_roi(ds, "Areola")
+        line = pydicom.Dataset()
+        line.ContourGeometricType, line.NumberOfContourPoints = "OPEN_PLANAR", 2
+        line.ContourData = [0.0, 0.0, float(ds.ROIContourSequence[0].ContourSequence[0].ContourData[2]), 5.0, 0.0,
+                            float(ds.ROIContourSequence[0].ContourSequence[0].ContourData[2])]
+        add_roi(ds, "Couch", [line])
+    edit_rtstruct(src / "rt000", placeholders)
+    edit_rtstruct(src / "rt001", lambda ds: delattr(roi_contours(ds, "Vertebra"), "ContourSequence"))
+    assert _convert(src, tmp_path / "raw") == 0
+    ds = _dataset(tmp_path / "raw")
+    meta = json.loads((ds / "dataset.json").read_text())
+    assert list(meta["labels"]) == ["background", *DEMO_LABELS.values()]
+    report = {r["case"]: r for r in json.loads((ds / "conversion_report.json").read_text())["cases"]}
+    assert report["rt000"]["notes"] == ["ROI 'Areola' skipped: no CLOSED_PLANAR contour (no contour)",
+                                        "ROI 'Couch' skipped: no CLOSED_PLANAR contour (1 open contour(s) only)"]
+    assert report["rt001"]["action"] == "dropped" and report["rt001"]["missing"] == ["Vertebra"]
+    assert "ROI 'Vertebra' skipped" in report["rt001"]["notes"][0]
+    np.testing.assert_array_equal(_read(ds / "labelsTr" / "rt000.nii.gz"), _expected_seg(make_case(0, 0), meta["labels"]))
+    assert [p["name"] for p in json.loads((ds / "landmarks" / "rt000.json").read_text())["landmarks"]] == ["ISO"]
+
+    roi_map = tmp_path / "map.json"                                    # asked for by the map: missing
+    roi_map.write_text(json.dumps({"Body": "body", "Areola": "areola"}))
+    assert _convert(src, tmp_path / "m", "--roi-map", roi_map, "--missing", "background") == 0
+    report = json.loads((_dataset(tmp_path / "m") / "conversion_report.json").read_text())["cases"]
+    assert report[0]["missing"] == ["Areola"] and report[0]["action"] == "kept, missing structures counted as background"
+    assert report[0]["notes"] == ["ROI 'Areola' (label 'Areola') has no CLOSED_PLANAR contour: counted as missing"]
 
 
-BAD = {"no CT files": "no CT image files", "no RTSTRUCT": "no RTSTRUCT file", "two RTSTRUCTs": "second RTSTRUCT",
-       "not DICOM": "not a DICOM file", "truncated slice": "truncated", "missing slice": "missing slice",
-       "two CT series": "2 CT series", "references another series": "references another series",
-       "another frame of reference": "references another series", "contour off-plane": "off the nearest CT slice",
-       "empty ROI": "empty ROI", "malformed ContourData": "malformed ContourData"}
+def _testdata(name: str) -> Path:
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file(name, download=False)
+    assert path is not None, name
+    return Path(path)
 
 
-@pytest.mark.parametrize("kind", list(BAD))
-def test_bad_input_one_line_exit_2_nothing_written(kind, rt_src, tmp_path):
-    src = tmp_path / "src"
-    shutil.copytree(rt_src, src)
-    culprit = _corrupt(kind, src / "rt001")
-    r = run_cli("convert", "dicom-rt", src, "--dataset-id", "9", "--name", "T", "--out", tmp_path / "raw")
-    err = [line for line in r.stderr.replace("\r", "\n").splitlines() if "error:" in line or "Traceback" in line]
-    assert r.returncode == 2, r.stderr
-    assert len(err) == 1 and culprit in err[0] and "rt001" in err[0] and BAD[kind] in err[0], err
-    assert not (tmp_path / "raw").exists() or not any((tmp_path / "raw").iterdir())
+def test_other_dicom_objects_in_the_case_folder_are_skipped(rt_src, tmp_path):
+    """Real files shipped with pydicom (DICOMDIR, RTPLAN, RTDOSE, SR, a secondary capture) and a
+    screenshot/scout of the CT series itself beside the slices: skipped, listed, never fatal."""
+    src = copy_cases(rt_src, tmp_path / "src", "rt000")
+    case_dir = src / "rt000"
+    extra = case_dir / "export"
+    extra.mkdir()
+    shutil.copy(_testdata("dicomdirtests/DICOMDIR"), case_dir / "DICOMDIR")
+    for name in ("rtplan.dcm", "rtdose.dcm", "test-SR.dcm", "SC_rgb_small_odd.dcm"):
+        shutil.copy(_testdata(name), extra / name)
+    slice0 = pydicom.dcmread(sorted((case_dir / "CT").iterdir())[0])
+    shot = copy.deepcopy(slice0)
+    shot.SOPClassUID = shot.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"   # secondary capture
+    shot.SOPInstanceUID = shot.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4.1"
+    save(shot, case_dir / "CT" / "screenshot.dcm")
+    scout = copy.deepcopy(slice0)
+    scout.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+    scout.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 0.0, -1.0]
+    scout.SOPInstanceUID = scout.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4.2"
+    save(scout, case_dir / "CT" / "scout.dcm")
+    (case_dir / "notes.txt").write_text("plan approved\n")
+    assert _convert(src, tmp_path / "raw") == 0
+    ds = _dataset(tmp_path / "raw")
+    case = make_case(0, 0)
+    np.testing.assert_array_equal(_read(ds / "imagesTr" / "rt000_0000.nii.gz"), case.hu)
+    labels = json.loads((ds / "dataset.json").read_text())["labels"]
+    np.testing.assert_array_equal(_read(ds / "labelsTr" / "rt000.nii.gz"), _expected_seg(case, labels))
+    record = json.loads((ds / "conversion_report.json").read_text())["cases"][0]
+    skipped = {s["file"]: s["reason"] for s in record["skipped_files"]}
+    assert skipped == {
+        "CT/scout.dcm": "CT localizer (scout) image", "DICOMDIR": "DICOMDIR (media directory)",
+        "CT/screenshot.dcm": "Modality CT but Secondary Capture Image Storage (not a CT Image Storage slice)",
+        "export/SC_rgb_small_odd.dcm": "OT object", "export/rtdose.dcm": "RTDOSE object",
+        "export/rtplan.dcm": "RTPLAN object", "export/test-SR.dcm": "SR object", "notes.txt": "not DICOM"}
+    assert record["other_dicom_files"] == 7
+
+
+def test_files_without_preamble_are_read(rt_src, tmp_path):
+    """``.dcm`` files without the 128-byte preamble (bare data sets) are read with force=True: our
+    RTSTRUCT and half the slices rewritten so, and pydicom's real ``rtstruct.dcm`` (no preamble, drawn
+    on another series) beside them, which is set aside and reported."""
+    from organmtl.demo_data.dicom_rt import save_raw
+
+    src = copy_cases(rt_src, tmp_path / "src", "rt000")
+    case_dir = src / "rt000"
+    for p in [case_dir / "RTSTRUCT" / "RS.dcm", *sorted((case_dir / "CT").iterdir())[::2]]:
+        save_raw(pydicom.dcmread(p), p)
+        assert p.read_bytes()[128:132] != b"DICM"
+    shutil.copy(_testdata("rtstruct.dcm"), case_dir / "RTSTRUCT" / "RS_other_series.dcm")
+    assert _convert(src, tmp_path / "raw") == 0
+    ds = _dataset(tmp_path / "raw")
+    case = make_case(0, 0)
+    np.testing.assert_array_equal(_read(ds / "imagesTr" / "rt000_0000.nii.gz"), case.hu)
+    labels = json.loads((ds / "dataset.json").read_text())["labels"]
+    np.testing.assert_array_equal(_read(ds / "labelsTr" / "rt000.nii.gz"), _expected_seg(case, labels))
+    source = json.loads((ds / "conversion_report.json").read_text())["cases"][0]["source"]
+    assert source["rtstruct_file"].endswith("RS.dcm")
+    assert [(Path(o["file"]).name, o["reason"]) for o in source["other_rtstructs"]] == [
+        ("RS_other_series.dcm", "references no CT series of the case folder")]
+
+
+def test_several_rtstructs_choose_by_rule(rt_src, tmp_path):
+    """Re-contouring: the newest StructureSetDate/Time wins by default; oldest and label=REGEX
+    choose otherwise; a byte copy (same SOPInstanceUID) counts once; the others are reported."""
+    src = copy_cases(rt_src, tmp_path / "src", "rt000")
+    rs = src / "rt000" / "RTSTRUCT"
+    shutil.copy(rs / "RS.dcm", rs / "RS_copy.dcm")
+
+    def newer(ds):
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4.9"
+        ds.StructureSetDate, ds.StructureSetTime, ds.StructureSetLabel = "20240102", "101500", "revised"
+        next(s for s in ds.StructureSetROISequence if s.ROIName == "PAROTID_L").ROIName = "Parotid_L_v2"
+    ds = pydicom.dcmread(rs / "RS.dcm")
+    newer(ds)
+    save(ds, rs / "RS_v2.dcm")
+
+    def run(out, *extra):
+        assert _convert(src, tmp_path / out, *extra) == 0
+        record = json.loads((_dataset(tmp_path / out) / "conversion_report.json").read_text())["cases"][0]
+        others = {Path(o["file"]).name: o["reason"] for o in record["source"]["other_rtstructs"]}
+        return Path(record["source"]["rtstruct_file"]).name, set(record["rois"]), others
+
+    chosen, rois, others = run("newest")
+    assert chosen == "RS_v2.dcm" and "Parotid_L_v2" in rois
+    assert others == {"RS_copy.dcm": "copy of RS.dcm (same SOPInstanceUID)",
+                      "RS.dcm": "older (--rtstruct-select newest)"}
+    chosen, rois, _ = run("oldest", "--rtstruct-select", "oldest")
+    assert chosen == "RS.dcm" and "PAROTID_L" in rois
+    chosen, _, others = run("label", "--rtstruct-select", "label=organmtl.*")
+    assert chosen == "RS.dcm" and others["RS_v2.dcm"] == "StructureSetLabel does not match 'organmtl.*'"
+
+
+def test_paint_order_largest_first_and_overlap_warning(tmp_path, capsys):
+    """An enclosing ROI listed after the organs no longer erases them; two ROIs that overlap
+    without nesting by more than a few percent are warned about; nested ones are not."""
+    g = SeriesGeometry((2, 12, 12), (1.0, 1.0, 2.0), (0.0, 0.0, 0.0))
+    rois = {"A": [(0, _square(0, 0, 6, 6))], "B": [(0, _square(4, 4, 10, 10))],
+            "Inner": [(0, _square(1, 1, 3, 3))], "Outline": [(0, _square(0, 0, 12, 12)), (1, _square(0, 0, 12, 12))]}
+    _index_case(tmp_path / "src", g, rois)
+    assert _convert(tmp_path / "src", tmp_path / "raw") == 0
+    ds = _dataset(tmp_path / "raw")
+    labels = json.loads((ds / "dataset.json").read_text())["labels"]
+    seg = _read(ds / "labelsTr" / "c1.nii.gz")
+    expected = np.full((2, 12, 12), labels["Outline"], np.uint8)
+    expected[0, 0:6, 0:6] = labels["A"]
+    expected[0, 4:10, 4:10] = labels["B"]                              # equal volume: map order, B on top
+    expected[0, 1:3, 1:3] = labels["Inner"]
+    np.testing.assert_array_equal(seg, expected)
+    record = json.loads((ds / "conversion_report.json").read_text())["cases"][0]
+    assert record["paint_order"] == ["Outline", "A", "B", "Inner"]
+    assert record["warnings"] == ["'A' and 'B' overlap by 4 voxels (11.1% of 'A') without one containing the "
+                                  "other; 'B' is painted over 'A' (see --priority)"]
+    assert "c1: warning: 'A' and 'B' overlap" in capsys.readouterr().out
+    assert _convert(tmp_path / "src", tmp_path / "p", "--priority", "A", "B") == 0
+    seg = _read(_dataset(tmp_path / "p") / "labelsTr" / "c1.nii.gz")
+    assert (seg[0, 4:6, 4:6] == labels["A"]).all() and (seg[0, 1:3, 1:3] == labels["A"]).all()
+
+
+@pytest.mark.parametrize("name,label", [
+    ("Lt Lung", "Lung_L"), ("Lung_L", "Lung_L"), ("LUNG LT", "Lung_L"), ("Left Lung", "Lung_L"), ("lung-left", "Lung_L"),
+    ("Rt Lung", "Lung_R"), ("LUNG_R", "Lung_R"), ("Lungs", "Lungs"), ("Lung Total", "Lungs"), ("Parotid", None),
+    ("PAROTID_L", "Parotid_L"), ("Parotid R", "Parotid_R"), ("Spinal Cord", "SpinalCord"), ("BODY", "External"),
+    ("External", "External"), ("Brain Stem", "Brainstem"), ("Femoral Head Lt", "Femur_Head_L"), ("GTV", None),
+    ("Oesophagus", "Esophagus"), ("Chiasm", "OpticChiasm"), ("OpticNerve_R", "OpticNrv_R"), ("Heart", "Heart"),
+])
+def test_synonym_table(name, label):
+    from organmtl.converters.roi_synonyms import synonym_label
+
+    assert synonym_label(name) == label
+
+
+def test_synonym_table_from_roi_map_and_documented(tmp_path):
+    from organmtl.converters.roi_synonyms import SYNONYMS
+
+    g = SeriesGeometry((2, 10, 10), (1.0, 1.0, 2.0), (0.0, 0.0, 0.0))
+    rois = {"BODY": [(0, _square(0, 0, 10, 10)), (1, _square(0, 0, 10, 10))], "Lt Lung": [(0, _square(1, 1, 4, 8))],
+            "LUNG RT": [(0, _square(5, 1, 9, 8))], "Heart": [(1, _square(3, 3, 6, 6))], "GTV": [(1, _square(7, 7, 9, 9))]}
+    _index_case(tmp_path / "src", g, rois)
+    assert _convert(tmp_path / "src", tmp_path / "a", "--roi-map", "tg263") == 0
+    ds = _dataset(tmp_path / "a")
+    assert json.loads((ds / "dataset.json").read_text())["labels"] == {
+        "background": 0, "External": 1, "Lung_L": 2, "Lung_R": 3, "Heart": 4}
+    record = json.loads((ds / "conversion_report.json").read_text())["cases"][0]
+    assert record["rois"] == {"External": "BODY", "Lung_L": "Lt Lung", "Lung_R": "LUNG RT", "Heart": "Heart"}
+    assert record["unmatched_rois"] == ["GTV"]
+    roi_map = tmp_path / "map.json"
+    roi_map.write_text(json.dumps({"Lung_L": "@tg263", "Tumour": ["@tg263", "gtv"]}))
+    assert _convert(tmp_path / "src", tmp_path / "b", "--roi-map", roi_map) == 2    # Tumour is not in the table
+    roi_map.write_text(json.dumps({"Lung_L": "@tg263", "Tumour": "gtv"}))
+    assert _convert(tmp_path / "src", tmp_path / "b", "--roi-map", roi_map) == 0
+    seg = _read(_dataset(tmp_path / "b") / "labelsTr" / "c1.nii.gz")
+    assert (seg[0, 1:8, 1:4] == 1).all() and (seg[1, 7:9, 7:9] == 2).all()
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "converters.md").read_text()
+    assert all(f"`{label}`" in docs for label in SYNONYMS), [l for l in SYNONYMS if f"`{l}`" not in docs]

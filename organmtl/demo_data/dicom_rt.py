@@ -8,7 +8,7 @@ coordinates (LPS mm) around the phantom's shapes, one per CT slice plane:
 
 - ``Body`` (external), ``PAROTID_L``, ``Parotid R``, ``Spinal Cord``;
 - ``Vertebra``: a ring, i.e. an outer and an inner contour on the same slice, so the spinal canal
-  is a hole (DICOM-RT's even-odd convention);
+  is a hole (a contour nested in another is a hole);
 - ``ISO``: a POINT ROI (the isocentre), which converters carry as a landmark.
 
 Variations, by case index: 1, 5, ... have a body wider than the field of view (its contours leave
@@ -213,8 +213,9 @@ def points_in_polygon(px: np.ndarray, py: np.ndarray, polygon: np.ndarray) -> np
 
 
 def ground_truth(case: Case) -> dict[str, np.ndarray]:
-    """Voxel masks (z, y, x) of the ROIs with CLOSED_PLANAR contours: a voxel belongs to an ROI when
-    its centre lies inside an odd number of the ROI's contours on its slice (holes are XOR-ed out).
+    """Voxel masks (z, y, x) of the ROIs with CLOSED_PLANAR contours: on each slice, a contour lying
+    inside another of the same ROI (all its vertices inside it) is a hole, one inside a hole an
+    island again; contours that overlap without nesting add up (union), as the converter reads them.
 
     Computed in each slice plane in mm (voxel centres from the header values, contour points
     projected on the row/column cosines), independently of the converter's index-space fill.
@@ -228,13 +229,29 @@ def ground_truth(case: Case) -> dict[str, np.ndarray]:
         closed = [c for c in roi.contours if c.kind == "CLOSED_PLANAR"]
         if not closed:
             continue
-        mask = np.zeros(g.shape_zyx, bool)
+        by_slice: dict[int, list[np.ndarray]] = {}
         for c in closed:
             k = int(np.rint((c.points[0] - g.position(0)) @ g.normal / g.spacing_xyz[2]))
             rel = c.points - g.position(k)
-            mask[k] ^= points_in_polygon(u, v, np.stack([rel @ g.row, rel @ g.col], axis=1))
+            by_slice.setdefault(k, []).append(np.stack([rel @ g.row, rel @ g.col], axis=1))
+        mask = np.zeros(g.shape_zyx, bool)
+        for k, polygons in by_slice.items():
+            depth = [sum(1 for j, outer in enumerate(polygons) if j != i and _area(outer) > _area(inner)
+                         and points_in_polygon(inner[:, 0], inner[:, 1], outer).all())
+                     for i, inner in enumerate(polygons)]
+            for d in sorted(set(depth)):
+                layer = np.zeros((ny, nx), bool)
+                for poly, dp in zip(polygons, depth):
+                    if dp == d:
+                        layer |= points_in_polygon(u, v, poly)
+                mask[k] = mask[k] | layer if d % 2 == 0 else mask[k] & ~layer
         out[roi.name] = mask
     return out
+
+
+def _area(polygon: np.ndarray) -> float:
+    x, y = polygon[:, 0], polygon[:, 1]
+    return abs(float(x @ np.roll(y, -1) - y @ np.roll(x, -1))) / 2
 
 
 # ------------------------------------------------------------------------------ DICOM writing
@@ -272,6 +289,22 @@ def save(ds: Dataset, path: Path) -> None:
     else:                                  # pydicom 2.4
         ds.is_little_endian, ds.is_implicit_VR = True, False
         pydicom.dcmwrite(str(path), ds, write_like_original=False)
+
+
+def save_raw(ds: Dataset, path: Path) -> None:
+    """Write ``ds`` as a bare data set: no 128-byte preamble, no ``DICM`` prefix, no file meta
+    (implicit VR little endian), as some exports and older archives store files."""
+    import copy
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    bare = copy.deepcopy(ds)
+    bare.file_meta = FileMetaDataset()
+    bare.preamble = None
+    if int(pydicom.__version__.split(".")[0]) >= 3:
+        pydicom.dcmwrite(str(path), bare, implicit_vr=True, little_endian=True, enforce_file_format=False)
+    else:                                  # pydicom 2.4
+        bare.is_little_endian, bare.is_implicit_VR = True, True
+        pydicom.dcmwrite(str(path), bare, write_like_original=True)
 
 
 def ct_slice(case: Case, k: int) -> Dataset:
