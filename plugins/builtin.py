@@ -2,26 +2,27 @@
 
 A manifest lists only what exists and is tested; ``organmtl list --check`` resolves every entry.
 """
+import importlib.util
+from pathlib import Path
+
 from organmtl.plugins.registry import Plugin
 
-_CONFIGS = "organmtl.detectron_heads"
+_D2 = "organmtl.detectron_heads"
+
+
+def _yaml_configs(folder: str) -> tuple[str, ...]:
+    """Every ``*.yaml`` under ``folder`` of organmtl.detectron_heads as ``"package:folder/...yaml"``,
+    read from the folder (finding the package imports only ``organmtl``, not Detectron2)."""
+    root = Path(importlib.util.find_spec(_D2).submodule_search_locations[0])
+    return tuple(f"{_D2}:{p.relative_to(root).as_posix()}" for p in sorted((root / folder).rglob("*.yaml")))
+
 
 HMRNET = Plugin(
     name="hmrnet",
-    description="HMR-Net: Detectron2 shape-regression ROI heads with manifold loss (papers/hmrnet.txt)",
-    detectron_modules=("organmtl.detectron_heads",),
-    detectron_configs=(f"{_CONFIGS}:configs/Base-OMTL-RCNN-FPN.yaml",
-                       f"{_CONFIGS}:configs/Base-HMRNet.yaml",
-                       f"{_CONFIGS}:configs/hmrnet_R_50_FPN.yaml",
-                       f"{_CONFIGS}:configs/hmrnet_R_50_FPN_no_manifold.yaml",
-                       f"{_CONFIGS}:configs/hmrnet_R_50_FPN_no_cross_stitch.yaml",
-                       f"{_CONFIGS}:configs/hmrnet_R_50_FPN_mask_head.yaml",
-                       f"{_CONFIGS}:configs/mask_rcnn_R_50_FPN_baseline.yaml",
-                       f"{_CONFIGS}:configs/tiny/hmrnet_R_18_FPN_tiny.yaml",
-                       f"{_CONFIGS}:configs/tiny/hmrnet_R_18_FPN_no_manifold_tiny.yaml",
-                       f"{_CONFIGS}:configs/tiny/hmrnet_R_18_FPN_no_cross_stitch_tiny.yaml",
-                       f"{_CONFIGS}:configs/tiny/hmrnet_R_18_FPN_mask_head_tiny.yaml",
-                       f"{_CONFIGS}:configs/tiny/mask_rcnn_R_18_FPN_baseline_tiny.yaml"),
+    description="HMR-Net: Detectron2 shape-regression ROI heads with manifold loss (holistic multitask regression network)",
+    detectron_modules=(f"{_D2}.hmrnet",),
+    # the generic base + Mask R-CNN baselines (detectron_heads/configs) and HMR-Net's own configs
+    detectron_configs=_yaml_configs("configs") + _yaml_configs("hmrnet/configs"),
     converters={"to-coco": "organmtl.converters:COCO", "volumes": "organmtl.converters:VOLUMES"},
     docs="docs/hmrnet.md",
 )
