@@ -123,13 +123,8 @@ def test_small_organs_and_roi(monkeypatch):
         resolve(O.FocusNetOptions)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread is faster and immune to oversubscription on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# tiny tensors: one thread is faster and immune to oversubscription on a shared CPU
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _fake_trainer(cls, phase):

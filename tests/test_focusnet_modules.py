@@ -12,13 +12,8 @@ from organmtl.nnunet_trainers.focusnet.roi import (crop_roi, gaussian_heatmap, h
 from organmtl.nnunet_trainers.focusnet.shape_ae import ShapeAutoencoder
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread is faster and immune to oversubscription on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# tiny tensors: one thread is faster and immune to oversubscription on a shared CPU
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _extent(grad: torch.Tensor) -> list[int]:

@@ -278,12 +278,10 @@ def test_patch_landmark_errors_merged_map_voronoi():
 
 # ------------------------------------------------------------------ overfitting
 
-def test_tiny_landmark_unet_overfits_a_phantom():
+def test_tiny_landmark_unet_overfits_a_phantom(one_torch_thread):   # tiny convolutions: threads only add overhead
     """Segmentation + heatmap of one 2D phantom: after training, the argmax of the predicted heatmap
     is the landmark and the disc is segmented (Dice > 0.9)."""
     torch.manual_seed(0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)                                  # tiny convolutions: threads only add overhead
     yy, xx = np.mgrid[:16, :16]
     disc = ((yy - 7) ** 2 + (xx - 9) ** 2) < 12
     image = torch.from_numpy(disc.astype(np.float32) + 0.1 * np.random.default_rng(0).standard_normal((16, 16)).astype(np.float32))
@@ -293,15 +291,12 @@ def test_tiny_landmark_unet_overfits_a_phantom():
     net = LandmarkTailUNet(_unet(2, 1, 2, ds=False), n_image=1, n_landmark=1)
     net.outputs = "both"
     opt = torch.optim.Adam(net.parameters(), lr=1e-2)
-    try:
-        for _ in range(120):
-            opt.zero_grad()
-            seg, h = net(x)
-            loss = F.cross_entropy(seg, seg_target) + 10 * heatmap_mse(h, x[:, 1:])
-            loss.backward()
-            opt.step()
-    finally:
-        torch.set_num_threads(threads)
+    for _ in range(120):
+        opt.zero_grad()
+        seg, h = net(x)
+        loss = F.cross_entropy(seg, seg_target) + 10 * heatmap_mse(h, x[:, 1:])
+        loss.backward()
+        opt.step()
     net.eval()
     with torch.no_grad():
         seg, h = net(x)

@@ -21,6 +21,7 @@ from organmtl.workflows.multitask_experiments import plan_experiments, task_subs
 from organmtl.nnunet_trainers.multitask.sampler import TaskBalancedDataLoader
 from organmtl.nnunet_trainers.multitask.tasks import SINGLE_TASK, TaskTable
 from organmtl.nnunet_trainers.multitask.triplanar import TriplanarCNN
+from tests.helpers import one_thread
 
 LABELS = {"background": 0, "CSF": 1, "GM": 2, "WM": 3, "pectoral_muscle": 4, "coronary_artery": 5}
 
