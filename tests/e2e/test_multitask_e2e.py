@@ -18,7 +18,7 @@ from organmtl.nnunet_trainers.multitask.evaluation import (argmax_labels, confus
                                                             load_probabilities, task_masked_labels)
 from organmtl.nnunet_trainers.multitask.tasks import TaskTable
 from organmtl.procs import run_in_group, venv_bin
-from tests.conftest import run_cli
+from tests.helpers import nnunet_env_vars, run_cli
 
 pytestmark = pytest.mark.e2e
 TASKS = ("brain_mr", "breast_mr", "cardiac_cta")
@@ -35,8 +35,7 @@ def _ok(r):
 def merged(demo_root, tmp_path_factory):
     """Three demo tasks -> ``convert volumes`` x 3 -> ``convert merge`` -> ``plan-tiny`` (shared)."""
     root = tmp_path_factory.mktemp("mt_e2e")
-    env = {"nnUNet_raw": str(root / "raw"), "nnUNet_preprocessed": str(root / "pre"),
-           "nnUNet_results": str(root / "res"), "nnUNet_n_proc_DA": "0", "nnUNet_def_n_proc": "1"}
+    env = nnunet_env_vars(root)
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
@@ -138,8 +137,7 @@ def test_brain_task_on_nilearn_mni152(tmp_path, monkeypatch):
     """The brain task on real data shipped in a PyPI package (nilearn's MNI152 T1 + GM/WM maps)."""
     from organmtl.nnunet_trainers.multitask.mni_brain import write_mni152_volumes
 
-    env = {"nnUNet_raw": str(tmp_path / "raw"), "nnUNet_preprocessed": str(tmp_path / "pre"),
-           "nnUNet_results": str(tmp_path / "res"), "nnUNet_n_proc_DA": "0", "nnUNet_def_n_proc": "1", **BUDGET}
+    env = {**nnunet_env_vars(tmp_path), **BUDGET}
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     ids = write_mni152_volumes(tmp_path / "mni", n_cases=4, voxel_mm=6.0)
