@@ -9,7 +9,7 @@ import pytest
 import SimpleITK as sitk
 
 from organmtl.cli import main
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 TASKS = ("brain_mr", "breast_mr", "cardiac_cta")
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 SPACING_XYZ = (0.8, 0.8, 2.5)   # SimpleITK order; array order (z, y, x) is (2.5, 0.8, 0.8)
 

@@ -11,7 +11,7 @@ import SimpleITK as sitk
 
 from organmtl.evaluation import curves
 from organmtl.evaluation.report import ReportError, detect_run_kind
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 DATASET = "Dataset901_Fake"
 TRAINER = "nnUNetTrainer__nnUNetPlans__3d_tiny"
