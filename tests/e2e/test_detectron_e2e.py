@@ -11,7 +11,7 @@ import pytest
 from organmtl.cli import main
 from organmtl.procs import run_in_group
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(2400)]
 REPO = Path(__file__).resolve().parents[2]
 
 

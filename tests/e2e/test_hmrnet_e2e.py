@@ -12,7 +12,7 @@ import pytest
 
 from organmtl.procs import run_in_group
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(2400)]
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "detectron_heads" / "hmrnet" / "configs" / "tiny"
 BASELINE_TINY = REPO / "detectron_heads" / "configs" / "tiny"      # generic Mask R-CNN baseline

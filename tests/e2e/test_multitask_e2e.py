@@ -20,7 +20,7 @@ from organmtl.nnunet_trainers.multitask.tasks import TaskTable
 from organmtl.procs import run_in_group, venv_bin
 from tests.helpers import nnunet_env_vars, run_cli
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(2400)]
 TASKS = ("brain_mr", "breast_mr", "cardiac_cta")
 MERGED = 720
 BUDGET = {"ORGANMTL_EPOCHS": "1", "ORGANMTL_ITERS_PER_EPOCH": "2", "ORGANMTL_VAL_ITERS": "1"}
