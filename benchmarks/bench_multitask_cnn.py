@@ -160,7 +160,7 @@ def main(argv=None) -> dict:
         step_rows = step_times(dataset_id, args.device, steps)
         exp_rows, t_exp = [], 0.0
         if not args.skip_experiments:
-            from organmtl.nnunet_trainers.multitask.experiments import run_experiments
+            from organmtl.workflows.multitask_experiments import run_experiments
 
             t0 = time.perf_counter()
             result = run_experiments(dataset_id, work / "experiments", trainer=args.trainer, n_test=1 if args.quick else 2,

@@ -1,26 +1,70 @@
-"""``organmtl`` command line. Exit codes: 0 success, 1 failure, 2 bad input or usage."""
+"""The ``organmtl`` command line.
+
+One ``add_<command>_parser(subparsers)`` per command, registered in :data:`COMMANDS` (the order of
+``organmtl --help``); each sets ``func``, which does the work through library functions imported
+when the command runs and returns the exit code: 0 success, 1 failure, 2 bad input or usage. Bad
+input is the library's own exception types (:data:`USER_ERRORS`): :func:`main` prints them as one
+line and exits 2, in that one place.
+"""
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
+DESCRIPTION = ("Multi-task organ segmentation methods as nnU-Net v2 trainers and Detectron2 heads: dataset "
+               "converters, tiny CPU plans, landmark and centre prediction, evaluation, reports, the demo.")
+EPILOG = ("Exit codes: 0 success, 1 failure, 2 bad input or usage. Training and inference of the nnU-Net "
+          "trainers are nnU-Net's own commands (nnUNetv2_train -tr nnUNetTrainerOMTL..., nnUNetv2_predict); "
+          "documentation: docs/index.md.")
 
-class UsageError(Exception):
-    """Bad arguments or input: printed as one line, exit code 2."""
+#: exception types that mean bad input (one line naming the file and the problem, exit code 2), as
+#: (module, class): checked against modules already imported, so listing one imports nothing
+USER_ERRORS = (
+    ("builtins", "FileExistsError"),
+    ("organmtl.converters.common", "ConversionError"),
+    ("organmtl.evaluation.volumes", "EvaluationError"),
+    ("organmtl.evaluation.report", "ReportError"),
+    ("organmtl.nnunet_trainers.landmarks.predict", "LandmarkPredictionError"),
+    ("organmtl.nnunet_trainers.focusnet.centres", "CentresError"),
+    ("organmtl.workflows.multitask_experiments", "ExperimentError"),
+    ("organmtl.workflows.demo", "DemoError"),
+)
 
 
-# ---------------------------------------------------------------- list / doctor
+def is_user_error(error: BaseException) -> bool:
+    for module, name in USER_ERRORS:
+        cls = getattr(sys.modules.get(module), name, None)
+        if cls is not None and isinstance(error, cls):
+            return True
+    return False
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not >= 1")
+    return value
+
+
+def add_dataset_option(parser: argparse.ArgumentParser, help: str, type=int, **kwargs) -> None:
+    """``-d`` / ``--dataset-id`` (both spellings in every command), stored as ``dataset_id``."""
+    parser.add_argument("-d", "--dataset-id", dest="dataset_id", type=type, help=help, **kwargs)
+
+
+# ---------------------------------------------------------------- list / doctor / install-hooks
 
 def cmd_list(args) -> int:
     from organmtl.plugins.registry import discover_plugins
 
-    plugins = discover_plugins()
     failed = False
-    for p in plugins.values():
+    for p in discover_plugins().values():
         origin = f" [{p.distribution}]" if p.distribution and p.distribution != "organmtl" else ""
         print(f"{p.name}{origin}: {p.description}")
         if p.has_trainers:
@@ -39,10 +83,23 @@ def cmd_list(args) -> int:
     return EXIT_FAIL if failed else EXIT_OK
 
 
+def add_list_parser(sub) -> None:
+    p = sub.add_parser("list", help="installed plugins (methods) and what each provides")
+    p.add_argument("--check", action="store_true", help="resolve every trainer/config/converter (exit 1 on a problem)")
+    p.add_argument("--paths", action="store_true", help="print config files as absolute paths")
+    p.set_defaults(func=cmd_list)
+
+
 def cmd_doctor(args) -> int:
     from organmtl.doctor import run_doctor
 
     return run_doctor(verbose=args.verbose)
+
+
+def add_doctor_parser(sub) -> None:
+    p = sub.add_parser("doctor", help="versions, paths and whether nnU-Net can see our trainers")
+    p.add_argument("-v", "--verbose", action="store_true", help="also print where detectron2 is installed")
+    p.set_defaults(func=cmd_doctor)
 
 
 def cmd_install_hooks(args) -> int:
@@ -52,20 +109,34 @@ def cmd_install_hooks(args) -> int:
     return EXIT_OK
 
 
+def add_install_hooks_parser(sub) -> None:
+    p = sub.add_parser("install-hooks", help="(re)write the start-up hook that sets nnUNet_extTrainer")
+    p.set_defaults(func=cmd_install_hooks)
+
+
 # ---------------------------------------------------------------- data
 
 def cmd_demo_data(args) -> int:
     from organmtl.demo_data import write_demo_data
 
-    try:
-        index = write_demo_data(args.out, seed=args.seed, families=args.families, n_cases=args.n_cases,
-                                overwrite=args.overwrite)
-    except (FileExistsError, ValueError) as e:
-        raise UsageError(str(e)) from None
+    index = write_demo_data(args.out, seed=args.seed, families=args.families, n_cases=args.n_cases,
+                            overwrite=args.overwrite)
     for family, ids in index["families"].items():
         n = sum(len(v) for v in ids.values()) if isinstance(ids, dict) else len(ids)
         print(f"{family}: {n} cases -> {args.out / family}")
     return EXIT_OK
+
+
+def add_demo_data_parser(sub) -> None:
+    from organmtl.demo_data import FAMILIES
+
+    p = sub.add_parser("demo-data", help="write the synthetic demo phantoms in the raw dataset layouts")
+    p.add_argument("out", type=Path, help="output folder (one subfolder per family)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the phantoms (default 0)")
+    p.add_argument("--families", nargs="+", choices=list(FAMILIES), help="subset of families (default all)")
+    p.add_argument("--n-cases", type=positive_int, default=None, help="cases per family (default: per family)")
+    p.add_argument("--overwrite", action="store_true", help="write into OUT even if it is not empty")
+    p.set_defaults(func=cmd_demo_data)
 
 
 def cmd_convert(args) -> int:
@@ -74,98 +145,9 @@ def cmd_convert(args) -> int:
     return convert_with_status(args.converter, args)[1]     # 1: some case failed (listed on stderr)
 
 
-def cmd_plan_tiny(args) -> int:
-    from organmtl.nnunet_plans import plan_tiny
-
-    path = plan_tiny(args.d, configurations=args.c, num_processes=args.np, max_features=args.max_features,
-                     batch_size=args.batch_size, verify=not args.no_verify)
-    print(f"tiny configurations {', '.join(args.c)} added to {path} and preprocessed")
-    return EXIT_OK
-
-
-def cmd_evaluate(args) -> int:
-    from organmtl.evaluation.evaluate import run_evaluation
-    from organmtl.evaluation.results import markdown_table
-    from organmtl.evaluation.volumes import EvaluationError
-
-    try:
-        summary, paths = run_evaluation(args.pred, args.gt, out_dir=args.output, dataset_json=args.dataset_json,
-                                        tolerance_mm=args.tolerance_mm, score_threshold=args.score_threshold,
-                                        small_organs=args.small_organs, landmarks_pred=args.landmarks_pred,
-                                        landmarks_gt=args.landmarks_gt)
-    except EvaluationError as e:
-        raise UsageError(str(e)) from None
-    print(markdown_table(summary))
-    for what, path in paths.items():
-        print(f"{what}: {path}")
-    return EXIT_OK
-
-
-def cmd_report(args) -> int:
-    from organmtl.evaluation.report import ReportError, write_report
-
-    try:
-        page = write_report(args.run_dir, out_dir=args.output, max_cases=args.max_cases, coco_gt=args.coco_gt,
-                            coco_images=args.coco_images)
-    except ReportError as e:
-        raise UsageError(str(e)) from None
-    print(f"report: {page}")
-    return EXIT_OK
-
-
-def cmd_demo(args) -> int:
-    from organmtl.demo import run_demo
-
-    return run_demo(args.out, epochs=args.epochs, iterations=args.iterations, overwrite=args.overwrite,
-                    detectron_iterations=args.detectron_iterations, only=args.only)
-
-
-def cmd_multitask_experiments(args) -> int:
-    from organmtl.nnunet_trainers.multitask.experiments import ExperimentError, run_experiments
-
-    try:
-        result = run_experiments(args.dataset_id, args.out, sources=args.sources, name=args.name, tasks=args.tasks,
-                                 trainer=args.trainer, configuration=args.c, n_test=args.test_per_task,
-                                 n_val=args.val_per_task, epochs=args.epochs, iterations=args.iterations,
-                                 val_iterations=args.val_iterations, device=args.device)
-    except ExperimentError as e:
-        raise UsageError(str(e)) from None
-    print(result["markdown"].read_text(), end="")
-    print(f"table: {result['markdown']} and {result['csv']}")
-    return EXIT_OK
-
-
-# ---------------------------------------------------------------- parser
-
-def build_parser() -> argparse.ArgumentParser:
+def add_convert_parser(sub) -> None:
     from organmtl.converters import add_common_arguments
-    from organmtl.demo_data import FAMILIES
     from organmtl.plugins.registry import all_converters, load_reference
-
-    parser = argparse.ArgumentParser(prog="organmtl", description=__doc__.split("\n")[0] + " "
-                                     "Multi-task organ segmentation for nnU-Net v2 and Detectron2.")
-    parser.add_argument("--version", action="version", version=f"organmtl {_version()}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("list", help="installed plugins (methods) and what each provides")
-    p.add_argument("--check", action="store_true", help="resolve every trainer/config/converter (exit 1 on a problem)")
-    p.add_argument("--paths", action="store_true", help="print config files as absolute paths")
-    p.set_defaults(func=cmd_list)
-
-    p = sub.add_parser("doctor", help="versions, paths and whether nnU-Net can see our trainers")
-    p.add_argument("-v", "--verbose", action="store_true")
-    p.set_defaults(func=cmd_doctor)
-
-    p = sub.add_parser("install-hooks", help="(re)write the start-up hook that sets nnUNet_extTrainer")
-    p.set_defaults(func=cmd_install_hooks)
-
-    p = sub.add_parser("demo-data", help="write the synthetic demo phantoms in the raw dataset layouts")
-    p.add_argument("out", type=Path)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--families", nargs="+", choices=list(FAMILIES), help="subset of families (default all)")
-    p.add_argument("--n-cases", type=int, default=None, help="cases per family (default: per family)")
-    p.add_argument("--overwrite", action="store_true")
-    p.set_defaults(func=cmd_demo_data)
 
     p = sub.add_parser("convert", help="convert a dataset to nnU-Net raw format or COCO")
     sources = p.add_subparsers(dest="source", required=True, metavar="SOURCE")
@@ -175,15 +157,93 @@ def build_parser() -> argparse.ArgumentParser:
         add_common_arguments(sp, converter)
         sp.set_defaults(func=cmd_convert, converter=converter)
 
+
+def cmd_plan_tiny(args) -> int:
+    from organmtl.nnunet_plans import plan_tiny
+
+    path = plan_tiny(args.dataset_id, configurations=args.c, num_processes=args.np, max_features=args.max_features,
+                     batch_size=args.batch_size, verify=not args.no_verify)
+    print(f"tiny configurations {', '.join(args.c)} added to {path} and preprocessed")
+    return EXIT_OK
+
+
+def add_plan_tiny_parser(sub) -> None:
     p = sub.add_parser("plan-tiny", help="nnU-Net fingerprint + plans + tiny CPU configurations + preprocessing")
-    p.add_argument("-d", type=int, required=True, help="dataset id")
-    p.add_argument("-c", nargs="+", default=["3d_tiny"], choices=["3d_tiny", "2d_tiny"])
-    p.add_argument("-np", type=int, default=2, help="processes")
-    p.add_argument("--max-features", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=2)
+    add_dataset_option(p, "nnU-Net dataset id", required=True)
+    p.add_argument("-c", nargs="+", default=["3d_tiny"], choices=["3d_tiny", "2d_tiny"],
+                   help="tiny configurations to add (default 3d_tiny)")
+    p.add_argument("-np", type=positive_int, default=2, help="processes (default 2)")
+    p.add_argument("--max-features", type=positive_int, default=64, help="widest U-Net stage (default 64)")
+    p.add_argument("--batch-size", type=positive_int, default=2, help="batch size (default 2)")
     p.add_argument("--no-verify", action="store_true", help="skip nnU-Net's dataset integrity check")
     p.set_defaults(func=cmd_plan_tiny)
 
+
+# ---------------------------------------------------------------- prediction beside nnUNetv2_predict
+
+def cmd_predict_landmarks(args) -> int:
+    from organmtl.nnunet_trainers.landmarks.predict import run
+
+    run(args)
+    return EXIT_OK
+
+
+def add_predict_landmarks_parser(sub) -> None:
+    p = sub.add_parser("predict-landmarks", help="segmentations and landmark coordinates (<case>.json) from a "
+                       "landmark auxiliary-task model; nnUNetv2_predict's options (docs/landmark_unets.md)")
+    p.add_argument("-i", required=True, help="input folder (image channels _0000...)")
+    p.add_argument("-o", required=True, help="output folder: <case>.nii.gz and <case>.json")
+    add_dataset_option(p, "dataset name or id", type=str, required=True)
+    p.add_argument("-c", required=True, help="configuration")
+    p.add_argument("-f", nargs="+", default=["0", "1", "2", "3", "4"], help="folds (default 0 1 2 3 4)")
+    p.add_argument("-tr", default="nnUNetTrainerOMTLLandmarkJoint", help="trainer (default %(default)s)")
+    p.add_argument("-p", default="nnUNetPlans", help="plans identifier (default %(default)s)")
+    p.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint file name (default %(default)s)")
+    p.add_argument("-step_size", type=float, default=0.5, help="sliding-window step, fraction of the patch (default 0.5)")
+    p.add_argument("--disable_tta", action="store_true", help="no mirroring test-time augmentation")
+    p.add_argument("-npp", type=positive_int, default=1, help="preprocessing processes (default 1)")
+    p.add_argument("-nps", type=positive_int, default=1, help="export processes (default 1)")
+    p.add_argument("-device", default="cuda", choices=("cuda", "cpu", "mps"), help="device (default cuda)")
+    p.set_defaults(func=cmd_predict_landmarks)
+
+
+def cmd_predict_centres(args) -> int:
+    from organmtl.nnunet_trainers.focusnet.centres import export_folder
+
+    for path in export_folder(args.i, args.o, args.m, args.f, args.chk, args.device):
+        print(path)
+    return EXIT_OK
+
+
+def add_predict_centres_parser(sub) -> None:
+    p = sub.add_parser("predict-centres", help="FocusNet SOL-Net centres of the small organs (JSON, mm) for a "
+                       "folder of images (docs/focusnetv2.md)")
+    p.add_argument("-i", required=True, type=Path, help="folder of images (nnU-Net naming, <case>_0000.ext)")
+    p.add_argument("-o", required=True, type=Path, help="output folder (e.g. the nnUNetv2_predict output)")
+    p.add_argument("-m", required=True, type=Path, help="trained model folder (<trainer>__<plans>__<config>)")
+    p.add_argument("-f", default="0", help="fold (default 0)")
+    p.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint file name (default %(default)s)")
+    p.add_argument("-device", default="cpu", choices=("cpu", "cuda", "mps"), help="device (default cpu)")
+    p.set_defaults(func=cmd_predict_centres)
+
+
+# ---------------------------------------------------------------- evaluation and reports
+
+def cmd_evaluate(args) -> int:
+    from organmtl.evaluation.evaluate import run_evaluation
+    from organmtl.evaluation.results import markdown_table
+
+    summary, paths = run_evaluation(args.pred, args.gt, out_dir=args.output, dataset_json=args.dataset_json,
+                                    tolerance_mm=args.tolerance_mm, score_threshold=args.score_threshold,
+                                    small_organs=args.small_organs, landmarks_pred=args.landmarks_pred,
+                                    landmarks_gt=args.landmarks_gt)
+    print(markdown_table(summary))
+    for what, path in paths.items():
+        print(f"{what}: {path}")
+    return EXIT_OK
+
+
+def add_evaluate_parser(sub) -> None:
     p = sub.add_parser("evaluate", help="per-structure Dice/IoU/HD/HD95/surface Dice in mm, detection mAP, landmark "
                        "errors: nnU-Net prediction folder or COCO results JSON (docs/evaluation.md)")
     p.add_argument("pred", type=Path, help="nnU-Net prediction folder, or COCO instance results .json")
@@ -201,48 +261,109 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--landmarks-gt", type=Path, default=None, help="reference landmarks/<case>.json folder")
     p.set_defaults(func=cmd_evaluate)
 
+
+def cmd_report(args) -> int:
+    from organmtl.evaluation.report import write_report
+
+    page = write_report(args.run_dir, out_dir=args.output, max_cases=args.max_cases, coco_gt=args.coco_gt,
+                        coco_images=args.coco_images)
+    print(f"report: {page}")
+    return EXIT_OK
+
+
+def add_report_parser(sub) -> None:
     p = sub.add_parser("report", help="overlays, learning curves and a one-page summary of a run folder "
                        "(nnU-Net fold/results folder, Detectron2 OUTPUT_DIR, organmtl demo output)")
-    p.add_argument("run_dir", type=Path)
+    p.add_argument("run_dir", type=Path, help="nnU-Net fold or results folder, Detectron2 OUTPUT_DIR or demo output")
     p.add_argument("-o", "--output", type=Path, default=None, help="report folder (default RUN_DIR/report)")
-    p.add_argument("--max-cases", type=int, default=3, help="cases with overlays per prediction folder")
+    p.add_argument("--max-cases", type=positive_int, default=3, help="cases with overlays per prediction folder")
     p.add_argument("--coco-gt", type=Path, default=None, help="Detectron2: COCO ground truth for overlays")
     p.add_argument("--coco-images", type=Path, default=None, help="Detectron2: image folder of --coco-gt")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("demo", help="end to end on the demo data: generate, convert, train, predict, evaluate")
-    p.add_argument("--out", type=Path, default=Path("demo_output"))
-    p.add_argument("--epochs", type=int, default=None, help="nnU-Net epochs (default: demo budget)")
-    p.add_argument("--iterations", type=int, default=None, help="iterations per epoch")
-    p.add_argument("--detectron-iterations", type=int, default=None, help="Detectron2 iterations (default: demo budget)")
-    p.add_argument("--only", nargs="+", choices=[*demo_studies(), "detectron"], default=None,
-                   help="run only these parts (default: all)")
-    p.add_argument("--overwrite", action="store_true", help="start again from scratch")
-    p.set_defaults(func=cmd_demo)
+
+# ---------------------------------------------------------------- workflows
+
+def cmd_multitask_experiments(args) -> int:
+    from organmtl.workflows.multitask_experiments import run_experiments
+
+    result = run_experiments(args.dataset_id, args.out, sources=args.sources, name=args.name, tasks=args.tasks,
+                             trainer=args.trainer, configuration=args.c, n_test=args.test_per_task,
+                             n_val=args.val_per_task, epochs=args.epochs, iterations=args.iterations,
+                             val_iterations=args.val_iterations, device=args.device)
+    print(result["markdown"].read_text(), end="")
+    print(f"table: {result['markdown']} and {result['csv']}")
+    return EXIT_OK
+
+
+def add_multitask_experiments_parser(sub) -> None:
     p = sub.add_parser("multitask-experiments", help="Moeskops et al.'s task-subset experiments: train every "
                        "non-empty subset of a merged dataset's tasks, table of Dice and cross-task confusion")
-    p.add_argument("sources", type=Path, nargs="*", help="nnU-Net raw datasets to merge first (none: --dataset-id "
-                   "is an existing merged, planned dataset)")
-    p.add_argument("--dataset-id", type=int, required=True, help="merged dataset id (created when SOURCES are given)")
+    p.add_argument("sources", type=Path, nargs="*", help="nnU-Net raw datasets to merge first (none: -d is an "
+                   "existing merged, planned dataset)")
+    add_dataset_option(p, "merged dataset id (created when SOURCES are given)", required=True)
     p.add_argument("--name", default="MultiTask", help="merged dataset name (with SOURCES)")
     p.add_argument("--out", type=Path, required=True, help="folder for predictions, logs and the table")
     p.add_argument("--tasks", nargs="+", default=None, help="subset of the dataset's tasks (default all)")
-    p.add_argument("--trainer", default="nnUNetTrainerOMTLTriplanar_Tiny")
-    p.add_argument("-c", default="3d_tiny", help="nnU-Net configuration")
+    p.add_argument("--trainer", default="nnUNetTrainerOMTLTriplanar_Tiny", help="nnU-Net trainer (default %(default)s)")
+    p.add_argument("-c", default="3d_tiny", help="nnU-Net configuration (default 3d_tiny)")
     p.add_argument("--test-per-task", type=int, default=2, help="held-out test cases per task")
     p.add_argument("--val-per-task", type=int, default=1, help="validation cases per task (thresholds)")
-    p.add_argument("--epochs", type=int, default=None, help="ORGANMTL_EPOCHS of _Tiny trainers")
-    p.add_argument("--iterations", type=int, default=None, help="ORGANMTL_ITERS_PER_EPOCH of _Tiny trainers")
-    p.add_argument("--val-iterations", type=int, default=None, help="ORGANMTL_VAL_ITERS of _Tiny trainers")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "mps"])
+    p.add_argument("--epochs", type=positive_int, default=None, help="ORGANMTL_EPOCHS of _Tiny trainers")
+    p.add_argument("--iterations", type=positive_int, default=None, help="ORGANMTL_ITERS_PER_EPOCH of _Tiny trainers")
+    p.add_argument("--val-iterations", type=positive_int, default=None, help="ORGANMTL_VAL_ITERS of _Tiny trainers")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "mps"], help="training/inference device")
     p.set_defaults(func=cmd_multitask_experiments)
+
+
+def cmd_demo(args) -> int:
+    from organmtl.workflows.demo import run_demo
+
+    return run_demo(args.out, epochs=args.epochs, iterations=args.iterations,
+                    detectron_iterations=args.detectron_iterations, only=args.only)
+
+
+def add_demo_parser(sub) -> None:
+    from organmtl.workflows.demo import PARTS
+
+    p = sub.add_parser("demo", help="end to end on the demo data: generate, convert, train, predict, evaluate "
+                       "(an earlier demo folder is replaced)")
+    p.add_argument("--out", type=Path, default=Path("demo_output"),
+                   help="output folder: new, empty or an earlier demo's (default demo_output)")
+    p.add_argument("--epochs", type=positive_int, default=None, help="nnU-Net epochs (default: demo budget)")
+    p.add_argument("--iterations", type=positive_int, default=None, help="iterations per epoch")
+    p.add_argument("--detectron-iterations", type=positive_int, default=None,
+                   help="Detectron2 iterations (default: demo budget)")
+    p.add_argument("--only", nargs="+", choices=PARTS, default=None, help="run only these parts (default: all)")
+    p.set_defaults(func=cmd_demo)
+
+
+# ---------------------------------------------------------------- parser and main
+
+#: every command, in the order of ``organmtl --help``
+COMMANDS = [
+    add_list_parser,
+    add_doctor_parser,
+    add_install_hooks_parser,
+    add_demo_data_parser,
+    add_convert_parser,
+    add_plan_tiny_parser,
+    add_predict_landmarks_parser,
+    add_predict_centres_parser,
+    add_evaluate_parser,
+    add_report_parser,
+    add_multitask_experiments_parser,
+    add_demo_parser,
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="organmtl", description=DESCRIPTION, epilog=EPILOG)
+    parser.add_argument("--version", action="version", version=f"organmtl {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in COMMANDS:
+        add(sub)
     return parser
-
-
-def demo_studies() -> list[str]:
-    from organmtl.demo import STUDIES
-
-    return [s.key for s in STUDIES]
 
 
 def _version() -> str:
@@ -252,17 +373,16 @@ def _version() -> str:
 
 
 def main(argv=None) -> int:
-    from organmtl.converters.common import ConversionError
-
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (UsageError, ConversionError) as e:
-        print(f"organmtl {args.command}: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
+    except Exception as e:
+        if not is_user_error(e):
+            raise
+        print(f"organmtl {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

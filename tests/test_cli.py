@@ -1,16 +1,68 @@
-"""The organmtl command: --help everywhere, exit codes 0/1/2, doctor."""
+"""The organmtl command: every command listed and documented in --help, one dataset option, exit
+codes 0/1/2, doctor, the module entry points of the two prediction commands."""
+import argparse
+import re
+import subprocess
+import sys
+
 import pytest
 
-from tests.conftest import run_cli
+from organmtl.cli import COMMANDS, build_parser
+from tests.helpers import run_cli
 
-SUBCOMMANDS = ["list", "doctor", "install-hooks", "demo-data", "convert", "plan-tiny", "evaluate", "report", "demo", "multitask-experiments"]
+SUBCOMMANDS = ["list", "doctor", "install-hooks", "demo-data", "convert", "plan-tiny", "predict-landmarks",
+               "predict-centres", "evaluate", "report", "multitask-experiments", "demo"]
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """``{"plan-tiny": parser, "convert volumes": parser, ...}``: every command and sub-command."""
+    out = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                out[name] = sub
+                out.update({f"{name} {k}": v for k, v in _subparsers(sub).items()})
+    return out
+
+
+def test_help_lists_every_command_and_no_rest_markup():
+    r = run_cli("--help")
+    assert r.returncode == 0
+    listed = re.findall(r"^    (\S+)", r.stdout, flags=re.M)
+    assert listed == SUBCOMMANDS == [n for n in _subparsers(build_parser()) if " " not in n]
+    assert len(COMMANDS) == len(SUBCOMMANDS)
+    assert "``" not in r.stdout and ":mod:" not in r.stdout and "Exit codes: 0 success, 1 failure, 2 bad" in r.stdout
 
 
 @pytest.mark.parametrize("sub", SUBCOMMANDS)
 def test_help(sub):
     r = run_cli(sub, "--help")
     assert r.returncode == 0
-    assert "usage: organmtl" in r.stdout
+    assert f"usage: organmtl {sub}" in r.stdout
+
+
+def test_every_option_of_every_command_has_help_text():
+    missing = [f"{name} {action.option_strings or action.dest}"
+               for name, sub in _subparsers(build_parser()).items() for action in sub._actions
+               if not isinstance(action, (argparse._HelpAction, argparse._SubParsersAction))
+               and (not action.help or action.help == argparse.SUPPRESS)]
+    assert missing == []
+
+
+def test_dataset_option_is_d_and_dataset_id_everywhere():
+    commands = _subparsers(build_parser())
+    with_dataset = {name for name, sub in commands.items() for a in sub._actions if a.dest == "dataset_id"}
+    assert {"plan-tiny", "multitask-experiments", "predict-landmarks", "convert pddca", "convert volumes"} <= with_dataset
+    for name in with_dataset:
+        action = next(a for a in commands[name]._actions if a.dest == "dataset_id")
+        assert {"-d", "--dataset-id"} <= set(action.option_strings), name
+    parser = build_parser()
+    for spelling in ("-d", "--dataset-id"):
+        assert parser.parse_args(["plan-tiny", spelling, "7"]).dataset_id == 7
+        assert parser.parse_args(["multitask-experiments", spelling, "8", "--out", "x"]).dataset_id == 8
+        assert parser.parse_args(["convert", "volumes", "src", spelling, "9"]).dataset_id == 9
+        assert parser.parse_args(["predict-landmarks", "-i", "a", "-o", "b", spelling, "Dataset601_X", "-c",
+                                  "3d_tiny"]).dataset_id == "Dataset601_X"
 
 
 @pytest.mark.parametrize("source", ["pddca", "volumes", "to-coco"])
@@ -24,6 +76,39 @@ def test_usage_error_exit_2():
     assert run_cli("convert", "pddca").returncode == 2          # missing SRC and --dataset-id
 
 
+def test_bad_input_is_one_line_and_exit_2(tmp_path):
+    """Library errors (here the converters' and the evaluation's) are mapped to exit 2 in one place."""
+    r = run_cli("convert", "volumes", tmp_path / "missing", "-d", "5", "--out", tmp_path / "raw")
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0
+    assert r.stderr.startswith("organmtl convert: error: ") and "missing" in r.stderr
+    r = run_cli("evaluate", tmp_path / "nope", tmp_path / "gt")
+    assert r.returncode == 2 and r.stderr.startswith("organmtl evaluate: error: ") and "nope" in r.stderr
+
+
+def test_demo_bad_input_exits_2(tmp_path):
+    foreign = tmp_path / "foreign"
+    (foreign / "x").mkdir(parents=True)
+    r = run_cli("demo", "--out", foreign)
+    assert r.returncode == 2 and "not made by the demo" in r.stderr
+    assert (foreign / "x").is_dir() and not (foreign / ".organmtl-demo").exists()    # nothing touched
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    r = run_cli("demo", "--out", a_file)
+    assert r.returncode == 2 and "is not a folder" in r.stderr
+    assert run_cli("demo", "--epochs", "0", "--out", tmp_path / "new").returncode == 2
+    assert run_cli("demo", "--overwrite").returncode == 2     # gone: an earlier demo folder is always replaced
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("module,command", [("organmtl.nnunet_trainers.landmarks.predict", "predict-landmarks"),
+                                            ("organmtl.nnunet_trainers.focusnet.centres", "predict-centres")])
+def test_module_entry_points_are_the_commands(module, command):
+    r = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and f"usage: organmtl {command}" in r.stdout
+    r = subprocess.run([sys.executable, "-m", module, "-i", "a"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "required" in r.stderr
+
+
 def test_doctor_reports_everything_and_exits_0():
     r = run_cli("doctor")
     assert r.returncode == 0, r.stdout + r.stderr
@@ -33,9 +118,6 @@ def test_doctor_reports_everything_and_exits_0():
 
 
 def test_startup_hook_sets_ext_trainer_without_importing_organmtl():
-    import subprocess
-    import sys
-
     code = "import os, sys; print(os.environ.get('nnUNet_extTrainer', '')); print('organmtl' in sys.modules)"
     env = {k: v for k, v in __import__("os").environ.items() if k != "nnUNet_extTrainer"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env).stdout.split()

@@ -1,10 +1,10 @@
-"""The demo's comparison tables read the evaluation it ran (organmtl.demo)."""
+"""The demo's comparison tables read the evaluation it ran (organmtl.workflows.demo)."""
 import json
 
 import numpy as np
 import SimpleITK as sitk
 
-from organmtl.demo import _comparison_table, _evaluate_test_set
+from organmtl.workflows.demo import _comparison_table, _evaluate_test_set
 
 
 def _write(path, array, spacing=(1.0, 1.0, 2.0)):

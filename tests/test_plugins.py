@@ -8,7 +8,7 @@ import pytest
 
 from organmtl.plugins import Plugin, PluginError, discover_plugins
 from organmtl.plugins.registry import load_reference
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 BUILTIN = {"hmrnet", "focusnetv2", "landmark_unet", "multitask_cnn", "converters"}
 FIXTURE = Path(__file__).parent / "fixtures" / "example_plugin"

@@ -7,20 +7,24 @@ from this module: the SOL-Net heatmaps are aggregated over the same sliding wind
 own Gaussian weighting, the argmax of each small organ's map is its centre, mapped back through
 nnU-Net's preprocessing (resampling, cropping, transposition) to the physical coordinates of the
 original image. Used by the trainers' final validation (``validation/<case>_centres.json``) and by
+(:func:`export_folder`; also ``python -m organmtl.nnunet_trainers.focusnet.centres``)
 
-    python -m organmtl.nnunet_trainers.focusnet.centres -i IMAGES -o OUT -m MODEL_FOLDER [-f 0]
+    organmtl predict-centres -i IMAGES -o OUT -m MODEL_FOLDER [-f 0]
 
 which writes ``OUT/<case>_centres.json`` for the images of a folder (e.g. ``nnUNetv2_predict``'s output).
 """
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
+
+
+class CentresError(ValueError):
+    """Bad input for the centre export (one line; ``organmtl`` exits 2)."""
 
 
 @torch.no_grad()
@@ -99,11 +103,11 @@ def export_folder(images: Path, out: Path, model_folder: Path, fold="0", checkpo
     predictor.initialize_from_trained_model_folder(str(model_folder), (fold,), checkpoint)
     net = predictor.network
     if not getattr(net, "use_sos", False):
-        raise ValueError(f"{model_folder}: this model has no SOL-Net (S-Net only), there are no centres to export")
+        raise CentresError(f"{model_folder}: this model has no SOL-Net (S-Net only), there are no centres to export")
     settings = predictor.configuration_manager.configuration["organmtl_focusnet"]
     lists = create_lists_from_splitted_dataset_folder(str(images), predictor.dataset_json["file_ending"])
     if not lists:
-        raise FileNotFoundError(f"{images}: no images ending in {predictor.dataset_json['file_ending']}")
+        raise CentresError(f"{images}: no images ending in {predictor.dataset_json['file_ending']}")
     pre = predictor.configuration_manager.preprocessor_class(verbose=False)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -119,18 +123,14 @@ def export_folder(images: Path, out: Path, model_folder: Path, fold="0", checkpo
     return written
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description="Export FocusNet SOL-Net centres (JSON, mm) for a folder of images")
-    p.add_argument("-i", required=True, type=Path, help="folder of images (nnU-Net naming, <case>_0000.ext)")
-    p.add_argument("-o", required=True, type=Path, help="output folder (e.g. the nnUNetv2_predict output)")
-    p.add_argument("-m", required=True, type=Path, help="trained model folder (<trainer>__<plans>__<config>)")
-    p.add_argument("-f", default="0", help="fold (default 0)")
-    p.add_argument("-chk", default="checkpoint_final.pth")
-    p.add_argument("-device", default="cpu")
-    a = p.parse_args(argv)
-    for path in export_folder(a.i, a.o, a.m, a.f, a.chk, a.device):
-        print(path)
+def main(argv=None) -> int:
+    """``python -m organmtl.nnunet_trainers.focusnet.centres ARGS``: the same as ``organmtl predict-centres ARGS``."""
+    import sys
+
+    from organmtl.cli import main as organmtl_main
+
+    return organmtl_main(["predict-centres", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

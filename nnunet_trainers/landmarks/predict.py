@@ -4,9 +4,10 @@ nnU-Net's stock ``nnUNetv2_predict`` runs these models unchanged and writes the 
 network's default output is the segmentation tail. Its sliding-window aggregation, however, only
 holds as many channels as there are segmentation outputs and it offers no hook for a second output,
 so landmark coordinates come from :class:`LandmarkPredictor`, an ``nnUNetPredictor`` subclass run
-by this module's command (same options as ``nnUNetv2_predict``)::
+by ``organmtl predict-landmarks`` (:func:`run`; same options as ``nnUNetv2_predict``; also
+``python -m organmtl.nnunet_trainers.landmarks.predict``)::
 
-    python -m organmtl.nnunet_trainers.landmarks.predict -i IN -o OUT -d 601 -c 3d_tiny -f 0 \\
+    organmtl predict-landmarks -i IN -o OUT -d 601 -c 3d_tiny -f 0 \\
         -tr nnUNetTrainerOMTLLandmarkJoint_Tiny -device cpu
 
 For each case it writes ``OUT/<case>.nii.gz`` (nnU-Net's export, untouched) and ``OUT/<case>.json``
@@ -21,7 +22,6 @@ image channels only (``_0000`` ...); landmark channels, if present, are ignored 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from pathlib import Path
@@ -39,6 +39,10 @@ from nnunetv2.utilities.file_path_utilities import get_output_folder
 from organmtl.nnunet_trainers.landmarks.channels import LandmarkChannels
 from organmtl.nnunet_trainers.landmarks.localisation import argmax_index, local_peaks
 from organmtl.nnunet_trainers.landmarks.networks import LandmarkTailUNet
+
+
+class LandmarkPredictionError(ValueError):
+    """Bad input for landmark prediction (one line; ``organmtl`` exits 2)."""
 
 
 def voxel_to_lps(index_xyz, spacing, origin, direction) -> list[float]:
@@ -136,29 +140,14 @@ class LandmarkPredictor(nnUNetPredictor):
         return result
 
 
-def main(argv=None) -> None:
-    """``nnUNetv2_predict``'s options (-i -o -d -c -f -tr -p -chk -step_size --disable_tta -npp -nps -device)."""
-    p = argparse.ArgumentParser(prog="python -m organmtl.nnunet_trainers.landmarks.predict",
-                                description="segmentations and landmark coordinates from a landmark-tail nnU-Net model")
-    p.add_argument("-i", required=True, help="input folder (image channels _0000...)")
-    p.add_argument("-o", required=True, help="output folder: <case>.nii.gz and <case>.json")
-    p.add_argument("-d", required=True, help="dataset name or id")
-    p.add_argument("-c", required=True, help="configuration")
-    p.add_argument("-f", nargs="+", default=["0", "1", "2", "3", "4"], help="folds")
-    p.add_argument("-tr", default="nnUNetTrainerOMTLLandmarkJoint", help="trainer")
-    p.add_argument("-p", default="nnUNetPlans", help="plans identifier")
-    p.add_argument("-chk", default="checkpoint_final.pth")
-    p.add_argument("-step_size", type=float, default=0.5)
-    p.add_argument("--disable_tta", action="store_true")
-    p.add_argument("-npp", type=int, default=1, help="preprocessing processes (>= 1)")
-    p.add_argument("-nps", type=int, default=1, help="export processes (>= 1)")
-    p.add_argument("-device", default="cuda", choices=("cuda", "cpu", "mps"))
-    args = p.parse_args(argv)
+def run(args) -> None:
+    """Predict ``args.i`` into ``args.o`` with the options of ``organmtl predict-landmarks`` (``-d/--dataset-id -c -f -tr
+    -p -chk -step_size --disable_tta -npp -nps -device``, as ``nnUNetv2_predict``)."""
     if args.npp < 1 or args.nps < 1:
-        p.error("-npp and -nps must be >= 1")
-    model = get_output_folder(maybe_convert_to_dataset_name(args.d), args.tr, args.p, args.c)
+        raise LandmarkPredictionError("-npp and -nps must be >= 1")
+    model = get_output_folder(maybe_convert_to_dataset_name(args.dataset_id), args.tr, args.p, args.c)
     if not os.path.isdir(model):
-        p.error(f"{model}: no trained model (train it with nnUNetv2_train first)")
+        raise LandmarkPredictionError(f"{model}: no trained model (train it with nnUNetv2_train first)")
     if args.device == "cpu":
         torch.set_num_threads(os.cpu_count() or 1)
     predictor = LandmarkPredictor(tile_step_size=args.step_size, use_gaussian=True, use_mirroring=not args.disable_tta,
@@ -170,5 +159,14 @@ def main(argv=None) -> None:
                                  num_processes_preprocessing=args.npp, num_processes_segmentation_export=args.nps)
 
 
+def main(argv=None) -> int:
+    """``python -m organmtl.nnunet_trainers.landmarks.predict ARGS``: the same as ``organmtl predict-landmarks ARGS``."""
+    import sys
+
+    from organmtl.cli import main as organmtl_main
+
+    return organmtl_main(["predict-landmarks", *(sys.argv[1:] if argv is None else argv)])
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -1,10 +1,10 @@
 """The README's main command, `organmtl demo`, end to end with minimal budgets."""
 import pytest
 
-from organmtl.demo import DETECTRON_CONFIGS, STUDIES
-from tests.conftest import run_cli
+from organmtl.workflows.demo import DETECTRON_CONFIGS, STUDIES
+from tests.helpers import run_cli
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(2400)]
 
 
 def test_demo_runs_end_to_end(tmp_path):

@@ -1,18 +1,21 @@
-"""The task-subset experiments of Moeskops et al. (papers/moeskops_multitask_cnn.txt §3.2, Fig. 1, §4):
+"""The task-subset experiments of Moeskops et al. ("Deep learning for multi-task medical image
+segmentation in multiple modalities", §3.2, Fig. 1, §4; docs/multitask_cnn.md):
 one network per non-empty subset of the tasks (2^T - 1; the paper's seven for three tasks),
 evaluated with Dice per class, per-task output masking, cross-task confusion and, for binary
 tasks, the Dice-optimal threshold chosen on validation cases.
 
 Behind ``organmtl multitask-experiments``. Steps, all with nnU-Net's own tools:
 
-1. (with source datasets) ``organmtl convert merge`` -> one dataset, ``organmtl plan-tiny``;
+1. (with source datasets) the ``merge`` converter (as ``organmtl convert merge``) -> one dataset,
+   :func:`organmtl.nnunet_plans.plan_tiny` (as ``organmtl plan-tiny``);
 2. per task, cases sorted by id: the last ``n_test`` are held-out test cases, the ``n_val`` before
    them validation cases, the rest training cases;
 3. ``splits_final.json`` of the preprocessed dataset gets one "fold" per experiment (fold k trains
    on the training cases of subset k and validates on its validation cases), so experiment k is
    the stock ``nnUNetv2_train ID CONFIG k -tr TRAINER --npz``;
 4. ``nnUNetv2_predict ... -f k --save_probabilities`` on the subset's test images;
-5. the table (Markdown + CSV) from the saved probabilities (:mod:`.evaluation`).
+5. the table (Markdown + CSV) from the saved probabilities
+   (:mod:`organmtl.nnunet_trainers.multitask.evaluation`).
 
 Every experiment keeps the union output layer of the merged dataset (the paper resizes it to the
 subset's classes); classes of tasks outside the subset are never targets, and giving them to a voxel
@@ -35,6 +38,7 @@ from organmtl.nnunet_trainers.multitask.evaluation import (DiceOptimalThreshold,
                                                             dice_per_label, head_label_values, load_probabilities,
                                                             task_masked_labels, thresholded_labels)
 from organmtl.nnunet_trainers.multitask.tasks import TaskTable
+from organmtl.workflows.steps import convert
 
 DEFAULT_TRAINER = "nnUNetTrainerOMTLTriplanar_Tiny"
 COLUMNS = ("experiment", "tasks", "task", "class", "label", "n_test", "dice_argmax", "dice_task_masked",
@@ -210,13 +214,11 @@ def _dataset_folders(dataset_id: int) -> tuple[Path, Path, Path]:
 
 
 def prepare_dataset(sources, dataset_id: int, name: str, configuration: str, num_processes: int = 1) -> None:
-    """Merge ``sources`` into dataset ``dataset_id`` (``convert merge``) and plan/preprocess it (``plan-tiny``)."""
-    from organmtl.cli import main as organmtl_main
+    """Merge ``sources`` into dataset ``dataset_id`` (the ``merge`` converter) and plan/preprocess it
+    (``plan_tiny``). A bad source raises :class:`~organmtl.converters.ConversionError`."""
     from organmtl.nnunet_plans import plan_tiny
 
-    rc = organmtl_main(["convert", "merge", *map(str, sources), "--dataset-id", str(dataset_id), "--name", name])
-    if rc != 0:
-        raise ExperimentError(f"organmtl convert merge of {len(sources)} dataset(s) failed (exit {rc})")
+    convert("merge", *sources, "--dataset-id", dataset_id, "--name", name)
     plan_tiny(dataset_id, configurations=(configuration,), num_processes=num_processes)
 
 

@@ -1,19 +1,24 @@
 """``organmtl demo``: the main job end to end on the built-in demo data, on a CPU.
 
 Every implemented method runs on the demo dataset of its paper, next to the stock baseline it is
-compared against, through the same commands a user types:
+compared against. organmtl's own steps are the library functions behind the commands a user types
+(their output goes to ``--out/logs``); training and inference are the stock commands, run as
+subprocesses:
 
-1. write the phantoms (``organmtl demo-data``);
-2. per nnU-Net study (:data:`STUDIES`): convert to nnU-Net raw format (``organmtl convert``), plan
-   and preprocess the tiny CPU configuration (``organmtl plan-tiny``), train each trainer with the
+1. write the phantoms (``write_demo_data``, as ``organmtl demo-data``);
+2. per nnU-Net study (:data:`STUDIES`): convert to nnU-Net raw format (the converters, as
+   ``organmtl convert``), plan and preprocess the tiny CPU configuration
+   (:func:`organmtl.nnunet_plans.plan_tiny`, as ``organmtl plan-tiny``), train each trainer with the
    stock ``nnUNetv2_train``; the head-and-neck study also predicts held-out cases with the stock
-   ``nnUNetv2_predict`` and evaluates them (``organmtl evaluate``: Dice, HD95, small organs), the
+   ``nnUNetv2_predict`` and evaluates them (Dice, HD95, small organs, as ``organmtl evaluate``), the
    others report nnU-Net's own fold-0 validation;
-3. Detectron2: spine slices -> COCO (``organmtl convert volumes --to coco``), ``train_net.py`` with
+3. Detectron2: spine slices -> COCO (as ``organmtl convert volumes --to coco``), ``train_net.py`` with
    the tiny Mask R-CNN baseline and the tiny HMR-Net config, COCO segm AP and Dice per structure;
-4. ``organmtl report``: overlays and learning curves; one comparison table in ``summary.md``.
+4. overlays and learning curves (:func:`organmtl.evaluation.report.write_report`, as
+   ``organmtl report``); one comparison table in ``summary.md``.
 
 Everything lives under ``--out`` (nnU-Net's three folders included); nothing outside is touched.
+An ``--out`` folder of an earlier demo run is replaced; any other non-empty folder is refused.
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from organmtl.procs import run_in_group, venv_bin
+from organmtl.workflows.steps import convert, output_to
 
 MARKER = ".organmtl-demo"
 FOLD = 0
@@ -36,6 +42,10 @@ BASELINE = "nnUNetTrainerOMTLBaseline_Tiny"
 DEFAULT_EPOCHS, DEFAULT_ITERATIONS = 5, 5
 DETECTRON_ITERATIONS = 100
 N_TEST = 4
+
+
+class DemoError(ValueError):
+    """Bad input for ``organmtl demo`` (one line, exit code 2)."""
 
 
 @dataclass(frozen=True)
@@ -48,7 +58,7 @@ class Study:
     dataset_id: int
     name: str
     families: tuple[str, ...]
-    convert: tuple[tuple[str, ...], ...]        # organmtl arguments; "{data}" is the demo data folder
+    convert: tuple[tuple[str, ...], ...]        # (source, options...) of organmtl convert; "{data}", "{raw}"
     trainers: dict[str, str]
     configuration: str = "3d_tiny"
     test_set: bool = False                      # predict held-out cases (else: fold-0 validation)
@@ -57,28 +67,31 @@ class Study:
 
 STUDIES = (
     Study("han", "Head-and-neck CT (PDDCA layout): FocusNetv2 vs nnU-Net", 501, "HaNDemo", ("han_pddca",),
-          (("convert", "pddca", "{data}/han_pddca", "--test", "{data}/han_pddca_test", "--dataset-id", "501",
+          (("pddca", "{data}/han_pddca", "--test", "{data}/han_pddca_test", "--dataset-id", "501",
             "--name", "HaNDemo", "-j", "2"),),
           {"nnU-Net": BASELINE, "FocusNetv2": "nnUNetTrainerOMTLFocusNetV2_Tiny"}, test_set=True),
     # one conversion with Gaussian landmark channels serves all three: the auxiliary-task trainers
     # need heatmaps, early fusion takes either map (the paper's distance map: --landmark-channels distance)
     Study("abdomen", "Fat/water MR with hip-joint landmarks: landmark U-Nets vs nnU-Net", 503, "AbdomenDemo",
           ("abdomen_mr",),
-          (("convert", "volumes", "{data}/abdomen_mr", "--dataset-id", "503", "--name", "AbdomenDemo",
+          (("volumes", "{data}/abdomen_mr", "--dataset-id", "503", "--name", "AbdomenDemo",
             "--landmark-channels", "heatmap"),),
           {"nnU-Net (image only)": "nnUNetTrainerOMTLLandmarkImageOnly_Tiny",
            "landmarks as input (early fusion)": "nnUNetTrainerOMTLLandmarkEarlyFusion_Tiny",
            "landmarks as auxiliary task (joint)": "nnUNetTrainerOMTLLandmarkJoint_Tiny"}),
     Study("multitask", "Brain MR + breast MR + cardiac CTA in one network: multi-task CNN vs nnU-Net", 504,
           "MultiTaskDemo", ("multimodal",),
-          (("convert", "volumes", "{data}/multimodal/brain_mr", "--dataset-id", "505", "--name", "BrainDemo"),
-           ("convert", "volumes", "{data}/multimodal/breast_mr", "--dataset-id", "506", "--name", "BreastDemo"),
-           ("convert", "volumes", "{data}/multimodal/cardiac_cta", "--dataset-id", "507", "--name", "CardiacDemo"),
-           ("convert", "merge", "{raw}/Dataset505_BrainDemo", "{raw}/Dataset506_BreastDemo",
+          (("volumes", "{data}/multimodal/brain_mr", "--dataset-id", "505", "--name", "BrainDemo"),
+           ("volumes", "{data}/multimodal/breast_mr", "--dataset-id", "506", "--name", "BreastDemo"),
+           ("volumes", "{data}/multimodal/cardiac_cta", "--dataset-id", "507", "--name", "CardiacDemo"),
+           ("merge", "{raw}/Dataset505_BrainDemo", "{raw}/Dataset506_BreastDemo",
             "{raw}/Dataset507_CardiacDemo", "--dataset-id", "504", "--name", "MultiTaskDemo")),
           {"nnU-Net": BASELINE, "multi-task U-Net (balanced)": "nnUNetTrainerOMTLMultiTaskUNet_Tiny",
            "triplanar multi-task CNN": "nnUNetTrainerOMTLTriplanar_Tiny"}),
 )
+
+#: what ``--only`` can pick: the nnU-Net studies and the Detectron2 comparison
+PARTS = [*(s.key for s in STUDIES), "detectron"]
 
 
 def _step(title: str):
@@ -90,27 +103,41 @@ def _done(t0: float):
     print(f"    ({time.time() - t0:.0f} s)", flush=True)
 
 
-def prepare_out(out: Path, overwrite: bool) -> None:
+def prepare_out(out: Path) -> None:
+    """Make ``out`` the demo's folder: a new or empty folder, or one of an earlier demo run (replaced)."""
+    if out.exists() and not out.is_dir():
+        raise DemoError(f"{out} exists and is not a folder; choose another --out")
     if out.exists() and any(out.iterdir()):
         if not (out / MARKER).exists():
-            raise SystemExit(f"organmtl demo: error: {out} exists and was not made by the demo; choose another --out")
-        if not overwrite:
-            print(f"{out} holds an earlier demo run: starting again (pass a new --out to keep it)")
+            raise DemoError(f"{out} exists and was not made by the demo; choose another --out")
+        print(f"{out} holds an earlier demo run: starting again (pass a new --out to keep it)")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).write_text("made by organmtl demo\n")
 
 
-def run_demo(out: Path, epochs: int | None = None, iterations: int | None = None, overwrite: bool = False,
+def check_budget(**budget: int | None) -> None:
+    """Every budget given (epochs, iterations ...) is a positive integer."""
+    for name, value in budget.items():
+        if value is not None and value < 1:
+            raise DemoError(f"--{name.replace('_', '-')} must be at least 1 (got {value})")
+
+
+def run_demo(out: Path, epochs: int | None = None, iterations: int | None = None,
              detectron_iterations: int | None = None, only: list[str] | None = None) -> int:
     from organmtl.demo_data import write_demo_data
     from organmtl.demo_data.han import write_han
+    from organmtl.evaluation.report import write_report
 
+    check_budget(epochs=epochs, iterations=iterations, detectron_iterations=detectron_iterations)
+    unknown = sorted(set(only or ()) - set(PARTS))
+    if unknown:
+        raise DemoError(f"--only: unknown part(s) {', '.join(unknown)}")
     out = Path(out).resolve()
     detectron_iterations = detectron_iterations or DETECTRON_ITERATIONS
     studies = [s for s in STUDIES if not only or s.key in only]
     run_detectron = not only or "detectron" in only
-    prepare_out(out, overwrite)
+    prepare_out(out)
     env = {"nnUNet_raw": str(out / "nnUNet_raw"), "nnUNet_preprocessed": str(out / "nnUNet_preprocessed"),
            "nnUNet_results": str(out / "nnUNet_results"), "nnUNet_n_proc_DA": os.environ.get("nnUNet_n_proc_DA", "0"),
            "nnUNet_def_n_proc": os.environ.get("nnUNet_def_n_proc", "2"),
@@ -139,8 +166,8 @@ def run_demo(out: Path, epochs: int | None = None, iterations: int | None = None
         _done(t0)
 
     t0 = _step("organmtl report: overlays and learning curves")
-    run_in_group([sys.executable, "-m", "organmtl.cli", "report", str(out), "--output", str(out / "report")],
-                 log_file=logs / "report.log")
+    with output_to(logs / "report.log"):
+        write_report(out, out_dir=out / "report")
     _done(t0)
 
     budget = (f"nnU-Net trainers: {env['ORGANMTL_EPOCHS']} epochs x {env['ORGANMTL_ITERS_PER_EPOCH']} iterations "
@@ -155,14 +182,15 @@ def run_demo(out: Path, epochs: int | None = None, iterations: int | None = None
 
 
 def _run_study(study: Study, out: Path, data: Path, logs: Path, env: dict) -> str:
+    from organmtl.nnunet_plans import plan_tiny
+
     raw_root = out / "nnUNet_raw"
-    organmtl = [sys.executable, "-m", "organmtl.cli"]
     t0 = _step(f"{study.title}: convert, plan + preprocess ({study.configuration})")
-    for args in study.convert:
-        run_in_group(organmtl + [a.format(data=data, raw=raw_root) for a in args],
-                     log_file=logs / f"{study.key}_convert.log")
-    run_in_group(organmtl + ["plan-tiny", "-d", str(study.dataset_id), "-c", study.configuration],
-                 log_file=logs / f"{study.key}_plan.log")
+    for source, *options in study.convert:
+        with output_to(logs / f"{study.key}_convert.log"):
+            convert(source, *(o.format(data=data, raw=raw_root) for o in options))
+    with output_to(logs / f"{study.key}_plan.log"):
+        plan_tiny(study.dataset_id, configurations=(study.configuration,))
     raw = raw_root / f"Dataset{study.dataset_id:03d}_{study.name}"
     _done(t0)
 
@@ -231,20 +259,20 @@ def _comparison_table(columns: dict[str, dict[str, dict]]) -> str:
     return "\n".join(lines)
 
 
-DETECTRON_CONFIGS = {"Mask R-CNN R18-FPN": "mask_rcnn_R_18_FPN_baseline_tiny.yaml",
-                     "HMR-Net R18 (shape head + manifold + cross-stitch)": "hmrnet_R_18_FPN_tiny.yaml"}
+DETECTRON_CONFIGS = {"Mask R-CNN R18-FPN": "configs/tiny/mask_rcnn_R_18_FPN_baseline_tiny.yaml",   # in detectron_heads/
+                     "HMR-Net R18 (shape head + manifold + cross-stitch)": "hmrnet/configs/tiny/hmrnet_R_18_FPN_tiny.yaml"}
 
 
 def _detectron_demo(out: Path, data: Path, logs: Path, iterations: int) -> str:
     from importlib import resources
 
     coco = out / "coco" / "spine_sag_mr"
-    run_in_group([sys.executable, "-m", "organmtl.cli", "convert", "volumes", str(data / "spine" / "spine_sag_mr"),
-                  "--to", "coco", "--dataset-id", "502", "--name", "SpineSagDemo", "--out", str(coco)],
-                 log_file=logs / "convert_coco.log")
+    with output_to(logs / "convert_coco.log"):
+        convert("volumes", data / "spine" / "spine_sag_mr", "--to", "coco", "--dataset-id", "502", "--name",
+                "SpineSagDemo", "--out", coco)
     columns = {}
-    for label, name in DETECTRON_CONFIGS.items():
-        config = resources.files("organmtl.detectron_heads") / "configs" / "tiny" / name
+    for label, rel in DETECTRON_CONFIGS.items():
+        config, name = resources.files("organmtl.detectron_heads") / rel, Path(rel).name
         output_dir = out / "detectron2" / name.removesuffix(".yaml")
         run_in_group([sys.executable, "-m", "organmtl.detectron_heads.train_net", "--config-file", str(config),
                       "ORGANMTL.DATASET_ROOT", str(coco), "ORGANMTL.DATASET_NAME", "spine_sag_demo",
