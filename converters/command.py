@@ -79,7 +79,8 @@ def _report(summary: dict) -> list[str]:
         for d in r.get("landmarks_dropped", []):
             lines.append(f"  {r['case']}: landmark {d['name']!r} dropped ({d['reason']})")
         if r.get("overlap_voxels"):
-            lines.append(f"  {r['case']}: overlapping structures {r['overlap_voxels']} (later label wins)")
+            lines.append(f"  {r['case']}: overlapping structures {r['overlap_voxels']} (voxels each took over from "
+                         "structures painted before it)")
         for note in r.get("notes", []):
             lines.append(f"  {r['case']}: {note}")
         for warning in r.get("warnings", []):
