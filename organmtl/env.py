@@ -12,7 +12,6 @@ from pathlib import Path
 
 EXT_TRAINER_VAR = "nnUNet_extTrainer"
 HOOK_FILENAME = "organmtl_nnunet_ext.pth"
-_PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 
 
 def ext_trainer_dir() -> Path:

@@ -3,5 +3,7 @@
 nnU-Net imports this file as a top-level module and finds trainers by attribute. The classes
 themselves live in ``organmtl.nnunet_trainers`` and keep that module name.
 """
-from organmtl.nnunet_trainers import *  # noqa: F401,F403
-from organmtl.nnunet_trainers import __all__  # noqa: F401
+from organmtl.nnunet_trainers import TRAINERS
+
+globals().update((c.__name__, c) for c in TRAINERS)
+__all__ = [c.__name__ for c in TRAINERS]
