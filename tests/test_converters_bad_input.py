@@ -357,6 +357,29 @@ def test_pddca_one_bad_case(kind, demo_root, tmp_path, capsys):
                               _stderr_lines(capsys, "not converted")) == "0522c0002"
 
 
+@pytest.mark.parametrize("kind,message", [("structure file not an image", "cannot be read as an image"),
+                                          ("NaN in a structure mask", "NaN or Inf")])
+def test_pddca_bad_structure_file(kind, message, demo_root, tmp_path, capsys):
+    import numpy as np
+    import SimpleITK as sitk
+
+    src = tmp_path / "src"
+    shutil.copytree(demo_root / "han_pddca", src)
+    chiasm = src / "0522c0002" / "structures" / "Chiasm.nrrd"
+    if kind == "structure file not an image":
+        chiasm.write_text("hello")
+    else:
+        m = sitk.ReadImage(str(chiasm))
+        a = sitk.GetArrayFromImage(m).astype(np.float32)
+        a[0, 0, 0] = np.nan
+        n = sitk.GetImageFromArray(a)
+        n.CopyInformation(m)
+        sitk.WriteImage(n, str(chiasm))
+    assert _convert(src, tmp_path / "raw", converter="pddca", dataset_id="7") == 1
+    assert _assert_one_failed(tmp_path / "raw" / "Dataset007_T", "Chiasm.nrrd", message,
+                              _stderr_lines(capsys, "not converted")) == "0522c0002"
+
+
 @pytest.mark.parametrize("kind", ["size mismatch", "geometry mismatch", "not binary", "empty mask", "truncated volume",
                                   "malformed landmarks"])
 def test_visceral_one_bad_case(kind, demo_root, tmp_path, capsys):
@@ -391,14 +414,20 @@ def test_chaos_one_bad_patient(kind, chaos_src, tmp_path, capsys):
     _assert_one_failed(tmp_path / "raw" / "Dataset009_T", culprit, problem, _stderr_lines(capsys, "not converted"))
 
 
-@pytest.mark.parametrize("kind", ["label value not in dataset.json", "image grid differs from its label map"])
+@pytest.mark.parametrize("kind", ["label value not in dataset.json", "image grid differs from its label map",
+                                  "truncated label map"])
 def test_merge_one_bad_case(kind, tmp_path, capsys):
     from tests.test_converters_merge import _bad, _label_map, write_dataset
 
     a = write_dataset(tmp_path / "in", "Dataset001_A", {"background": 0, "x": 1}, {"c1": _label_map([1])})
     b = write_dataset(tmp_path / "in", "Dataset002_B", {"background": 0, "y": 1, "z": 2},
                       {"c1": _label_map([1, 2]), "c2": _label_map([2])})
-    args, culprit = _bad(kind, a, b)
+    if kind == "truncated label map":
+        label = b / "labelsTr" / "c1.nii.gz"
+        label.write_bytes(label.read_bytes()[:-40])
+        args, culprit = [a, b], "c1.nii.gz: truncated file"
+    else:
+        args, culprit = _bad(kind, a, b)
     assert _convert(args, tmp_path / "raw", converter="merge", dataset_id="50") == 1
     assert _assert_one_failed(tmp_path / "raw" / "Dataset050_T", culprit, "",
                               _stderr_lines(capsys, "not converted")) == "B_c1"
@@ -406,8 +435,11 @@ def test_merge_one_bad_case(kind, tmp_path, capsys):
     assert meta["organmtl_tasks"]["B"]["cases"] == ["B_c2"]
 
 
-@pytest.mark.parametrize("problem,culprit", [("unknown label value", "b.nrrd"), ("geometry mismatch", "b.nrrd")])
-def test_volumes_one_bad_case(problem, culprit, tmp_path, capsys):
+@pytest.mark.parametrize("problem,culprit,message", [
+    ("unknown label value", "b.nrrd", "not named in the mapping"), ("geometry mismatch", "b.nrrd", "differ from"),
+    ("non-integer label values", "b.nrrd", "non-integer values"), ("NaN in the image", "b.nrrd", "NaN or Inf"),
+    ("image not readable", "b.nrrd", "cannot be read as an image")])
+def test_volumes_one_bad_case(problem, culprit, message, tmp_path, capsys):
     import numpy as np
 
     from tests.test_converters_volumes import _write
@@ -423,10 +455,18 @@ def test_volumes_one_bad_case(problem, culprit, tmp_path, capsys):
     if problem == "unknown label value":
         lab[0, 0, 0] = 7
         _write(src / "labels" / "b.nrrd", lab)
-    else:
+    elif problem == "geometry mismatch":
         _write(src / "labels" / "b.nrrd", lab, spacing=(1.0, 1.0, 3.0))
+    elif problem == "non-integer label values":
+        _write(src / "labels" / "b.nrrd", lab.astype(np.float32) + 0.5)
+    elif problem == "NaN in the image":
+        img = np.zeros((4, 5, 6), np.float32)
+        img[1, 2, 3] = np.nan
+        _write(src / "images" / "b.nrrd", img)
+    else:
+        (src / "images" / "b.nrrd").write_text("not an image")
     assert _convert(src, tmp_path / "raw", converter="volumes") == 1
-    assert _assert_one_failed(tmp_path / "raw" / "Dataset009_T", culprit, "",
+    assert _assert_one_failed(tmp_path / "raw" / "Dataset009_T", culprit, message,
                               _stderr_lines(capsys, "not converted")) == "b"
 
 
