@@ -1,4 +1,4 @@
-"""FocusNetv2 vs stock nnU-Net on the demo head-and-neck phantom (issue #5, papers/focusnetv2.txt
+"""FocusNetv2 vs stock nnU-Net on the demo head-and-neck phantom (issue #5, FocusNetv2 paper
 Tables 6-7): equal budget, same plans.
 
 For the stock baseline (``nnUNetTrainerOMTLBaseline_Tiny``), S-Net, FocusNetv1 and FocusNetv2

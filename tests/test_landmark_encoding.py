@@ -17,7 +17,6 @@ from organmtl.converters.common import ConversionError, write_dataset_json, writ
 from organmtl.converters.landmark_encoding import add_landmark_channels, gaussian_heatmap, inverse_manhattan_map
 from organmtl.converters.landmarks import landmarks_record
 from organmtl.demo_data import write_demo_data
-from organmtl.demo_data.shapes import write_fcsv
 from tests.helpers import rotation, run_cli
 
 

@@ -128,8 +128,6 @@ def _overfit():
 
 def _trainer(cls, tmp_path, monkeypatch):
     """A trainer on a tiny in-memory plan (no dataset on disk needed for network/loss)."""
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager  # noqa: F401
-
     plans = {"continue_training": False, "dataset_name": "Dataset999_T", "plans_name": "nnUNetPlans", "original_median_spacing_after_transp": [1, 1, 1],
              "original_median_shape_after_transp": [16, 16, 16], "image_reader_writer": "SimpleITKIO",
              "transpose_forward": [0, 1, 2], "transpose_backward": [0, 1, 2], "experiment_planner_used": "x",

@@ -1,4 +1,4 @@
-"""Building blocks of FocusNetv2's networks: SEResBlock and DenseASPP (papers/focusnetv2.txt §3.1.1,
+"""Building blocks of FocusNetv2's networks: SEResBlock and DenseASPP (FocusNetv2 paper §3.1.1,
 Fig. 3, Table 10).
 
 Tensors are ``(batch, channels, z, y, x)`` as everywhere in nnU-Net; "in-plane" means (y, x).

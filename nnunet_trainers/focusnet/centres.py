@@ -1,5 +1,5 @@
 """SOL-Net centres of a whole volume, in millimetres, exported as JSON next to the predictions
-(papers/focusnetv2.txt §3.1.2, Table 7 metrics).
+(FocusNetv2 paper §3.1.2, Table 7 metrics).
 
 nnU-Net's predictor offers no hook to write extra files, so the segmentation goes through the
 stock sliding window (the network pastes SOS-Net masks inside each window) and the centres come
@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from tqdm import tqdm
+
+from organmtl.nnunet_trainers.focusnet.options import PLANS_KEY
 
 
 class CentresError(ValueError):
@@ -104,7 +106,7 @@ def export_folder(images: Path, out: Path, model_folder: Path, fold="0", checkpo
     net = predictor.network
     if not getattr(net, "use_sos", False):
         raise CentresError(f"{model_folder}: this model has no SOL-Net (S-Net only), there are no centres to export")
-    settings = predictor.configuration_manager.configuration["organmtl_focusnet"]
+    settings = predictor.configuration_manager.configuration[PLANS_KEY]
     lists = create_lists_from_splitted_dataset_folder(str(images), predictor.dataset_json["file_ending"])
     if not lists:
         raise CentresError(f"{images}: no images ending in {predictor.dataset_json['file_ending']}")

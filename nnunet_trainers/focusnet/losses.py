@@ -1,4 +1,4 @@
-"""FocusNetv2 losses (papers/focusnetv2.txt §3.2-3.3).
+"""FocusNetv2 losses (FocusNetv2 paper §3.2-3.3).
 
 - :class:`WeightedFocalLoss` Eq. 1, :func:`generalised_dice_loss` Eq. 2, :class:`SegmentationLoss` Eq. 3;
 - :func:`heatmap_l2_loss` (§3.1.2, L2 between SOL-Net heatmaps and Gaussian targets);

@@ -1,5 +1,5 @@
 """Small-organ ROIs: centres, Gaussian heatmap targets, fixed-size crops and paste-back
-(papers/focusnetv2.txt §3.1.2-3.1.3).
+(FocusNetv2 paper §3.1.2-3.1.3).
 
 A ROI is given by its start corner (may be negative or reach past the volume: the crop is then
 zero-padded) and its size. ``crop_roi`` followed by ``paste_roi`` restores exactly the voxels of

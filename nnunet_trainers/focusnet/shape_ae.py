@@ -1,4 +1,4 @@
-"""The shape autoencoder of FocusNetv2's adversarial shape constraint (papers/focusnetv2.txt §3.3,
+"""The shape autoencoder of FocusNetv2's adversarial shape constraint (FocusNetv2 paper §3.3,
 Appendix A1, Table 9).
 
 Encoder: four 5x5x5 convolutions (strides 2, 2, 1, 2; 64-128-128-256 channels; batch norm + ReLU),

@@ -1,4 +1,4 @@
-"""Landmarks as an auxiliary task (papers/landmark_mtl_unet_thesis.txt §2.3-2.6, Appendix A.7).
+"""Landmarks as an auxiliary task (landmark multi-task U-Net thesis §2.3-2.6, Appendix A.7).
 
 Datasets come from ``organmtl convert ... --landmark-channels heatmap`` (Gaussian blobs, sigma in mm,
 max-merged or ``--one-channel-per-landmark``): nnU-Net preprocesses the heatmaps with the image,

@@ -1,4 +1,4 @@
-"""Landmarks as input (landmark-input U-Net, papers/landmark_input_unet.txt §3.4-3.6).
+"""Landmarks as input (landmark-input U-Net paper §3.4-3.6).
 
 Datasets come from ``organmtl convert ... --landmark-channels distance`` (the paper's normalised
 inverse Manhattan map; ``heatmap`` works too), which appends the map(s) as ``noNorm`` channels.

@@ -1,4 +1,4 @@
-"""Evaluation of a multi-task network (papers/moeskops_multitask_cnn.txt §4).
+"""Evaluation of a multi-task network (Moeskops et al. §4).
 
 - Dice per class (§4), with :func:`organmtl.evaluation.metrics.dice`;
 - per-task output masking: a case of task t may only receive background or t's classes

@@ -1,7 +1,7 @@
 """A real brain MRI task from data that ships inside a PyPI package: nilearn's MNI152 (ICBM 2009a
 symmetric) T1 template with its grey- and white-matter probability maps (bundled with nilearn, no
 download), written as a ``volumes`` folder for ``organmtl convert volumes``
-(papers/moeskops_multitask_cnn.txt §2 "Brain MRI": tissue classes in T1-weighted MR).
+(Moeskops et al. §2 "Brain MRI": tissue classes in T1-weighted MR).
 
 Labels (the paper segments six brain tissues; the template has GM and WM maps, and a third class is
 added as follows):

@@ -1,5 +1,5 @@
 """Mini-batches balanced over tasks and, within a task, over its classes
-(papers/moeskops_multitask_cnn.txt §3.2: "A mini-batch contained 210 samples, equally balanced over
+(Moeskops et al. §3.2: "A mini-batch contained 210 samples, equally balanced over
 the tasks of the network. For each task, the training samples were randomly drawn from all training
 images, balanced over the task-specific classes").
 

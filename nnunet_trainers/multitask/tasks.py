@@ -1,4 +1,4 @@
-"""The task table of a merged multi-task dataset (papers/moeskops_multitask_cnn.txt §3.2).
+"""The task table of a merged multi-task dataset (Moeskops et al. §3.2).
 
 ``organmtl convert merge`` records in ``dataset.json`` which task every case belongs to and which
 classes of the union label space each task owns (``organmtl_tasks``; see docs/converters.md,

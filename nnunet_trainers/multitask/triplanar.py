@@ -1,4 +1,4 @@
-"""The triplanar CNN of Moeskops et al. (papers/moeskops_multitask_cnn.txt §3.1, Fig. 1).
+"""The triplanar CNN of Moeskops et al. (multi-task CNN paper §3.1, Fig. 1; docs/multitask_cnn.md).
 
 Per voxel, three orthogonal patches (axial, sagittal, coronal) go through ONE shared stack of
 3x3 convolution layers (32 kernels each, 25 layers, no subsampling, batch normalisation, ELU); the
