@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from pathlib import Path
 
 
@@ -32,19 +32,18 @@ def convert(source: str, *options) -> Path:
 
 @contextmanager
 def output_to(log_file: Path):
-    """Send everything written to this process's stdout and stderr, its child processes' included
-    (nnU-Net's preprocessing workers), to ``log_file`` (appended) while the block runs."""
+    """Send everything this process writes to stdout and stderr while the block runs, and what its
+    child processes write (nnU-Net's preprocessing workers), to ``log_file`` (appended)."""
     sys.stdout.flush()
     sys.stderr.flush()
     saved = os.dup(1), os.dup(2)
-    with open(log_file, "a") as log:
+    with open(log_file, "a", buffering=1) as log, redirect_stdout(log), redirect_stderr(log):
         os.dup2(log.fileno(), 1)
         os.dup2(log.fileno(), 2)
         try:
             yield Path(log_file)
         finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
+            log.flush()
             os.dup2(saved[0], 1)
             os.dup2(saved[1], 2)
             os.close(saved[0])
