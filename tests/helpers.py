@@ -18,6 +18,7 @@ from types import MappingProxyType
 from typing import Mapping
 
 import numpy as np
+from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
 REPO = Path(__file__).resolve().parent.parent
@@ -78,6 +79,26 @@ def geometries(shape=((2, 9), (2, 9), (2, 9)), *extra: st.SearchStrategy) -> st.
         st.tuples(*[st.floats(-np.pi, np.pi)] * 3),
         *extra,
     )
+
+
+def file_examples(n: int):
+    """Hypothesis settings for a property that writes files for each example: ``n`` examples, no
+    deadline, and the function-scoped ``tmp_path_factory`` allowed (each example makes its own folder)."""
+    return settings(max_examples=n, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+# ------------------------------------------------------------------ files
+
+def read_array(path) -> np.ndarray:
+    """The voxel array (z, y, x) of an image file, read with SimpleITK."""
+    import SimpleITK as sitk
+
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+
+def dataset_json(dataset: Path) -> dict:
+    """``dataset.json`` of an nnU-Net dataset folder."""
+    return json.loads((Path(dataset) / "dataset.json").read_text())
 
 
 # ------------------------------------------------------------------ demo data sets

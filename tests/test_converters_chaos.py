@@ -11,14 +11,14 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from organmtl.converters import ConversionError, add_common_arguments, run_conversion
 from organmtl.converters.chaos import CONVERTER, MR_LABELS, MR_RANGES, _decode_table, natural_key
 from organmtl.demo_data.chaos import (ct_patients, dicom_slice, instance_numbers, make_ct, make_mr, mr_patients,
                                       write_chaos)
-from tests.helpers import geometries, rotation, run_cli
+from tests.helpers import file_examples, geometries, read_array, rotation, run_cli
 
 N = 3   # patients per modality: InstanceNumber against, along, against the slice normal
 
@@ -70,10 +70,6 @@ def _assert_geometry(img: sitk.Image, folder: Path, atol=1e-6):
     np.testing.assert_allclose(img.GetSpacing(), spacing, rtol=0, atol=atol)
     np.testing.assert_allclose(img.GetOrigin(), origin, rtol=0, atol=atol)
     np.testing.assert_allclose(img.GetDirection(), direction, rtol=0, atol=atol)
-
-
-def _read(path: Path) -> np.ndarray:
-    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
 
 
 # ------------------------------------------------------------------ demo data
@@ -140,7 +136,7 @@ def test_t1dual_is_two_channels_in_phase_then_out_phase(chaos_src, tmp_path):
     meta = json.loads((ds / "dataset.json").read_text())
     assert meta["channel_names"] == {"0": "T1_in_phase", "1": "T1_out_phase"}
     _, vols, labels = make_mr(0, 0, "T1DUAL")
-    inp, outp = (_read(ds / "imagesTr" / f"{mr_patients(N)[0]}_{c:04d}.nii.gz") for c in (0, 1))
+    inp, outp = (read_array(ds / "imagesTr" / f"{mr_patients(N)[0]}_{c:04d}.nii.gz") for c in (0, 1))
     np.testing.assert_array_equal(inp, vols["InPhase"])
     np.testing.assert_array_equal(outp, vols["OutPhase"])
     assert inp[labels == 1].mean() > outp[labels == 1].mean() + 50     # liver loses signal out of phase
@@ -160,10 +156,10 @@ def test_mr_masks_are_decoded_by_intensity_range():
 
 def test_demo_pngs_use_in_range_offsets_and_decode_to_the_truth(chaos_src, tmp_path):
     ground = chaos_src / "MR" / mr_patients(N)[1] / "T2SPIR" / "Ground"
-    raw = np.stack([_read(p) for p in sorted(ground.glob("*.png"))])
+    raw = np.stack([read_array(p) for p in sorted(ground.glob("*.png"))])
     assert set(np.unique(raw)) == {0, 58, 121, 184, 247}             # 63/126/189/252 shifted by -5
     assert _convert(chaos_src, tmp_path / "raw", "T2SPIR") == 0
-    seg = _read(tmp_path / "raw" / "Dataset009_CHAOS_T2SPIR" / "labelsTr" / f"{mr_patients(N)[1]}.nii.gz")
+    seg = read_array(tmp_path / "raw" / "Dataset009_CHAOS_T2SPIR" / "labelsTr" / f"{mr_patients(N)[1]}.nii.gz")
     assert set(np.unique(seg)) == {0, 1, 2, 3, 4}
 
 
@@ -175,7 +171,7 @@ def _stack_by(rule: str, dicom: Path, ground: Path) -> np.ndarray:
     heads = [pydicom.dcmread(p, stop_before_pixels=True) for p in files]
     z = np.array([float(h.ImagePositionPatient[2]) for h in heads])
     position_of = np.argsort(np.argsort(z))
-    pngs = [_read(p) for p in sorted(ground.glob("*.png"), key=lambda p: natural_key(p.name))]
+    pngs = [read_array(p) for p in sorted(ground.glob("*.png"), key=lambda p: natural_key(p.name))]
     n = len(pngs)
     if rule == "instance-number":
         target = [position_of[i] for i in np.argsort([int(h.InstanceNumber) for h in heads])]
@@ -236,7 +232,7 @@ def _write_oblique_case(root: Path, shape, spacing, origin, rot, descending, rng
 geometry = geometries(((2, 6), (2, 7), (2, 7)), st.booleans())
 
 
-@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@file_examples(10)
 @given(geometry)
 def test_oblique_geometry_and_slice_rule_round_trip(tmp_path_factory, geom):
     shape, spacing, origin, angles, descending = geom
@@ -258,7 +254,7 @@ def test_oblique_geometry_and_slice_rule_round_trip(tmp_path_factory, geom):
 # ------------------------------------------------------------------ bad inputs through the CLI
 
 def _rewrite_png(path: Path, fn):
-    arr = _read(path)
+    arr = read_array(path)
     sitk.WriteImage(sitk.GetImageFromArray(fn(arr)), str(path))
 
 
@@ -288,7 +284,7 @@ def _corrupt(kind: str, src: Path) -> tuple[str, str, str]:
         return "T2SPIR", png.name, "unexpected mask intensity 100"
     if kind == "png rgb":
         png = ct / "Ground" / "liver_GT_002.png"
-        a = _read(png)
+        a = read_array(png)
         sitk.WriteImage(sitk.GetImageFromArray(np.stack([a, a, a], -1), isVector=True), str(png))
         return "CT", "liver_GT_002.png", "3 channels"
     if kind == "not dicom":

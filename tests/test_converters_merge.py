@@ -9,7 +9,7 @@ import pytest
 import SimpleITK as sitk
 
 from organmtl.cli import main
-from tests.helpers import run_cli
+from tests.helpers import dataset_json, read_array, run_cli
 
 TASKS = ("brain_mr", "breast_mr", "cardiac_cta")
 
@@ -17,14 +17,6 @@ TASKS = ("brain_mr", "breast_mr", "cardiac_cta")
 def _merge(out, *sources_and_options):
     return main(["convert", "merge", *map(str, sources_and_options), "--dataset-id", "50", "--name", "MT",
                  "--out", str(out)])
-
-
-def _read(path):
-    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
-
-
-def _meta(ds):
-    return json.loads((ds / "dataset.json").read_text())
 
 
 def _write(path: Path, arr, spacing=(1.0, 1.0, 2.0), origin=(0.0, 0.0, 0.0)):
@@ -83,7 +75,7 @@ def test_multimodal_tasks_merge_voxel_for_voxel(multimodal_raw, tmp_path):
     sources = _sources(multimodal_raw)
     assert _merge(tmp_path / "raw", *sources) == 0
     ds = tmp_path / "raw" / "Dataset050_MT"
-    meta = _meta(ds)
+    meta = dataset_json(ds)
     assert meta["labels"] == {"background": 0, "CSF": 1, "GM": 2, "WM": 3, "pectoral_muscle": 4, "coronary_artery": 5}
     assert meta["channel_names"] == {"0": "mixed_T1_CT"}          # T1 and CT: per-image z-score in nnU-Net
     assert meta["numTraining"] == 18
@@ -102,8 +94,8 @@ def test_multimodal_tasks_merge_voxel_for_voxel(multimodal_raw, tmp_path):
             lut[old] = new
         for i in range(6):
             case = f"{task}_{i:03d}"
-            src_lab = _read(src / "labelsTr" / f"{case}.nii.gz")
-            merged = _read(ds / "labelsTr" / f"{task}_{case}.nii.gz")
+            src_lab = read_array(src / "labelsTr" / f"{case}.nii.gz")
+            merged = read_array(ds / "labelsTr" / f"{task}_{case}.nii.gz")
             np.testing.assert_array_equal(merged, lut[src_lab])
             np.testing.assert_array_equal(merged == 0, src_lab == 0)             # one shared background
             assert (ds / "imagesTr" / f"{task}_{case}_0000.nii.gz").read_bytes() == \
@@ -127,7 +119,7 @@ def test_rerun_gives_identical_bytes(multimodal_raw, tmp_path):
     assert _merge(tmp_path / "a", *sources, "--overwrite", "-j", "2") == 0
     after = {p.relative_to(tmp_path / "a"): p.read_bytes() for p in (tmp_path / "a").rglob("*") if p.is_file()}
     assert before.keys() == after.keys() and all(before[k] == after[k] for k in before)
-    assert _meta(tmp_path / "a" / "Dataset050_MT")["labels"] == {"background": 0, "pectoral_muscle": 1,
+    assert dataset_json(tmp_path / "a" / "Dataset050_MT")["labels"] == {"background": 0, "pectoral_muscle": 1,
                                                                  "coronary_artery": 2}
 
 
@@ -146,24 +138,24 @@ def test_same_name_prefixed_by_task(liver_twice, tmp_path):
     a, b = liver_twice
     assert _merge(tmp_path / "raw", a, b) == 0
     ds = tmp_path / "raw" / "Dataset050_MT"
-    meta = _meta(ds)
+    meta = dataset_json(ds)
     assert meta["labels"] == {"background": 0, "A_liver": 1, "spleen": 2, "kidney": 3, "B_liver": 4}
     assert json.loads((ds / "label_remapping.json").read_text()) == {"A": {"0": 0, "1": 1, "2": 2},
                                                                      "B": {"0": 0, "1": 3, "2": 4}}
     assert meta["organmtl_tasks"]["B"]["labels"] == ["kidney", "B_liver"]
-    np.testing.assert_array_equal(_read(ds / "labelsTr" / "B_c1.nii.gz"),
-                                  np.array([0, 3, 4], np.uint8)[_read(b / "labelsTr" / "c1.nii.gz")])
-    np.testing.assert_array_equal(_read(ds / "labelsTr" / "A_c2.nii.gz"), _read(a / "labelsTr" / "c2.nii.gz"))
+    np.testing.assert_array_equal(read_array(ds / "labelsTr" / "B_c1.nii.gz"),
+                                  np.array([0, 3, 4], np.uint8)[read_array(b / "labelsTr" / "c1.nii.gz")])
+    np.testing.assert_array_equal(read_array(ds / "labelsTr" / "A_c2.nii.gz"), read_array(a / "labelsTr" / "c2.nii.gz"))
 
 
 def test_shared_labels_merge_same_names(liver_twice, tmp_path):
     a, b = liver_twice
     assert _merge(tmp_path / "raw", a, b, "--shared-labels") == 0
     ds = tmp_path / "raw" / "Dataset050_MT"
-    assert _meta(ds)["labels"] == {"background": 0, "liver": 1, "spleen": 2, "kidney": 3}
+    assert dataset_json(ds)["labels"] == {"background": 0, "liver": 1, "spleen": 2, "kidney": 3}
     assert json.loads((ds / "label_remapping.json").read_text())["B"] == {"0": 0, "1": 3, "2": 1}
-    np.testing.assert_array_equal(_read(ds / "labelsTr" / "B_c1.nii.gz"),
-                                  np.array([0, 3, 1], np.uint8)[_read(b / "labelsTr" / "c1.nii.gz")])
+    np.testing.assert_array_equal(read_array(ds / "labelsTr" / "B_c1.nii.gz"),
+                                  np.array([0, 3, 1], np.uint8)[read_array(b / "labelsTr" / "c1.nii.gz")])
 
 
 # ------------------------------------------------------------------ converted sources: ignore label, landmarks
@@ -177,15 +169,15 @@ def test_pddca_with_ignore_and_visceral_with_landmarks(demo_root, tmp_path):
     han, abd = raw / "Dataset001_HaN", raw / "Dataset002_Abd"
     assert _merge(raw, han, abd) == 0
     ds = raw / "Dataset050_MT"
-    meta = _meta(ds)
-    han_labels = [n for n in _meta(han)["labels"] if n not in ("background", "ignore")]
+    meta = dataset_json(ds)
+    han_labels = [n for n in dataset_json(han)["labels"] if n not in ("background", "ignore")]
     assert list(meta["labels"]) == ["background", *han_labels, "liver", "spleen", "kidney_right", "kidney_left",
                                     "ignore"]
     assert meta["labels"]["ignore"] == 14 and meta["channel_names"] == {"0": "CT"}
     remap = json.loads((ds / "label_remapping.json").read_text())
     assert remap["HaN"]["10"] == 14 and remap["Abd"] == {"0": 0, "1": 10, "2": 11, "3": 12, "4": 13}
-    src = _read(han / "labelsTr" / "0522c0003.nii.gz")                     # lacks a structure: ignore label
-    merged = _read(ds / "labelsTr" / "HaN_0522c0003.nii.gz")
+    src = read_array(han / "labelsTr" / "0522c0003.nii.gz")                     # lacks a structure: ignore label
+    merged = read_array(ds / "labelsTr" / "HaN_0522c0003.nii.gz")
     np.testing.assert_array_equal(merged == 14, src == 10)
     np.testing.assert_array_equal(merged[src < 10], src[src < 10])
     assert meta["organmtl_small_organs"] == ["Chiasm", "OpticNerve_L", "OpticNerve_R"]
@@ -207,7 +199,7 @@ def test_other_file_ending_is_converted_and_test_cases_carried(tmp_path):
                       channels=("T2", "DWI"))
     assert _merge(tmp_path / "raw", a, b) == 0
     ds = tmp_path / "raw" / "Dataset050_MT"
-    meta = _meta(ds)
+    meta = dataset_json(ds)
     assert meta["channel_names"] == {"0": "T2", "1": "mixed_ADC_DWI"} and meta["file_ending"] == ".nii.gz"
     for c in range(2):
         src = sitk.ReadImage(str(a / "imagesTr" / f"c1_{c:04d}.nrrd"))
@@ -217,9 +209,9 @@ def test_other_file_ending_is_converted_and_test_cases_carried(tmp_path):
     assert sorted(p.name for p in (ds / "imagesTs").iterdir()) == ["A_t1_0000.nii.gz", "A_t1_0001.nii.gz",
                                                                   "A_t2_0000.nii.gz", "A_t2_0001.nii.gz"]
     assert [p.name for p in (ds / "labelsTs").iterdir()] == ["A_t1.nii.gz"]
-    np.testing.assert_array_equal(_read(ds / "labelsTs" / "A_t1.nii.gz"), _read(a / "labelsTs" / "t1.nrrd"))
-    np.testing.assert_array_equal(_read(ds / "labelsTr" / "B_c1.nii.gz"),
-                                  np.array([0, 2, 3], np.uint8)[_read(b / "labelsTr" / "c1.nii.gz")])
+    np.testing.assert_array_equal(read_array(ds / "labelsTs" / "A_t1.nii.gz"), read_array(a / "labelsTs" / "t1.nrrd"))
+    np.testing.assert_array_equal(read_array(ds / "labelsTr" / "B_c1.nii.gz"),
+                                  np.array([0, 2, 3], np.uint8)[read_array(b / "labelsTr" / "c1.nii.gz")])
     assert meta["organmtl_tasks"]["A"]["test_cases"] == ["A_t1", "A_t2"] and meta["numTraining"] == 2
 
 

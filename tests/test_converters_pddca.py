@@ -1,19 +1,17 @@
 """PDDCA converter: exact geometry and labels, missing structures, landmarks, atomic output,
 byte-identical re-runs, nnU-Net's own integrity check, and a corpus of bad inputs."""
 import json
-import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 
 from organmtl.cli import main
 from organmtl.converters.pddca import LABELS
-from organmtl.demo_data.shapes import write_fcsv
-from tests.helpers import geometries, rotation
+from tests.helpers import file_examples, geometries, rotation
 
 
 def _convert(src, out, *extra):
@@ -41,7 +39,7 @@ def make_case(root: Path, case: str, shape, spacing, origin, direction, rng, str
 geometry = geometries(((2, 9), (2, 9), (2, 9)))
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@file_examples(12)
 @given(geometry)
 def test_geometry_and_labels_round_trip(tmp_path_factory, geom):
     shape, spacing, origin, angles = geom

@@ -8,26 +8,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 
 from organmtl.cli import main
 from organmtl.converters.visceral import RADLEX
 from organmtl.demo_data.visceral import RADLEX as DEMO_RADLEX
-from tests.helpers import geometries, rotation, run_cli
+from tests.helpers import dataset_json, file_examples, geometries, read_array, rotation, run_cli
 
 STEM = "10000102_1_CT_wb"        # a demo case without landmark problems
 
 
 def _convert(src, out, *extra):
     return main(["convert", "visceral", str(src), "--dataset-id", "8", "--name", "V", "--out", str(out), *extra])
-
-
-def _read(path):
-    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
-
-
-def _meta(ds):
-    return json.loads((ds / "dataset.json").read_text())
 
 
 def _report(ds):
@@ -77,7 +69,7 @@ def _write_case(root: Path, stem: str, shape, spacing, origin, direction, rng, r
 geometry = geometries(((2, 8), (2, 8), (2, 8)))
 
 
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@file_examples(8)
 @given(geometry)
 def test_geometry_and_labels_round_trip(tmp_path_factory, geom):
     shape, spacing, origin, angles = geom
@@ -94,12 +86,12 @@ def test_geometry_and_labels_round_trip(tmp_path_factory, geom):
         for get in ("GetSpacing", "GetOrigin", "GetDirection"):
             np.testing.assert_allclose(getattr(o, get)(), getattr(source, get)(), rtol=0, atol=1e-9)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(out_img), sitk.GetArrayFromImage(source))
-    assert _meta(ds)["labels"] == {"background": 0, "liver": 1, "spleen": 2}
+    assert dataset_json(ds)["labels"] == {"background": 0, "liver": 1, "spleen": 2}
     arr = sitk.GetArrayFromImage(seg)
     for value, rid in ((1, "58"), (2, "86")):
-        mask = _read(tmp / "src" / "Segmentations" / f"42_1_CT_wb_{rid}_1.nrrd") > 0
+        mask = read_array(tmp / "src" / "Segmentations" / f"42_1_CT_wb_{rid}_1.nrrd") > 0
         if rid == "58":
-            mask &= _read(tmp / "src" / "Segmentations" / "42_1_CT_wb_86_1.nrrd") == 0   # spleen wins overlaps
+            mask &= read_array(tmp / "src" / "Segmentations" / "42_1_CT_wb_86_1.nrrd") == 0   # spleen wins overlaps
         np.testing.assert_array_equal(arr == value, mask)
 
 
@@ -109,7 +101,7 @@ def test_demo_labels_images_and_landmarks(src, tmp_path, capsys):
     assert _convert(src, tmp_path / "raw") == 0
     out = capsys.readouterr().out
     ds = tmp_path / "raw" / "Dataset008_V"
-    meta = _meta(ds)
+    meta = dataset_json(ds)
     assert meta["labels"] == {"background": 0, "liver": 1, "spleen": 2, "kidney_right": 3, "kidney_left": 4}
     assert meta["channel_names"] == {"0": "CT"} and meta["numTraining"] == 6
     assert meta["organmtl_visceral"] == {"modality": "CT", "radlex": {"liver": "58", "spleen": "86",
@@ -117,13 +109,13 @@ def test_demo_labels_images_and_landmarks(src, tmp_path, capsys):
     assert sorted(p.name for p in (ds / "labelsTr").iterdir()) == [f"1000010{i}_1.nii.gz" for i in range(6)]
     for i in range(6):
         stem, case = f"1000010{i}_1_CT_wb", f"1000010{i}_1"
-        seg = _read(ds / "labelsTr" / f"{case}.nii.gz")
+        seg = read_array(ds / "labelsTr" / f"{case}.nii.gz")
         for value, name in enumerate(meta["labels"]):
             if value:
                 rid = meta["organmtl_visceral"]["radlex"][name]
-                np.testing.assert_array_equal(seg == value, _read(src / "Segmentations" / f"{stem}_{rid}_1.nii.gz") > 0)
-        np.testing.assert_array_equal(_read(ds / "imagesTr" / f"{case}_0000.nii.gz"),
-                                      _read(src / "Volumes" / f"{stem}.nii.gz"))
+                np.testing.assert_array_equal(seg == value, read_array(src / "Segmentations" / f"{stem}_{rid}_1.nii.gz") > 0)
+        np.testing.assert_array_equal(read_array(ds / "imagesTr" / f"{case}_0000.nii.gz"),
+                                      read_array(src / "Volumes" / f"{stem}.nii.gz"))
     report = _report(ds)
     for case in report:                       # every third demo case: one point outside, one duplicated
         lm = json.loads((ds / "landmarks" / f"{case}.json").read_text())
@@ -150,31 +142,31 @@ def test_unknown_radlex_id_is_reported_and_skipped(src, tmp_path, capsys):
     ds = tmp_path / "raw" / "Dataset008_V"
     assert _report(ds)["10000102_1"]["skipped"] == [
         {"file": f"{STEM}_99999_1.nii.gz", "reason": "RadLex id not among the Anatomy3 structures"}]
-    assert len(_meta(ds)["labels"]) == 5
+    assert len(dataset_json(ds)["labels"]) == 5
 
 
 def test_structures_subset_and_missing_policies(src, tmp_path):
     assert _convert(src, tmp_path / "sub", "--structures", "kidney_left", "liver") == 0
     ds = tmp_path / "sub" / "Dataset008_V"
-    assert _meta(ds)["labels"] == {"background": 0, "kidney_left": 1, "liver": 2}
-    seg = _read(ds / "labelsTr" / "10000102_1.nii.gz")
-    np.testing.assert_array_equal(seg == 1, _read(src / "Segmentations" / f"{STEM}_29663_1.nii.gz") > 0)
+    assert dataset_json(ds)["labels"] == {"background": 0, "kidney_left": 1, "liver": 2}
+    seg = read_array(ds / "labelsTr" / "10000102_1.nii.gz")
+    np.testing.assert_array_equal(seg == 1, read_array(src / "Segmentations" / f"{STEM}_29663_1.nii.gz") > 0)
     assert set(np.unique(seg)) == {0, 1, 2}
 
     (src / "Segmentations" / f"{STEM}_86_1.nii.gz").unlink()          # case 10000102_1 lacks its spleen
     assert _convert(src, tmp_path / "drop") == 0
     report = _report(tmp_path / "drop" / "Dataset008_V")
     assert report["10000102_1"]["action"] == "dropped" and report["10000102_1"]["missing"] == ["spleen"]
-    assert _meta(tmp_path / "drop" / "Dataset008_V")["numTraining"] == 5
+    assert dataset_json(tmp_path / "drop" / "Dataset008_V")["numTraining"] == 5
 
     assert _convert(src, tmp_path / "ign", "--missing", "ignore") == 0
     ds = tmp_path / "ign" / "Dataset008_V"
-    assert _meta(ds)["labels"]["ignore"] == 5
-    assert set(np.unique(_read(ds / "labelsTr" / "10000102_1.nii.gz"))) == {1, 3, 4, 5}
-    assert set(np.unique(_read(ds / "labelsTr" / "10000101_1.nii.gz"))) == {0, 1, 2, 3, 4}
+    assert dataset_json(ds)["labels"]["ignore"] == 5
+    assert set(np.unique(read_array(ds / "labelsTr" / "10000102_1.nii.gz"))) == {1, 3, 4, 5}
+    assert set(np.unique(read_array(ds / "labelsTr" / "10000101_1.nii.gz"))) == {0, 1, 2, 3, 4}
 
     assert _convert(src, tmp_path / "bg", "--missing", "background") == 0
-    seg = _read(tmp_path / "bg" / "Dataset008_V" / "labelsTr" / "10000102_1.nii.gz")
+    seg = read_array(tmp_path / "bg" / "Dataset008_V" / "labelsTr" / "10000102_1.nii.gz")
     assert set(np.unique(seg)) == {0, 1, 3, 4}
 
 
@@ -186,11 +178,11 @@ def test_modality_filter(src, tmp_path, capsys):
     assert "several modalities (CT, MRT1)" in capsys.readouterr().err
     assert _convert(src, tmp_path / "mr", "--modality", "MRT1") == 0
     ds = tmp_path / "mr" / "Dataset008_V"
-    assert _meta(ds)["channel_names"] == {"0": "MRT1"} and _meta(ds)["labels"] == {"background": 0, "liver": 1}
+    assert dataset_json(ds)["channel_names"] == {"0": "MRT1"} and dataset_json(ds)["labels"] == {"background": 0, "liver": 1}
     assert [p.name for p in (ds / "imagesTr").iterdir()] == ["20000001_1_0000.nii.gz"]
     assert not (ds / "landmarks").exists()
     assert _convert(src, tmp_path / "ct", "--modality", "CT") == 0
-    assert _meta(tmp_path / "ct" / "Dataset008_V")["numTraining"] == 6
+    assert dataset_json(tmp_path / "ct" / "Dataset008_V")["numTraining"] == 6
     assert _convert(src, tmp_path / "no", "--modality", "CTce") == 2
     assert "no volume of modality 'CTce' (found: CT, MRT1)" in capsys.readouterr().err
 
