@@ -6,7 +6,7 @@ same patch.
    of the merged dataset's ``3d_tiny`` patch and batch size, after warm-up steps, median of
    ``--steps``. Baseline: nnU-Net's planned ``3d_fullres`` U-Net of the same dataset (stock
    PlainConvUNet, deep supervision as in training) at that patch; also the tiny U-Net, the paper's
-   triplanar network (25 x 32 conv, 2 x 192 FC) and the tiny triplanar network (6 x 16, 2 x 64).
+   triplanar network (25 x 32 conv, 2 x 192 FC) and the triplanar network the 3d_tiny plan gives (docs/trainers.md).
 2. The experiments: demo phantoms (``organmtl demo-data --families multimodal``) -> ``convert
    volumes`` x 3 -> ``convert merge`` -> ``plan-tiny`` -> ``organmtl multitask-experiments`` (all
    2^3 - 1 = 7 subsets). Dice figures are also given relative to the single-task experiment of
@@ -57,8 +57,8 @@ def step_times(dataset_id: int, device: str, steps: int) -> list[dict]:
     from nnunetv2.paths import nnUNet_preprocessed
     from nnunetv2.utilities.dataset_name_id_conversion import convert_id_to_dataset_name
 
-    from organmtl.nnunet_trainers.multitask.trainers import (nnUNetTrainerOMTLTriplanar,
-                                                             nnUNetTrainerOMTLTriplanar_Tiny)
+    from organmtl.nnunet_trainers.multitask.trainers import nnUNetTrainerOMTLTriplanar_Tiny
+    from organmtl.nnunet_trainers.multitask.triplanar import TriplanarCNN
 
     pm = PlansManager(str(Path(nnUNet_preprocessed) / convert_id_to_dataset_name(dataset_id) / "nnUNetPlans.json"))
     tiny = pm.get_configuration("3d_tiny")
@@ -72,9 +72,8 @@ def step_times(dataset_id: int, device: str, steps: int) -> list[dict]:
 
     nets = {"nnU-Net U-Net 3d_fullres (baseline)": (unet(pm.get_configuration("3d_fullres")), "sgd"),
             "nnU-Net U-Net 3d_tiny": (unet(tiny), "sgd"),
-            "triplanar 25 x 32 (paper)": (nnUNetTrainerOMTLTriplanar.build_network_architecture(
-                pm, tiny, 1, n_classes), "adam"),
-            "triplanar 6 x 16 (_Tiny)": (nnUNetTrainerOMTLTriplanar_Tiny.build_network_architecture(
+            "triplanar 25 x 32 (paper)": (TriplanarCNN(1, n_classes), "adam"),
+            "triplanar of the 3d_tiny plan (_Tiny)": (nnUNetTrainerOMTLTriplanar_Tiny.build_network_architecture(
                 pm, tiny, 1, n_classes), "adam")}
     dev = torch.device(device)
     x = torch.randn(batch, 1, *patch, device=dev)
