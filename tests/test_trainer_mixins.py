@@ -83,3 +83,10 @@ def test_plan_width_factor():
     cm.network_arch_init_kwargs = {}
     with pytest.raises(ValueError, match="features_per_stage"):
         plan_width_factor(cm)
+    # organmtl plan-tiny's 3d_tiny starts at 8 features: a quarter of the paper widths, as _Tiny had by hand
+    from organmtl.nnunet_plans import tiny_configuration
+
+    parent = {"_name": "3d_fullres", "spacing": [2.5, 1.0, 1.0], "patch_size": [40, 160, 160],
+              "architecture": {"arch_kwargs": {"features_per_stage": [32, 64, 128, 256, 320]}}}
+    tiny = tiny_configuration(parent, 32 ** 3)["architecture"]["arch_kwargs"]
+    assert plan_width_factor(SimpleNamespace(network_arch_init_kwargs=tiny, network_arch_class_name="U")) == 0.25
