@@ -27,69 +27,28 @@ HMRNET = Plugin(
     docs="docs/hmrnet.md",
 )
 
+_TRAINERS = "organmtl.nnunet_trainers"   # one tuple of trainer classes per family, built from the classes
+
 FOCUSNETV2 = Plugin(
     name="focusnetv2",
-    description="FocusNetv2: S-Net, small-organ localisation/segmentation, adversarial shape AE (papers/focusnetv2.txt)",
-    nnunet_trainers=("organmtl.nnunet_trainers:nnUNetTrainerOMTLBaseline_Tiny",
-                     "organmtl.nnunet_trainers:nnUNetTrainerOMTLSNet",
-                     "organmtl.nnunet_trainers:nnUNetTrainerOMTLSNet_Tiny",
-                     "organmtl.nnunet_trainers:nnUNetTrainerOMTLFocusNetV1",
-                     "organmtl.nnunet_trainers:nnUNetTrainerOMTLFocusNetV1_Tiny",
-                     "organmtl.nnunet_trainers:nnUNetTrainerOMTLFocusNetV2",
-                     "organmtl.nnunet_trainers:nnUNetTrainerOMTLFocusNetV2_Tiny",
-                     "organmtl.nnunet_trainers:nnUNetTrainerOMTLFocusNetV2NoConcat",
-                     "organmtl.nnunet_trainers:nnUNetTrainerOMTLFocusNetV2NoConcat_Tiny",
-                     "organmtl.nnunet_trainers:nnUNetTrainerOMTLFocusNetV2OriginAE",
-                     "organmtl.nnunet_trainers:nnUNetTrainerOMTLFocusNetV2OriginAE_Tiny"),
+    description="FocusNetv2: S-Net, small-organ localisation/segmentation, adversarial shape AE",
+    nnunet_trainer_sets=(f"{_TRAINERS}:BASELINE", f"{_TRAINERS}:FOCUSNET"),
     converters={"pddca": "organmtl.converters:PDDCA"},
     docs="docs/focusnetv2.md",
 )
 
-_LANDMARKS = "organmtl.nnunet_trainers.landmarks"
-
 LANDMARK_UNET = Plugin(
     name="landmark_unet",
-    description="Landmark U-Nets: landmarks as auxiliary task or as input (two theses in papers/)",
-    nnunet_trainers=(
-        "organmtl.nnunet_trainers:nnUNetTrainerOMTLBaseline_Tiny",
-        f"{_LANDMARKS}:nnUNetTrainerOMTLLandmarkJoint",
-        f"{_LANDMARKS}:nnUNetTrainerOMTLLandmarkJoint_Tiny",
-        f"{_LANDMARKS}:nnUNetTrainerOMTLLandmarkJointL3",
-        f"{_LANDMARKS}:nnUNetTrainerOMTLLandmarkJointL3_Tiny",
-        f"{_LANDMARKS}:nnUNetTrainerOMTLLandmarkJointL5",
-        f"{_LANDMARKS}:nnUNetTrainerOMTLLandmarkJointL5_Tiny",
-        f"{_LANDMARKS}:nnUNetTrainerOMTLLandmarkJointL10",
-        f"{_LANDMARKS}:nnUNetTrainerOMTLLandmarkJointL10_Tiny",
-        f"{_LANDMARKS}:nnUNetTrainerOMTLLandmarkJointLite",
-        f"{_LANDMARKS}:nnUNetTrainerOMTLLandmarkJointLite_Tiny",
-        f"{_LANDMARKS}:nnUNetTrainerOMTLLandmarkJointThesisCT",
-        f"{_LANDMARKS}:nnUNetTrainerOMTLLandmarkJointThesisCT_Tiny",
-        f"{_LANDMARKS}:nnUNetTrainerOMTLLandmarkAlternate",
-        f"{_LANDMARKS}:nnUNetTrainerOMTLLandmarkAlternate_Tiny",
-        f"{_LANDMARKS}:nnUNetTrainerOMTLLandmarkUncertainty",
-        f"{_LANDMARKS}:nnUNetTrainerOMTLLandmarkUncertainty_Tiny",
-        f"{_LANDMARKS}:nnUNetTrainerOMTLLandmarkEarlyFusion",
-        f"{_LANDMARKS}:nnUNetTrainerOMTLLandmarkEarlyFusion_Tiny",
-        f"{_LANDMARKS}:nnUNetTrainerOMTLLandmarkLateFusion",
-        f"{_LANDMARKS}:nnUNetTrainerOMTLLandmarkLateFusion_Tiny",
-        f"{_LANDMARKS}:nnUNetTrainerOMTLLandmarkImageOnly",
-        f"{_LANDMARKS}:nnUNetTrainerOMTLLandmarkImageOnly_Tiny",
-        f"{_LANDMARKS}:nnUNetTrainerOMTLMultiTaskBlock",
-        f"{_LANDMARKS}:nnUNetTrainerOMTLMultiTaskBlock_Tiny",
-        f"{_LANDMARKS}:nnUNetTrainerOMTLMultiTaskBlockDice",
-        f"{_LANDMARKS}:nnUNetTrainerOMTLMultiTaskBlockDice_Tiny",
-    ),
+    description="Landmark U-Nets: landmarks as auxiliary task or as input (two theses)",
+    nnunet_trainer_sets=(f"{_TRAINERS}:BASELINE", f"{_TRAINERS}:LANDMARKS"),
     converters={"volumes": "organmtl.converters:VOLUMES", "visceral": "organmtl.converters.visceral:CONVERTER"},
     docs="docs/landmark_unets.md",
 )
 
 MULTITASK_CNN = Plugin(
     name="multitask_cnn",
-    description="Multi-task multi-modality CNN, one network for several datasets (papers/moeskops_multitask_cnn.txt)",
-    nnunet_trainers=tuple(f"organmtl.nnunet_trainers:nnUNetTrainerOMTL{n}" for n in (
-        "Triplanar", "Triplanar_Tiny", "TriplanarDiceCE", "TriplanarDiceCE_Tiny",
-        "MultiTaskUNet", "MultiTaskUNet_Tiny", "MultiTaskUNetDiceCE", "MultiTaskUNetDiceCE_Tiny",
-        "Baseline_Tiny")),
+    description="Multi-task multi-modality CNN of Moeskops et al., one network for several datasets",
+    nnunet_trainer_sets=(f"{_TRAINERS}:MULTITASK", f"{_TRAINERS}:BASELINE"),
     converters={"volumes": "organmtl.converters:VOLUMES", "merge": "organmtl.converters.merge:CONVERTER"},
     docs="docs/multitask_cnn.md",
 )
