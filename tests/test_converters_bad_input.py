@@ -21,6 +21,7 @@ import pydicom
 import pytest
 
 from organmtl.cli import main
+from organmtl.converters.common import CaseRunner, ConversionError
 from organmtl.demo_data.dicom_rt import make_case, save, write_case, write_dicom_rt
 from tests.test_converters_dicom_rt import add_roi, edit_rtstruct, roi_contours
 
@@ -58,6 +59,35 @@ def _assert_partial(out: Path, dataset: str, bad_case: str, good_cases: list, cu
         assert any(n.startswith(f"{case}_0000") for n in names) and any(n.startswith(f"{case}.") for n in names), names
     meta = json.loads((ds / "dataset.json").read_text())
     assert meta["numTraining"] == len([n for n in os.listdir(ds / "labelsTr")])
+
+
+# ------------------------------------------------------------------ the case runner
+
+def _half_written(task):
+    """Write a case's image, then fail for case 'b' before its label map (a case cut short)."""
+    out, case = task
+    (out / "imagesTr" / f"{case}_0000.nii.gz").write_text("image")
+    if case == "b":
+        raise ConversionError(f"{case}.nrrd: broken\nsecond line")
+    (out / "labelsTr" / f"{case}.nii.gz").write_text("label")
+    return case
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_case_runner_removes_a_failed_case_and_skips_it_later(jobs, tmp_path):
+    for sub in ("imagesTr", "labelsTr"):
+        (tmp_path / sub).mkdir()
+    (tmp_path / "imagesTr" / "b_extra_0000.nii.gz").write_text("another case whose id starts with b_")
+    runner = CaseRunner(jobs=jobs, out=tmp_path)
+    tasks = [(tmp_path, c) for c in ("a", "b", "c")]
+    assert runner(_half_written, tasks, case=lambda t: t[1]) == ["a", "c"]
+    assert [(f.case, f.split, f.error) for f in runner.failures] == [("b", "train", "b.nrrd: broken second line")]
+    assert sorted(os.listdir(tmp_path / "imagesTr")) == ["a_0000.nii.gz", "b_extra_0000.nii.gz", "c_0000.nii.gz"]
+    assert runner(lambda t: t[1], tasks, jobs=1, case=lambda t: t[1]) == ["a", "c"]     # b is not retried
+    with pytest.raises(ConversionError, match="b.nrrd: broken"):
+        CaseRunner(jobs=jobs, strict=True, out=tmp_path)(_half_written, tasks, case=lambda t: t[1])
+    with pytest.raises(ConversionError, match="b.nrrd: broken"):                      # the only case fails
+        CaseRunner(jobs=jobs, out=tmp_path)(_half_written, tasks[1:2], case=lambda t: t[1])
 
 
 # ------------------------------------------------------------------ DICOM CT + RTSTRUCT: one bad case
@@ -257,6 +287,25 @@ def test_dicom_rt_one_bad_case(kind, rt_pair, tmp_path, capsys):
     err = _stderr_lines(capsys, "error:")
     assert len(err) == 1 and culprit in err[0] and problem in err[0], err
     _assert_nothing_written(tmp_path / "strict")
+
+
+def test_dicom_rt_bad_test_case(rt_pair, tmp_path, capsys):
+    """A bad case of the --test source is listed with split "test"; the other test case and the
+    training cases are converted."""
+    test_src = tmp_path / "test"
+    for i in (4, 5):
+        write_case(test_src / f"rt{i:03d}", make_case(i, 0))
+    culprit = _corrupt("truncated slice", test_src / "rt005")
+    assert _convert(rt_pair, tmp_path / "raw", "--test", test_src) == 1
+    err = _stderr_lines(capsys, "not converted")
+    assert len(err) == 1 and "case rt005 (test) not converted" in err[0] and culprit in err[0], err
+    ds = tmp_path / "raw" / DATASET
+    report = json.loads((ds / "conversion_report.json").read_text())
+    assert [(f["case"], f["split"]) for f in report["failed"]] == [("rt005", "test")]
+    assert [(r["case"], r["split"]) for r in report["cases"]] == [("rt000", "train"), ("rt001", "train"),
+                                                                  ("rt004", "test")]
+    assert sorted(os.listdir(ds / "imagesTs")) == ["rt004_0000.nii.gz"]
+    assert sorted(os.listdir(ds / "labelsTs")) == ["rt004.nii.gz"]
 
 
 # ------------------------------------------------------------------ DICOM: bad options and sources (exit 2)

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from matplotlib.path import Path as MplPath
 
 from organmtl.cli import main
-from organmtl.converters.dicom_rt import fill_polygons, physical_to_index
+from organmtl.converters.dicom_rt import fill_polygons, physical_to_index, sanitise
 from organmtl.demo_data.dicom_rt import (FEET_FIRST_SUPINE, HEAD_FIRST_SUPINE, Case, Contour, Roi, SeriesGeometry,
                                          ground_truth, make_case, save, write_case, write_dicom_rt)
 from tests.helpers import rotation, run_cli
@@ -581,3 +581,47 @@ def test_synonym_table_from_roi_map_and_documented(tmp_path):
     assert (seg[0, 1:8, 1:4] == 1).all() and (seg[1, 7:9, 7:9] == 2).all()
     docs = (Path(__file__).resolve().parent.parent / "docs" / "converters.md").read_text()
     assert all(f"`{label}`" in docs for label in SYNONYMS), [l for l in SYNONYMS if f"`{l}`" not in docs]
+
+
+def test_real_ct_headers_from_pydicom(tmp_path):
+    """A series made of pydicom's real ``CT_small.dcm`` (a GE CT slice: signed 16-bit pixels,
+    RescaleIntercept -1024, private tags) stacked at four positions, with an RTSTRUCT drawn in its
+    frame: HU equal pydicom's decoding, labels equal the mm-space ground truth."""
+    from organmtl.demo_data.dicom_rt import rtstruct
+
+    real = pydicom.dcmread(_testdata("CT_small.dcm"))
+    iop = tuple(float(v) for v in real.ImageOrientationPatient)
+    first = tuple(float(v) for v in real.ImagePositionPatient)
+    g = SeriesGeometry((4, int(real.Rows), int(real.Columns)), (float(real.PixelSpacing[1]),
+                       float(real.PixelSpacing[0]), 5.0), first, iop)
+    case = Case("gecase", g, np.zeros(g.shape_zyx, np.int16),
+                [Roi(1, "Lesion", [Contour(g.plane_points(k, _star(np.random.default_rng(k), (40, 40), 11, 8, 25)), k)
+                                   for k in range(4)]),
+                 Roi(2, "Lt Lung", [Contour(g.plane_points(k, [(5, 5), (30, 5), (30, 60), (5, 60)]), k)
+                                    for k in (1, 2)])])
+    folder = tmp_path / "src" / "gecase"
+    expected_hu = []
+    for k in range(4):
+        ds = copy.deepcopy(real)
+        ds.ImagePositionPatient = [float(v) for v in g.position(k)]
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = case.slice_uid(k)
+        ds.SeriesInstanceUID, ds.StudyInstanceUID = case.series_uid, case.study_uid
+        ds.FrameOfReferenceUID, ds.InstanceNumber = case.frame_uid, 4 - k
+        pixels = np.roll(real.pixel_array, 9 * k, axis=1)
+        ds.PixelData = pixels.astype("<i2").tobytes()
+        expected_hu.append(pixels.astype(np.int32) * int(ds.RescaleSlope) + int(ds.RescaleIntercept))
+        save(ds, folder / "DICOM" / f"{k:08d}")
+    save(rtstruct(case), folder / "RS.gecase.dcm")
+    assert _convert(tmp_path / "src", tmp_path / "raw2") == 0
+    ds = _dataset(tmp_path / "raw2")
+    img = sitk.ReadImage(str(ds / "imagesTr" / "gecase_0000.nii.gz"))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(img), np.stack(expected_hu))
+    np.testing.assert_allclose(img.GetOrigin(), first, atol=1e-4)
+    labels = json.loads((ds / "dataset.json").read_text())["labels"]
+    gt = ground_truth(case)
+    expected = np.zeros(g.shape_zyx, np.uint8)
+    for roi in sorted(gt, key=lambda r: -gt[r].sum()):
+        expected[gt[roi]] = labels[sanitise(roi)]
+    np.testing.assert_array_equal(_read(ds / "labelsTr" / "gecase.nii.gz"), expected)
+    assert _convert(tmp_path / "src", tmp_path / "tg", "--roi-map", "tg263") == 0
+    assert json.loads((_dataset(tmp_path / "tg") / "dataset.json").read_text())["labels"] == {"background": 0, "Lung_L": 1}
