@@ -1,12 +1,13 @@
-"""Shared fixtures: demo phantoms generated once per session, nnU-Net folders, one torch thread.
-Plain helpers (``run_cli``, rotations, strategies, ...) are in ``tests/helpers.py``."""
+"""Shared fixtures: the demo phantoms and the demo spine slices as COCO, each generated once per
+session, and one torch thread. Plain helpers (``run_cli``, rotations, strategies, ...) are in
+``tests/helpers.py``; the converted + planned e2e data sets in ``tests/e2e/conftest.py``."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import nnunet_env_vars, one_thread, run_cli, write_spine_coco  # noqa: F401  (run_cli: old path)
+from tests.helpers import one_thread, run_cli, write_spine_coco  # noqa: F401  (run_cli: its old import path)
 
 
 @pytest.fixture(scope="session")
@@ -28,15 +29,6 @@ def spine_coco(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("spine")
     write_demo_data(root / "demo", seed=0, families=["spine"], n_cases=6)
     return write_spine_coco(root / "demo", root / "coco")
-
-
-@pytest.fixture
-def nnunet_env(tmp_path, monkeypatch) -> dict:
-    """Fresh nnU-Net raw/preprocessed/results folders, exported for this test and its subprocesses."""
-    env = nnunet_env_vars(tmp_path)
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    return env
 
 
 @pytest.fixture
