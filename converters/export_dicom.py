@@ -47,6 +47,7 @@ import colorsys
 import datetime
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,7 +55,9 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import SimpleITK as sitk
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.tag import Tag
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
@@ -65,6 +68,8 @@ RT_STRUCTURE_SET_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
 STUDY_COMPONENT_SOP = "1.2.840.10008.3.1.2.3.1"   # RTReferencedStudySequence's ReferencedSOPClassUID (PS3.3 C.8.8.5)
 GRID_TOL_VOXELS = 0.05       # largest corner-centre offset prediction vs CT, in units of the smallest CT spacing
 CONTOUR_LEVEL = 0.6          # contours 0.4 voxel outside boundary voxel centres (see module docstring)
+TRAILING_ZEROS = re.compile(r"\.?0+(?=\\|$)")     # "12.5000" -> "12.5", "3.0000" -> "3"
+CONTOUR_DATA = 0x30060050    # (3006,0050) ContourData
 COORD_DECIMALS = 4           # ContourData in mm rounded to 0.1 um (DS values stay well under 16 characters)
 SOFTWARE = "organmtl"
 EXIT_OK, EXIT_PARTIAL, EXIT_NONE = 0, 1, 2
@@ -239,27 +244,42 @@ def slice_contours(mask: np.ndarray) -> list[np.ndarray]:
     :func:`skimage.measure.find_contours` at level ``CONTOUR_LEVEL`` of the zero-padded mask: each
     contour runs ``1 - CONTOUR_LEVEL`` voxel outside the centres of the region's boundary voxels
     (just inside the voxel edges), outer and hole boundaries as separate non-touching polygons;
-    collinear vertices dropped (:func:`skimage.measure.approximate_polygon` at 1e-6 voxel).
+    vertices on a straight run dropped (their neighbours' edges turn by nothing).
     """
     from skimage import measure
 
-    ys, xs = np.nonzero(mask)
-    if ys.size == 0:
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:
         return []
-    y0, x0 = int(ys.min()), int(xs.min())
-    crop = np.pad(mask[y0:int(ys.max()) + 1, x0:int(xs.max()) + 1], 1).astype(np.float32)
+    y0, x0 = int(rows[0]), int(cols[0])
+    crop = np.pad(mask[y0:int(rows[-1]) + 1, x0:int(cols[-1]) + 1], 1).astype(np.float32)
     out = []
     for contour in measure.find_contours(crop, CONTOUR_LEVEL):
-        contour = measure.approximate_polygon(contour, tolerance=1e-6)[:-1]    # closed: last == first
-        out.append((contour + (y0 - 1, x0 - 1))[:, ::-1])
+        contour = contour[:-1]                                # closed: the last vertex repeats the first
+        before, after = np.roll(contour, 1, axis=0), np.roll(contour, -1, axis=0)
+        turn = ((contour[:, 0] - before[:, 0]) * (after[:, 1] - contour[:, 1])
+                - (contour[:, 1] - before[:, 1]) * (after[:, 0] - contour[:, 0]))
+        out.append((contour[np.abs(turn) > 1e-9] + (y0 - 1, x0 - 1))[:, ::-1])
     return out
 
 
-def label_contours(seg: np.ndarray, value: int) -> list[tuple[int, np.ndarray]]:
-    """``(slice k, contour (x, y))`` for every slice holding voxels of ``value``."""
-    mask = seg == value
-    slices = np.flatnonzero(mask.any(axis=(1, 2)))
-    return [(int(k), c) for k in slices for c in slice_contours(mask[k])]
+def label_contours(seg: np.ndarray, value: int, box: tuple[slice, ...] | None = None) -> list[tuple[int, np.ndarray]]:
+    """``(slice k, contour (x, y))`` for every slice holding voxels of ``value``; ``box``: the
+    label's bounding box (``scipy.ndimage.find_objects``), to look inside it only."""
+    box = box or (slice(None),) * 3
+    z0, y0, x0 = (b.start or 0 for b in box)
+    mask = seg[box] == value
+    return [(z0 + int(k), c + (x0, y0)) for k in np.flatnonzero(mask.any(axis=(1, 2)))
+            for c in slice_contours(mask[k])]
+
+
+def label_boxes(seg: np.ndarray) -> tuple[dict[int, tuple[slice, ...]], np.ndarray]:
+    """Bounding box of each label value present and the voxel count of every value."""
+    from scipy import ndimage
+
+    boxes = {v: b for v, b in enumerate(ndimage.find_objects(seg), start=1)
+             if b is not None}
+    return boxes, np.bincount(seg.ravel().astype(np.int64, copy=False))
 
 
 def colours(n: int) -> list[list[int]]:
@@ -318,9 +338,18 @@ def _contour_item(ct: CtSeries, k: int, xy: np.ndarray) -> Dataset:
     item.ContourImageSequence = Sequence([_image_ref(ct.slices[k])])
     item.ContourGeometricType = "CLOSED_PLANAR"
     item.NumberOfContourPoints = len(xy)
-    points = np.round(ct.to_patient(k, xy), COORD_DECIMALS) + 0.0
-    item.ContourData = [f"{v:.{COORD_DECIMALS}f}".rstrip("0").rstrip(".") for v in points.ravel()]
+    item[CONTOUR_DATA] = ds_element(CONTOUR_DATA, ct.to_patient(k, xy).ravel())
     return item
+
+
+def ds_element(tag: int, values: np.ndarray) -> RawDataElement:
+    """A DS element of many numbers, rounded to ``COORD_DECIMALS`` and encoded once: the value as
+    pydicom would write it, without a validated DSfloat per number (the RTSTRUCT's hot spot)."""
+    values = (np.round(np.asarray(values, float), COORD_DECIMALS) + 0.0).tolist()
+    text = "\\".join([f"%.{COORD_DECIMALS}f"] * len(values)) % tuple(values)
+    raw = TRAILING_ZEROS.sub("", text).encode("ascii")
+    raw += b" " * (len(raw) % 2)                          # even length, padded with a space (PS3.5 6.2)
+    return RawDataElement(Tag(tag), "DS", len(raw), raw, 0, False, True)
 
 
 def build_rtstruct(ct: CtSeries, seg: np.ndarray, labels: dict[int, str]) -> tuple[Dataset, dict]:
@@ -353,6 +382,7 @@ def build_rtstruct(ct: CtSeries, seg: np.ndarray, labels: dict[int, str]) -> tup
     ds.StructureSetDate, ds.StructureSetTime = date, time
     ds.ReferencedFrameOfReferenceSequence = Sequence([_referenced_frame(ct)])
     structure_set, roi_contours, observations, counts = [], [], [], {}
+    boxes, voxels = label_boxes(seg)
     for (value, name), rgb in zip(sorted(labels.items()), colours(len(labels))):
         s = Dataset()
         s.ROINumber = value
@@ -361,7 +391,7 @@ def build_rtstruct(ct: CtSeries, seg: np.ndarray, labels: dict[int, str]) -> tup
         s.ROIGenerationAlgorithm = "AUTOMATIC"
         s.ROIGenerationDescription = "nnU-Net prediction exported by organmtl"
         structure_set.append(s)
-        contours = label_contours(seg, value)
+        contours = label_contours(seg, value, boxes[value])
         c = Dataset()
         c.ROIDisplayColor = rgb
         c.ReferencedROINumber = value
@@ -374,12 +404,29 @@ def build_rtstruct(ct: CtSeries, seg: np.ndarray, labels: dict[int, str]) -> tup
         o.ROIInterpreter = ""
         observations.append(o)
         counts[name] = {"contours": len(contours), "slices": len({k for k, _ in contours}),
-                        "voxels": int((seg == value).sum())}
+                        "voxels": int(voxels[value])}
     ds.StructureSetROISequence = Sequence(structure_set)
     ds.ROIContourSequence = Sequence(roi_contours)
     ds.RTROIObservationsSequence = Sequence(observations)
     ds.ApprovalStatus = "UNAPPROVED"
+    _mark_encoded(ds)
     return ds, counts
+
+
+def _mark_encoded(ds: Dataset) -> None:
+    """Declare every (nested) dataset as already in the written encoding (explicit VR little
+    endian, its character set): :func:`pydicom.dcmwrite` then writes the raw ContourData values
+    as they are instead of decoding them (``Dataset.set_original_encoding``). The datasets hold
+    no element of ambiguous VR, whose correction this skips."""
+    charset = getattr(ds, "_character_set", None)
+    if charset is None:                   # another pydicom: keep its default (slower) write path
+        return
+    ds.set_original_encoding(False, True, charset)
+    for tag in list(ds.keys()):
+        element = ds.get_item(tag)
+        if not element.is_raw and element.VR == "SQ":
+            for item in element.value:
+                _mark_encoded(item)
 
 
 # ------------------------------------------------------------------------------ SEG
@@ -414,7 +461,8 @@ def build_seg(ct: CtSeries, seg: np.ndarray, labels: dict[int, str]) -> tuple[Da
         instance_number=1, manufacturer=SOFTWARE, manufacturer_model_name="organmtl export seg",
         software_versions=_version(), device_serial_number="0", content_label="PREDICTION",
         series_description="organmtl prediction")
-    counts = {name: {"segment": n, "voxels": int((seg == value).sum())}
+    voxels = np.bincount(seg.ravel().astype(np.int64, copy=False))
+    counts = {name: {"segment": n, "voxels": int(voxels[value])}
               for n, (value, name) in enumerate(ordered, start=1)}
     return out, counts
 
