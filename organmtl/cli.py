@@ -227,6 +227,12 @@ def add_predict_centres_parser(sub) -> None:
     p.set_defaults(func=cmd_predict_centres)
 
 
+def add_export_parser(sub) -> None:
+    from organmtl.converters.export_dicom import add_export_parser as add
+
+    add(sub)          # organmtl export rtstruct|seg (docs/export.md)
+
+
 # ---------------------------------------------------------------- evaluation and reports
 
 def cmd_evaluate(args) -> int:
@@ -350,6 +356,7 @@ COMMANDS = [
     add_plan_tiny_parser,
     add_predict_landmarks_parser,
     add_predict_centres_parser,
+    add_export_parser,
     add_evaluate_parser,
     add_report_parser,
     add_multitask_experiments_parser,

@@ -1,0 +1,395 @@
+"""organmtl export rtstruct|seg: nnU-Net label maps back to DICOM on their CT series.
+
+Round trips through the real console scripts: the demo DICOM-RT phantoms are converted, their label
+maps exported (folder mode, CTs found through conversion_report.json) and converted again (Dice
+per ROI, exact geometry); an independent reader (rt-utils, OpenCV based, installed without its
+opencv-python dependency into a private folder: the headless OpenCV here provides the same cv2)
+reads the files; SEG is read back with highdicom. Hard shapes (holes with islands, single
+voxels, corner-touching voxels, the image border, random blobs) come back voxel for voxel; a
+prediction stored in another orientation comes back only with --resample; bad inputs give one
+line naming the file; a folder with one bad case exports the others (exit 1).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+
+from organmtl.cli import main
+from organmtl.converters.export_dicom import colours, slice_contours
+from organmtl.demo_data.dicom_rt import write_dicom_rt
+from tests.helpers import ONE_THREAD, run_cli
+
+CASES = ("rt000", "rt001", "rt003")          # head first, body wider than the field of view, feet first
+RT_UTILS = "rt-utils==1.2.7"                  # the independent reader (pydicom 3 compatible)
+
+
+def _read(path) -> np.ndarray:
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+
+def _labels(dataset: Path) -> dict[str, int]:
+    return {k: v for k, v in json.loads((dataset / "dataset.json").read_text())["labels"].items() if v}
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2 * float((a & b).sum()) / float(a.sum() + b.sum())
+
+
+def _convert(src: Path, out: Path, dataset_id: int) -> Path:
+    r = run_cli("convert", "dicom-rt", src, "--dataset-id", dataset_id, "--name", "RT", "--out", out, env=ONE_THREAD)
+    assert r.returncode == 0, r.stderr
+    return out / f"Dataset{dataset_id:03d}_RT"
+
+
+def _case_with_rtstruct(ct_dir: Path, rtstruct: Path, dest: Path) -> None:
+    shutil.copytree(ct_dir, dest / "CT")
+    (dest / "RS").mkdir()
+    shutil.copy(rtstruct, dest / "RS" / "RS.dcm")
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory) -> tuple[Path, Path]:
+    """(DICOM source root, converted nnU-Net dataset) of the demo phantoms."""
+    root = tmp_path_factory.mktemp("export")
+    write_dicom_rt(root / "src", 4, seed=0)
+    return root / "src", _convert(root / "src", root / "raw", 31)
+
+
+@pytest.fixture(scope="module")
+def exported(converted, tmp_path_factory) -> Path:
+    """``organmtl export rtstruct`` of an nnUNetv2_predict-like folder (label maps, dataset.json,
+    predict_from_raw_data_args.json naming the dataset's imagesTr): one CASE.dcm each."""
+    _, dataset = converted
+    root = tmp_path_factory.mktemp("exported")
+    pred = root / "pred"
+    pred.mkdir()
+    for f in (dataset / "labelsTr").iterdir():
+        shutil.copy(f, pred / f.name)
+    shutil.copy(dataset / "dataset.json", pred / "dataset.json")
+    (pred / "predict_from_raw_data_args.json").write_text(
+        json.dumps({"list_of_lists_or_source_folder": str(dataset / "imagesTr"), "output_folder_or_list_of_truncated"
+                    "_output_files": str(pred)}))
+    r = run_cli("export", "rtstruct", pred, "--out", root / "out", env=ONE_THREAD)
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in (root / "out").iterdir()) == ["export_report.json", *(f"{c}.dcm" for c in CASES)]
+    return root / "out"
+
+
+def test_rtstruct_round_trip_through_convert(converted, exported, tmp_path):
+    """convert dicom-rt of (CT + exported RTSTRUCT) gives the prediction back: same label names,
+    Dice 1.0 per ROI (the issue asks >= 0.98; the contour rule makes it exact), same geometry."""
+    src, dataset = converted
+    for case in CASES:
+        _case_with_rtstruct(src / case / "CT", exported / f"{case}.dcm", tmp_path / "src2" / case)
+    again = _convert(tmp_path / "src2", tmp_path / "raw2", 32)
+    names, names2 = _labels(dataset), _labels(again)
+    assert set(names2) == set(names)
+    for case in CASES:
+        before = sitk.ReadImage(str(dataset / "labelsTr" / f"{case}.nii.gz"))
+        after = sitk.ReadImage(str(again / "labelsTr" / f"{case}.nii.gz"))
+        assert (after.GetSize(), after.GetSpacing(), after.GetOrigin(), after.GetDirection()) == \
+            (before.GetSize(), before.GetSpacing(), before.GetOrigin(), before.GetDirection())
+        a, b = sitk.GetArrayFromImage(before), sitk.GetArrayFromImage(after)
+        for name, value in names.items():
+            assert (a == value).any()
+            assert _dice(a == value, b == names2[name]) >= 0.98, (case, name)
+            assert np.array_equal(a == value, b == names2[name]), (case, name)
+
+
+def test_rtstruct_references_the_ct_series(converted, exported):
+    """FrameOfReference, study, series with every slice, per contour the SOPInstanceUID of the
+    slice whose plane it lies in; names from dataset.json, distinct colours, CLOSED_PLANAR only."""
+    src, dataset = converted
+    report = json.loads((exported / "export_report.json").read_text())
+    assert [c["status"] for c in report["cases"]] == ["written"] * len(CASES)
+    for case in CASES:
+        ct = [pydicom.dcmread(str(p)) for p in sorted((src / case / "CT").iterdir())]
+        normal = np.cross(*np.reshape(np.asarray(ct[0].ImageOrientationPatient, float), (2, 3)))
+        plane = {s.SOPInstanceUID: float(np.dot(np.asarray(s.ImagePositionPatient, float), normal)) for s in ct}
+        rs = pydicom.dcmread(str(exported / f"{case}.dcm"))
+        assert rs.Modality == "RTSTRUCT" and rs.SOPClassUID == "1.2.840.10008.5.1.4.1.1.481.3"
+        assert (rs.PatientID, rs.StudyInstanceUID) == (ct[0].PatientID, ct[0].StudyInstanceUID)
+        frame = rs.ReferencedFrameOfReferenceSequence[0]
+        assert frame.FrameOfReferenceUID == ct[0].FrameOfReferenceUID
+        series = frame.RTReferencedStudySequence[0].RTReferencedSeriesSequence[0]
+        assert series.SeriesInstanceUID == ct[0].SeriesInstanceUID
+        assert {i.ReferencedSOPInstanceUID for i in series.ContourImageSequence} == set(plane)
+        assert {r.ROIName for r in rs.StructureSetROISequence} == set(_labels(dataset))
+        assert {r.ReferencedFrameOfReferenceUID for r in rs.StructureSetROISequence} == {ct[0].FrameOfReferenceUID}
+        assert len({tuple(c.ROIDisplayColor) for c in rs.ROIContourSequence}) == len(rs.ROIContourSequence)
+        for roi in rs.ROIContourSequence:
+            for contour in roi.ContourSequence:
+                assert contour.ContourGeometricType == "CLOSED_PLANAR"
+                points = np.asarray(contour.ContourData, float).reshape(-1, 3)
+                assert len(points) == contour.NumberOfContourPoints >= 3
+                ref = contour.ContourImageSequence[0].ReferencedSOPInstanceUID
+                assert np.allclose(points @ normal, plane[ref], atol=1e-3)
+
+
+@pytest.fixture(scope="module")
+def rt_utils_path(tmp_path_factory) -> Path:
+    """rt-utils installed into a private folder without its opencv-python requirement (the
+    opencv-python-headless that detectron2 uses provides the same ``cv2`` module)."""
+    target = tmp_path_factory.mktemp("rt_utils")
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "-q", "--no-deps",
+                        "--target", str(target), RT_UTILS], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    return target
+
+
+READ_WITH_RT_UTILS = """
+import sys, numpy as np
+from rt_utils import RTStructBuilder
+rt = RTStructBuilder.create_from(dicom_series_path=sys.argv[1], rt_struct_path=sys.argv[2])
+np.savez(sys.argv[3], **{name: np.moveaxis(rt.get_roi_mask_by_name(name), 2, 0) for name in rt.get_roi_names()})
+"""
+
+
+def test_independent_reader_agrees(converted, exported, rt_utils_path, tmp_path):
+    """rt-utils (no code shared with the exporter: OpenCV fill of rounded vertices, slices matched
+    through ContourImageSequence) reads every ROI with Dice >= 0.95 to the prediction."""
+    src, dataset = converted
+    names = _labels(dataset)
+    env = {**os.environ, **ONE_THREAD, "PYTHONPATH": str(rt_utils_path)}
+    for case in CASES:
+        out = tmp_path / f"{case}.npz"
+        r = subprocess.run([sys.executable, "-c", READ_WITH_RT_UTILS, str(src / case / "CT"),
+                            str(exported / f"{case}.dcm"), str(out)], capture_output=True, text=True, env=env,
+                           timeout=300)
+        assert r.returncode == 0, r.stderr
+        masks = np.load(out)
+        assert set(masks.files) == set(names)
+        label = _read(dataset / "labelsTr" / f"{case}.nii.gz")
+        for name, value in names.items():
+            assert _dice(label == value, masks[name]) >= 0.95, (case, name)
+
+
+def test_seg_round_trip_with_highdicom(converted, tmp_path):
+    """export seg: highdicom reads one segment per label, masks equal to the prediction (Dice 1.0),
+    frames referencing the CT slices of its series."""
+    import highdicom as hd
+
+    src, dataset = converted
+    names = _labels(dataset)
+    for case in ("rt000", "rt003"):
+        out = tmp_path / f"{case}_seg.dcm"
+        r = run_cli("export", "seg", dataset / "labelsTr" / f"{case}.nii.gz", "--dicom", src / case / "CT",
+                    "--dataset-json", dataset / "dataset.json", "--out", out, env=ONE_THREAD)
+        assert r.returncode == 0, r.stderr
+        seg = hd.seg.segread(str(out))
+        ct = [pydicom.dcmread(str(p), stop_before_pixels=True) for p in (src / case / "CT").iterdir()]
+        normal = np.cross(*np.reshape(np.asarray(ct[0].ImageOrientationPatient, float), (2, 3)))
+        ct.sort(key=lambda s: float(np.dot(np.asarray(s.ImagePositionPatient, float), normal)))
+        assert seg.FrameOfReferenceUID == ct[0].FrameOfReferenceUID
+        assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == ct[0].SeriesInstanceUID
+        assert {uid for _, _, uid in seg.get_source_image_uids()} <= {s.SOPInstanceUID for s in ct}
+        labels = {seg.get_segment_description(n).segment_label: n for n in seg.get_segment_numbers()}
+        assert set(labels) == set(names)
+        pixels = seg.get_pixels_by_source_instance([s.SOPInstanceUID for s in ct], combine_segments=True)
+        label = _read(dataset / "labelsTr" / f"{case}.nii.gz")
+        for name, value in names.items():
+            assert _dice(label == value, pixels == labels[name]) == 1.0, (case, name)
+
+
+# ------------------------------------------------------------------ exact shapes, geometry rule
+
+def _hard_label_map(shape_zyx, seed=0) -> np.ndarray:
+    """Rings with an island in the hole, single voxels, corner-touching voxels, a line, regions on
+    the image border, two labels touching, random blobs (many holes and saddles)."""
+    nz, ny, nx = shape_zyx
+    seg = np.zeros(shape_zyx, np.uint8)
+    seg[1, 10:30, 10:30] = 1
+    seg[1, 14:26, 14:26] = 0
+    seg[1, 18:22, 18:22] = 1                      # island inside the hole (nested twice)
+    seg[2, 5, 5] = seg[2, 6, 6] = seg[2, 7, 5] = 2  # single voxels touching at corners
+    seg[2, 20, 3:40] = 2                          # one-voxel-wide line
+    seg[3, :12, :12] = 3                          # on the image border (corner)
+    seg[3, 30:, 50:] = 3
+    seg[3, 12:20, 0:12] = 4                       # touches label 3 along an edge
+    rng = np.random.default_rng(seed)
+    blobs = rng.random((ny, nx)) > 0.55
+    seg[4][blobs & (seg[4] == 0)] = 5
+    seg[0, 0, :] = 2                              # first and last slice
+    seg[nz - 1, :, nx - 1] = 4
+    return seg
+
+
+def _write_like(array: np.ndarray, reference: sitk.Image, path: Path) -> Path:
+    image = sitk.GetImageFromArray(array)
+    image.CopyInformation(reference)
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+def test_hard_shapes_come_back_voxel_for_voxel(converted, tmp_path):
+    src, dataset = converted
+    for case in ("rt000", "rt003"):
+        reference = sitk.ReadImage(str(dataset / "labelsTr" / f"{case}.nii.gz"))
+        seg = _hard_label_map(sitk.GetArrayViewFromImage(reference).shape)
+        pred = _write_like(seg, reference, tmp_path / f"{case}.nii.gz")
+        r = run_cli("export", "rtstruct", pred, "--dicom", src / case / "CT", "--out", tmp_path / f"{case}.dcm",
+                    env=ONE_THREAD)
+        assert r.returncode == 0, r.stderr
+        _case_with_rtstruct(src / case / "CT", tmp_path / f"{case}.dcm", tmp_path / "src2" / case)
+    again = _convert(tmp_path / "src2", tmp_path / "raw2", 33)
+    names = _labels(again)
+    assert set(names) == {f"label_{v}" for v in range(1, 6)}
+    for case in ("rt000", "rt003"):
+        seg = _hard_label_map(_read(dataset / "labelsTr" / f"{case}.nii.gz").shape)
+        back = _read(again / "labelsTr" / f"{case}.nii.gz")
+        for name, value in names.items():
+            assert np.array_equal(back == value, seg == int(name.split("_")[1])), (case, name)
+
+
+def test_slice_contours_nest_holes_and_stay_off_voxel_centres():
+    mask = np.zeros((9, 9), bool)
+    mask[1:8, 1:8] = True
+    mask[3:6, 3:6] = False
+    mask[4, 4] = True
+    contours = slice_contours(mask)
+    assert len(contours) == 3                     # outer, hole, island
+    for c in contours:
+        assert c.shape[1] == 2 and len(c) >= 4
+        frac = np.abs(c - np.rint(c))             # every vertex 0.4 (or 0) voxel off a centre row/column
+        assert np.all(np.isclose(frac, 0.4) | np.isclose(frac, 0.0))
+    xs = sorted((c[:, 0].min(), c[:, 0].max()) for c in contours)
+    assert np.allclose(xs, [(0.6, 7.4), (2.4, 5.6), (3.6, 4.4)])   # 0.4 voxel off the foreground centres
+    assert slice_contours(np.zeros((4, 4), bool)) == []
+
+
+def test_colours_distinct():
+    rgb = colours(60)
+    assert len({tuple(c) for c in rgb}) == 60 and all(0 <= v <= 255 for c in rgb for v in c)
+
+
+def test_other_orientation_needs_resample(converted, tmp_path):
+    """The same label map stored flipped along x (same physical voxels, other direction/origin)
+    is refused without --resample, and with it comes back voxel for voxel."""
+    src, dataset = converted
+    case = "rt001"
+    label = sitk.ReadImage(str(dataset / "labelsTr" / f"{case}.nii.gz"))
+    flipped = tmp_path / "flipped.nii.gz"
+    sitk.WriteImage(sitk.Flip(label, [True, False, False], flipAboutOrigin=False), str(flipped))
+    args = ["export", "rtstruct", flipped, "--dicom", src / case / "CT", "--dataset-json", dataset / "dataset.json"]
+    r = run_cli(*args, "--out", tmp_path / "no.dcm", env=ONE_THREAD)
+    assert r.returncode == 2 and not (tmp_path / "no.dcm").exists()
+    assert len(r.stderr.strip().splitlines()) == 1 and str(flipped) in r.stderr and "--resample" in r.stderr
+    r = run_cli(*args, "--resample", "--out", tmp_path / "rs.dcm", env=ONE_THREAD)
+    assert r.returncode == 0, r.stderr
+    assert "resampled" in r.stdout
+    _case_with_rtstruct(src / case / "CT", tmp_path / "rs.dcm", tmp_path / "src2" / case)
+    again = _convert(tmp_path / "src2", tmp_path / "raw2", 34)
+    a, b = sitk.GetArrayFromImage(label), _read(again / "labelsTr" / f"{case}.nii.gz")
+    names2 = _labels(again)
+    for name, value in _labels(dataset).items():
+        assert np.array_equal(a == value, b == names2[name]), name
+
+
+# ------------------------------------------------------------------ folder mode, bad input
+
+def test_folder_one_bad_case_costs_only_itself(converted, tmp_path):
+    """--dicom ROOT of per-case CT folders (no conversion report): the bad case (a prediction on
+    another grid) is listed with its one-line reason, the others are written, exit 1; no
+    temporary file is left; a second run without --overwrite refuses the existing files."""
+    src, dataset = converted
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    for case in CASES:
+        shutil.copy(dataset / "labelsTr" / f"{case}.nii.gz", pred / f"{case}.nii.gz")
+    shutil.copy(dataset / "dataset.json", pred / "dataset.json")
+    bad = sitk.ReadImage(str(pred / "rt001.nii.gz"))[:, :, :-1]        # one slice short
+    sitk.WriteImage(bad, str(pred / "rt001.nii.gz"))
+    dicom_root = tmp_path / "dicom"
+    for case in CASES:
+        shutil.copytree(src / case / "CT", dicom_root / case)
+    r = run_cli("export", "seg", pred, "--dicom", dicom_root, "--out", tmp_path / "out", env=ONE_THREAD)
+    assert r.returncode == 1, r.stderr
+    errors = [line for line in r.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and str(pred / "rt001.nii.gz") in errors[0] and "size" in errors[0]
+    files = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert files == ["export_report.json", "rt000.dcm", "rt003.dcm"]
+    report = json.loads((tmp_path / "out" / "export_report.json").read_text())
+    assert (report["written"], report["failed"]) == (2, 1)
+    assert [c["case"] for c in report["cases"] if c["status"] == "failed"] == ["rt001"]
+    r = run_cli("export", "seg", pred, "--dicom", dicom_root, "--out", tmp_path / "out", env=ONE_THREAD)
+    assert r.returncode == 2 and r.stderr.count("already exists") == 2
+
+
+def _bad(tmp: Path, src: Path, dataset: Path, what: str) -> tuple[list, str, Path]:
+    """(arguments, phrase of the error, file it must name) for one bad input."""
+    label = sitk.ReadImage(str(dataset / "labelsTr" / "rt000.nii.gz"))
+    ct = src / "rt000" / "CT"
+    pred = tmp / "pred.nii.gz"
+    djson = dataset / "dataset.json"
+    if what == "shifted":
+        shifted = sitk.Image(label)
+        shifted.SetOrigin(tuple(np.asarray(label.GetOrigin()) + (0.6, 0, 0)))
+        sitk.WriteImage(shifted, str(pred))
+        return [pred, "--dicom", ct], "not on the grid", pred
+    if what == "size":
+        sitk.WriteImage(label[:-2, :, :], str(pred))
+        return [pred, "--dicom", ct], "size", pred
+    if what == "float":
+        sitk.WriteImage(sitk.Cast(label, sitk.sitkFloat32), str(pred))
+        return [pred, "--dicom", ct], "voxel type", pred
+    sitk.WriteImage(label, str(pred))
+    if what == "unknown label":
+        arr = sitk.GetArrayFromImage(label)
+        arr[0, 0, 0] = 9
+        _write_like(arr, label, pred)
+        return [pred, "--dicom", ct, "--dataset-json", djson], "label value 9", pred
+    if what == "empty":
+        _write_like(np.zeros_like(sitk.GetArrayFromImage(label)), label, pred)
+        return [pred, "--dicom", ct], "no foreground", pred
+    if what == "not an image":
+        pred.write_bytes(b"not a NIfTI file")
+        return [pred, "--dicom", ct], "cannot be read", pred
+    if what == "region labels":
+        j = tmp / "dataset.json"
+        j.write_text(json.dumps({"labels": {"background": 0, "whole": [1, 2], "core": 2}}))
+        return [pred, "--dicom", ct, "--dataset-json", j], "region", j
+    if what == "broken dataset.json":
+        j = tmp / "dataset.json"
+        j.write_text("{not json")
+        return [pred, "--dicom", ct, "--dataset-json", j], "not an nnU-Net dataset.json", j
+    if what == "no CT":
+        return [pred, "--dicom", src / "rt000" / "RTSTRUCT"], "no CT image files", src / "rt000" / "RTSTRUCT"
+    if what == "CT folder missing":
+        return [pred, "--dicom", tmp / "nowhere"], "CT folder not found", tmp / "nowhere"
+    if what == "unknown series":
+        return [pred, "--dicom", ct, "--series-uid", "1.2.3"], "no CT series 1.2.3", ct
+    if what == "no --dicom":
+        return [pred], "--dicom CT_DIR is needed", pred
+    if what == "exists":
+        (tmp / "out.dcm").write_bytes(b"keep me")
+        return [pred, "--dicom", ct], "already exists", tmp / "out.dcm"
+    if what == "empty prediction folder":
+        (tmp / "p").mkdir()
+        return [tmp / "p", "--dicom", src], "no prediction files", tmp / "p"
+    raise AssertionError(what)
+
+
+BAD = ("shifted", "size", "float", "unknown label", "empty", "not an image", "region labels", "broken dataset.json",
+       "no CT", "CT folder missing", "unknown series", "no --dicom", "exists", "empty prediction folder")
+
+
+@pytest.mark.parametrize("what", BAD)
+def test_bad_input_one_line(converted, tmp_path, capsys, what):
+    src, dataset = converted
+    args, phrase, named = _bad(tmp_path, src, dataset, what)
+    out = tmp_path / "out.dcm"
+    code = main(["export", "rtstruct", *map(str, args), "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and phrase in err and str(named) in err, err
+    assert out.read_bytes() == b"keep me" if what == "exists" else not out.exists()
+    assert not [p for p in tmp_path.rglob(".*.tmp")]
