@@ -25,9 +25,9 @@ class SourceConverter:
     (a temporary folder) and returns ``labels``, ``channel_names``, ``num_training``, ``cases``
     (one record per case) and ``dataset_json_extra``. ``run_cases`` is a
     :class:`~organmtl.converters.common.CaseRunner`: a converter passes ``case=`` (item -> case id)
-    so that a case raising ConversionError is reported and left out instead of stopping the run. ``to_nnunet=False`` marks converters whose
-    input is already an nnU-Net dataset (``to-coco``); ``many_sources=True`` makes ``src`` a list of
-    one or more folders (``merge``).
+    so that a case raising ConversionError is reported and left out instead of stopping the run.
+    ``to_nnunet=False`` marks converters whose input is already an nnU-Net dataset (``to-coco``);
+    ``many_sources=True`` makes ``src`` a list of one or more folders (``merge``).
     """
 
     name: str

@@ -499,7 +499,8 @@ def test_volumes_one_bad_case(problem, culprit, message, tmp_path, capsys):
         liver = np.zeros((4, 5, 6), np.uint8)
         liver[1:3, 1:3, 1:4] = 6
         _write(src / "labels" / f"{case}.nrrd", liver)
-    (src / "mapping.json").write_text(json.dumps({"channel_names": {"0": "CT"}, "labels": {"background": 0, "liver": 6}}))
+    mapping = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "liver": 6}}
+    (src / "mapping.json").write_text(json.dumps(mapping))
     lab = np.zeros((4, 5, 6), np.uint8)
     if problem == "unknown label value":
         lab[0, 0, 0] = 7

@@ -408,14 +408,16 @@ def test_empty_open_and_point_rois_are_skipped_in_every_roi_mode(rt_src, tmp_pat
                                         "ROI 'Couch' skipped: no CLOSED_PLANAR contour (1 open contour(s) only)"]
     assert report["rt001"]["action"] == "dropped" and report["rt001"]["missing"] == ["Vertebra"]
     assert "ROI 'Vertebra' skipped" in report["rt001"]["notes"][0]
-    np.testing.assert_array_equal(_read(ds / "labelsTr" / "rt000.nii.gz"), _expected_seg(make_case(0, 0), meta["labels"]))
+    np.testing.assert_array_equal(_read(ds / "labelsTr" / "rt000.nii.gz"),
+                                  _expected_seg(make_case(0, 0), meta["labels"]))
     assert [p["name"] for p in json.loads((ds / "landmarks" / "rt000.json").read_text())["landmarks"]] == ["ISO"]
 
     roi_map = tmp_path / "map.json"                                    # asked for by the map: missing
     roi_map.write_text(json.dumps({"Body": "body", "Areola": "areola"}))
     assert _convert(src, tmp_path / "m", "--roi-map", roi_map, "--missing", "background") == 0
     report = json.loads((_dataset(tmp_path / "m") / "conversion_report.json").read_text())["cases"]
-    assert report[0]["missing"] == ["Areola"] and report[0]["action"] == "kept, missing structures counted as background"
+    assert report[0]["missing"] == ["Areola"]
+    assert report[0]["action"] == "kept, missing structures counted as background"
     assert report[0]["notes"] == ["ROI 'Areola' (label 'Areola') has no CLOSED_PLANAR contour: counted as missing"]
 
 
@@ -546,7 +548,8 @@ def test_paint_order_largest_first_and_overlap_warning(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("name,label", [
-    ("Lt Lung", "Lung_L"), ("Lung_L", "Lung_L"), ("LUNG LT", "Lung_L"), ("Left Lung", "Lung_L"), ("lung-left", "Lung_L"),
+    ("Lt Lung", "Lung_L"), ("Lung_L", "Lung_L"), ("LUNG LT", "Lung_L"), ("Left Lung", "Lung_L"),
+    ("lung-left", "Lung_L"),
     ("Rt Lung", "Lung_R"), ("LUNG_R", "Lung_R"), ("Lungs", "Lungs"), ("Lung Total", "Lungs"), ("Parotid", None),
     ("PAROTID_L", "Parotid_L"), ("Parotid R", "Parotid_R"), ("Spinal Cord", "SpinalCord"), ("BODY", "External"),
     ("External", "External"), ("Brain Stem", "Brainstem"), ("Femoral Head Lt", "Femur_Head_L"), ("GTV", None),
@@ -563,7 +566,8 @@ def test_synonym_table_from_roi_map_and_documented(tmp_path):
 
     g = SeriesGeometry((2, 10, 10), (1.0, 1.0, 2.0), (0.0, 0.0, 0.0))
     rois = {"BODY": [(0, _square(0, 0, 10, 10)), (1, _square(0, 0, 10, 10))], "Lt Lung": [(0, _square(1, 1, 4, 8))],
-            "LUNG RT": [(0, _square(5, 1, 9, 8))], "Heart": [(1, _square(3, 3, 6, 6))], "GTV": [(1, _square(7, 7, 9, 9))]}
+            "LUNG RT": [(0, _square(5, 1, 9, 8))], "Heart": [(1, _square(3, 3, 6, 6))],
+            "GTV": [(1, _square(7, 7, 9, 9))]}
     _index_case(tmp_path / "src", g, rois)
     assert _convert(tmp_path / "src", tmp_path / "a", "--roi-map", "tg263") == 0
     ds = _dataset(tmp_path / "a")
@@ -624,4 +628,5 @@ def test_real_ct_headers_from_pydicom(tmp_path):
         expected[gt[roi]] = labels[sanitise(roi)]
     np.testing.assert_array_equal(_read(ds / "labelsTr" / "gecase.nii.gz"), expected)
     assert _convert(tmp_path / "src", tmp_path / "tg", "--roi-map", "tg263") == 0
-    assert json.loads((_dataset(tmp_path / "tg") / "dataset.json").read_text())["labels"] == {"background": 0, "Lung_L": 1}
+    labels = json.loads((_dataset(tmp_path / "tg") / "dataset.json").read_text())["labels"]
+    assert labels == {"background": 0, "Lung_L": 1}
