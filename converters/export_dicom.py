@@ -1,7 +1,8 @@
 """Predictions back to the clinic: nnU-Net label maps -> DICOM RT Structure Set or DICOM Segmentation
 on the CT series they were predicted from (``organmtl export rtstruct|seg``, docs/export.md).
 
-The CT: the slices of one CT series below ``--dicom`` (other files and modalities are skipped), sorted
+The CT: the slices of one CT series below ``--dicom`` (other files, modalities, SOP classes and CT
+localizers are skipped, as :func:`organmtl.converters.dicom_rt.classify` tells them), sorted
 along the slice normal and checked by :func:`organmtl.converters.dicom_rt.sort_slices` (one
 orientation and size, evenly spaced). Its grid: origin = ImagePositionPatient of the first slice,
 direction = (row, column, normal) cosines of ImageOrientationPatient, spacing = (PixelSpacing[1],
@@ -62,7 +63,7 @@ from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from organmtl.converters.common import IMAGE_SUFFIXES, ConversionError, read_image, strip_image_suffix
-from organmtl.converters.dicom_rt import read_dicom, sort_slices
+from organmtl.converters.dicom_rt import classify, read_dicom, sort_slices
 
 RT_STRUCTURE_SET_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
 STUDY_COMPONENT_SOP = "1.2.840.10008.3.1.2.3.1"   # RTReferencedStudySequence's ReferencedSOPClassUID (PS3.3 C.8.8.5)
@@ -138,7 +139,7 @@ def load_ct(folder: Path, series_uid: str | None = None) -> CtSeries:
     for path in sorted(p for p in folder.rglob("*")
                        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)):
         ds = read_dicom(path, pixels=False)
-        if ds is not None and str(ds.get("Modality", "")).strip().upper() == "CT":
+        if classify(path, ds)[0] == "ct":            # CT Image Storage slices; scouts, RTSTRUCTs, ... skipped
             series.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append((path, ds))
     if not series:
         raise ConversionError(f"{folder}: no CT image files (DICOM with Modality CT) in the folder")

@@ -182,7 +182,7 @@ def test_seg_round_trip_with_highdicom(converted, tmp_path):
     names = _labels(dataset)
     for case in ("rt000", "rt003"):
         out = tmp_path / f"{case}_seg.dcm"
-        r = run_cli("export", "seg", dataset / "labelsTr" / f"{case}.nii.gz", "--dicom", src / case / "CT",
+        r = run_cli("export", "seg", dataset / "labelsTr" / f"{case}.nii.gz", "--dicom", src / case,   # CT + RTSTRUCT
                     "--dataset-json", dataset / "dataset.json", "--out", out, env=ONE_THREAD)
         assert r.returncode == 0, r.stderr
         seg = hd.seg.segread(str(out))
