@@ -324,6 +324,28 @@ def test_folder_one_bad_case_costs_only_itself(converted, tmp_path):
     assert r.returncode == 2 and r.stderr.count("already exists") == 2
 
 
+def test_folder_checks_the_ct_against_the_conversion_report(converted, tmp_path):
+    """--conversion-report: each case's CT folder, series and slice UIDs come from its record; a
+    CT whose slices are not the ones converted (here: the record lists them in another order)
+    fails that case only."""
+    src, dataset = converted
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    for case in ("rt000", "rt003"):
+        shutil.copy(dataset / "labelsTr" / f"{case}.nii.gz", pred / f"{case}.nii.gz")
+    report = json.loads((dataset / "conversion_report.json").read_text())
+    record = next(r for r in report["cases"] if r["case"] == "rt003")
+    assert Path(record["source"]["ct_series_folder"]) == (src / "rt003" / "CT").resolve()
+    record["source"]["sop_instance_uids"].reverse()
+    (tmp_path / "report.json").write_text(json.dumps(report))
+    r = run_cli("export", "rtstruct", pred, "--dataset-json", dataset / "dataset.json", "--conversion-report",
+                tmp_path / "report.json", "--out", tmp_path / "out", env=ONE_THREAD)
+    assert r.returncode == 1, r.stderr
+    errors = [line for line in r.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and "rt003" in errors[0] and "differ from those the conversion report lists" in errors[0]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["export_report.json", "rt000.dcm"]
+
+
 def _bad(tmp: Path, src: Path, dataset: Path, what: str) -> tuple[list, str, Path]:
     """(arguments, phrase of the error, file it must name) for one bad input."""
     label = sitk.ReadImage(str(dataset / "labelsTr" / "rt000.nii.gz"))
