@@ -2,7 +2,10 @@
 
 Coordinates are COCO's continuous pixel coordinates: pixel (r, c) covers [c, c+1] x [r, r+1], x
 points right and y down. The canonical contour, HMR-Net's boundary representation (HMR-Net paper
-§2.4; docs/hmrnet.md), runs clockwise as seen on screen from its top-most, then left-most, vertex.
+§2.4; docs/hmrnet.md), runs clockwise as seen on screen from the top crossing of the vertical line
+through its bounding-box centre ("12 o'clock"). That start moves continuously when the contour is
+rotated, scaled or flipped, so the i-th point means the same place on every (augmented) instance; a
+"top-most vertex" start would jump between the corners of a flat-topped organ under a small rotation.
 """
 from __future__ import annotations
 
@@ -32,11 +35,28 @@ def outer_contour(mask: np.ndarray) -> np.ndarray:
 
 def canonical_contour(xy: np.ndarray) -> np.ndarray:
     """Orient clockwise on screen (positive shoelace area with y pointing down) and start at the
-    top-most, then left-most, vertex."""
+    top-most crossing of the contour with the vertical line through its bounding-box centre (that
+    crossing is inserted as the first vertex unless it is one). Contours without such a crossing
+    (all x equal) start at their top-most vertex."""
+    xy = np.asarray(xy, dtype=np.float64)
     if signed_area(xy) < 0:
         xy = xy[::-1]
-    start = np.lexsort((xy[:, 0], xy[:, 1]))[0]
-    return np.roll(xy, -start, axis=0)
+    cx = (xy[:, 0].min() + xy[:, 0].max()) / 2
+    a, b = xy, np.roll(xy, -1, axis=0)
+    crosses = ((a[:, 0] - cx) * (b[:, 0] - cx) <= 0) & (a[:, 0] != b[:, 0])
+    if not crosses.any():
+        return np.roll(xy, -int(np.argmin(xy[:, 1])), axis=0)
+    edges = np.flatnonzero(crosses)
+    t = (cx - a[edges, 0]) / (b[edges, 0] - a[edges, 0])
+    hits = a[edges] + t[:, None] * (b[edges] - a[edges])
+    k = int(np.argmin(hits[:, 1]))
+    edge, start = int(edges[k]), hits[k]
+    rest = np.roll(xy, -(edge + 1), axis=0)             # b[edge], ..., a[edge]
+    if np.allclose(rest[0], start):
+        return rest
+    if np.allclose(rest[-1], start):
+        return np.roll(rest, 1, axis=0)
+    return np.vstack([start[None], rest])
 
 
 def resample_closed(xy: np.ndarray, p: int) -> np.ndarray:

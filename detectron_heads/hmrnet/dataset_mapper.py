@@ -85,15 +85,15 @@ def build_hmrnet_augmentation(cfg, is_train: bool) -> list:
 
 def transform_contour_points(points, transforms: T.TransformList, num_points: int = 0) -> np.ndarray:
     """Apply ``transforms`` to flat ``[x0, y0, ...]`` contour points and restore the canonical order
-    of organmtl's COCO files (clockwise on screen, start at the top-most then left-most point): a
-    horizontal flip reverses the orientation, which is undone here, and rotations move the start.
-    With ``num_points`` > 0 the contour is resampled to that many evenly spaced points. -> (p, 2)."""
+    of organmtl's COCO files (:func:`organmtl.geometry.canonical_contour`: clockwise on screen, start
+    at the top crossing of the vertical line through the box centre): a horizontal flip reverses the
+    orientation, which is undone here, and rotations move the start, which is re-found. The contour
+    is then resampled from that start to ``num_points`` evenly spaced points (> 0) or to as many as
+    it had. -> (p, 2)."""
     xy = np.asarray(points, dtype=np.float64).reshape(-1, 2)
-    xy = transforms.apply_coords(xy.copy())
-    xy = canonical_contour(xy)
-    if num_points and len(xy) != num_points:
-        xy = resample_closed(xy, num_points)
-    return xy
+    n = len(xy)
+    xy = canonical_contour(transforms.apply_coords(xy.copy()))
+    return resample_closed(xy, num_points or n)
 
 
 def _has_shape_head(cfg) -> bool:
