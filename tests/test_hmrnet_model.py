@@ -97,6 +97,41 @@ def test_coord_conv_switch_sets_stem_input_channels():
     assert off.nets[0].resnet.stem.conv1.weight.shape[1] == 3
 
 
+def test_pooling_each_map_equals_pooling_their_concatenation():
+    """pool_concatenated (per-map ROIAlign, then concatenate) is the paper's concatenate-then-ROIAlign."""
+    from detectron2.modeling.poolers import ROIPooler
+
+    from organmtl.detectron_heads.hmrnet.roi_heads import pool_concatenated
+
+    torch.manual_seed(0)
+    feats = {f"s_h{i}": torch.randn(2, 3 + i, 32, 40) for i in (2, 3, 4, 5)}
+    boxes = [Boxes(torch.tensor([[3.0, 5.0, 60.0, 70.0], [10.5, 0.0, 159.0, 127.0]])),
+             Boxes(torch.tensor([[0.0, 0.0, 16.0, 16.0]]))]
+    pooler = ROIPooler(7, scales=(0.25,), sampling_ratio=0, pooler_type="ROIAlignV2")
+    names = list(feats)
+    reference = pooler([torch.cat([feats[f] for f in names], dim=1)], boxes)
+    got = pool_concatenated(pooler, feats, names, boxes)
+    assert got.shape == (3, sum(3 + i for i in (2, 3, 4, 5)), 7, 7)
+    torch.testing.assert_close(got, reference, atol=1e-6, rtol=1e-6)
+    empty = pool_concatenated(pooler, feats, names, [Boxes(torch.zeros(0, 4)), Boxes(torch.zeros(0, 4))])
+    assert empty.shape == (0, reference.shape[1], 7, 7)
+
+
+def test_alphas_are_logged_every_period_from_one_stacked_copy():
+    twin = NNetBackbone(tiny_cfg(**{"MODEL.NNET.LOG_ALPHA_PERIOD": 20}), ShapeSpec(channels=3)).train()
+    with torch.no_grad():
+        twin.stitches["p3"].alpha.copy_(torch.tensor([[0.7, 0.2], [0.3, 0.6]]))
+    x = torch.randn(1, 3, 64, 64)
+    logged = {}
+    for it in (19, 20):
+        with EventStorage(it) as storage:
+            twin(x)
+            logged[it] = {k: v for k, (v, _) in storage.latest().items() if k.startswith("cross_stitch/")}
+    assert logged[19] == {}
+    assert len(logged[20]) == 4 * 12
+    assert [logged[20][f"cross_stitch/p3/a{rc}"] for rc in ("00", "01", "10", "11")] == pytest.approx([0.7, 0.2, 0.3, 0.6])
+
+
 def test_level_pooler_follows_eq1_on_equal_stride_maps():
     pooler = HighResolutionLevelPooler(2, levels=4, stride=4, sampling_ratio=0, pooler_type="ROIAlignV2")
     maps = [torch.full((1, 1, 64, 64), float(lvl)) for lvl in (2, 3, 4, 5)]
@@ -125,6 +160,24 @@ def batch():
 
 def _grads(module):
     return [p.grad for p in module.parameters() if p.requires_grad]
+
+
+def test_sgd_steps_on_one_image_reduce_the_shape_loss(batch):
+    """Gradients reach the SRN and move it the right way: a few SGD steps of the total Eq. 7 loss on
+    one image (fixed seed, so the same ROIs are sampled) lower loss_shape."""
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg(**{"MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE": 16})).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    shape = []
+    for step in range(6):
+        torch.manual_seed(1)
+        with EventStorage(step):
+            losses = model(batch)
+        shape.append(losses["loss_shape"].item())
+        opt.zero_grad()
+        sum(losses.values()).backward()
+        opt.step()
+    assert shape[-1] < 0.7 * shape[0], shape
 
 
 def test_losses_reach_only_their_branches_and_alphas_are_logged(batch):
@@ -164,8 +217,34 @@ def test_inference_outputs_masks_at_output_size(batch, config):
         assert not inst.has("pred_points")
     else:
         assert inst.pred_points.shape == (len(inst), 8, 2)
-        cx = (inst.pred_boxes.tensor[:, 0] + inst.pred_boxes.tensor[:, 2]) / 2
-        assert torch.allclose(inst.pred_points[..., 0].mean(1), cx, atol=64)    # output-image coordinates
+
+
+# the 8 box-normalised points (u, v) the predictor is forced to output: corners and edge midpoints
+FORCED_UV = torch.tensor([[0, -1], [1, -1], [1, 0], [1, 1], [0, 1], [-1, 1], [-1, 0], [-1, -1]], dtype=torch.float32)
+
+
+def test_inference_decodes_points_with_the_predicted_box_and_rescales_to_the_output_size(batch):
+    """§2.4 rescaling: with the SRN forced to output the box corners and edge midpoints, every predicted
+    point lies on its (rescaled) predicted box in output pixels, here 192 x 128 for a 64 x 64 input
+    (x scaled by 3, y by 2), and the rasterised mask fills that box."""
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg(**{"MODEL.ROI_HEADS.SCORE_THRESH_TEST": 0.0})).eval()
+    with torch.no_grad():
+        model.roi_heads.shape_head.predictor.weight.zero_()
+        model.roi_heads.shape_head.predictor.bias.copy_(FORCED_UV.flatten())
+        inst = model([{"image": batch[0]["image"], "height": 128, "width": 192}])[0]["instances"]
+    assert len(inst) > 0 and inst.image_size == (128, 192)
+    box = inst.pred_boxes.tensor
+    assert box[:, 2].max() > 64                                        # boxes are in output pixels (x 3)
+    centre, half = (box[:, :2] + box[:, 2:]) / 2, (box[:, 2:] - box[:, :2]) / 2
+    expected = centre[:, None] + FORCED_UV[None] * half[:, None]
+    torch.testing.assert_close(inst.pred_points, expected, atol=1e-3, rtol=0)
+    big = ((box[:, 2:] - box[:, :2]) >= 8).all(1)
+    assert big.any()
+    for m, b in zip(inst.pred_masks[big], box[big]):
+        ys, xs = torch.nonzero(m, as_tuple=True)
+        got = torch.stack([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]).float()
+        torch.testing.assert_close(got, b, atol=1.0, rtol=0)           # the mask is the box, to a pixel
 
 
 def test_inference_without_detections(batch):

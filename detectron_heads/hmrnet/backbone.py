@@ -86,7 +86,8 @@ class NNetBackbone(Backbone):
     Outputs (all 256 ch by default): ``p2..p6`` (strides 4..64, for the RPN) and ``h2..h5``
     (stride 4, LRN box features) of the detection N-Net; with ``twin`` also ``s_h2..s_h5`` (stride
     4, SRN shape features) of the shape N-Net. The learned alphas are written to the event storage
-    as ``cross_stitch/<unit>/a<r><c>`` while training."""
+    as ``cross_stitch/<unit>/a<r><c>`` while training, every ``MODEL.NNET.LOG_ALPHA_PERIOD`` iterations
+    (one device-to-host copy of all units' alphas stacked)."""
 
     def __init__(self, cfg, input_shape: ShapeSpec):
         super().__init__()
@@ -157,10 +158,11 @@ class NNetBackbone(Backbone):
             return
         if storage.iter % self.log_period:
             return
-        for name, unit in self.stitches.items():
-            a = unit.alpha.detach().cpu()
-            storage.put_scalars(**{f"cross_stitch/{name}/a{r}{c}": float(a[r, c]) for r in (0, 1) for c in (0, 1)},
-                                smoothing_hint=False)
+        if not self.stitches:
+            return
+        alphas = torch.stack([unit.alpha.detach() for unit in self.stitches.values()]).cpu().tolist()  # one sync
+        storage.put_scalars(**{f"cross_stitch/{name}/a{r}{c}": a[r][c] for name, a in zip(self.stitches, alphas)
+                               for r in (0, 1) for c in (0, 1)}, smoothing_hint=False)
 
 
 @BACKBONE_REGISTRY.register()

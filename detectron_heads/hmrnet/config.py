@@ -25,8 +25,9 @@ def add_hmrnet_config(cfg) -> None:
     # (default: all but h2, which equals p2 and is stitched there).
     cfg.MODEL.NNET.CROSS_STITCH_AT = ["stem", "res2", "res3", "res4", "res5",
                                       "p2", "p3", "p4", "p5", "h3", "h4", "h5"]
-    # Write the alpha values to the event storage every N iterations (metrics.json/TensorBoard).
-    cfg.MODEL.NNET.LOG_ALPHA_PERIOD = 1
+    # Write the alpha values to the event storage every N iterations (metrics.json/TensorBoard); 20 =
+    # Detectron2's default writer period (each write is one device-to-host copy).
+    cfg.MODEL.NNET.LOG_ALPHA_PERIOD = 20
 
     cfg.MODEL.HMRNET = CN()
     cfg.MODEL.HMRNET.SHAPE_ON = True          # SRN shape regression head (off for the mask-head ablation)

@@ -48,10 +48,12 @@ def _pooler(in_features, input_shape, resolution, sampling_ratio, pooler_type, *
                      sampling_ratio=sampling_ratio, pooler_type=pooler_type)
 
 
-def concat_features(features: dict, names) -> list[torch.Tensor]:
+def pool_concatenated(pooler: ROIPooler, features: dict, names, boxes) -> torch.Tensor:
     """§2.2: "the higher resolution features are concatenated into a single layer before being
-    pooled by the ROIAlign layer" (one map, channels summed)."""
-    return [torch.cat([features[f] for f in names], dim=1)]
+    pooled by the ROIAlign layer". ROIAlign works per channel, so pooling each map with the same
+    one-scale ``pooler`` and concatenating the (R, C_i, S, S) results is the same tensor without
+    building the full-resolution (N, sum C_i, H, W) concatenation (tested equal)."""
+    return torch.cat([pooler([features[f]], boxes) for f in names], dim=1)
 
 
 @ROI_HEADS_REGISTRY.register()
@@ -153,7 +155,7 @@ class HMRNetROIHeads(StandardROIHeads):
         if self.training:
             instances, _ = select_foreground_proposals(instances, self.num_classes)
         boxes = [x.proposal_boxes if self.training else x.pred_boxes for x in instances]
-        return self.mask_head(self.mask_pooler(concat_features(features, self.mask_in_features), boxes), instances)
+        return self.mask_head(pool_concatenated(self.mask_pooler, features, self.mask_in_features, boxes), instances)
 
     def _forward_shape(self, features, instances):
         """Training: Eq. 10 shape loss and Eq. 6 manifold loss on the positive ROIs. Inference: adds
@@ -165,7 +167,7 @@ class HMRNetROIHeads(StandardROIHeads):
             boxes = [x.proposal_boxes for x in instances]
         else:
             boxes = [x.pred_boxes for x in instances]
-        pooled = self.shape_pooler(concat_features(features, self.shape_in_features), boxes)
+        pooled = pool_concatenated(self.shape_pooler, features, self.shape_in_features, boxes)
         if self.training and pooled.shape[0] == 0:
             zero = sum(p.sum() for p in self.shape_head.parameters()) * 0.0
             return {"loss_shape": zero, **({"loss_manifold": zero} if self.manifold_loss_weight else {})}
