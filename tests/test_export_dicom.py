@@ -75,9 +75,9 @@ def exported(converted, tmp_path_factory) -> Path:
     for f in (dataset / "labelsTr").iterdir():
         shutil.copy(f, pred / f.name)
     shutil.copy(dataset / "dataset.json", pred / "dataset.json")
-    (pred / "predict_from_raw_data_args.json").write_text(
-        json.dumps({"list_of_lists_or_source_folder": str(dataset / "imagesTr"), "output_folder_or_list_of_truncated"
-                    "_output_files": str(pred)}))
+    args = {"list_of_lists_or_source_folder": str(dataset / "imagesTr"),          # as nnUNetv2_predict writes it
+            "output_folder_or_list_of_truncated_output_files": str(pred)}
+    (pred / "predict_from_raw_data_args.json").write_text(json.dumps(args))
     r = run_cli("export", "rtstruct", pred, "--out", root / "out", env=ONE_THREAD)
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in (root / "out").iterdir()) == ["export_report.json", *(f"{c}.dcm" for c in CASES)]
