@@ -34,6 +34,7 @@ from detectron2.evaluation import COCOEvaluator, DatasetEvaluators, verify_resul
 
 from organmtl.detectron_heads import add_organmtl_config, register_from_cfg
 from organmtl.detectron_heads.hmrnet import HMRNetDatasetMapper, HMRNetEvaluator, add_hmrnet_config
+from organmtl.detectron_heads.solver import build_lr_scheduler
 
 
 class Trainer(DefaultTrainer):
@@ -47,6 +48,11 @@ class Trainer(DefaultTrainer):
             HMRNetEvaluator(dataset_name, output_dir=output_folder, score_thresh=cfg.TEST.HMRNET.SCORE_THRESH,
                             num_overlays=cfg.TEST.HMRNET.NUM_OVERLAYS),
         ])
+
+    @classmethod
+    def build_lr_scheduler(cls, cfg, optimizer):
+        """Detectron2's schedulers plus the paper's inverse-time decay (``WarmupInverseTimeDecayLR``)."""
+        return build_lr_scheduler(cfg, optimizer)
 
     @classmethod
     def build_train_loader(cls, cfg):

@@ -300,3 +300,32 @@ def test_paper_batch_scales_with_gpus_by_reference_world_size(gpus):
     assert scaled.SOLVER.BASE_LR == pytest.approx(0.001 * gpus)
     assert scaled.SOLVER.MAX_ITER == round(cfg.SOLVER.MAX_ITER / gpus)
     assert scaled.SOLVER.STEPS == tuple(round(s / gpus) for s in cfg.SOLVER.STEPS)
+
+
+def test_r50_configs_follow_the_paper_schedule_and_tiny_ones_say_otherwise():
+    """§3.2: lr 0.001 with Keras decay 1e-6 (lr_t = 0.001 / (1 + 1e-6 t)), no warm-up, no steps."""
+    from detectron2.solver import build_optimizer
+
+    from organmtl.detectron_heads.train_net import Trainer
+
+    for name in ("hmrnet_R_50_FPN.yaml", "hmrnet_R_50_FPN_no_manifold.yaml", "hmrnet_R_50_FPN_mask_head.yaml",
+                 "../../configs/mask_rcnn_R_50_FPN_baseline.yaml"):
+        cfg = get_cfg()
+        add_organmtl_config(cfg)
+        add_hmrnet_config(cfg)
+        cfg.merge_from_file(str(CONFIGS / name))
+        s = cfg.SOLVER
+        assert (s.LR_SCHEDULER_NAME, s.BASE_LR, s.INVERSE_TIME_DECAY, s.WARMUP_ITERS, tuple(s.STEPS)) == \
+            ("WarmupInverseTimeDecayLR", 0.001, 1e-6, 0, ()), name
+    cfg.SOLVER.MAX_ITER = 30000
+    opt = build_optimizer(cfg, torch.nn.Linear(2, 2))
+    sched = Trainer.build_lr_scheduler(cfg, opt)               # what train_net.py trains with
+    lrs = {}
+    for it in range(30000):
+        if it in (0, 1, 10000, 29999):
+            lrs[it] = opt.param_groups[0]["lr"]
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx({t: 0.001 / (1 + 1e-6 * t) for t in lrs}, rel=1e-6)
+    tiny = tiny_cfg()
+    assert tiny.SOLVER.LR_SCHEDULER_NAME == "WarmupMultiStepLR" and tiny.SOLVER.BASE_LR == 0.01
