@@ -7,8 +7,8 @@ annotation holds what pycocotools and Detectron2's ``load_coco_json`` read (``se
 
 ``contour_points``: ``p`` points ``[x0, y0, x1, y1, ...]`` evenly spaced by arc length along the
 instance's outer contour (HMR-Net §2.4; p = 50 for images >= 512 px, 100 otherwise, or
-``--points``). Canonical order: start at the top-most contour point (smallest y, then smallest x),
-run clockwise as seen on screen (x right, y down). Coordinates are COCO's continuous pixel
+``--points``). Canonical order: start where the vertical line through the box centre meets the top
+of the contour, run clockwise as seen on screen (x right, y down). Coordinates are COCO's continuous pixel
 coordinates (pixel (r, c) covers [c, c+1] x [r, r+1]). The contour geometry is
 :mod:`organmtl.geometry`, shared with the HMR-Net mapper and shape head.
 
