@@ -313,7 +313,7 @@ def add_multitask_experiments_parser(sub) -> None:
     p.add_argument("--tasks", nargs="+", default=None, help="subset of the dataset's tasks (default all)")
     p.add_argument("--trainer", default="nnUNetTrainerOMTLTriplanar_Tiny", help="nnU-Net trainer (default %(default)s)")
     p.add_argument("-c", default="3d_tiny", help="nnU-Net configuration (default 3d_tiny)")
-    p.add_argument("--test-per-task", type=int, default=2, help="held-out test cases per task")
+    p.add_argument("--test-per-task", type=int, default=2, help="test cases held out of imagesTr per task (a task with labelled imagesTs is tested on those)")
     p.add_argument("--val-per-task", type=int, default=1, help="validation cases per task (thresholds)")
     p.add_argument("--epochs", type=positive_int, default=None, help="ORGANMTL_EPOCHS of _Tiny trainers")
     p.add_argument("--iterations", type=positive_int, default=None, help="ORGANMTL_ITERS_PER_EPOCH of _Tiny trainers")

@@ -17,12 +17,13 @@ SINGLE_TASK = "all"
 
 @dataclass(frozen=True)
 class Task:
-    """One segmentation task: its name, the merged label values it owns (background excluded) and
-    its training cases."""
+    """One segmentation task: its name, the merged label values it owns (background excluded), its
+    training cases (``imagesTr``) and its test cases (``imagesTs``, never trained on)."""
 
     name: str
     label_values: tuple[int, ...]
     cases: tuple[str, ...]
+    test_cases: tuple[str, ...] = ()
 
     @property
     def classes(self) -> tuple[int, ...]:
@@ -40,7 +41,7 @@ class TaskTable:
         self.tasks = {t.name: t for t in tasks}
         self._task_of: dict[str, str] = {}
         for t in tasks:
-            for case in t.cases:
+            for case in t.cases + t.test_cases:
                 if case in self._task_of:
                     raise ValueError(f"{source}: case {case!r} is listed under tasks {self._task_of[case]!r} "
                                      f"and {t.name!r}")
@@ -65,14 +66,14 @@ class TaskTable:
         for name, entry in table.items():
             try:
                 values = tuple(int(v) for v in entry["label_values"])
-                cases = tuple(entry["cases"]) + tuple(entry.get("test_cases", ()))
+                cases, test_cases = tuple(entry["cases"]), tuple(entry.get("test_cases", ()))
             except (KeyError, TypeError, ValueError):
                 raise ValueError(f"{source}: organmtl_tasks[{name!r}] needs 'label_values' and 'cases'") from None
             unknown = sorted(set(values) - known)
             if unknown:
                 raise ValueError(f"{source}: organmtl_tasks[{name!r}] owns label value(s) {unknown} "
                                  f"that 'labels' does not define")
-            tasks.append(Task(name, values, cases))
+            tasks.append(Task(name, values, cases, test_cases))
         return cls(tasks, source)
 
     @property

@@ -8,8 +8,12 @@ Behind ``organmtl multitask-experiments``. Steps, all with nnU-Net's own tools:
 
 1. (with source datasets) the ``merge`` converter (as ``organmtl convert merge``) -> one dataset,
    :func:`organmtl.nnunet_plans.plan_tiny` (as ``organmtl plan-tiny``);
-2. per task, cases sorted by id: the last ``n_test`` are held-out test cases, the ``n_val`` before
-   them validation cases, the rest training cases;
+2. per task, cases sorted by id. A task whose source had labelled test images (``imagesTs`` with
+   ``labelsTs``; ``merge`` lists them as the task's ``test_cases``) is tested on those, read from
+   ``imagesTs``/``labelsTs``, and its training cases (``imagesTr``) are only split into training and
+   validation (the last ``n_val`` validate); a task without labelled test images holds out the last
+   ``n_test`` of its training cases as test cases, the ``n_val`` before them validate, the rest train.
+   Test images without a reference label map cannot be scored and are not used;
 3. ``splits_final.json`` of the preprocessed dataset gets one "fold" per experiment (fold k trains
    on the training cases of subset k and validates on its validation cases), so experiment k is
    the stock ``nnUNetv2_train ID CONFIG k -tr TRAINER --npz``;
@@ -58,6 +62,9 @@ class Experiment:
     train: list[str] = field(default_factory=list)
     val: list[str] = field(default_factory=list)
     test: list[str] = field(default_factory=list)
+    #: the test cases that are the dataset's own test cases (``imagesTs``/``labelsTs``); the others
+    #: are training cases held out (``imagesTr``/``labelsTr``)
+    test_from_ts: list[str] = field(default_factory=list)
 
     @property
     def fold(self) -> int:
@@ -75,26 +82,35 @@ def task_subsets(tasks) -> list[tuple[str, ...]]:
     return [c for k in range(1, len(tasks) + 1) for c in itertools.combinations(tasks, k)]
 
 
-def split_task_cases(table: TaskTable, tasks, n_test: int, n_val: int) -> dict[str, dict[str, list[str]]]:
-    """Per task: ``{"train", "val", "test"}`` case lists (sorted ids: last n_test test, n_val before val)."""
+def split_task_cases(table: TaskTable, tasks, n_test: int, n_val: int,
+                     labelled_test=None) -> dict[str, dict[str, list[str]]]:
+    """Per task: ``{"train", "val", "test", "test_from_ts"}`` case lists (ids sorted).
+
+    A task with test cases of its own (``Task.test_cases`` that are in ``labelled_test``, the test
+    cases that have a ``labelsTs`` reference; None: all of them) is tested on those (all are in
+    ``test_from_ts``) and its training cases are split into training and the last ``n_val`` for
+    validation; ``n_test`` does not apply to it. Any other task holds out the last ``n_test`` of
+    its training cases for testing and the ``n_val`` before them for validation."""
     out = {}
     for t in tasks:
         cases = sorted(table.tasks[t].cases)
-        if len(cases) < n_test + n_val + 1:
-            raise ExperimentError(f"task {t!r} has {len(cases)} case(s); {n_test} test + {n_val} validation "
-                                  f"+ at least 1 training case are needed")
-        test = cases[len(cases) - n_test:] if n_test else []
-        val = cases[len(cases) - n_test - n_val:len(cases) - n_test] if n_val else []
-        out[t] = {"train": cases[:len(cases) - n_test - n_val], "val": val, "test": test}
+        own = sorted(c for c in table.tasks[t].test_cases if labelled_test is None or c in labelled_test)
+        held = 0 if own else n_test
+        if len(cases) < held + n_val + 1:
+            raise ExperimentError(f"task {t!r} has {len(cases)} training case(s); {held} test + {n_val} "
+                                  f"validation + at least 1 training case are needed")
+        test = own or (cases[len(cases) - held:] if held else [])
+        val = cases[len(cases) - held - n_val:len(cases) - held] if n_val else []
+        out[t] = {"train": cases[:len(cases) - held - n_val], "val": val, "test": test, "test_from_ts": own}
     return out
 
 
-def plan_experiments(table: TaskTable, tasks, n_test: int = 2, n_val: int = 1) -> list[Experiment]:
-    """The 2^T - 1 experiments with their case lists."""
+def plan_experiments(table: TaskTable, tasks, n_test: int = 2, n_val: int = 1, labelled_test=None) -> list[Experiment]:
+    """The 2^T - 1 experiments with their case lists (:func:`split_task_cases`)."""
     unknown = [t for t in tasks if t not in table.tasks]
     if unknown:
         raise ExperimentError(f"{table.source}: unknown task(s) {unknown}; tasks are {table.names}")
-    splits = split_task_cases(table, tasks, n_test, n_val)
+    splits = split_task_cases(table, tasks, n_test, n_val, labelled_test)
     exps = []
     for i, subset in enumerate(task_subsets(tasks), start=1):
         e = Experiment(i, subset)
@@ -102,6 +118,7 @@ def plan_experiments(table: TaskTable, tasks, n_test: int = 2, n_val: int = 1) -
             e.train += splits[t]["train"]
             e.val += splits[t]["val"]
             e.test += splits[t]["test"]
+            e.test_from_ts += splits[t]["test_from_ts"]
         exps.append(e)
     return exps
 
@@ -122,9 +139,10 @@ def _read_labels(path: Path) -> np.ndarray:
 
 
 def evaluate_experiment(exp: Experiment, table: TaskTable, labels: dict, gt_dir: Path, val_prob_dir: Path,
-                        test_prob_dir: Path, file_ending: str = ".nii.gz") -> list[dict]:
+                        test_prob_dir: Path, file_ending: str = ".nii.gz", test_gt_dir: Path | None = None) -> list[dict]:
     """Rows of the table for one experiment (§4): Dice per class with argmax, with per-task
-    masking and (binary tasks) with the validation-chosen Dice-optimal threshold; confusion rates."""
+    masking and (binary tasks) with the validation-chosen Dice-optimal threshold; confusion rates.
+    References: ``gt_dir`` (``labelsTr``), ``test_gt_dir`` (``labelsTs``) for ``exp.test_from_ts``."""
     heads = head_label_values(labels)
     names = {int(v): k for k, v in labels.items()}
     thresholds: dict[str, float] = {}
@@ -147,7 +165,7 @@ def evaluate_experiment(exp: Experiment, table: TaskTable, labels: dict, gt_dir:
         cases = [c for c in exp.test if table.task_of(c) == t]
         for case in cases:
             probs = load_probabilities(test_prob_dir / f"{case}.npz")
-            ref = _read_labels(gt_dir / f"{case}{file_ending}")
+            ref = _read_labels((test_gt_dir if case in exp.test_from_ts else gt_dir) / f"{case}{file_ending}")
             plain = argmax_labels(probs, heads)
             confusion.append(confusion_rate(plain, alien))
             variants = {"argmax": plain, "masked": task_masked_labels(probs, heads, task.classes)}
@@ -198,6 +216,20 @@ def write_table(rows: list[dict], out: Path) -> tuple[Path, Path]:
 
 # ---------------------------------------------------------------- the runner
 
+def copy_test_images(exp: Experiment, raw: Path, out: Path, n_channels: int, ending: str) -> Path:
+    """Every channel of the experiment's test cases into ``out`` (the ``nnUNetv2_predict -i`` folder):
+    the dataset's own test cases from ``imagesTs``, held-out training cases from ``imagesTr``."""
+    out.mkdir(parents=True)
+    for case in exp.test:
+        images = Path(raw) / ("imagesTs" if case in exp.test_from_ts else "imagesTr")
+        for c in range(n_channels):
+            src = images / f"{case}_{c:04d}{ending}"
+            if not src.is_file():
+                raise ExperimentError(f"{src}: test image not found")
+            shutil.copyfile(src, out / src.name)
+    return out
+
+
 def _dataset_folders(dataset_id: int) -> tuple[Path, Path, Path]:
     from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw, nnUNet_results
     from nnunetv2.utilities.dataset_name_id_conversion import convert_id_to_dataset_name
@@ -244,9 +276,11 @@ def run_experiments(dataset_id: int, out: Path, sources=None, name: str = "Multi
     tasks = list(tasks or table.names)
     if len(tasks) < 1:
         raise ExperimentError("no tasks to run")
-    experiments = plan_experiments(table, tasks, n_test, n_val)
-    write_splits(pre, experiments)
     ending = meta["file_ending"]
+    labelled_test = {c for t in tasks if t in table.tasks for c in table.tasks[t].test_cases
+                     if (raw / "labelsTs" / f"{c}{ending}").is_file()}
+    experiments = plan_experiments(table, tasks, n_test, n_val, labelled_test)
+    write_splits(pre, experiments)
     n_channels = len(meta["channel_names"])
     env = {k: str(v) for k, v in (("ORGANMTL_EPOCHS", epochs), ("ORGANMTL_ITERS_PER_EPOCH", iterations),
                                   ("ORGANMTL_VAL_ITERS", val_iterations)) if v is not None}
@@ -259,11 +293,7 @@ def run_experiments(dataset_id: int, out: Path, sources=None, name: str = "Multi
         folder = out / f"experiment_{exp.index}"
         if folder.exists():
             shutil.rmtree(folder)
-        inp = folder / "test_images"
-        inp.mkdir(parents=True)
-        for case in exp.test:
-            for c in range(n_channels):
-                shutil.copyfile(raw / "imagesTr" / f"{case}_{c:04d}{ending}", inp / f"{case}_{c:04d}{ending}")
+        inp = copy_test_images(exp, raw, folder / "test_images", n_channels, ending)
         run_in_group([venv_bin("nnUNetv2_train"), str(dataset_id), configuration, str(exp.fold), "-tr", trainer,
                       "-device", device, "--npz"], env=env, log_file=folder / "train.log", timeout=timeout)
         run_in_group([venv_bin("nnUNetv2_predict"), "-i", str(inp), "-o", str(folder / "prediction"), "-d",
@@ -272,7 +302,7 @@ def run_experiments(dataset_id: int, out: Path, sources=None, name: str = "Multi
                      env=env, log_file=folder / "predict.log", timeout=timeout)
         fold_dir = results / f"{trainer}__nnUNetPlans__{configuration}" / f"fold_{exp.fold}"
         rows += evaluate_experiment(exp, table, meta["labels"], raw / "labelsTr", fold_dir / "validation",
-                                    folder / "prediction", ending)
+                                    folder / "prediction", ending, raw / "labelsTs")
         write_table(rows, out)
     md, cs = write_table(rows, out)
     return {"rows": rows, "markdown": md, "csv": cs, "experiments": experiments}
