@@ -1,0 +1,84 @@
+"""The storage-counting memory check (organmtl.memory) against hand counts on a small conv net."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from organmtl.memory import (GPU_OVERHEAD_GIB, GIB, StepMemory, StorageCounter, measure_network_step,
+                             model_bytes)
+
+F32 = 4
+
+
+def small_net() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv3d(4, 2, 3, padding=1))
+
+
+def test_forward_backward_bytes_match_a_hand_count():
+    """x (1,1,8,8,8) -> conv(1->4) y1 -> relu y2 -> conv(4->2) y3, loss = y3.sum().
+
+    After the forward: y1 is released (ReLU saves its result y2, conv2 saves its input y2), live are
+    y2 (4 x 512 floats) and y3 (2 x 512). Peak during backward, at ReLU's backward: y2, y3, loss, the
+    ones seed, conv2's input gradient (4 x 512) and weight/bias gradients (2*4*27 + 2), plus ReLU's
+    input gradient (4 x 512). After backward: y3, loss, seed and the four parameter gradients."""
+    net, x = small_net(), torch.randn(1, 1, 8, 8, 8)
+    counter = StorageCounter()
+    with counter:
+        y3 = net(x)
+        after_forward = counter.current
+        loss = y3.sum()
+        loss.backward()
+    vox = 8 ** 3
+    assert after_forward == (4 * vox + 2 * vox) * F32
+    grads2, grads1 = 2 * 4 * 27 + 2, 4 * 27 + 4
+    peak = (4 * vox + 2 * vox + 1 + 1 + 4 * vox + grads2 + 4 * vox) * F32
+    assert counter.peak == peak
+    assert counter.current == (2 * vox + 1 + 1 + grads2 + grads1) * F32
+
+
+def test_views_and_inplace_results_are_counted_once():
+    counter = StorageCounter()
+    with counter:
+        a = torch.zeros(1000)
+        b = a.view(10, 100)
+        a.add_(1.0)
+        c = b[2:5]
+    assert counter.current == 1000 * F32
+    del a, b, c
+    with counter:
+        torch.ones(1)          # the next operator sweeps the released storage
+    assert counter.current == F32
+
+
+def test_network_step_counts_gradients_and_momentum_and_restores_state():
+    net = small_net()
+    bn = nn.Sequential(net, nn.BatchNorm3d(2))
+    before = {k: v.clone() for k, v in bn.state_dict().items()}
+    m = measure_network_step(bn, (1, 1, 8, 8, 8))
+    params = sum(p.numel() for p in bn.parameters()) * F32
+    # momentum SGD: after the step gradients and momentum buffers (each one copy of the parameters)
+    assert m.step_peak_bytes >= 2 * params + 2 * 4 * 512 * F32
+    assert m.resident_bytes == model_bytes(bn) + 512 * F32
+    for k, v in bn.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert all(p.grad is None for p in bn.parameters())
+
+
+def test_activations_scale_with_batch_and_amp_halves_them():
+    net = nn.Sequential(*[nn.Sequential(nn.Conv3d(8 if i else 1, 8, 3, padding=1), nn.InstanceNorm3d(8, affine=True),
+                                        nn.LeakyReLU(inplace=True)) for i in range(4)])
+    one = measure_network_step(net, (1, 1, 16, 32, 32))
+    two = measure_network_step(net, (2, 1, 16, 32, 32))
+    per_sample = two.step_peak_bytes - one.step_peak_bytes
+    assert per_sample > 0.8 * (one.step_peak_bytes - 2 * model_bytes(net))
+    fp16 = measure_network_step(net, (2, 1, 16, 32, 32), amp="fp16")
+    bf16 = measure_network_step(net, (2, 1, 16, 32, 32), amp="bf16")
+    for m in (fp16, bf16):
+        assert 0.35 * two.step_peak_bytes < m.step_peak_bytes < 0.85 * two.step_peak_bytes, m
+
+
+def test_fits_uses_the_overhead_allowance():
+    m = StepMemory(resident_bytes=GIB, step_peak_bytes=int(20 * GIB), seconds=0.0)
+    assert m.predicted_gpu_gib() == 21 + GPU_OVERHEAD_GIB
+    assert m.fits(24.0) and not m.fits(22.0)
