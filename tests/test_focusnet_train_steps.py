@@ -1,0 +1,209 @@
+"""FocusNet train steps on nnU-Net's AMP path (docs/focusnetv2.md "Mixed precision and multi-GPU"):
+every phase's ``train_step`` of the real trainer, in fp32 bit-identical to the step logic before the
+AMP change (a saved copy below), finite under CPU autocast fp16/bf16, NaN-free epoch logging when a
+batch has no small organ, "best" checkpoints from the last phase only."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from organmtl.nnunet_trainers.focusnet import losses as L
+from organmtl.nnunet_trainers.focusnet import options as O
+from organmtl.nnunet_trainers.focusnet.roi import crop_roi
+from organmtl.nnunet_trainers.focusnet.trainer import PHASE_PARAMETERS
+from organmtl.nnunet_trainers.focusnet.trainers import nnUNetTrainerOMTLFocusNetV2_Tiny
+from tests.helpers import one_thread
+
+CONFIG = "3d_tiny"
+PATCH = [8, 24, 24]
+SCHEDULE = [["snet", 1], ["sol", 1], ["ae", 1], ["sos", 1], ["joint", 1]]
+DATASET_JSON = {"labels": {"background": 0, "BrainStem": 1, "Chiasm": 2}, "channel_names": {"0": "CT"},
+                "file_ending": ".nii.gz", "numTraining": 4}
+ENTRY = {"options": {}, "small_organs": ["Chiasm"], "small_labels": [2], "roi_size": [4, 8, 8], "use_sos": True,
+         "concat_image": True, "use_ae": True, "heat_threshold": 0.5, "width": 0.125,
+         "fold_record": {"fold": 0, "organ_sizes_mm3": {"0": 9000.0, "1": 400.0, "2": 30.0}, "schedule": SCHEDULE}}
+
+
+def tiny_plans(batch_size: int = 2) -> dict:
+    """A 3D plans dict with a complete stored FocusNet entry (no preprocessing needed to build the trainer)."""
+    cfg = {"data_identifier": "d", "preprocessor_name": "DefaultPreprocessor", "batch_size": batch_size,
+           "patch_size": PATCH, "median_image_size_in_voxels": [16, 32, 32], "spacing": [2.5, 1.0, 1.0],
+           "normalization_schemes": ["CTNormalization"], "use_mask_for_norm": [False],
+           "resampling_fn_data": "resample_data_or_seg_to_shape", "resampling_fn_seg": "resample_data_or_seg_to_shape",
+           "resampling_fn_data_kwargs": {}, "resampling_fn_seg_kwargs": {},
+           "resampling_fn_probabilities": "resample_data_or_seg_to_shape", "resampling_fn_probabilities_kwargs": {},
+           "batch_dice": False, O.PLANS_KEY: copy.deepcopy(ENTRY),
+           "architecture": {"network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+                            "arch_kwargs": {"n_stages": 2, "features_per_stage": [4, 8]}, "_kw_requires_import": []}}
+    return {"continue_training": False, "dataset_name": "Dataset997_FNSteps", "plans_name": "nnUNetPlans",
+            "original_median_spacing_after_transp": [2.5, 1, 1], "original_median_shape_after_transp": [16, 32, 32],
+            "image_reader_writer": "SimpleITKIO", "transpose_forward": [0, 1, 2], "transpose_backward": [0, 1, 2],
+            "experiment_planner_used": "x", "label_manager": "LabelManager",
+            "foreground_intensity_properties_per_channel": {}, "configurations": {CONFIG: cfg}}
+
+
+def nnunet_folders(root, env) -> None:
+    """nnU-Net's folders under ``root`` in ``env`` (a dict or ``monkeypatch.setenv``-like callable), with
+    the preprocessed folder the trainer infers its dataset class from."""
+    set_env = env.__setitem__ if isinstance(env, dict) else env
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        set_env(var, str(root / var))
+    pre = root / "nnUNet_preprocessed" / "Dataset997_FNSteps" / "d"
+    pre.mkdir(parents=True, exist_ok=True)
+    np.savez(pre / "case_000.npz", data=np.zeros((1, 2, 2, 2), np.float32))
+
+
+def make_trainer(batch_size: int = 2, cls=nnUNetTrainerOMTLFocusNetV2_Tiny):
+    """The real FocusNetV2 trainer, initialised on the CPU (nnU-Net's folders must be set)."""
+    tr = cls(tiny_plans(batch_size), CONFIG, 0, copy.deepcopy(DATASET_JSON), torch.device("cpu"))
+    tr.initialize()
+    return tr
+
+
+def make_batch(seed: int, n: int = 2, small: bool = True) -> dict:
+    """CT-like patches with BrainStem (label 1) and, when ``small``, a Chiasm blob (label 2) per sample."""
+    g = torch.Generator().manual_seed(seed)
+    data = torch.randn(n, 1, *PATCH, generator=g)
+    target = torch.zeros(n, 1, *PATCH)
+    for b in range(n):
+        z, y, x = (int(v) for v in torch.randint(2, 6, (3,), generator=g))
+        target[b, 0, 1:7, 2:12, 2:12] = 1
+        if small:
+            target[b, 0, z - 1:z + 2, 12 + y:16 + y, 12 + x:16 + x] = 2
+        data[b] += 2 * target[b]
+    return {"data": data, "target": [target], "keys": [f"c{b}" for b in range(n)]}
+
+
+def set_phase(tr, phase: str) -> None:
+    tr.current_epoch = [p for p, _ in tr.schedule].index(phase)
+    assert tr.current_phase == phase
+
+
+# ------------------------------------------------------------------ the step logic before the AMP change
+
+def _old_apply(tr, loss, parts):
+    if not loss.requires_grad:
+        return
+    loss.backward()
+    for name, p in tr._module().named_parameters():
+        if not name.startswith(tuple(f"{q}." for q in parts)):
+            p.grad = None
+    torch.nn.utils.clip_grad_norm_(tr.network.parameters(), 12)
+    tr.optimizer.step()
+
+
+def _old_sos_step(tr, data, target, joint):
+    centres = tr._small_centres(target, tr.centre_jitter)
+    out = tr.network(data, part="sos", centres=centres, train_snet=joint, train_sol=joint)
+    records = out.records
+    labels, roi = tr.focus_settings["small_labels"], tr.focus_settings["roi_size"]
+    gts = [crop_roi((target[r.b] == labels[r.k]).float(), r.start, roi) for r in records]
+    loss = out.logits.new_zeros(())
+    if records:
+        loss = sum(L.binary_segmentation_loss(r.prob, g, tr._sos_alpha(labels[r.k]))
+                   for r, g in zip(records, gts)) / len(records)
+    if joint:
+        loss = loss + tr.loss(out.logits, target) + L.heatmap_l2_loss(out.heatmaps, tr._heatmap_targets(target))
+    per_organ = [([g for r, g in zip(records, gts) if r.k == k], [r.prob for r in records if r.k == k])
+                 for k in range(len(labels))]
+    if tr.use_ae and records:
+        masks = [torch.cat([torch.stack(g), torch.stack(p)]) if g else None for g, p in per_organ]
+        ae_params = list(tr._module().shape_ae.parameters())
+        for prm in ae_params:
+            prm.requires_grad_(False)
+        try:
+            ae_out = tr._module().run_autoencoder(masks)
+        finally:
+            for prm in ae_params:
+                prm.requires_grad_(True)
+        l_shape = 0.0
+        for (g, _), o in zip(per_organ, ae_out):
+            if o is None:
+                continue
+            n = len(g)
+            l_shape = l_shape + L.shape_loss([f[:n].detach() for f in o.features], [f[n:] for f in o.features])
+        loss = L.generator_loss(loss, l_shape, tr.lambda1)
+    _old_apply(tr, loss, PHASE_PARAMETERS["joint" if joint else "sos"])
+    if tr.use_ae and tr.adversarial and records:
+        tr.optimizer.zero_grad(set_to_none=True)
+        masks = [torch.cat([torch.stack(g), torch.stack(p).detach()]) if g else None for g, p in per_organ]
+        ae_out = tr.network(part="ae", masks=masks)
+        l_rec, l_shape = 0.0, 0.0
+        for (g, _), m, o in zip(per_organ, masks, ae_out):
+            if o is None:
+                continue
+            n = len(g)
+            rec = o.reconstruction
+            l_rec = l_rec + L.reconstruction_loss(rec[:n], m[:n], rec[n:], m[n:])
+            l_shape = l_shape + L.shape_loss([f[:n] for f in o.features], [f[n:] for f in o.features])
+        _old_apply(tr, L.discriminator_loss(l_rec, l_shape, tr.lambda2), ("shape_ae",))
+    return loss
+
+
+def old_train_step(tr, batch):
+    data = batch["data"].to(tr.device)
+    target = batch["target"]
+    target = (target[0] if isinstance(target, list) else target).to(tr.device)
+    phase = tr.current_phase
+    tr.optimizer.zero_grad(set_to_none=True)
+    if phase == "snet":
+        loss = tr.loss(tr.network(data, part="snet").logits, target)
+        _old_apply(tr, loss, PHASE_PARAMETERS[phase])
+    elif phase == "sol":
+        out = tr.network(data, part="heatmap", train_snet=False)
+        loss = L.heatmap_l2_loss(out.heatmaps, tr._heatmap_targets(target))
+        _old_apply(tr, loss, PHASE_PARAMETERS[phase])
+    elif phase == "ae":
+        rois = tr._gt_rois(target, tr._small_centres(target, tr.centre_jitter))
+        outs = tr.network(part="ae", masks=rois)
+        terms = [L.reconstruction_loss(o.reconstruction, m) for o, m in zip(outs, rois) if o is not None]
+        if not terms:
+            return {"loss": np.array(np.nan)}
+        loss = sum(terms)
+        _old_apply(tr, loss, PHASE_PARAMETERS[phase])
+    else:
+        loss = _old_sos_step(tr, data, target, joint=phase == "joint")
+    return {"loss": loss.detach().cpu().numpy()}
+
+
+# ------------------------------------------------------------------ tests
+
+@pytest.fixture
+def folders(tmp_path, monkeypatch):
+    for var in [v for v in __import__("os").environ if v.startswith("ORGANMTL_FOCUSNET")]:
+        monkeypatch.delenv(var)
+    nnunet_folders(tmp_path, monkeypatch.setenv)
+    return tmp_path
+
+
+def _state(tr):
+    return {k: v.detach().clone() for k, v in tr._module().state_dict().items()}
+
+
+def _run(step, phase, batches, seed=0):
+    torch.manual_seed(seed)
+    tr = make_trainer()
+    set_phase(tr, phase)
+    losses = []
+    for i, b in enumerate(batches):
+        torch.manual_seed(seed + 1 + i)
+        losses.append(np.asarray(step(tr, b)["loss"]).item())
+    return losses, _state(tr), tr
+
+
+@pytest.mark.parametrize("phase", O.ALL_PHASES)
+def test_fp32_cpu_step_is_bit_identical_to_the_step_before_amp(folders, phase):
+    batches = [make_batch(1), make_batch(2)]
+    with one_thread():
+        old_losses, old_state, _ = _run(old_train_step, phase, batches)
+        new_losses, new_state, tr = _run(nnUNetTrainerOMTLFocusNetV2_Tiny.train_step, phase, batches)
+    assert new_losses == old_losses and all(np.isfinite(old_losses))
+    start = _run(lambda t, b: {"loss": 0.0}, phase, [])[1]
+    trained = PHASE_PARAMETERS[phase] + (("shape_ae",) if phase in ("sos", "joint") else ())   # + the D step
+    changed = [k for k in old_state if not torch.equal(old_state[k], start[k])]
+    assert changed and all(k.split(".")[0] in trained or "running" in k or "num_batches" in k for k in changed), changed
+    for k in old_state:
+        assert torch.equal(new_state[k], old_state[k]), f"{phase}: {k} differs from the old step"
