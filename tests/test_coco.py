@@ -9,7 +9,7 @@ from scipy import ndimage
 
 from organmtl.cli import main
 from organmtl.converters.coco import instance_annotation
-from organmtl.geometry import canonical_contour, contour_points, rasterize_polygon
+from organmtl.geometry import canonical_contour, contour_points, rasterize_polygon, signed_area
 from tests.helpers import write_spine_coco
 
 
@@ -105,3 +105,18 @@ def test_han_volume_to_coco_along_each_axis(demo_root, tmp_path):
         assert spacing == {"axial": {(1.0, 1.0)}, "coronal": {(2.5, 1.0)}, "sagittal": {(2.5, 1.0)}}[axis]
         assert {c["name"] for c in data["categories"]} >= {"Chiasm", "OpticNerve_L"}
         assert data["organmtl_small_organs"] == ["Chiasm", "OpticNerve_L", "OpticNerve_R"]   # for `evaluate`
+
+
+def test_canonical_start_is_stable_under_small_rotations_and_idempotent():
+    """The start (top crossing above the box centre) moves continuously: a 32 x 16 rectangle rotated by
+    -3 and +3 degrees starts near its top-edge middle both times, never at a corner."""
+    rect = np.array([[0, 0], [32, 0], [32, 16], [0, 16]], float)
+    for deg in (-3.0, 3.0):
+        t = np.deg2rad(deg)
+        rot = (rect - [16, 8]) @ np.array([[np.cos(t), np.sin(t)], [-np.sin(t), np.cos(t)]]) + [16, 8]
+        xy = canonical_contour(rot)
+        assert signed_area(xy) > 0
+        assert abs(xy[0, 0] - 16) < 1e-9 and xy[0, 1] < 2                    # top middle, not a corner
+        np.testing.assert_allclose(canonical_contour(xy), xy)                 # idempotent
+    line = np.array([[5, 0], [5, 4], [5, 9]], float)                         # no crossing: top-most vertex
+    assert canonical_contour(line)[0].tolist() == [5, 0]
