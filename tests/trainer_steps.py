@@ -1,0 +1,125 @@
+"""The real landmark and multi-task trainers on a tiny in-memory plan, and batches for their
+``train_step`` (used by tests/test_landmark_amp.py, tests/test_multitask_cnn.py and
+tests/test_distributed_trainers.py).
+
+The plan is nnU-Net's ``PlainConvUNet`` at 3 stages of 4/8/16 features on a 16^3 patch; one real
+preprocessed case (nnU-Net's numpy dataset format) is written so that ``initialize()`` finds the
+dataset class as in a real run. Batches are made here rather than by the data loader, so a test
+decides what a rank's batch holds (no landmark, no sample of a task).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetNumpy
+
+PATCH = (16, 16, 16)
+LABELS = {"background": 0, "organ_a": 1, "organ_b": 2}
+
+
+def _plans(batch_size: int = 2, batch_dice: bool = False) -> dict:
+    arch = {"network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+            "arch_kwargs": {"n_stages": 3, "features_per_stage": [4, 8, 16], "conv_op": "torch.nn.modules.conv.Conv3d",
+                            "kernel_sizes": [[3, 3, 3]] * 3, "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2]],
+                            "n_conv_per_stage": [1, 1, 1], "n_conv_per_stage_decoder": [1, 1], "conv_bias": True,
+                            "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
+                            "norm_op_kwargs": {"eps": 1e-5, "affine": True}, "dropout_op": None,
+                            "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True}},
+            "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]}
+    cfg = {"data_identifier": "d", "preprocessor_name": "DefaultPreprocessor", "batch_size": batch_size,
+           "patch_size": list(PATCH), "median_image_size_in_voxels": list(PATCH), "spacing": [1.0, 1.0, 1.0],
+           "normalization_schemes": ["CTNormalization", "NoNormalization"], "use_mask_for_norm": [False, False],
+           "resampling_fn_data": "resample_data_or_seg_to_shape", "resampling_fn_seg": "resample_data_or_seg_to_shape",
+           "resampling_fn_data_kwargs": {}, "resampling_fn_seg_kwargs": {},
+           "resampling_fn_probabilities": "resample_data_or_seg_to_shape", "resampling_fn_probabilities_kwargs": {},
+           "batch_dice": batch_dice, "architecture": arch}
+    return {"continue_training": False, "dataset_name": "Dataset998_Steps", "plans_name": "nnUNetPlans",
+            "original_median_spacing_after_transp": [1, 1, 1], "original_median_shape_after_transp": list(PATCH),
+            "image_reader_writer": "SimpleITKIO", "transpose_forward": [0, 1, 2], "transpose_backward": [0, 1, 2],
+            "experiment_planner_used": "test", "label_manager": "LabelManager",
+            "foreground_intensity_properties_per_channel": {"0": {"mean": 40.0, "std": 200.0}},
+            "configurations": {"3d_steps": cfg}}
+
+
+def _dataset_json(kind: str) -> dict:
+    base = {"labels": dict(LABELS), "file_ending": ".nii.gz", "numTraining": 4}
+    if kind == "landmarks":
+        return {**base, "channel_names": {"0": "CT", "1": "heatmap"},
+                "organmtl_landmark_channels": {"channels": {"1": "max(p, q)"}, "encoding": "heatmap",
+                                               "landmarks": ["p", "q"], "sigma_mm": 3.0}}
+    if kind == "tasks":
+        return {**base, "channel_names": {"0": "CT"}, "organmtl_tasks": {
+            "task_a": {"label_values": [1], "cases": ["task_a_0", "task_a_1"]},
+            "task_b": {"label_values": [2], "cases": ["task_b_0", "task_b_1"]}}}
+    raise ValueError(kind)
+
+
+def build_trainer(cls, root: Path, kind: str, batch_size: int = 2, batch_dice: bool = False,
+                  device: torch.device = torch.device("cpu")):
+    """``cls`` constructed as ``nnUNetv2_train`` does and initialized; nnU-Net's folder variables are
+    set to ``root/raw``, ``root/preprocessed``, ``root/results`` in ``os.environ`` (a test that
+    must restore them uses ``monkeypatch``).
+    ``kind``: ``"landmarks"`` (CT + one merged heatmap channel) or ``"tasks"`` (two tasks, one
+    organ each)."""
+    root = Path(root)
+    for var, sub in (("nnUNet_raw", "raw"), ("nnUNet_preprocessed", "preprocessed"), ("nnUNet_results", "results")):
+        os.environ[var] = str(root / sub)          # nnU-Net reads its folders from the environment
+    trainer = cls(_plans(batch_size, batch_dice), "3d_steps", 0, _dataset_json(kind), device)
+    os.makedirs(trainer.preprocessed_dataset_folder, exist_ok=True)
+    n_channels = len(trainer.dataset_json["channel_names"])
+    nnUNetDatasetNumpy.save_case(np.zeros((n_channels, *PATCH), np.float32), np.zeros((1, *PATCH), np.int16),
+                                 {"class_locations": {}}, os.path.join(trainer.preprocessed_dataset_folder, "case_0"))
+    trainer.initialize()
+    return trainer
+
+
+def _downsampled(target: torch.Tensor, trainer) -> list[torch.Tensor] | torch.Tensor:
+    if not trainer.enable_deep_supervision:
+        return target
+    out = []
+    for scale in trainer._get_deep_supervision_scales():
+        size = [int(round(p * s)) for p, s in zip(PATCH, scale)]
+        out.append(F.interpolate(target, size=size, mode="nearest"))
+    return out
+
+
+def make_batch(trainer, seed: int, n: int | None = None, landmarks: bool = True,
+               labels: tuple[int, ...] = (1, 2)) -> dict:
+    """A batch as nnU-Net's loader + transforms give it: ``data`` (image, then the landmark heatmap
+    channel when the dataset has one) and ``target`` (label map, or one channel per region, at every
+    deep-supervision scale). ``landmarks=False``: an all-zero heatmap (no landmark in the patch);
+    ``labels``: the organs present (a batch of one task holds only that task's labels)."""
+    g = torch.Generator().manual_seed(seed)
+    n = n or trainer.batch_size
+    grid = torch.stack(torch.meshgrid(*[torch.arange(float(p)) for p in PATCH], indexing="ij"))
+    seg = torch.zeros(n, 1, *PATCH)
+    for value in labels:
+        centre = torch.randint(4, 12, (n, 3), generator=g).float()
+        for i in range(n):
+            seg[i, 0][((grid - centre[i].view(3, 1, 1, 1)) ** 2).sum(0) < 9] = value
+    image = seg + 0.3 * torch.randn(seg.shape, generator=g)
+    channels = [image]
+    lc = getattr(trainer, "landmark_channels", None)
+    if lc is not None and lc.n_landmark:
+        peak = torch.randint(3, 13, (n, 3), generator=g).float()
+        d2 = ((grid[None] - peak.view(n, 3, 1, 1, 1)) ** 2).sum(1, keepdim=True)
+        heat = torch.exp(-d2 / (2 * 2.0 ** 2))
+        channels.append(heat if landmarks else torch.zeros_like(heat))
+    data = torch.cat(channels, 1)
+    lm = trainer.label_manager
+    if lm.has_regions:
+        regions = [r if isinstance(r, (list, tuple)) else (r,) for r in lm.foreground_regions]
+        target = torch.cat([torch.isin(seg, torch.tensor(r, dtype=seg.dtype)).float() for r in regions], 1)
+    else:
+        target = seg
+    return {"data": data, "target": _downsampled(target, trainer)}
+
+
+def parameters(trainer) -> dict[str, torch.Tensor]:
+    """The network module's parameters (unwrapped from DDP), detached copies."""
+    net = trainer.network.module if hasattr(trainer.network, "module") else trainer.network
+    return {k: p.detach().clone() for k, p in net.named_parameters()}
