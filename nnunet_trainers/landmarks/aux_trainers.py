@@ -11,10 +11,9 @@ import numpy as np
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.collate_outputs import collate_outputs
-from nnunetv2.utilities.helpers import dummy_context
-from torch import autocast
 from torch import distributed as dist
 
+from organmtl.nnunet_trainers.amp import float32_region
 from organmtl.nnunet_trainers.budget import CPUBudgetMixin
 from organmtl.nnunet_trainers.landmarks.base import LandmarkChannelsTrainer
 from organmtl.nnunet_trainers.landmarks.channels import LandmarkChannels
@@ -62,35 +61,31 @@ class nnUNetTrainerOMTLLandmarkJoint(LandmarkChannelsTrainer):
         """Thesis Eq. 1 with lambda_segmentation = 1."""
         return seg_loss + self.lambda_landmarks * landmark_loss
 
+    def landmark_losses(self, data: torch.Tensor, target) -> tuple[torch.Tensor, dict]:
+        """Forward pass and ``combine_losses`` of one batch (run under autocast by ``amp_step``).
+
+        The segmentation loss is nnU-Net's (its Dice and CE cast to fp32 themselves); the heatmap MSE
+        and the combination (uncertainty weighting's ``exp(-log_var)``) run in fp32 outside autocast.
+        Every term is computed on every batch, also one whose patches hold no landmark (an all-zero
+        target): each DDP rank runs the same graph and backward."""
+        seg, heatmaps = self.network(data)
+        seg_loss = self.loss(seg, target)
+        with float32_region(self.device.type):
+            landmark_loss = heatmap_mse(heatmaps.float(), data[:, self.landmark_channels.n_image:].float())
+            loss = self.combine_losses(seg_loss.float(), landmark_loss)
+        return loss, {"seg_loss": seg_loss, "landmark_loss": landmark_loss}
+
     def train_step(self, batch: dict) -> dict:
-        """nnU-Net's train step (same optimiser, AMP, gradient clipping at 12) on ``combine_losses``."""
-        data = batch["data"].to(self.device, non_blocking=True)
-        target = batch["target"]
-        target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) \
-            else target.to(self.device, non_blocking=True)
-        heatmap_target = data[:, self.landmark_channels.n_image:]
+        """nnU-Net's train step (same optimiser, AMP and ``GradScaler``, gradient clipping at 12;
+        :meth:`~organmtl.nnunet_trainers.amp.AMPTrainStepMixin.amp_step`) on ``combine_losses``."""
+        data, target = self.batch_to_device(batch)
         self._module().outputs = "both"
-        self.optimizer.zero_grad(set_to_none=True)
         try:
-            with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
-                seg, heatmaps = self.network(data)
-                seg_loss = self.loss(seg, target)
-                landmark_loss = heatmap_mse(heatmaps, heatmap_target)
-                loss = self.combine_losses(seg_loss, landmark_loss)
+            loss, parts = self.amp_step(lambda: self.landmark_losses(data, target))
         finally:
             self._module().outputs = "segmentation"
-        if self.grad_scaler is not None:
-            self.grad_scaler.scale(loss).backward()
-            self.grad_scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
-            self.grad_scaler.step(self.optimizer)
-            self.grad_scaler.update()
-        else:
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
-            self.optimizer.step()
-        return {"loss": loss.detach().cpu().numpy(), "seg_loss": float(seg_loss.detach()),
-                "landmark_loss": float(landmark_loss.detach())}
+        return {"loss": loss.detach().cpu().numpy(), "seg_loss": float(parts["seg_loss"].detach()),
+                "landmark_loss": float(parts["landmark_loss"].detach())}
 
     def on_train_epoch_end(self, train_outputs):
         super().on_train_epoch_end(train_outputs)

@@ -6,13 +6,16 @@ from __future__ import annotations
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
+from organmtl.nnunet_trainers.amp import AMPTrainStepMixin
 from organmtl.nnunet_trainers.landmarks.channels import LandmarkChannels, LandmarkChannelsError
 from organmtl.nnunet_trainers.landmarks.transforms import protect_landmark_channels
 from organmtl.nnunet_trainers.laterality import LateralityAwareMirroringMixin, lateral_pairs
 
 
-class LandmarkChannelsTrainer(LateralityAwareMirroringMixin, nnUNetTrainer):
+class LandmarkChannelsTrainer(AMPTrainStepMixin, LateralityAwareMirroringMixin, nnUNetTrainer):
     """nnU-Net trainer for datasets whose last input channels are landmark maps.
+
+    Training steps go through nnU-Net's AMP path (:class:`~organmtl.nnunet_trainers.amp.AMPTrainStepMixin`).
 
     ``landmark_encodings``: encodings this trainer accepts (``heatmap``, ``distance``);
     ``landmark_channels_required``: refuse datasets without landmark channels (else all channels are

@@ -89,7 +89,8 @@ class nnUNetTrainerOMTLMultiTaskBlock(LandmarkChannelsTrainer):
         """nnU-Net's region loss with its deep-supervision weighting, the per-output loss replaced by
         :class:`~.losses.PerOrganBCELoss`."""
         loss = super()._build_loss()
-        organ_loss = PerOrganBCELoss(self.weight_dice, batch_dice=self.configuration_manager.batch_dice)
+        organ_loss = PerOrganBCELoss(self.weight_dice, batch_dice=self.configuration_manager.batch_dice,
+                                     ddp=self.is_ddp)
         if hasattr(loss, "weight_factors"):
             loss.loss = organ_loss
             return loss

@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 from torch import nn
 
+from organmtl.nnunet_trainers.amp import float32_region
+
 
 def heatmap_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean squared error between predicted and target landmark heatmaps (thesis Eq. 3 squared)."""
@@ -40,8 +42,11 @@ class UncertaintyWeighting(nn.Module):
         self.register_buffer("task_constants", torch.tensor(task_constants, dtype=torch.float32), persistent=False)
 
     def forward(self, losses) -> torch.Tensor:
-        losses = torch.stack([torch.as_tensor(l, dtype=torch.float32) for l in losses]).to(self.log_vars.device)
-        return (torch.exp(-self.log_vars) / self.task_constants * losses + 0.5 * self.log_vars).sum()
+        """The weighted sum, always in fp32 (autocast off: ``exp(-v_t)`` of a large log-variance
+        overflows fp16)."""
+        with float32_region(self.log_vars.device.type):
+            losses = torch.stack([torch.as_tensor(l).float() for l in losses]).to(self.log_vars.device)
+            return (torch.exp(-self.log_vars.float()) / self.task_constants * losses + 0.5 * self.log_vars.float()).sum()
 
     def as_dict(self) -> dict:
         """``{task: log variance}`` for logging."""
@@ -52,13 +57,14 @@ class PerOrganBCELoss(nn.Module):
     """``sum_k BCE(sigmoid(logit_k), y_k)`` over the organ channels (landmark-input U-Net §3.4.3; each BCE
     is the mean over voxels of one organ), plus ``weight_dice * sum_k (1 - softDice_k)`` with nnU-Net's
     ``MemoryEfficientSoftDiceLoss`` when ``weight_dice > 0``. Targets: one binary channel per organ
-    (nnU-Net's region targets)."""
+    (nnU-Net's region targets). Computed in fp32 (the logits are cast). ``ddp``: nnU-Net's flag of
+    the same name (batch Dice gathered over the DDP ranks); must be False outside DDP."""
 
-    def __init__(self, weight_dice: float = 0.0, batch_dice: bool = False):
+    def __init__(self, weight_dice: float = 0.0, batch_dice: bool = False, ddp: bool = False):
         super().__init__()
         self.weight_dice = weight_dice
         self.dice = MemoryEfficientSoftDiceLoss(apply_nonlin=torch.sigmoid, batch_dice=batch_dice, do_bg=True,
-                                                smooth=1e-5) if weight_dice > 0 else None
+                                                smooth=1e-5, ddp=ddp) if weight_dice > 0 else None
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if logits.shape != target.shape:
@@ -69,5 +75,5 @@ class PerOrganBCELoss(nn.Module):
         loss = per_organ.sum()
         if self.dice is not None:
             # nnU-Net's soft Dice loss returns -mean_k Dice_k; sum_k (1 - Dice_k) = K * (1 + loss)
-            loss = loss + self.weight_dice * logits.shape[1] * (1 + self.dice(logits, target))
+            loss = loss + self.weight_dice * logits.shape[1] * (1 + self.dice(logits.float(), target))
         return loss

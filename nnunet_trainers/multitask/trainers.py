@@ -11,6 +11,11 @@
   features, patch <= 32^3) 15 conv layers of 8 kernels and FC layers of 48 nodes, about a second per
   CPU step (docs/multitask_cnn.md); on nnU-Net's 3d_fullres the paper's 25 x 32 and 192.
 
+Training steps are nnU-Net's, through :class:`~organmtl.nnunet_trainers.amp.AMPTrainStepMixin`
+(autocast + ``GradScaler`` on CUDA). Each DDP rank draws its own task-balanced batch; a rank whose
+batch holds no sample of some task still runs the same loss (cross-entropy over all union classes)
+and backward as the others, so no collective depends on the batch content.
+
 Per-task output masking and the Dice-optimal threshold are applied to the saved probabilities
 (:mod:`organmtl.nnunet_trainers.multitask.evaluation`), so stock ``nnUNetv2_predict`` output stays
 unmasked and both can be measured.
@@ -29,6 +34,7 @@ from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 
+from organmtl.nnunet_trainers.amp import AMPTrainStepMixin
 from organmtl.nnunet_trainers.budget import CPUBudgetMixin
 from organmtl.nnunet_trainers.multitask.sampler import TaskBalancedDataLoader
 from organmtl.nnunet_trainers.multitask.tasks import TaskTable
@@ -160,8 +166,8 @@ class TriplanarNetworkMixin:
 
 # ---------------------------------------------------------------- the trainers
 
-class nnUNetTrainerOMTLTriplanar(TriplanarNetworkMixin, CrossEntropyLossMixin, TaskBalancedSamplingMixin,
-                                 nnUNetTrainer):
+class nnUNetTrainerOMTLTriplanar(AMPTrainStepMixin, TriplanarNetworkMixin, CrossEntropyLossMixin,
+                                 TaskBalancedSamplingMixin, nnUNetTrainer):
     """Moeskops et al.'s multi-task triplanar CNN (§3.1-3.2): 25 shared 3x3 conv layers per plane,
     96 features, 2 x 192 FC (at nnU-Net's default width, see :meth:`TriplanarNetworkMixin.triplanar_size`), softmax over the union classes; task/class-balanced batches; Adam; CE."""
 
@@ -180,7 +186,8 @@ class nnUNetTrainerOMTLTriplanarDiceCE_Tiny(CPUBudgetMixin, nnUNetTrainerOMTLTri
     """CPU variant of :class:`nnUNetTrainerOMTLTriplanarDiceCE`."""
 
 
-class nnUNetTrainerOMTLMultiTaskUNet(CrossEntropyLossMixin, TaskBalancedSamplingMixin, nnUNetTrainer):
+class nnUNetTrainerOMTLMultiTaskUNet(AMPTrainStepMixin, CrossEntropyLossMixin, TaskBalancedSamplingMixin,
+                                     nnUNetTrainer):
     """nnU-Net's planned U-Net on the merged dataset with task/class-balanced batches and CE (§3.2)."""
 
 
