@@ -73,27 +73,18 @@ def train(trainer: str, env: dict, work: Path, device: str) -> float:
     return time.time() - t0
 
 
-def _world_centroid(mask: np.ndarray, img) -> list[float] | None:
-    idx = np.argwhere(mask)
-    if len(idx) == 0:
-        return None
-    z, y, x = idx.mean(0)
-    return list(img.TransformContinuousIndexToPhysicalPoint((float(x), float(y), float(z))))
-
-
 def evaluate(trainer: str, env: dict, dataset_json: dict) -> dict:
     """Per-organ Dice / HD95 and SOL-Net centre errors on fold 0's validation cases."""
     import SimpleITK as sitk
 
-    from organmtl.evaluation.metrics import (dice, hausdorff_distance_mean_directed, identification_rates,
-                                             landmark_errors_mm)
+    from organmtl.evaluation.centres import SUFFIX as CENTRES_SUFFIX, evaluate_centre_folder
+    from organmtl.evaluation.metrics import dice, hausdorff_distance_mean_directed
 
     val = _model_dir(env, trainer) / "fold_0" / "validation"
     gt_dir = Path(env["nnUNet_preprocessed"]) / f"Dataset{DATASET}_BenchHaN" / "gt_segmentations"
     labels = {k: v for k, v in dataset_json["labels"].items() if v > 0}
     small = dataset_json.get("organmtl_small_organs", [])
     per = {n: {"dice": [], "hd95": []} for n in labels}
-    errors = []
     for f in sorted(val.glob("*.nii.gz")):
         pred_img, gt_img = sitk.ReadImage(str(f)), sitk.ReadImage(str(gt_dir / f.name))
         pred, gt = sitk.GetArrayFromImage(pred_img), sitk.GetArrayFromImage(gt_img)
@@ -103,19 +94,16 @@ def evaluate(trainer: str, env: dict, dataset_json: dict) -> dict:
                 continue
             per[n]["dice"].append(dice(pred == v, gt == v))
             per[n]["hd95"].append(hausdorff_distance_mean_directed(pred == v, gt == v, spacing, 95.0))
-        cj = val / f.name.replace(".nii.gz", "_centres.json")
-        if cj.is_file():
-            centres = json.loads(cj.read_text())["centres"]
-            for n in small:
-                ref = _world_centroid(gt == labels[n], gt_img)
-                if ref is not None and n in centres:
-                    errors.append(float(landmark_errors_mm([centres[n]["world_mm"]], [ref])[0]))
     out = {"dice": {n: float(np.nanmean(d["dice"])) if d["dice"] else float("nan") for n, d in per.items()},
            "hd95": {n: float(np.nanmean(d["hd95"])) if d["hd95"] else float("nan") for n, d in per.items()}}
     out["small_dice"] = float(np.nanmean([out["dice"][n] for n in small])) if small else float("nan")
     out["all_dice"] = float(np.nanmean(list(out["dice"].values())))
-    out["loc_error_mm"] = float(np.mean(errors)) if errors else float("nan")
-    out["id_rates"] = identification_rates(errors) if errors else {}
+    if any(val.glob(f"*{CENTRES_SUFFIX}")):              # the library's Table 7 metrics (organmtl evaluate)
+        loc = evaluate_centre_folder(val, gt_dir, ".nii.gz", cases={f.name[:-7] for f in val.glob("*.nii.gz")})[1]
+        out["loc_error_mm"] = loc["error_mm"]["mean"] if loc["error_mm"]["mean"] is not None else float("nan")
+        out["id_rates"] = loc["identification_rates"]
+    else:
+        out["loc_error_mm"], out["id_rates"] = float("nan"), {}
     return out
 
 

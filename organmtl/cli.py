@@ -242,7 +242,7 @@ def cmd_evaluate(args) -> int:
     summary, paths = run_evaluation(args.pred, args.gt, out_dir=args.output, dataset_json=args.dataset_json,
                                     tolerance_mm=args.tolerance_mm, score_threshold=args.score_threshold,
                                     small_organs=args.small_organs, landmarks_pred=args.landmarks_pred,
-                                    landmarks_gt=args.landmarks_gt)
+                                    landmarks_gt=args.landmarks_gt, centres=args.centres)
     print(markdown_table(summary))
     for what, path in paths.items():
         print(f"{what}: {path}")
@@ -265,6 +265,8 @@ def add_evaluate_parser(sub) -> None:
                    help="structures averaged as small organs (default: dataset.json organmtl_small_organs)")
     p.add_argument("--landmarks-pred", type=Path, default=None, help="predicted landmarks/<case>.json folder")
     p.add_argument("--landmarks-gt", type=Path, default=None, help="reference landmarks/<case>.json folder")
+    p.add_argument("--centres", type=Path, default=None, help="FocusNet SOL-Net <case>_centres.json folder, scored "
+                   "against GT's organ centres of mass (default PRED when it holds them)")
     p.set_defaults(func=cmd_evaluate)
 
 

@@ -18,13 +18,17 @@ def default_out_dir(pred: Path) -> Path:
 
 def run_evaluation(pred: Path, gt: Path, out_dir: Path | None = None, dataset_json: Path | None = None,
                    tolerance_mm: float = 2.0, score_threshold: float = 0.5, small_organs: list[str] | None = None,
-                   landmarks_pred: Path | None = None, landmarks_gt: Path | None = None) -> tuple[dict, dict]:
+                   landmarks_pred: Path | None = None, landmarks_gt: Path | None = None,
+                   centres: Path | None = None) -> tuple[dict, dict]:
     """Evaluate and write the outputs; returns ``(summary, {output: path})``.
 
     PRED a folder -> nnU-Net volumes (GT: reference folder); PRED a ``.json`` file -> COCO instance
     results (GT: COCO ground-truth JSON). Landmarks: ``landmarks_pred``/``landmarks_gt`` folders of
     ``<case>.json``; by default ``PRED/landmarks/`` (or ``PRED/<case>.json`` beside the predicted
-    volumes) and ``GT/../landmarks/`` when both exist."""
+    volumes) and ``GT/../landmarks/`` when both exist. SOL-Net centres (FocusNet): ``centres``, a
+    folder of ``<case>_centres.json``, by default PRED when it holds one for an evaluated case,
+    against the organs' centres of mass in GT (:mod:`organmtl.evaluation.centres`)."""
+    from organmtl.evaluation.centres import SUFFIX, evaluate_centre_folder
     from organmtl.evaluation.landmarks import evaluate_landmark_folders
 
     pred, gt = Path(pred), Path(gt)
@@ -57,5 +61,18 @@ def run_evaluation(pred: Path, gt: Path, out_dir: Path | None = None, dataset_js
             lm_rows, summary["landmarks"] = evaluate_landmark_folders(lm_pred, lm_gt, cases=cases)
         except ValueError as e:
             raise EvaluationError(str(e)) from None
-    paths = write_outputs(rows, summary, Path(out_dir) if out_dir else default_out_dir(pred), lm_rows)
+    centre_rows = None
+    if centres is not None and not Path(centres).is_dir():
+        raise EvaluationError(f"{centres}: centres folder not found")
+    if centres is None and pred.is_dir() and any((pred / f"{c}{SUFFIX}").is_file() for c in cases or ()):
+        centres = pred
+    if centres is not None:
+        if summary["kind"] != "nnunet":
+            raise EvaluationError(f"{centres}: SOL-Net centres are scored against an nnU-Net reference folder")
+        ending = summary["file_ending"]
+        try:
+            centre_rows, summary["centres"] = evaluate_centre_folder(centres, gt, ending, cases=cases)
+        except ValueError as e:
+            raise EvaluationError(str(e)) from None
+    paths = write_outputs(rows, summary, Path(out_dir) if out_dir else default_out_dir(pred), lm_rows, centre_rows)
     return summary, paths

@@ -158,18 +158,34 @@ def markdown_table(summary: dict) -> str:
                   "|---" * (4 + len(lm["identification_rates"])) + "|",
                   f"| all | {lm['n_landmarks']} | {_cell(lm['error_mm']['mean'], 2)} | "
                   f"{_cell(lm['error_mm']['median'], 2)} | {rates} |"]
+    ce = summary.get("centres")
+    if ce:
+        keys = list(ce["identification_rates"])
+        lines += ["", "| SOL-Net centres | n | mean error mm | median mm | "
+                  + " | ".join(f"ID rate <= {k}" for k in keys) + " |", "|---" * (4 + len(keys)) + "|"]
+        for name, e in [("all", ce), *ce["per_organ"].items()]:
+            rates = " | ".join(_rate(e["identification_rates"][k]) for k in keys)
+            lines.append(f"| {name} | {e['error_mm']['n'] + e['error_mm']['n_undefined']} | "
+                         f"{_cell(e['error_mm']['mean'], 2)} | {_cell(e['error_mm']['median'], 2)} | {rates} |")
     return "\n".join(lines)
 
 
-def write_outputs(rows: list[dict], summary: dict, out_dir: Path, landmark_rows: list[dict] | None = None) -> dict:
-    """``per_case.csv`` (+ ``landmarks_per_case.csv``), ``summary.json``, ``summary.md`` in
-    ``out_dir``; returns their paths."""
+def _rate(v) -> str:
+    return "-" if v is None or not math.isfinite(v) else f"{v * 100:.1f}%"
+
+
+def write_outputs(rows: list[dict], summary: dict, out_dir: Path, landmark_rows: list[dict] | None = None,
+                  centre_rows: list[dict] | None = None) -> dict:
+    """``per_case.csv`` (+ ``landmarks_per_case.csv``, ``centres_per_case.csv``), ``summary.json``,
+    ``summary.md`` in ``out_dir``; returns their paths."""
     out_dir = Path(out_dir)
     paths = {}
     if rows:
         paths["per_case_csv"] = write_csv(rows, out_dir / "per_case.csv")
     if landmark_rows:
         paths["landmarks_csv"] = write_csv(landmark_rows, out_dir / "landmarks_per_case.csv")
+    if centre_rows:
+        paths["centres_csv"] = write_csv(centre_rows, out_dir / "centres_per_case.csv")
     paths["summary_json"] = write_json(summary, out_dir / "summary.json")
     md = out_dir / "summary.md"
     md.write_text(f"# Evaluation of {summary.get('pred')}\n\nreference: {summary.get('gt')}\n\n"

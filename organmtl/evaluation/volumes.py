@@ -101,6 +101,6 @@ def evaluate_volume_folders(pred: Path, gt: Path, dataset_json: Path | None = No
             rows.append({"case": case, "structure": name, **structure_row(pm, gm, spacing, tolerance_mm),
                          "spacing_mm": "x".join(f"{s:g}" for s in spacing)})
     summary = {"kind": "nnunet", "pred": str(pred), "gt": str(gt), "dataset_json": str(ds_json),
-               "n_cases": len(refs), "reference_cases_without_prediction": unpredicted, "tolerance_mm": tolerance_mm, "conventions": CONVENTIONS,
+               "file_ending": ending, "n_cases": len(refs), "reference_cases_without_prediction": unpredicted, "tolerance_mm": tolerance_mm, "conventions": CONVENTIONS,
                "segmentation": summarize_rows(rows, list(structures), small)}
     return rows, summary
