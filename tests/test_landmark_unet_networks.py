@@ -102,7 +102,8 @@ def test_landmark_tail_outputs_and_gradients(dim):
     x2 = x.clone()
     x2[:, 2:] = torch.randn_like(x2[:, 2:])
     seg2, heat2 = net(x2)
-    torch.testing.assert_close(heat, heat2) and torch.testing.assert_close(seg[0], seg2[0])
+    torch.testing.assert_close(heat, heat2)
+    torch.testing.assert_close(seg[0], seg2[0])
     # landmark loss reaches the tail and the shared U-Net, never the segmentation layers
     net.zero_grad()
     heatmap_mse(heat, torch.zeros_like(heat)).backward()
