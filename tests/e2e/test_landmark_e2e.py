@@ -37,12 +37,9 @@ def _train(ds: PlannedDataset, config, trainer, log, extra=(), budget=None):
 @pytest.fixture(scope="module")
 def work(abdomen_dataset, demo_root, tmp_path_factory):
     """The session's abdomen dataset, the VISCERAL-like CT planned here (one validation case each),
-    and every trainer trained once, two at a time."""
+    and every trainer trained once, two nnU-Net processes at a time on the two cores (the VISCERAL
+    conversion runs beside the first abdomen training; its trainings are queued after it)."""
     assert abdomen_dataset.dataset_id == ABDOMEN
-    visceral = plan_dataset(tmp_path_factory.mktemp("visceral"), "visceral", demo_root / "visceral_ct", VISCERAL,
-                            "LmVisceral", "--landmark-channels", "distance", configurations=("2d_tiny",),
-                            one_validation_case=True)
-    datasets = {ABDOMEN: abdomen_dataset, VISCERAL: visceral}
     runs = [("joint", ABDOMEN, "3d_tiny", "nnUNetTrainerOMTLLandmarkJoint_Tiny"),
             ("joint_lite", ABDOMEN, "3d_tiny", "nnUNetTrainerOMTLLandmarkJointLite_Tiny"),
             ("alternate", ABDOMEN, "2d_tiny", "nnUNetTrainerOMTLLandmarkAlternate_Tiny"),
@@ -51,9 +48,18 @@ def work(abdomen_dataset, demo_root, tmp_path_factory):
             ("early", VISCERAL, "2d_tiny", "nnUNetTrainerOMTLLandmarkEarlyFusion_Tiny"),
             ("late", VISCERAL, "2d_tiny", "nnUNetTrainerOMTLLandmarkLateFusion_Tiny")]
     logs_dir = tmp_path_factory.mktemp("landmark_logs")
-    with ThreadPoolExecutor(2) as pool:       # two nnU-Net processes at a time on the two cores
-        logs = {key: pool.submit(_train, datasets[d], c, tr, logs_dir / f"train_{key}.log") for key, d, c, tr in runs}
+
+    def train(key, dataset_id, config, trainer):
+        ds = abdomen_dataset if dataset_id == ABDOMEN else visceral.result()    # queued after the conversion
+        return _train(ds, config, trainer, logs_dir / f"train_{key}.log")
+
+    with ThreadPoolExecutor(2) as pool:
+        visceral = pool.submit(plan_dataset, tmp_path_factory.mktemp("visceral"), "visceral", demo_root / "visceral_ct",
+                               VISCERAL, "LmVisceral", "--landmark-channels", "distance", configurations=("2d_tiny",),
+                               one_validation_case=True)
+        logs = {key: pool.submit(train, key, d, c, tr) for key, d, c, tr in runs}
         logs = {k: f.result() for k, f in logs.items()}
+    datasets = {ABDOMEN: abdomen_dataset, VISCERAL: visceral.result()}
     return {"datasets": datasets, "logs": logs, "runs": {key: (d, c, tr) for key, d, c, tr in runs}}
 
 
