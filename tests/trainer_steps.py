@@ -59,12 +59,12 @@ def _dataset_json(kind: str) -> dict:
 
 
 def build_trainer(cls, root: Path, kind: str, batch_size: int = 2, batch_dice: bool = False,
-                  device: torch.device = torch.device("cpu")):
+                  device: torch.device = torch.device("cpu"), before_initialize=None):
     """``cls`` constructed as ``nnUNetv2_train`` does and initialized; nnU-Net's folder variables are
     set to ``root/raw``, ``root/preprocessed``, ``root/results`` in ``os.environ`` (a test that
     must restore them uses ``monkeypatch``).
     ``kind``: ``"landmarks"`` (CT + one merged heatmap channel) or ``"tasks"`` (two tasks, one
-    organ each)."""
+    organ each). ``before_initialize(trainer)`` runs between construction and ``initialize()``."""
     root = Path(root)
     for var, sub in (("nnUNet_raw", "raw"), ("nnUNet_preprocessed", "preprocessed"), ("nnUNet_results", "results")):
         os.environ[var] = str(root / sub)          # nnU-Net reads its folders from the environment
@@ -73,6 +73,8 @@ def build_trainer(cls, root: Path, kind: str, batch_size: int = 2, batch_dice: b
     n_channels = len(trainer.dataset_json["channel_names"])
     nnUNetDatasetNumpy.save_case(np.zeros((n_channels, *PATCH), np.float32), np.zeros((1, *PATCH), np.int16),
                                  {"class_locations": {}}, os.path.join(trainer.preprocessed_dataset_folder, "case_0"))
+    if before_initialize is not None:
+        before_initialize(trainer)
     trainer.initialize()
     return trainer
 
@@ -123,3 +125,105 @@ def parameters(trainer) -> dict[str, torch.Tensor]:
     """The network module's parameters (unwrapped from DDP), detached copies."""
     net = trainer.network.module if hasattr(trainer.network, "module") else trainer.network
     return {k: p.detach().clone() for k, p in net.named_parameters()}
+
+
+# ---------------------------------------------------------------------------------- reference steps
+def stock_step(trainer, batch: dict) -> dict:
+    """nnU-Net's own ``nnUNetTrainer.train_step`` on ``trainer`` (the reference of a stock-step trainer)."""
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    return nnUNetTrainer.train_step(trainer, batch)
+
+
+def landmark_step_before_amp(trainer, batch: dict) -> dict:
+    """The landmark-tail trainers' train step as written before the shared AMP helper (fp32 on the
+    CPU, no scaler), kept as the reference the new step must reproduce bit for bit."""
+    data = batch["data"]
+    target = [t for t in batch["target"]] if isinstance(batch["target"], list) else batch["target"]
+    heatmap_target = data[:, trainer.landmark_channels.n_image:]
+    trainer._module().outputs = "both"
+    trainer.optimizer.zero_grad(set_to_none=True)
+    try:
+        seg, heatmaps = trainer.network(data)
+        seg_loss = trainer.loss(seg, target)
+        landmark_loss = F.mse_loss(heatmaps.float(), heatmap_target.float())
+        loss = trainer.combine_losses(seg_loss, landmark_loss)
+    finally:
+        trainer._module().outputs = "segmentation"
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(trainer.network.parameters(), 12)
+    trainer.optimizer.step()
+    if hasattr(trainer, "current_task"):          # the alternate trainer's turn counter
+        trainer.global_iteration = getattr(trainer, "global_iteration", 0) + 1
+    return {"loss": loss.detach().cpu().numpy()}
+
+
+def run_steps(cls, root: Path, kind: str, step, n: int = 2, seed: int = 0) -> tuple[list[float], dict]:
+    """``n`` steps of ``step(trainer, batch)`` on a freshly built ``cls`` with fixed seeds:
+    the losses and the parameters afterwards."""
+    torch.manual_seed(seed)
+    trainer = build_trainer(cls, root, kind)
+    trainer.network.train()
+    losses = []
+    for i in range(n):
+        torch.manual_seed(seed + 10 + i)
+        losses.append(float(step(trainer, make_batch(trainer, i))["loss"]))
+    return losses, parameters(trainer)
+
+
+# ---------------------------------------------------------------------------------- prediction
+def output_layers(network) -> list[torch.nn.Module]:
+    """The layers that produce the network's outputs (segmentation logits, landmark heatmaps)."""
+    from organmtl.nnunet_trainers.multitask.triplanar import TriplanarCNN
+    net = network.module if hasattr(network, "module") else network
+    if isinstance(net, TriplanarCNN):
+        return [net.classifier]
+    layers = [net.unet.decoder.seg_layers[-1] if hasattr(net, "unet") else net.decoder.seg_layers[-1]]
+    if hasattr(net, "landmark_tail"):
+        layers.append(net.landmark_tail[-1])
+    return layers
+
+
+def logit_margin(logits: torch.Tensor, regions: bool) -> torch.Tensor:
+    """Per voxel, how sure the prediction is: top-1 minus top-2 logit (softmax), |logit| (sigmoid)."""
+    if regions or logits.shape[0] == 1:
+        return logits.abs().amin(0)
+    top = logits.topk(2, 0).values
+    return top[0] - top[1]
+
+
+def make_confident(trainer, image: torch.Tensor, margin: float = 20.0) -> torch.Tensor:
+    """Scale the output layers' weights and biases (x4 at a time) until the fp32 prediction of
+    ``image`` has a median :func:`logit_margin` >= ``margin``: a network as sure of itself as a
+    well-trained one (at 20, 1 - p < 2e-9: the probability is 1.0 in fp16). Returns that fp32
+    prediction."""
+    regions = trainer.label_manager.has_regions
+    for _ in range(10):
+        logits = predict_logits(trainer, image, None)
+        if float(logit_margin(logits, regions).median()) >= margin:
+            return logits
+        with torch.no_grad():
+            for layer in output_layers(trainer.network):
+                for p in layer.parameters():
+                    p.mul_(4.0)
+    raise AssertionError(f"{type(trainer).__name__}: output layers x 4^10 still give a median margin < {margin}")
+
+
+def predict_logits(trainer, image: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """nnU-Net's sliding-window prediction of one case (``image``: C, X, Y, Z) with the trainer's
+    network in eval mode; ``dtype``: run it under CPU autocast, as the predictor runs on CUDA
+    (its logits are accumulated in fp16 and it raises on inf)."""
+    import contextlib
+
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False,
+                                perform_everything_on_device=False, device=torch.device("cpu"), verbose=False,
+                                allow_tqdm=False)
+    predictor.manual_initialization(trainer.network, trainer.plans_manager, trainer.configuration_manager, None,
+                                    trainer.dataset_json, type(trainer).__name__, None)
+    trainer.set_deep_supervision_enabled(False)
+    try:
+        with torch.autocast("cpu", dtype=dtype) if dtype is not None else contextlib.nullcontext():
+            return predictor.predict_sliding_window_return_logits(image).float()
+    finally:
+        trainer.set_deep_supervision_enabled(trainer.enable_deep_supervision)
+        trainer.network.train()
