@@ -395,3 +395,46 @@ def test_experiments_are_the_non_empty_task_subsets():
     assert e.val == ["breast_mr_2", "cardiac_cta_2"] and e.test == ["breast_mr_3", "breast_mr_4",
                                                                      "cardiac_cta_3", "cardiac_cta_4"]
     assert not set(e.test) & set(e.train + e.val)
+
+
+# ------------------------------------------------------------------ mixed precision (docs/scaling.md)
+
+MULTITASK_TRAINERS = ("nnUNetTrainerOMTLTriplanar_Tiny", "nnUNetTrainerOMTLTriplanarDiceCE_Tiny",
+                      "nnUNetTrainerOMTLMultiTaskUNet_Tiny", "nnUNetTrainerOMTLMultiTaskUNetDiceCE_Tiny")
+
+
+@pytest.mark.parametrize("name", MULTITASK_TRAINERS)
+def test_fp32_cpu_step_is_nnunets_step_bit_for_bit(name, tmp_path, one_torch_thread):
+    """The shared AMP step (amp.AMPTrainStepMixin) reproduces nnU-Net's own train_step in fp32."""
+    import organmtl.nnunet_trainers as trainers
+    from tests.trainer_steps import run_steps, stock_step
+
+    cls = getattr(trainers, name)
+    losses, params = run_steps(cls, tmp_path / "new", "tasks", lambda tr, b: tr.train_step(b))
+    ref_losses, ref_params = run_steps(cls, tmp_path / "ref", "tasks", stock_step)
+    assert losses == ref_losses and all(np.isfinite(losses))
+    assert params.keys() == ref_params.keys() and all(torch.equal(params[k], ref_params[k]) for k in params)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("name", ["nnUNetTrainerOMTLTriplanarDiceCE_Tiny", "nnUNetTrainerOMTLMultiTaskUNet_Tiny"])
+def test_cpu_autocast_steps_and_confident_prediction_are_finite(name, dtype, tmp_path, one_torch_thread):
+    import organmtl.nnunet_trainers as trainers
+    from tests.trainer_steps import build_trainer, logit_margin, make_batch, make_confident, predict_logits
+
+    torch.manual_seed(0)
+    trainer = build_trainer(getattr(trainers, name), tmp_path, "tasks")
+    trainer.cpu_autocast_dtype = dtype                   # test-only: autocast on the CPU as on CUDA
+    seen = set()
+    conv = next(m for m in trainer.network.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d)))
+    conv.register_forward_hook(lambda m, a, out: seen.add(out.dtype))
+    for i, labels in enumerate([(1,), (2,), (1, 2)]):   # batches of one task, of the other, of both
+        out = trainer.train_step(make_batch(trainer, i, labels=labels))
+        assert np.isfinite(out["loss"]), (name, i, out)
+    assert seen == {dtype}, f"{name}: the step did not run under autocast ({seen})"
+    image = make_batch(trainer, 7, n=1)["data"][0]
+    reference = make_confident(trainer, image)
+    low = predict_logits(trainer, image, dtype)
+    assert torch.isfinite(low).all()
+    assert float(logit_margin(reference, False).median()) >= 20
+    assert (low.argmax(0) == reference.argmax(0)).float().mean() >= 0.99
