@@ -105,6 +105,24 @@ def test_rtstruct_round_trip_through_convert(converted, exported, tmp_path):
             assert np.array_equal(a == value, b == names2[name]), (case, name)
 
 
+def test_export_beside_the_planning_rtstruct_is_read_as_the_newest(converted, exported, tmp_path):
+    """Dropped into the case folder next to the original structure set, the export is the one
+    convert dicom-rt takes by default (--rtstruct-select newest: its StructureSetDate is the
+    export's), and the original is listed as older."""
+    src, dataset = converted
+    case = "rt000"
+    shutil.copytree(src / case, tmp_path / "src" / case)
+    shutil.copy(exported / f"{case}.dcm", tmp_path / "src" / case / "RTSTRUCT" / "prediction.dcm")
+    again = _convert(tmp_path / "src", tmp_path / "raw", 35)
+    record = json.loads((again / "conversion_report.json").read_text())["cases"][0]
+    assert Path(record["source"]["rtstruct_file"]).name == "prediction.dcm"
+    assert [Path(o["file"]).name for o in record["source"]["other_rtstructs"]] == ["RS.dcm"]
+    names2 = _labels(again)
+    a, b = _read(dataset / "labelsTr" / f"{case}.nii.gz"), _read(again / "labelsTr" / f"{case}.nii.gz")
+    for name, value in _labels(dataset).items():
+        assert np.array_equal(a == value, b == names2[name]), name
+
+
 def test_rtstruct_references_the_ct_series(converted, exported):
     """FrameOfReference, study, series with every slice, per contour the SOPInstanceUID of the
     slice whose plane it lies in; names from dataset.json, distinct colours, CLOSED_PLANAR only."""
