@@ -134,6 +134,7 @@ def _fake_trainer(cls, phase):
     net = FocusNet(1, 4, small_labels=[2, 3], roi_size=(4, 8, 8), use_ae=cls.use_ae, width=0.125)
     tr.network = net
     tr.device = torch.device("cpu")
+    tr.grad_scaler, tr.is_ddp = None, False              # nnU-Net on the CPU, one process
     tr.focus_settings = {"small_labels": [2, 3], "roi_size": [4, 8, 8]}
     tr.organ_sizes_mm3 = {0: 5000.0, 1: 800.0, 2: 20.0, 3: 30.0}
     tr.configuration_manager = SimpleNamespace(spacing=[1.0, 1.0, 1.0])

@@ -89,6 +89,7 @@ def test_focusnet_pads_any_patch_and_outputs_every_head(shape):
     assert out.logits.shape == (2, 6, *shape) and out.heatmaps.shape == (2, 2, *shape)
     assert out.features.shape[1] == 8 and ((out.heatmaps >= 0) & (out.heatmaps <= 1)).all()
     net.eval()
+    net.sos_trained.fill_(True)
     assert net(torch.randn(1, 1, *shape)).shape == (1, 6, *shape)
 
 
@@ -177,6 +178,7 @@ def test_inference_pastes_sos_mask_around_the_heatmap_peak():
 
     net.sol = Peak()
     net.sos[0] = Certain()
+    net.sos_trained.fill_(True)
     seg = net(torch.randn(1, 1, 6, 12, 12)).argmax(1)[0]
     box = torch.zeros_like(seg, dtype=torch.bool)
     box[2:4, 3:7, 4:8] = True
@@ -190,6 +192,7 @@ def test_channels_last_layout_gives_the_same_outputs_and_gradients():
     """The CPU channels-last-3d layout (FocusNet.set_channels_last) changes memory order only."""
     torch.manual_seed(0)
     ref = FocusNet(1, 4, [2, 3], (4, 8, 8), width=0.25).train()
+    ref.sos_trained.fill_(True)                               # eval below pastes
     cl = FocusNet(1, 4, [2, 3], (4, 8, 8), width=0.25).train()
     cl.load_state_dict(ref.state_dict())
     cl.set_channels_last(True)
@@ -218,3 +221,52 @@ def test_channels_last_layout_gives_the_same_outputs_and_gradients():
     fresh.load_state_dict(ref.state_dict())
     fresh.eval()
     assert torch.allclose(fresh(x), cl(x), atol=1e-5) and fresh.channels_last
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_overlay_probability_is_finite_in_half_precision_and_argmax_equal_to_fp32(dtype):
+    torch.manual_seed(0)
+    logits = (torch.randn(4, 5, 6, 6) * 4).to(dtype).float()      # the same S-Net logits in both precisions
+    p = torch.tensor([0.0, 1e-8, 0.5, 1 - 1e-8, 1.0]).view(5, 1, 1).expand(5, 6, 6)
+    ref = overlay_probability(logits, 2, p)
+    half = overlay_probability(logits.to(dtype), 2, p.to(dtype))
+    assert half.dtype == dtype and torch.isfinite(half).all() and torch.isfinite(ref).all()
+    decided = [0, 1, 3, 4]        # p = 0.5 ties the organ with the strongest other class: compare probabilities
+    assert torch.equal(half.float().argmax(0)[decided], ref.argmax(0)[decided])
+    torch.testing.assert_close(torch.softmax(half.float(), 0)[2], torch.softmax(ref, 0)[2], atol=1e-2, rtol=0)
+    assert (ref.argmax(0)[3:] == 2).all() and (ref.argmax(0)[:2] != 2).all()    # p ~ 1 wins, p ~ 0 loses
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_confident_network_predicts_finite_logits_under_autocast(dtype):
+    """SOL-Net and SOS-Net saturated (sigmoid = 1 in half precision): the fp16 paste-back used to give +inf."""
+    torch.manual_seed(0)
+    net = FocusNet(1, 4, small_labels=[2, 3], roi_size=(2, 4, 4), heat_threshold=0.5, width=0.125).eval()
+    net.sos_trained.fill_(True)
+    with torch.no_grad():
+        net.sol.out.bias.fill_(30.0)
+        net.sos[0].out.bias.fill_(30.0)          # organ 2: probability 1 everywhere in its ROI
+        net.sos[1].out.bias.fill_(-30.0)         # organ 3: probability 0
+    x = torch.randn(1, 1, 6, 12, 12)
+    ref = net(x)
+    with torch.autocast("cpu", dtype=dtype):
+        out = net(x)
+    assert torch.isfinite(out).all() and torch.isfinite(ref).all()
+    assert (out.float().argmax(1) == 2).any() and (ref.argmax(1) == 2).any()
+    assert torch.equal(out.float().argmax(1) == 2, ref.argmax(1) == 2)
+
+
+def test_untrained_sos_weights_are_not_pasted_and_old_weights_count_as_trained():
+    torch.manual_seed(0)
+    net = FocusNet(1, 4, small_labels=[2], roi_size=(2, 4, 4), heat_threshold=0.0, width=0.125).eval()
+    x = torch.randn(1, 1, 6, 12, 12)
+    snet_only = net.segment(x)[0]
+    assert not bool(net.sos_trained)
+    with pytest.warns(UserWarning, match="untrained"):
+        assert torch.equal(net(x), snet_only)
+    net.sos_trained.fill_(True)
+    assert not torch.equal(net(x), snet_only)
+    legacy = {k: v for k, v in net.state_dict().items() if k != "sos_trained"}
+    fresh = FocusNet(1, 4, small_labels=[2], roi_size=(2, 4, 4), heat_threshold=0.0, width=0.125)
+    fresh.load_state_dict(legacy)
+    assert bool(fresh.sos_trained)

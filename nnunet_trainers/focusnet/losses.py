@@ -6,7 +6,8 @@
   :func:`discriminator_loss` Eq. 8 (the maximisation of Eq. 8 written as a minimisation).
 
 Reductions (the paper writes sums without normalisation): focal = mean over voxels, Dice terms
-summed over classes as Eq. 2, L2 terms = mean squared error. See docs/focusnetv2.md.
+summed over classes as Eq. 2, L2 terms = mean squared error. Every loss is computed in fp32 (inputs
+from an autocast forward are cast up). See docs/focusnetv2.md.
 """
 from __future__ import annotations
 
@@ -117,16 +118,16 @@ def reconstruction_loss(rec_gt: torch.Tensor, gt: torch.Tensor, rec_pred: torch.
                         pred: torch.Tensor | None = None) -> torch.Tensor:
     """Eq. 4: ||D(y) - y||^2 + ||D(G(x)) - G(x)||^2 (each term a mean squared error; the second is
     left out when no prediction is given, i.e. the autoencoder pre-training on ground truth)."""
-    loss = F.mse_loss(rec_gt, gt)
+    loss = F.mse_loss(rec_gt.float(), gt.float())
     if rec_pred is not None:
-        loss = loss + F.mse_loss(rec_pred, pred)
+        loss = loss + F.mse_loss(rec_pred.float(), pred.float())
     return loss
 
 
 def shape_loss(features_gt: Sequence[torch.Tensor], features_pred: Sequence[torch.Tensor]) -> torch.Tensor:
     """Eq. 5: squared L2 distance of D_latent(y) and D_latent(G(x)) = the latent code and the multi-scale
     decoder features, each as a mean squared difference, summed over the scales."""
-    return sum(F.mse_loss(a, b) for a, b in zip(features_gt, features_pred))
+    return sum(F.mse_loss(a.float(), b.float()) for a, b in zip(features_gt, features_pred))
 
 
 def generator_loss(seg_loss: torch.Tensor, l_shape: torch.Tensor, lambda1: float = 5.0) -> torch.Tensor:

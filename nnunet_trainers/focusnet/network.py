@@ -9,6 +9,7 @@ method per part with one return type each (see :meth:`FocusNet.forward`).
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -94,11 +95,15 @@ def overlay_probability(logits: torch.Tensor, channel: int, prob: torch.Tensor, 
     """Logits ``(C, *roi)`` whose softmax gives class ``channel`` exactly probability ``prob`` (``(*roi)``)
     and shares the rest among the other classes as S-Net did: the paste-back of §3.1.3 ("overlay the
     small-organ segmentation results ... into the large-organ segmentation results") in logit space,
-    so that nnU-Net's sliding-window averaging and argmax treat it like any other logit."""
-    others = torch.cat([logits[:channel], logits[channel + 1:]], 0)
-    p = prob.clamp(eps, 1 - eps)
+    so that nnU-Net's sliding-window averaging and argmax treat it like any other logit.
+
+    Computed in fp32 whatever the inputs' dtype (nnU-Net predicts under autocast: in fp16 the clamp
+    ``1 - eps`` rounds to 1 and ``log1p(-p)`` would give an infinite logit); returned in the dtype of
+    ``logits``, which the pasted logit (at most ``|logsumexp| + log(1/eps)``) fits in fp16 and bf16."""
+    others = torch.cat([logits[:channel], logits[channel + 1:]], 0).float()
+    p = prob.float().clamp(eps, 1 - eps)
     out = logits.clone()
-    out[channel] = torch.logsumexp(others, 0) + torch.log(p) - torch.log1p(-p)
+    out[channel] = (torch.logsumexp(others, 0) + torch.log(p) - torch.log1p(-p)).to(logits.dtype)
     return out
 
 
@@ -119,12 +124,14 @@ class HeatmapOutput(SNetOutput):
 
 @dataclass
 class SOSRecord:
-    """SOS-Net foreground probability ``(1, *roi)`` of small organ ``k`` in sample ``b``, ROI at ``start``."""
+    """SOS-Net foreground probability ``(1, *roi)`` of small organ ``k`` in sample ``b``, ROI at ``start``
+    (``placeholder``: no organ there, see :meth:`FocusNet.run_sos`)."""
 
     b: int
     k: int
     start: tuple
     prob: torch.Tensor
+    placeholder: bool = False
 
 
 @dataclass
@@ -183,12 +190,20 @@ class FocusNet(nn.Module):
         # one autoencoder shared by all small organs (its latent space holds all their shapes)
         self.shape_ae = (ShapeAutoencoder(self.roi_size, channels=(w(64), w(128), w(128), w(256)), latent=w(512))
                          if (use_ae and self.use_sos) else None)
-        #: whether eval-mode forward pastes SOS-Net masks (the trainer switches it on once SOS-Net is trained)
+        #: whether eval-mode forward pastes SOS-Net masks (the trainer switches it off in its S-Net/SOL phases)
         self.paste_small_organs = self.use_sos
+        # whether SOL-Net and SOS-Net of these weights are trained: saved with the weights (every checkpoint),
+        # so a checkpoint written before the SOS phase predicts with S-Net only (see :meth:`infer`)
+        self.register_buffer("sos_trained", torch.tensor(False))
         #: centres found by the last eval-mode forward: per sample, {label: (voxel, peak value)}
         self.last_centres: list[dict] = []
         #: weights and activations in channels-last-3d layout (see :meth:`set_channels_last`)
         self.channels_last = False
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # weights saved before the flag existed came from finished trainings: trained
+        state_dict.setdefault(prefix + "sos_trained", torch.tensor(True))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def set_channels_last(self, enabled: bool = True) -> "FocusNet":
         """Put the weights (and, in :meth:`forward`, the inputs) in ``torch.channels_last_3d`` layout.
@@ -275,11 +290,20 @@ class FocusNet(nn.Module):
             heat = self.sol(sol_in)
         return HeatmapOutput(s.logits, sol_in, heat)
 
-    def run_sos(self, x: torch.Tensor, centres, train_snet: bool = True, train_sol: bool = True) -> SOSOutput:
-        """Heatmap outputs plus SOS-Net on the ROI at ``centres[b][k]`` (voxel or ``None``: organ absent)."""
+    def run_sos(self, x: torch.Tensor, centres, train_snet: bool = True, train_sol: bool = True,
+                placeholder: bool = False) -> SOSOutput:
+        """Heatmap outputs plus SOS-Net on the ROI at ``centres[b][k]`` (voxel or ``None``: organ absent).
+
+        ``placeholder``: when no centre is given at all, SOS-Net 0 still runs once, on the ROI at the
+        centre of sample 0, as a record marked ``placeholder`` (DDP: the trainer gives it weight 0 so that
+        this rank runs the same backward as the others)."""
         h = self.run_heatmap(x, train_snet, train_sol)
         x = self._layout(x)
         records = []
+        if placeholder and all(c is None for row in centres for c in row):
+            start = roi_start([s // 2 for s in x.shape[2:]], self.roi_size)
+            prob = self.sos[0](self.sos_input(x, h.features, 0, start))[0]
+            return SOSOutput(h.logits, h.features, h.heatmaps, [SOSRecord(0, 0, start, prob, placeholder=True)])
         for b in range(x.shape[0]):
             for k in range(len(self.small_labels)):
                 c = centres[b][k]
@@ -321,6 +345,10 @@ class FocusNet(nn.Module):
         logits, feats = self.segment(x)
         self.last_centres = [{} for _ in range(x.shape[0])]
         if not (self.use_sos and self.paste_small_organs):
+            return logits
+        if not bool(self.sos_trained):
+            warnings.warn("FocusNet: SOL-Net/SOS-Net of these weights are untrained (a checkpoint written before "
+                          "the sos phase): small organs are not pasted, the prediction is S-Net's")
             return logits
         heat = self.sol(feats)
         out = []

@@ -24,14 +24,18 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.helpers import dummy_context
+from torch import autocast
 from torch._dynamo import OptimizedModule
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -39,6 +43,7 @@ from organmtl.nnunet_trainers.focusnet import losses as L
 from organmtl.nnunet_trainers.focusnet import options as O
 from organmtl.nnunet_trainers.focusnet.network import FocusNet
 from organmtl.nnunet_trainers.focusnet.roi import crop_roi, gaussian_heatmap, mask_centre, roi_start
+from organmtl.nnunet_trainers.gpu_memory import GPUMemoryPlanMixin
 from organmtl.nnunet_trainers.laterality import LateralityAwareMirroringMixin
 from organmtl.nnunet_trainers.settings import plan_width_factor, resolve, to_stored
 
@@ -50,9 +55,12 @@ NETWORK_KEYS = ("small_organs", "small_labels", "roi_size", "use_sos", "concat_i
                 "heat_threshold", "width")
 #: key, inside the checkpoint's copy of the entry, of what this fold derived for itself
 FOLD_KEY = "fold_record"
+#: key of a train_step output: False when the step had nothing to learn from (an ``ae`` step whose batch,
+#: on every rank, has no small organ); such steps are left out of the epoch's logged mean loss
+TRAINED_KEY = "focusnet_trained"
 
 
-class FocusNetTrainerBase(LateralityAwareMirroringMixin, nnUNetTrainer):
+class FocusNetTrainerBase(LateralityAwareMirroringMixin, GPUMemoryPlanMixin, nnUNetTrainer):
     """Shared machinery of the FocusNet trainers; subclasses pick the variant (class attributes).
 
     Attributes:
@@ -69,10 +77,18 @@ class FocusNetTrainerBase(LateralityAwareMirroringMixin, nnUNetTrainer):
     lambda1 = 5.0        # Eq. 7
     lambda2 = 0.001      # Eq. 8
     heatmap_sigma = 5.0  # §3.1.2, voxels
+    #: test switch: run ``train_step``'s forwards under ``torch.autocast("cpu", dtype=...)`` on the CPU, to
+    #: emulate nnU-Net's CUDA AMP path (autocast; the CPU has no GradScaler). None: nnU-Net's rule, autocast
+    #: on CUDA only. Not a model setting, not stored.
+    cpu_autocast_dtype: torch.dtype | None = None
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
+        if self.is_ddp and device.type == "cpu":
+            # nnU-Net's DDP is CUDA-only (it sets cuda:rank); a gloo process group on CPU processes keeps the
+            # CPU (the trainer-level DDP tests), without GradScaler as nnU-Net has none on the CPU
+            self.device, self.grad_scaler = device, None
         self.weight_decay = 0.0
         self.enable_deep_supervision = False
         self.schedule: list[tuple[str, int]] = []
@@ -209,12 +225,30 @@ class FocusNetTrainerBase(LateralityAwareMirroringMixin, nnUNetTrainer):
             self.print_to_log_file(f"FocusNet settings: {self.focus_settings}")
             self.print_to_log_file(f"FocusNet phases (epochs): {self.schedule}; organ sizes (mm^3): "
                                    f"{ {k: round(v, 1) for k, v in self.organ_sizes_mm3.items()} }")
-        super().initialize()
+        if self.was_initialized:
+            return
+        cpu_ddp = self.is_ddp and self.device.type == "cpu"
+        if cpu_ddp:
+            # nnU-Net wraps the network in SyncBatchNorm + DDP(device_ids=[rank]), both CUDA-only: build it
+            # single-process, then split the batch and wrap for CPU DDP here
+            self.is_ddp = False
+            try:
+                super().initialize()
+            finally:
+                self.is_ddp = True
+            self._set_batch_size_and_oversample()
+        else:
+            super().initialize()
         if self.device.type == "cpu":
             self._module().set_channels_last(True)     # faster oneDNN 3D convolutions (FocusNet.set_channels_last)
         if self.is_ddp:
             # phases leave parts of the network unused: DDP must look for them (rewrap the same module)
-            self.network = DDP(self.network.module, device_ids=[self.local_rank], find_unused_parameters=True)
+            inner = self.network if cpu_ddp else self.network.module
+            self.network = DDP(inner, device_ids=None if cpu_ddp else [self.local_rank], find_unused_parameters=True)
+
+    def gpu_memory_min_patch(self) -> tuple[int, ...]:
+        """The GPU memory plan keeps the patch at least one ROI (and one pooling step) large."""
+        return tuple(max(int(a), int(b)) for a, b in zip(super().gpu_memory_min_patch(), self.focus_settings["roi_size"]))
 
     def _module(self) -> FocusNet:
         mod = self.network.module if isinstance(self.network, DDP) else self.network
@@ -263,21 +297,67 @@ class FocusNetTrainerBase(LateralityAwareMirroringMixin, nnUNetTrainer):
     def current_phase(self) -> str:
         return O.phase_at(self.schedule, self.current_epoch)
 
+    @property
+    def last_phase_start(self) -> int:
+        """First epoch of the last phase (the only phase whose epochs may give ``checkpoint_best.pth``)."""
+        return sum(n for _, n in self.schedule[:-1])
+
     def on_train_epoch_start(self):
         phase = self.current_phase
-        self._module().paste_small_organs = self._module().use_sos and phase in ("sos", "joint")
+        net = self._module()
+        net.paste_small_organs = net.use_sos and phase in ("sos", "joint")
+        if net.use_sos and phase in ("sos", "joint"):
+            net.sos_trained.fill_(True)       # every checkpoint from now on holds trained SOL/SOS-Nets
+        if self.current_epoch == self.last_phase_start:
+            self._best_ema = None             # "best" is tracked in the last phase only (see on_epoch_end)
+            self.print_to_log_file(f"FocusNet: checkpoint_best.pth tracked from here on (phase {phase})")
         super().on_train_epoch_start()
         self.print_to_log_file(f"FocusNet phase: {phase}")
 
+    def on_train_epoch_end(self, train_outputs: list[dict]):
+        """nnU-Net's mean train loss over the steps that trained something: an ``ae`` step whose batch had no
+        small organ on any rank (:data:`TRAINED_KEY` False) is left out (the skip is decided on all ranks
+        together, so every rank keeps the same steps). An epoch without any such step logs the mean of its
+        zero-valued steps, with a log line."""
+        kept = [o for o in train_outputs if o.get(TRAINED_KEY, True)]
+        if not kept and train_outputs:
+            self.print_to_log_file("FocusNet: no batch of this epoch had a small organ; its train loss is 0")
+        super().on_train_epoch_end(kept or train_outputs)
+
     def on_epoch_end(self):
         """nnU-Net's epoch end, plus ``checkpoint_latest.pth`` at the end of every phase so that ``--c``
-        resumes at the start of the next phase."""
+        resumes at the start of the next phase; before the last phase no epoch is "best" (an S-Net-phase
+        checkpoint_best would have untrained SOL/SOS weights)."""
         ep = self.current_epoch
         phase = O.phase_at(self.schedule, ep)
         if O.phase_at(self.schedule, ep + 1) != phase and ep != self.num_epochs - 1:
             self.save_checkpoint(os.path.join(self.output_folder, "checkpoint_latest.pth"))
             self.print_to_log_file(f"FocusNet: phase {phase} done, checkpoint_latest.pth written")
+        if ep < self.last_phase_start:
+            self._best_ema = math.inf         # nnU-Net saves checkpoint_best when the EMA Dice beats this
         super().on_epoch_end()
+
+    def phases_reached(self, epoch: int | None = None) -> list[str]:
+        """The phases that have trained up to (and including) ``epoch`` (default: the current epoch)."""
+        ep = self.current_epoch if epoch is None else epoch
+        out, acc = [], 0
+        for name, n in self.schedule:
+            if ep >= acc:
+                out.append(name)
+            acc += n
+        return out
+
+    def save_checkpoint(self, filename: str) -> None:
+        """nnU-Net's checkpoint; its copy of the plans (``init_args``) records the phases reached and which
+        parts are trained (the network's ``sos_trained`` buffer goes with the weights)."""
+        record = self.my_init_kwargs["plans"]["configurations"][self.configuration_name][O.PLANS_KEY].get(FOLD_KEY)
+        if record is not None:
+            reached = self.phases_reached(min(self.current_epoch, self.num_epochs - 1))
+            record["phases_reached"] = reached
+            record["trained_parts"] = sorted({p for ph in reached for p in PHASE_PARAMETERS[ph]} |
+                                             ({"shape_ae"} if self.use_ae and set(reached) & {"ae", "sos", "joint"}
+                                              else set()))
+        super().save_checkpoint(filename)
 
     def on_train_end(self):
         self._module().paste_small_organs = self._module().use_sos
@@ -287,8 +367,11 @@ class FocusNetTrainerBase(LateralityAwareMirroringMixin, nnUNetTrainer):
         """nnU-Net's final validation (segmentations through the stock predictor, SOS-Net pasted in
         each window), then the SOL-Net centres of each validation case as
         ``validation/<case>_centres.json`` (mm, see :mod:`.centres`)."""
-        super().perform_actual_validation(save_probabilities)
         net = self._module()
+        if net.use_sos and not bool(net.sos_trained):
+            self.print_to_log_file("FocusNet: SOL-Net/SOS-Net of these weights are untrained (checkpoint from before "
+                                   "the sos phase): validation predicts with S-Net only, no small organ pasted")
+        super().perform_actual_validation(save_probabilities)
         if not net.use_sos:
             return
         from organmtl.nnunet_trainers.focusnet.centres import centres_record, sliding_window_heatmaps, write_centres
@@ -345,91 +428,150 @@ class FocusNetTrainerBase(LateralityAwareMirroringMixin, nnUNetTrainer):
         rest = max(float(np.prod(self.focus_settings["roi_size"])) - organ, 1.0)
         return float(L.alpha_from_sizes([rest, organ])[1])
 
+    def _autocast(self):
+        """nnU-Net's train_step autocast: on CUDA, else none (or :attr:`cpu_autocast_dtype` on the CPU)."""
+        if self.device.type == "cuda":
+            return autocast(self.device.type, enabled=True)
+        if self.cpu_autocast_dtype is not None:
+            return autocast("cpu", dtype=self.cpu_autocast_dtype)
+        return dummy_context()
+
+    def _any_rank(self, n: int) -> bool:
+        """Whether ``n`` (this rank's count of samples) is positive on any rank: one all-reduce under DDP, so
+        that every rank takes the same branch and runs the same collectives."""
+        if not self.is_ddp:
+            return n > 0
+        t = torch.tensor([int(n)], device=self.device)
+        dist.all_reduce(t)
+        return int(t.item()) > 0
+
+    def _empty_masks(self) -> torch.Tensor:
+        """A batch of 0 ROI masks: a rank without small organs runs the autoencoder (and its batch-norm sync)
+        on it while the other ranks run theirs."""
+        return torch.zeros((0, 1, *self.focus_settings["roi_size"]), device=self.device)
+
     def _apply(self, loss: torch.Tensor, parts) -> None:
-        """Backward, drop the gradients of every parameter outside ``parts``, clip, Adam step (nothing
-        when the loss has no gradient: no small organ in any patch of the batch)."""
+        """nnU-Net's backward/step (``self.grad_scaler`` on CUDA: scale, backward, unscale before clipping,
+        step, update), dropping the gradients of every parameter outside ``parts`` before the step.
+        Nothing when the loss has no gradient (single process only: under DDP every step has one)."""
         if not loss.requires_grad:
             return
-        loss.backward()
+        scaler = self.grad_scaler
+        (scaler.scale(loss) if scaler is not None else loss).backward()
         for name, p in self._module().named_parameters():
             if not name.startswith(tuple(f"{q}." for q in parts)):
                 p.grad = None
+        if scaler is not None:
+            scaler.unscale_(self.optimizer)
         torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
-        self.optimizer.step()
+        if scaler is not None:
+            scaler.step(self.optimizer)
+            scaler.update()
+        else:
+            self.optimizer.step()
 
     def train_step(self, batch: dict) -> dict:
+        """One step of the current phase on nnU-Net's AMP path (forward and loss under autocast, losses in
+        fp32, :meth:`_apply`). Collective-safe: every rank runs the same forwards, backwards and steps
+        whatever its batch holds (a rank without small organs runs zero-weight terms)."""
         data = batch["data"].to(self.device, non_blocking=True)
         target = batch["target"]
         target = (target[0] if isinstance(target, list) else target).to(self.device, non_blocking=True)
         phase = self.current_phase
         self.optimizer.zero_grad(set_to_none=True)
         if phase == "snet":
-            loss = self.loss(self.network(data, part="snet").logits, target)
+            with self._autocast():
+                loss = self.loss(self.network(data, part="snet").logits, target)
             self._apply(loss, PHASE_PARAMETERS[phase])
         elif phase == "sol":
-            out = self.network(data, part="heatmap", train_snet=False)
-            loss = L.heatmap_l2_loss(out.heatmaps, self._heatmap_targets(target))
+            with self._autocast():
+                out = self.network(data, part="heatmap", train_snet=False)
+                loss = L.heatmap_l2_loss(out.heatmaps, self._heatmap_targets(target))
             self._apply(loss, PHASE_PARAMETERS[phase])
         elif phase == "ae":
             rois = self._gt_rois(target, self._small_centres(target, self.centre_jitter))
-            outs = self.network(part="ae", masks=rois)
-            terms = [L.reconstruction_loss(o.reconstruction, m) for o, m in zip(outs, rois) if o is not None]
-            if not terms:
-                return {"loss": np.array(np.nan)}
-            loss = sum(terms)
+            if not self._any_rank(sum(len(m) for m in rois if m is not None)):
+                return {"loss": np.array(0.0, dtype=np.float32), TRAINED_KEY: False}
+            if all(m is None for m in rois):
+                rois[0] = self._empty_masks()
+            with self._autocast():
+                outs = self.network(part="ae", masks=rois)
+                loss = sum(L.reconstruction_loss(o.reconstruction, m) if len(m) else 0.0 * o.reconstruction.sum()
+                           for o, m in zip(outs, rois) if o is not None)
             self._apply(loss, PHASE_PARAMETERS[phase])
         else:
             loss = self._sos_step(data, target, joint=phase == "joint")
-        return {"loss": loss.detach().cpu().numpy()}
+        return {"loss": loss.detach().float().cpu().numpy(), TRAINED_KEY: True}
 
     def _sos_step(self, data, target, joint: bool) -> torch.Tensor:
         """G step (Eq. 7: L_seg + lambda1 L_shape with the autoencoder fixed), then, for the adversarial
-        variants, D step (Eq. 8: L_rec - lambda2 L_shape with the segmentation network fixed)."""
+        variants, D step (Eq. 8: L_rec - lambda2 L_shape with the segmentation network fixed). Under DDP a
+        rank without small organs runs a placeholder SOS-Net ROI and empty autoencoder batches, weight 0."""
         centres = self._small_centres(target, self.centre_jitter)
-        out = self.network(data, part="sos", centres=centres, train_snet=joint, train_sol=joint)
-        records = out.records
         labels = self.focus_settings["small_labels"]
         roi = self.focus_settings["roi_size"]
-        gts = [crop_roi((target[r.b] == labels[r.k]).float(), r.start, roi) for r in records]
-        loss = out.logits.new_zeros(())
-        if records:
-            loss = sum(L.binary_segmentation_loss(r.prob, g, self._sos_alpha(labels[r.k]))
-                       for r, g in zip(records, gts)) / len(records)
-        if joint:
-            loss = loss + self.loss(out.logits, target) + L.heatmap_l2_loss(out.heatmaps, self._heatmap_targets(target))
-        per_organ = [([g for r, g in zip(records, gts) if r.k == k], [r.prob for r in records if r.k == k])
-                     for k in range(len(labels))]
-        if self.use_ae and records:
-            # autoencoder on [ground truth; prediction] per organ, in one forward (DDP: one forward per backward)
-            masks = [torch.cat([torch.stack(g), torch.stack(p)]) if g else None for g, p in per_organ]
-            ae_params = list(self._module().shape_ae.parameters())
-            for prm in ae_params:       # D is fixed in the G step: no gradients for it at all
-                prm.requires_grad_(False)
-            try:
-                ae_out = self._module().run_autoencoder(masks)
-            finally:
-                for prm in ae_params:
-                    prm.requires_grad_(True)
-            l_shape = 0.0
-            for (g, _), o in zip(per_organ, ae_out):
-                if o is None:
-                    continue
-                n = len(g)
-                l_shape = l_shape + L.shape_loss([f[:n].detach() for f in o.features], [f[n:] for f in o.features])
-            loss = L.generator_loss(loss, l_shape, self.lambda1)
+        with self._autocast():
+            out = self.network(data, part="sos", centres=centres, train_snet=joint, train_sol=joint,
+                               placeholder=self.is_ddp)
+            records = [r for r in out.records if not r.placeholder]
+            gts = [crop_roi((target[r.b] == labels[r.k]).float(), r.start, roi) for r in records]
+            loss = out.logits.new_zeros(())
+            if records:
+                loss = sum(L.binary_segmentation_loss(r.prob, g, self._sos_alpha(labels[r.k]))
+                           for r, g in zip(records, gts)) / len(records)
+            for r in out.records:
+                if r.placeholder:
+                    loss = loss + 0.0 * r.prob.float().sum()
+            if joint:
+                loss = loss + self.loss(out.logits, target) + L.heatmap_l2_loss(out.heatmaps, self._heatmap_targets(target))
+            per_organ = [([g for r, g in zip(records, gts) if r.k == k], [r.prob for r in records if r.k == k])
+                         for k in range(len(labels))]
+            with_ae = self.use_ae and self._any_rank(len(records))
+            if with_ae:
+                # autoencoder on [ground truth; prediction] per organ, in one forward (DDP: one forward per backward)
+                masks = self._ae_masks(per_organ, detach=False)
+                ae_params = list(self._module().shape_ae.parameters())
+                for prm in ae_params:       # D is fixed in the G step: no gradients for it at all
+                    prm.requires_grad_(False)
+                try:
+                    ae_out = self._module().run_autoencoder(masks)
+                finally:
+                    for prm in ae_params:
+                        prm.requires_grad_(True)
+                l_shape = 0.0
+                for (g, _), o in zip(per_organ, ae_out):
+                    if o is None or not g:
+                        continue
+                    n = len(g)
+                    l_shape = l_shape + L.shape_loss([f[:n].detach() for f in o.features], [f[n:] for f in o.features])
+                loss = L.generator_loss(loss, l_shape, self.lambda1)
         parts = PHASE_PARAMETERS["joint" if joint else "sos"]
         self._apply(loss, parts)
-        if self.use_ae and self.adversarial and records:
+        if with_ae and self.adversarial:
             self.optimizer.zero_grad(set_to_none=True)
-            masks = [torch.cat([torch.stack(g), torch.stack(p).detach()]) if g else None for g, p in per_organ]
-            ae_out = self.network(part="ae", masks=masks)
-            l_rec, l_shape = 0.0, 0.0
-            for (g, _), m, o in zip(per_organ, masks, ae_out):
-                if o is None:
-                    continue
-                n = len(g)
-                rec = o.reconstruction
-                l_rec = l_rec + L.reconstruction_loss(rec[:n], m[:n], rec[n:], m[n:])
-                l_shape = l_shape + L.shape_loss([f[:n] for f in o.features], [f[n:] for f in o.features])
-            self._apply(L.discriminator_loss(l_rec, l_shape, self.lambda2), ("shape_ae",))
+            masks = self._ae_masks(per_organ, detach=True)
+            with self._autocast():
+                ae_out = self.network(part="ae", masks=masks)
+                l_rec, l_shape = 0.0, 0.0
+                for (g, _), m, o in zip(per_organ, masks, ae_out):
+                    if o is None:
+                        continue
+                    n = len(g)
+                    rec = o.reconstruction
+                    if not n:                 # this rank's empty batch (DDP): weight 0, same backward
+                        l_rec = l_rec + 0.0 * rec.float().sum()
+                        continue
+                    l_rec = l_rec + L.reconstruction_loss(rec[:n], m[:n], rec[n:], m[n:])
+                    l_shape = l_shape + L.shape_loss([f[:n] for f in o.features], [f[n:] for f in o.features])
+                d_loss = L.discriminator_loss(l_rec, l_shape, self.lambda2)
+            self._apply(d_loss, ("shape_ae",))
         return loss
+
+    def _ae_masks(self, per_organ, detach: bool) -> list:
+        """Autoencoder input per organ: [ground truth; prediction] (None: organ absent; all absent on this
+        rank while another rank has some: an empty batch for organ 0)."""
+        masks = [torch.cat([torch.stack(g), torch.stack(p).detach() if detach else torch.stack(p)]) if g else None
+                 for g, p in per_organ]
+        if all(m is None for m in masks):
+            masks[0] = self._empty_masks()
+        return masks
