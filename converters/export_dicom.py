@@ -477,8 +477,11 @@ def _version() -> str:
 
 
 def write_atomic(ds: Dataset, out: Path) -> None:
-    """Write a DICOM Part 10 file via a temporary file in ``out``'s folder, renamed into place."""
+    """Write a DICOM Part 10 file via a temporary file in ``out``'s folder, renamed into place;
+    temporary files an earlier, killed run left for the same target are removed."""
     out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{out.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
         ds.save_as(str(tmp), enforce_file_format=True)

@@ -317,7 +317,8 @@ def test_other_orientation_needs_resample(converted, tmp_path):
 def test_folder_one_bad_case_costs_only_itself(converted, tmp_path):
     """--dicom ROOT of per-case CT folders (no conversion report): the bad case (a prediction on
     another grid) is listed with its one-line reason, the others are written, exit 1; no
-    temporary file is left; a second run without --overwrite refuses the existing files."""
+    temporary file is left (nor one a killed run left); a second run without --overwrite refuses
+    the existing files."""
     src, dataset = converted
     pred = tmp_path / "pred"
     pred.mkdir()
@@ -329,6 +330,8 @@ def test_folder_one_bad_case_costs_only_itself(converted, tmp_path):
     dicom_root = tmp_path / "dicom"
     for case in CASES:
         shutil.copytree(src / case / "CT", dicom_root / case)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / ".rt000.dcm.4242.tmp").write_bytes(b"left by a killed run")
     r = run_cli("export", "seg", pred, "--dicom", dicom_root, "--out", tmp_path / "out", env=ONE_THREAD)
     assert r.returncode == 1, r.stderr
     errors = [line for line in r.stderr.splitlines() if "error" in line]
