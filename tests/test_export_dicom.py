@@ -289,6 +289,29 @@ def test_colours_distinct():
     assert len({tuple(c) for c in rgb}) == 60 and all(0 <= v <= 255 for c in rgb for v in c)
 
 
+def test_prediction_written_by_nnunet_io_is_on_the_ct_grid(converted, tmp_path):
+    """A label map written by nnU-Net's SimpleITKIO from the properties of the converted CT, as
+    nnUNetv2_predict writes its predictions (feet-first case: direction not the identity), passes
+    the geometry rule and gives the same contours as the converter's own label file."""
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+
+    src, dataset = converted
+    case = "rt003"
+    io = SimpleITKIO()
+    _, properties = io.read_images([str(dataset / "imagesTr" / f"{case}_0000.nii.gz")])
+    seg, _ = io.read_seg(str(dataset / "labelsTr" / f"{case}.nii.gz"))
+    io.write_seg(seg[0].astype(np.uint8), str(tmp_path / f"{case}.nii.gz"), properties)
+    contours = []
+    for pred, out in ((tmp_path / f"{case}.nii.gz", "nnunet.dcm"), (dataset / "labelsTr" / f"{case}.nii.gz", "own.dcm")):
+        r = run_cli("export", "rtstruct", pred, "--dicom", src / case / "CT", "--dataset-json", dataset / "dataset.json",
+                    "--out", tmp_path / out, env=ONE_THREAD)
+        assert r.returncode == 0, r.stderr
+        assert "resampled" not in r.stdout
+        rs = pydicom.dcmread(str(tmp_path / out))
+        contours.append([[list(c.ContourData) for c in roi.ContourSequence] for roi in rs.ROIContourSequence])
+    assert contours[0] == contours[1] and sum(map(len, contours[0])) > 0
+
+
 def test_other_orientation_needs_resample(converted, tmp_path):
     """The same label map stored flipped along x (same physical voxels, other direction/origin)
     is refused without --resample, and with it comes back voxel for voxel."""
