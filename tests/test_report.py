@@ -186,3 +186,69 @@ def test_report_unknown_folder_is_usage_error(tmp_path):
         detect_run_kind(tmp_path)
     r = run_cli("report", tmp_path)
     assert r.returncode == 2 and "nothing to report" in r.stderr
+
+
+# ---------------------------------------------------------------- figures read at a glance
+
+def _axes_by_title(fig):
+    return {ax.get_title(): ax for ax in fig.axes}
+
+
+def test_landmark_error_in_mm_never_shares_an_axis_with_losses():
+    """One quantity per axis: the landmark trainers' error in mm, heatmap RMSE and per-task losses
+    (logged per epoch) each get their own panel; nnU-Net's loss | Dice | lr panels are labelled."""
+    n = 4
+    series = {"train_losses": [-0.1 * e for e in range(n)], "val_losses": [-0.05 * e for e in range(n)],
+              "lrs": [0.01] * n, "dice_per_class_or_region": [[0.1 * e, 0.2 * e] for e in range(n)],
+              "landmark_error_mm": [30.0 - 5 * e for e in range(n)], "heatmap_rmse": [0.2] * n,
+              "train_segmentation_loss": [1.5 - 0.2 * e for e in range(n)], "landmark_MSE": [0.01] * n,
+              "log_var_segmentation": [0.0] * n}
+    figs = curves.nnunet_figures(series, "run")
+    assert set(figs) == {"nnunet_curves", "nnunet_aux", "nnunet_extra"}
+    main = figs["nnunet_curves"].axes
+    assert [a.get_ylabel() for a in main] == ["loss", "Dice", "learning rate"]
+    assert [line.get_label() for line in main[0].get_lines()] == ["train_losses", "val_losses"]
+    extra = _axes_by_title(figs["nnunet_extra"])
+    assert len(extra) == 4
+    for title, ax in extra.items():
+        assert [line.get_label() for line in ax.get_lines()] == [title]
+    assert extra["landmark_error_mm"].get_ylabel() == "distance (mm)"
+    aux = figs["nnunet_aux"].axes
+    assert len(aux) == 1 and aux[0].get_ylabel() == "log variance"
+
+
+def test_cross_stitch_alphas_are_small_multiples_per_stage(tmp_path):
+    """HMR-Net's 12 cross-stitch units x 4 alphas (metrics.json as Detectron2's JSONWriter writes
+    it): one panel per stage with its four alphas on one shared scale, not 48 lines on one axis."""
+    from detectron2.utils.events import EventStorage, JSONWriter
+
+    stages = ["stem", "res2", "res3", "res4", "res5", "p2", "p3", "p4", "p5", "h3", "h4", "h5"]
+    writer = JSONWriter(str(tmp_path / "metrics.json"))
+    with EventStorage(0) as storage:
+        for it in range(0, 60, 20):
+            storage.iter = it
+            alphas = {f"cross_stitch/{s}/a{r}{c}": (0.9 if r == c else 0.1) + 0.001 * it * (k + 1)
+                      for k, s in enumerate(stages) for r in (0, 1) for c in (0, 1)}
+            storage.put_scalars(total_loss=2.0 - 0.01 * it, loss_shape=0.5, lr=0.01, log_var_shape=0.01 * it,
+                                **alphas, smoothing_hint=False)
+            writer.write()
+    writer.close()
+    figs = curves.detectron_figures(curves.read_detectron_metrics(tmp_path / "metrics.json"), "hmrnet")
+    axes = _axes_by_title(figs["detectron_aux"])
+    assert len(axes) == 13
+    assert [t for t in axes if t.startswith("cross-stitch ")] == [f"cross-stitch {s}" for s in sorted(stages)]
+    limits = set()
+    for s in stages:
+        ax = axes[f"cross-stitch {s}"]
+        assert sorted(line.get_label() for line in ax.get_lines()) == ["a00", "a01", "a10", "a11"]
+        assert ax.get_ylabel() == "alpha"
+        limits.add(ax.get_ylim())
+    assert len(limits) == 1                                      # one scale: stages compare at a glance
+    lo, hi = limits.pop()
+    assert lo < 0.1 and hi > 0.9 + 0.001 * 40 * 12
+    assert axes["uncertainty log variances"].get_ylabel() == "log variance"
+    curves_ax = figs["detectron_curves"].axes
+    assert [a.get_ylabel() for a in curves_ax] == ["loss", "learning rate", "AP (0-100)"]
+    assert {line.get_label() for line in curves_ax[0].get_lines()} == {"total_loss", "loss_shape"}
+    pngs = curves.plot_detectron_metrics(curves.read_detectron_metrics(tmp_path / "metrics.json"), tmp_path, "hmr")
+    assert [p.name for p in pngs] == ["detectron_curves.png", "detectron_aux.png"]

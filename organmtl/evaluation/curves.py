@@ -95,7 +95,8 @@ def read_nnunet_progress(fold_dir: Path) -> tuple[dict[str, list], str]:
             logging = torch.load(str(ck), map_location="cpu", weights_only=False).get("logging")
             if logging:
                 series = {k: list(v) for k, v in logging.items() if isinstance(v, (list, tuple))}
-                extra = {k: v for k, v in from_logs.items() if k.removesuffix("__epochs") not in series}
+                known = {k.lower() for k in series}                 # heatmap_RMSE (log) is heatmap_rmse
+                extra = {k: v for k, v in from_logs.items() if k.removesuffix("__epochs").lower() not in known}
                 return series | extra, ", ".join([str(ck)] + sources)
     return from_logs, ", ".join(sources)
 
@@ -137,17 +138,36 @@ def _x(series: dict, key: str) -> list:
     return series.get(f"{key}__epochs") or list(range(len(series[key])))
 
 
-def plot_nnunet_progress(series: dict[str, list], out_dir: Path, title: str) -> list[Path]:
-    """``nnunet_curves.png`` (losses, pseudo Dice per class and its EMA, learning rate) and, when
-    logged, ``nnunet_aux.png`` (alpha / log_var / sigma series). Returns the files written."""
+def _quantity(name: str) -> str:
+    """The quantity (axis) of a logged value, from its name: distances in mm (``..._mm``) share an
+    axis; anything else (a task's loss, a heatmap RMSE: different scales) gets its own."""
+    low = name.lower()
+    return "distance (mm)" if low.endswith("_mm") or "_mm_" in low else name
+
+
+def _grid(plt, n: int, width: float = 3.2, height: float = 2.4, ncols: int = 4, sharey: bool = False):
+    """``n`` small panels in rows of ``ncols`` (unused cells removed); returns (fig, axes list)."""
+    ncols = max(1, min(ncols, n))
+    nrows = (n + ncols - 1) // ncols
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows + 0.4), squeeze=False,
+                             sharey=sharey)
+    flat = list(axes.ravel())
+    for ax in flat[n:]:
+        fig.delaxes(ax)
+    return fig, flat[:n]
+
+
+def nnunet_figures(series: dict[str, list], title: str) -> dict:
+    """The figures of an nnU-Net run, one quantity per axis: ``nnunet_curves`` (loss | pseudo Dice
+    | learning rate), ``nnunet_aux`` when alphas / uncertainty weights are logged
+    (:func:`aux_figure`), ``nnunet_extra`` when a trainer logs other numbers (one panel per
+    quantity: distances in mm together, every other name its own). ``{name: matplotlib Figure}``."""
     plt = _plt()
-    out = []
+    figures = {}
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
     for key, style in [("train_losses", "b-"), ("val_losses", "r-")]:
         if series.get(key):
             axes[0].plot(_x(series, key), series[key], style, marker="o", ms=3, label=key)
-    axes[0].set_title("loss")
-    axes[0].set_xlabel("epoch")
     dice = series.get("dice_per_class_or_region")
     if dice:
         arr = np.array([np.atleast_1d(d) for d in dice], dtype=float)
@@ -156,55 +176,100 @@ def plot_nnunet_progress(series: dict[str, list], out_dir: Path, title: str) -> 
     for key, style in [("mean_fg_dice", "g:"), ("ema_fg_dice", "g-")]:
         if series.get(key):
             axes[1].plot(_x(series, key), series[key], style, marker="o", ms=3, label=key, lw=2)
-    axes[1].set_title("pseudo Dice (validation)")
-    axes[1].set_xlabel("epoch")
     if series.get("lrs"):
         axes[2].plot(_x(series, "lrs"), series["lrs"], "k-", marker="o", ms=3)
-    axes[2].set_title("learning rate")
-    axes[2].set_xlabel("epoch")
-    for ax in axes[:2]:
+    for ax, t, y in zip(axes, ["loss", "pseudo Dice (validation)", "learning rate"], ["loss", "Dice", "learning rate"]):
+        ax.set_title(t)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(y)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
-    out.append(_save(fig, Path(out_dir) / "nnunet_curves.png"))
+    figures["nnunet_curves"] = fig
     aux = {k: v for k, v in series.items() if not k.endswith("__epochs") and any(a in k for a in _AUX) and v}
     if aux:
-        out.append(_plot_aux({k: (_x(series, k), v) for k, v in aux.items()}, Path(out_dir) / "nnunet_aux.png",
-                             title, "epoch"))
+        figures["nnunet_aux"] = aux_figure({k: (_x(series, k), v) for k, v in aux.items()}, title, "epoch")
     extra = {k: v for k, v in series.items() if k not in _STANDARD and k not in aux and not k.endswith("__epochs")
              and v and all(isinstance(x, numbers.Real) for x in v)}
     if extra:
-        fig, ax = plt.subplots(1, 1, figsize=(6, 3.2))
-        for k, v in extra.items():
-            ax.plot(_x(series, k), v, "o-", ms=3, lw=1, label=k)
-        ax.set_title("other values the trainer logged")
-        ax.set_xlabel("epoch")
-        ax.legend(fontsize=6)
-        fig.suptitle(title, fontsize=9)
-        out.append(_save(fig, Path(out_dir) / "nnunet_extra.png"))
-    return out
+        groups: dict[str, list[str]] = {}
+        for k in extra:
+            groups.setdefault(_quantity(k), []).append(k)
+        fig, axes = _grid(plt, len(groups), width=4.0, height=2.8, ncols=3)
+        for ax, (quantity, names) in zip(axes, groups.items()):
+            for k in names:
+                ax.plot(_x(series, k), extra[k], "o-", ms=3, lw=1, label=k)
+            ax.set_title(quantity if len(names) > 1 else names[0], fontsize=9)
+            ax.set_xlabel("epoch")
+            ax.set_ylabel(quantity)
+            if len(names) > 1:
+                ax.legend(fontsize=6)
+        fig.suptitle(f"{title}: other values the trainer logged", fontsize=9)
+        figures["nnunet_extra"] = fig
+    return figures
 
 
-def _plot_aux(aux: dict[str, tuple[list, list]], out_png: Path, title: str, xlabel: str) -> Path:
-    plt = _plt()
-    lines = []
+def plot_nnunet_progress(series: dict[str, list], out_dir: Path, title: str) -> list[Path]:
+    """``nnunet_curves.png``, and ``nnunet_aux.png`` / ``nnunet_extra.png`` when there is something
+    to show (:func:`nnunet_figures`). Returns the files written."""
+    return [_save(fig, Path(out_dir) / f"{name}.png") for name, fig in nnunet_figures(series, title).items()]
+
+
+_STAGE = re.compile(r"^cross_stitch/(?P<stage>[^/]+)/(?P<alpha>[^/]+)$")
+
+
+def aux_panels(aux: dict[str, tuple[list, list]]) -> dict[str, dict]:
+    """Group alpha / uncertainty series into panels, one quantity each: HMR-Net's
+    ``cross_stitch/<stage>/a<rc>`` one panel per stage (its four alphas), log variances together,
+    sigmas together, any other alpha series its own panel (a list-valued series: one line per
+    component). ``{panel title: {"ylabel", "lines": [(x, y, label)]}}`` in first-seen order."""
+    panels: dict[str, dict] = {}
     for name, (x, y) in aux.items():
         arr = np.array([np.atleast_1d(np.asarray(v, dtype=float)).ravel() for v in y])
-        lines += [(x[: len(arr)], arr[:, c], name if arr.shape[1] == 1 else f"{name}[{c}]") for c in range(arr.shape[1])]
-    ncol = (len(lines) + 19) // 20
-    fig, ax = plt.subplots(1, 1, figsize=(6 + 2.4 * ncol, max(3.2, 1.2 + 0.16 * min(len(lines), 20))))
-    for x, y, label in lines:
-        ax.plot(x, y, marker="o", ms=3, lw=1, label=label)
-    ax.set_title("cross-stitch alphas / uncertainty weights")
-    ax.set_xlabel(xlabel)
-    ax.legend(fontsize=6, ncol=ncol, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.suptitle(title, fontsize=9)
-    return _save(fig, out_png)
+        m = _STAGE.match(name)
+        if m:
+            title, ylabel, label = f"cross-stitch {m['stage']}", "alpha", m["alpha"]
+        elif "log_var" in name:
+            title, ylabel, label = "uncertainty log variances", "log variance", name
+        elif "sigma" in name:
+            title, ylabel, label = "uncertainty sigmas", "sigma", name
+        else:
+            title, ylabel, label = name, "alpha", name
+        panel = panels.setdefault(title, {"ylabel": ylabel, "lines": []})
+        for c in range(arr.shape[1]):
+            panel["lines"].append((list(x[: len(arr)]), arr[:, c], label if arr.shape[1] == 1 else f"{label}[{c}]"))
+    return panels
 
 
-def plot_detectron_metrics(records: list[dict], out_dir: Path, title: str) -> list[Path]:
-    """``detectron_curves.png`` (total and per-head losses, learning rate, evaluation AP over
-    iterations) and, when logged, ``detectron_aux.png`` (alpha / log_var / sigma)."""
+def aux_figure(aux: dict[str, tuple[list, list]], title: str, xlabel: str):
+    """Small multiples of :func:`aux_panels`: one panel per cross-stitch stage (the alphas of all
+    stages on one shared y scale, so stages compare at a glance), one per other quantity."""
+    plt = _plt()
+    panels = aux_panels(aux)
+    fig, axes = _grid(plt, len(panels))
+    alpha_axes = [ax for ax, p in zip(axes, panels.values()) if p["ylabel"] == "alpha"]
+    for ax, (name, panel) in zip(axes, panels.items()):
+        for x, y, label in panel["lines"]:
+            ax.plot(x, y, marker="o", ms=2, lw=1, label=label)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(panel["ylabel"])
+        first_alpha = bool(alpha_axes) and ax is alpha_axes[0]
+        if len(panel["lines"]) > 1 and (first_alpha or ax not in alpha_axes):     # stages share the a<rc> legend
+            ax.legend(fontsize=6)
+    if len(alpha_axes) > 1:
+        lo = min(min(np.nanmin(l.get_ydata()) for l in ax.get_lines()) for ax in alpha_axes)
+        hi = max(max(np.nanmax(l.get_ydata()) for l in ax.get_lines()) for ax in alpha_axes)
+        pad = 0.05 * (hi - lo) if hi > lo else 0.05
+        for ax in alpha_axes:
+            ax.set_ylim(lo - pad, hi + pad)
+    fig.suptitle(f"{title}: cross-stitch alphas / uncertainty weights", fontsize=9)
+    return fig
+
+
+def detectron_figures(records: list[dict], title: str) -> dict:
+    """``detectron_curves`` (losses | learning rate | evaluation AP over iterations, one quantity
+    per axis) and ``detectron_aux`` when alphas / uncertainty weights are logged (:func:`aux_figure`)."""
     plt = _plt()
     keys = list(dict.fromkeys(k for r in records for k in r))
 
@@ -223,14 +288,20 @@ def plot_detectron_metrics(records: list[dict], out_dir: Path, title: str) -> li
         elif "/AP" in k and not k.split("/AP")[1].startswith("-"):
             x, y = series(k)
             axes[2].plot(x, y, "o-", label=k)
-    for ax, t in zip(axes, ["losses", "learning rate", "evaluation AP"]):
+    for ax, t, y in zip(axes, ["losses", "learning rate", "evaluation AP"], ["loss", "learning rate", "AP (0-100)"]):
         ax.set_title(t)
         ax.set_xlabel("iteration")
+        ax.set_ylabel(y)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=6)
     fig.suptitle(title, fontsize=9)
-    out = [_save(fig, Path(out_dir) / "detectron_curves.png")]
+    figures = {"detectron_curves": fig}
     aux = {k: series(k) for k in keys if any(a in k for a in _AUX)}
     if aux:
-        out.append(_plot_aux(aux, Path(out_dir) / "detectron_aux.png", title, "iteration"))
-    return out
+        figures["detectron_aux"] = aux_figure(aux, title, "iteration")
+    return figures
+
+
+def plot_detectron_metrics(records: list[dict], out_dir: Path, title: str) -> list[Path]:
+    """``detectron_curves.png`` and, when logged, ``detectron_aux.png`` (:func:`detectron_figures`)."""
+    return [_save(fig, Path(out_dir) / f"{name}.png") for name, fig in detectron_figures(records, title).items()]
