@@ -157,4 +157,14 @@ def test_brain_task_on_nilearn_mni152(tmp_path, monkeypatch):
     val = tmp_path / "res" / "Dataset730_MNI152" / f"{trainer}__nnUNetPlans__3d_tiny" / "fold_0" / "validation"
     pred = sitk.GetArrayFromImage(sitk.ReadImage(str(val / f"{ids[3]}.nii.gz")))
     assert pred.shape == lab.shape and set(np.unique(pred)) <= {0, 1, 2, 3}
-    assert json.loads((val / "summary.json").read_text())["foreground_mean"]["Dice"] >= 0.0
+    # nnU-Net's validation summary scores exactly this case and these files, per class
+    summary = json.loads((val / "summary.json").read_text())
+    (case,) = summary["metric_per_case"]
+    assert case["reference_file"].endswith(f"{ids[3]}.nii.gz") and set(case["metrics"]) == {"1", "2", "3"}
+    ref = sitk.GetArrayFromImage(sitk.ReadImage(case["reference_file"]))
+    for label, m in case["metrics"].items():
+        v = int(label)
+        assert m["TP"] + m["FN"] == (ref == v).sum() > 0 and m["TP"] + m["FP"] == (pred == v).sum(), label
+        if m["TP"] + m["FP"] + m["FN"]:
+            assert m["Dice"] == pytest.approx(2 * m["TP"] / (2 * m["TP"] + m["FP"] + m["FN"])), label
+    assert summary["foreground_mean"]["Dice"] == pytest.approx(np.mean([m["Dice"] for m in case["metrics"].values()]))
