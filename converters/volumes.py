@@ -2,7 +2,8 @@
 
 Layout read::
 
-    SRC/images/<case>_0000.nii.gz [<case>_0001.nii.gz ...]   (or <case>.nii.gz for one channel)
+    SRC/images/<case>_0000.nii.gz [<case>_0001.nii.gz ...]   (or <case>.nii.gz for one channel;
+                                                              see split_channel for amos_0001.nii.gz)
     SRC/labels/<case>.nii.gz                                  (integer label map)
     SRC/mapping.json  {"channel_names": {"0": "CT"}, "labels": {"background": 0, "liver": 6, ...}}
     SRC/landmarks/<case>.fcsv | <case>.txt                    (optional)
@@ -54,12 +55,31 @@ def read_mapping(path: Path) -> dict:
     return mapping
 
 
-def group_channels(images: list[Path], n_channels: int, folder: Path) -> dict[str, list[Path]]:
+def split_channel(stem: str, n_channels: int, stems: set[str], label_ids: set[str]) -> tuple[str, int]:
+    """``(case id, channel)`` of an image file name without suffix.
+
+    ``<case>_NNNN`` names channel NNNN, except in a one-channel dataset, where the whole name is
+    the case id (``amos_0001`` of AMOS) when a label map carries that whole name and none carries
+    ``<case>``, or when NNNN is not 0000 and there is no ``<case>_0000`` sibling.
+    """
+    m = _CHANNEL.match(stem)
+    if not m:
+        return stem, 0
+    case, ch = m["case"], int(m["channel"])
+    if n_channels == 1:
+        if stem in label_ids and case not in label_ids:
+            return stem, 0
+        if ch != 0 and f"{case}_0000" not in stems:
+            return stem, 0
+    return case, ch
+
+
+def group_channels(images: list[Path], n_channels: int, folder: Path,
+                   label_ids: set[str] = frozenset()) -> dict[str, list[Path]]:
     cases: dict[str, dict[int, Path]] = {}
+    stems = {strip_image_suffix(p.name) for p in images}
     for p in images:
-        stem = strip_image_suffix(p.name)
-        m = _CHANNEL.match(stem)
-        case, ch = (m["case"], int(m["channel"])) if m else (stem, 0)
+        case, ch = split_channel(strip_image_suffix(p.name), n_channels, stems, label_ids)
         if ch in cases.setdefault(case, {}):
             raise ConversionError(f"{p}: duplicate case id {case!r} channel {ch}")
         cases[case][ch] = p
@@ -117,8 +137,9 @@ def _convert_case(task):
 def convert(src: Path, out: Path, args, run_cases) -> dict:
     mapping = read_mapping(args.mapping or src / "mapping.json")
     n_channels = len(mapping["channel_names"])
-    image_cases = group_channels(find_files(src / "images", "images"), n_channels, src / "images")
     label_files = {strip_image_suffix(p.name): p for p in find_files(src / "labels", "labels")}
+    image_cases = group_channels(find_files(src / "images", "images"), n_channels, src / "images",
+                                 set(label_files))
     unique_ids((strip_image_suffix(p.name), p) for p in find_files(src / "labels", "labels"))
     for case in image_cases:
         if case not in label_files:

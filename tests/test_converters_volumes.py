@@ -120,3 +120,35 @@ def test_landmark_file_without_image_is_refused(two_channel_src, tmp_path, capsy
     lines = _error_lines(capsys)
     assert len(lines) == 1 and "zz.txt" in lines[0] and "without image" in lines[0]
     assert not (tmp_path / "raw" / "Dataset009_V").exists()
+
+
+def test_amos_style_case_ids_are_not_channels(tmp_path):
+    """AMOS names one-channel cases ``amos_0001.nii.gz`` (no ``_0000`` sibling) in images and labels:
+    the whole name is the case id; a case ``_0000`` beside it, labelled under its whole name, too."""
+    src = tmp_path / "amos"
+    for i, case in enumerate(("amos_0001", "amos_0004", "amos_0000")):
+        _write(src / "images" / f"{case}.nii.gz", np.full((3, 4, 5), i, np.int16))
+        lab = np.zeros((3, 4, 5), np.uint8)
+        lab[1, 1:3, 1:4] = 1
+        _write(src / "labels" / f"{case}.nii.gz", lab)
+    (src / "mapping.json").write_text(json.dumps({"channel_names": {"0": "CT"},
+                                                  "labels": {"background": 0, "spleen": 1}}))
+    assert _convert(src, tmp_path / "raw") == 0
+    ds = tmp_path / "raw" / "Dataset009_V"
+    assert sorted(p.name for p in (ds / "imagesTr").iterdir()) == [
+        "amos_0000_0000.nii.gz", "amos_0001_0000.nii.gz", "amos_0004_0000.nii.gz"]
+    assert sorted(p.name for p in (ds / "labelsTr").iterdir()) == [
+        "amos_0000.nii.gz", "amos_0001.nii.gz", "amos_0004.nii.gz"]
+    assert sitk.GetArrayFromImage(sitk.ReadImage(str(ds / "imagesTr" / "amos_0004_0000.nii.gz"))).max() == 1
+
+
+def test_one_channel_suffix_without_label_of_that_name_is_still_a_channel(tmp_path, capsys):
+    """``x_0000`` + ``x_0001`` with label ``x`` in a one-channel mapping: two channels, refused."""
+    src = tmp_path / "src"
+    for c in range(2):
+        _write(src / "images" / f"x_{c:04d}.nii.gz", np.zeros((3, 4, 5), np.int16))
+    _write(src / "labels" / "x.nii.gz", np.zeros((3, 4, 5), np.uint8))
+    (src / "mapping.json").write_text(json.dumps({"channel_names": {"0": "CT"}, "labels": {"background": 0}}))
+    assert _convert(src, tmp_path / "raw") == 2
+    err = _error_lines(capsys)
+    assert len(err) == 1 and "'x' has channels [0, 1]" in err[0], err
