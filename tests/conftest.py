@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import one_thread, run_cli, write_spine_coco  # noqa: F401  (run_cli: its old import path)
+from tests.helpers import one_thread, write_spine_coco
 
 
 @pytest.fixture(scope="session")
