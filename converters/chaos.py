@@ -11,10 +11,16 @@ One ``--modality`` (CT, T1DUAL or T2SPIR) per dataset; case id = patient folder 
 is the DICOM series sorted by position along the slice normal (ImagePositionPatient ·
 (row cosines × column cosines)), read by SimpleITK, whose geometry is kept exactly.
 
-Slice rule: PNG masks are sorted by file name (numbers compared as numbers); PNG ``i`` is the
-DICOM slice with the ``i``-th smallest InstanceNumber (of the InPhase series for T1DUAL), placed
-at that slice's position in the volume. File-name order and position order of the DICOM files
-are not used for the mapping. PNG rows are DICOM rows, PNG columns DICOM columns.
+Slice rule (the one of the organisers' evaluation code, which pairs both by natural file-name
+order): PNG masks and DICOM files (of the InPhase series for T1DUAL) are each sorted by file name
+(numbers compared as numbers); PNG ``i`` belongs to DICOM file ``i``, placed at that slice's
+position in the volume. The DICOM file-name order must run monotonically along or against the
+slice normal (cross-check against ImagePositionPatient); otherwise the patient fails with one
+line naming the first file out of order. InstanceNumber plays no part. PNG rows are DICOM rows,
+PNG columns DICOM columns.
+
+Test sets (``--test``, e.g. CHAOS ``Test_Sets``) have no ``Ground`` folder: such patients are
+written as images only (``imagesTs``); a training patient without ``Ground`` fails.
 
 MR masks are intensity coded; values are decoded by the ranges of :data:`MR_RANGES`; CT masks
 hold 0 and 255. Any other value is an error.
@@ -42,7 +48,7 @@ CHANNELS = {"CT": {"": "CT"}, "T1DUAL": {"InPhase": "T1_in_phase", "OutPhase": "
             "T2SPIR": {"": "T2_SPIR"}}                          # DICOM sub-folder -> channel name
 DICOM_MODALITY = {"CT": "CT", "T1DUAL": "MR", "T2SPIR": "MR"}
 SLICE_TOL = 0.01                                             # mm: slice gaps and in-plane offsets
-REQUIRED_TAGS = ("SeriesInstanceUID", "InstanceNumber", "ImagePositionPatient", "ImageOrientationPatient",
+REQUIRED_TAGS = ("SeriesInstanceUID", "ImagePositionPatient", "ImageOrientationPatient",
                  "PixelSpacing", "Rows", "Columns", "BitsAllocated", "PixelData")
 
 
@@ -102,7 +108,7 @@ def _read_header(path: Path) -> dict:
         raise ConversionError(f"{path}: DICOM tag {missing[0]} missing")
     try:
         h = {"series": str(ds.SeriesInstanceUID), "modality": str(ds.get("Modality", "") or ""),
-             "number": int(ds.InstanceNumber), "rows": int(ds.Rows), "cols": int(ds.Columns),
+             "rows": int(ds.Rows), "cols": int(ds.Columns),
              "ipp": np.array(ds.ImagePositionPatient, float), "iop": np.array(ds.ImageOrientationPatient, float),
              "spacing": np.array(ds.PixelSpacing, float)}
     except (TypeError, ValueError) as e:
@@ -154,24 +160,32 @@ def _position_order(paths: list[Path], headers: list[dict]) -> np.ndarray:
     return order
 
 
+def _check_name_order(paths: list[Path], position_of: np.ndarray) -> None:
+    """The natural file-name order (``paths``) must run monotonically through the positions."""
+    steps = np.diff(position_of)
+    if len(steps) and not ((steps > 0).all() or (steps < 0).all()):
+        sign = 1 if np.sum(steps > 0) >= np.sum(steps < 0) else -1
+        k = int(np.argmax(np.sign(steps) != sign)) + 1
+        raise ConversionError(f"{paths[k]}: file-name order disagrees with ImagePositionPatient (slice "
+                              f"{position_of[k]} along the normal follows {paths[k - 1].name} at slice "
+                              f"{position_of[k - 1]}); CHAOS pairs PNG masks with DICOM files by file name")
+
+
 def read_series(folder: Path, modality: str) -> tuple[sitk.Image, list[int]]:
-    """A DICOM series folder as a position-sorted volume, and the position index of each slice in
-    InstanceNumber order (``[k_0, k_1, ...]``: the slice with the smallest InstanceNumber is ``k_0``)."""
+    """A DICOM series folder as a position-sorted volume, and the position index of each file in
+    natural file-name order (``[k_0, k_1, ...]``: the first file by name is slice ``k_0``), checked
+    to run monotonically along or against the slice normal."""
     paths = _listing(folder, ".dcm", "DICOM")
     if not paths:
         raise ConversionError(f"{folder}: no .dcm files inside")
     headers = [_read_header(p) for p in paths]
     for p, h in zip(paths[1:], headers[1:]):
         _check_same_series(p, h, headers[0], paths[0], modality)
-    numbers = [h["number"] for h in headers]
-    if len(set(numbers)) != len(numbers):
-        dup = next(n for n in numbers if numbers.count(n) > 1)
-        raise ConversionError(f"{paths[numbers.index(dup)]}: InstanceNumber {dup} used twice in {folder.name}")
     order = _position_order(paths, headers)
     position_of = np.empty(len(order), int)
     position_of[order] = np.arange(len(order))
-    by_number = np.argsort(numbers, kind="stable")
-    return _read_pixels([paths[i] for i in order]), [int(position_of[i]) for i in by_number]
+    _check_name_order(paths, position_of)
+    return _read_pixels([paths[i] for i in order]), [int(k) for k in position_of]
 
 
 def _read_pixels(sorted_paths: list[Path]) -> sitk.Image:
@@ -242,14 +256,14 @@ def _case_folders(patient_dir: Path, modality: str) -> tuple[Path, Path]:
     return base / "DICOM_anon", base / "Ground"
 
 
-def _instance_direction(slice_of_png: list[int]) -> str:
+def _name_direction(slice_of_png: list[int]) -> str:
     steps = set(np.sign(np.diff(slice_of_png)).tolist())
     return {frozenset({1}): "along the slice normal", frozenset({-1}): "against the slice normal"}.get(
         frozenset(steps), "not monotonic in position")
 
 
 def _convert_case(task) -> dict:
-    (patient, patient_dir), out, modality, file_ending = task
+    (patient, patient_dir), out, modality, file_ending, test = task
     dicom_root, ground = _case_folders(patient_dir, modality)
     images, first_map, reference, reference_dir = [], None, None, None
     for sub in CHANNELS[modality]:
@@ -260,14 +274,17 @@ def _convert_case(task) -> dict:
         else:
             check_geometry(reference, image, folder, reference_dir)
         images.append(image)
-    seg = read_ground(ground, reference, first_map, modality, reference_dir)
+    unlabelled = test and not ground.exists()
+    seg = None if unlabelled else read_ground(ground, reference, first_map, modality, reference_dir)
     for c, image in enumerate(images):
         write_image(image, out / "imagesTr" / f"{patient}_{c:04d}{file_ending}")
+    record = {"case": patient, "action": "kept", "slices": len(first_map),
+              "file_names_run": _name_direction(first_map)}
+    if unlabelled:
+        return {**record, "action": "kept, image only (no Ground folder in a test set)"}
     write_image(copy_geometry(seg, reference), out / "labelsTr" / f"{patient}{file_ending}")
     labels = CT_LABELS if modality == "CT" else MR_LABELS
-    return {"case": patient, "action": "kept", "slices": len(first_map),
-            "instance_numbers_run": _instance_direction(first_map),
-            "label_voxels": {name: int((seg == v).sum()) for name, v in labels.items() if v}}
+    return {**record, "label_voxels": {name: int((seg == v).sum()) for name, v in labels.items() if v}}
 
 
 def convert(src: Path, out: Path, args, run_cases) -> dict:
@@ -275,7 +292,8 @@ def convert(src: Path, out: Path, args, run_cases) -> dict:
     modality = args.modality
     (out / "imagesTr").mkdir(parents=True)
     (out / "labelsTr").mkdir()
-    tasks = [(p, out, modality, args.file_ending) for p in discover(Path(src), modality)]
+    test = getattr(run_cases, "split", "train") == "test"          # CaseRunner converting --test
+    tasks = [(p, out, modality, args.file_ending, test) for p in discover(Path(src), modality)]
     records = run_cases(_convert_case, tasks, desc=f"chaos {modality}", case=lambda t: t[0][0])
     labels = CT_LABELS if modality == "CT" else MR_LABELS
     channels = {str(c): name for c, name in enumerate(CHANNELS[modality].values())}

@@ -85,13 +85,19 @@ def test_demo_is_byte_identical_per_seed_and_has_the_pitfalls(chaos_src, tmp_pat
     for sub in ("T1DUAL/DICOM_anon/InPhase", "T1DUAL/DICOM_anon/OutPhase", "T1DUAL/Ground",
                 "T2SPIR/DICOM_anon", "T2SPIR/Ground"):
         assert any((case / sub).iterdir()), sub
-    # file-name order is neither position order nor InstanceNumber order
-    names = sorted((chaos_src / "CT" / "1" / "DICOM_anon").glob("*.dcm"))
-    heads = [pydicom.dcmread(p, stop_before_pixels=True) for p in names]
-    z = [float(h.ImagePositionPatient[2]) for h in heads]
-    numbers = [int(h.InstanceNumber) for h in heads]
-    assert z != sorted(z) and z != sorted(z, reverse=True)
-    assert numbers != sorted(numbers) and numbers != sorted(numbers, reverse=True)
+    # the real naming; file-name order runs against the normal in patient 0, along it in patient 1
+    for i, patient in enumerate(ct_patients(2)):
+        names = sorted((chaos_src / "CT" / patient / "DICOM_anon").glob("*.dcm"), key=lambda p: natural_key(p.name))
+        assert [p.name for p in names] == [f"i{k:04d},0000b.dcm" for k in range(12)]
+        assert [p.name for p in sorted((chaos_src / "CT" / patient / "Ground").glob("*.png"))] == \
+            [f"liver_GT_{k:03d}.png" for k in range(12)]
+        z = [float(pydicom.dcmread(p, stop_before_pixels=True).ImagePositionPatient[2]) for p in names]
+        assert z == sorted(z, reverse=(i == 0))
+    t2 = sorted(p.name for p in (case / "T2SPIR" / "DICOM_anon").glob("*.dcm"))
+    assert t2[0] == "IMG-0002-00031.dcm" and len(t2) == 12
+    inp = sorted(p.name for p in (case / "T1DUAL" / "DICOM_anon" / "InPhase").glob("*.dcm"))
+    outp = sorted(p.name for p in (case / "T1DUAL" / "DICOM_anon" / "OutPhase").glob("*.dcm"))
+    assert inp[:2] == ["IMG-0004-00002.dcm", "IMG-0004-00004.dcm"] and outp[0] == "IMG-0004-00001.dcm"
 
 
 # ------------------------------------------------------------------ round trip against the phantom truth
@@ -166,7 +172,7 @@ def test_demo_pngs_use_in_range_offsets_and_decode_to_the_truth(chaos_src, tmp_p
 # ------------------------------------------------------------------ the slice rule
 
 def _stack_by(rule: str, dicom: Path, ground: Path) -> np.ndarray:
-    """PNG stack placed into position order by a candidate rule (only 'instance-number' is right)."""
+    """PNG stack placed into position order by a candidate rule (only 'file-name' is right)."""
     files = sorted(dicom.glob("*.dcm"), key=lambda p: natural_key(p.name))
     heads = [pydicom.dcmread(p, stop_before_pixels=True) for p in files]
     z = np.array([float(h.ImagePositionPatient[2]) for h in heads])
@@ -190,26 +196,27 @@ def _stack_by(rule: str, dicom: Path, ground: Path) -> np.ndarray:
     return out
 
 
-@pytest.mark.parametrize("rule", ["file-name", "position", "reversed position", "instance-number-minus-one"])
+@pytest.mark.parametrize("rule", ["position", "reversed position", "instance-number-minus-one"])
 def test_the_demo_fails_any_other_slice_rule(rule, chaos_src):
     """The documented rule reproduces the truth for every patient; each alternative breaks one."""
     wrong = 0
     for i, patient in enumerate(ct_patients(N)):
         case = chaos_src / "CT" / patient
         truth = make_ct(0, i)[2].astype(np.uint8) * 255
-        np.testing.assert_array_equal(_stack_by("instance-number", case / "DICOM_anon", case / "Ground"), truth)
+        np.testing.assert_array_equal(_stack_by("file-name", case / "DICOM_anon", case / "Ground"), truth)
         wrong += not np.array_equal(_stack_by(rule, case / "DICOM_anon", case / "Ground"), truth)
     for i, patient in enumerate(mr_patients(N)):
         case = chaos_src / "MR" / patient / "T1DUAL"
         truth = make_mr(0, i, "T1DUAL")[2] > 0
-        ok = _stack_by("instance-number", case / "DICOM_anon" / "InPhase", case / "Ground") > 0
+        ok = _stack_by("file-name", case / "DICOM_anon" / "InPhase", case / "Ground") > 0
         np.testing.assert_array_equal(ok, truth)
         wrong += not np.array_equal(_stack_by(rule, case / "DICOM_anon" / "InPhase", case / "Ground") > 0, truth)
     assert wrong > 0
 
 
 def _write_oblique_case(root: Path, shape, spacing, origin, rot, descending, rng):
-    """One CT patient with an oblique orientation, shuffled files and a distinct mask per slice."""
+    """One CT patient with an oblique orientation, CHAOS file names (in InstanceNumber order, along
+    or against the normal) and a distinct mask per slice."""
     n, rows, cols = shape
     dicom, ground = root / "CT" / "7" / "DICOM_anon", root / "CT" / "7" / "Ground"
     dicom.mkdir(parents=True)
@@ -219,11 +226,11 @@ def _write_oblique_case(root: Path, shape, spacing, origin, rot, descending, rng
     masks[np.arange(n), np.arange(n) % rows, np.arange(n) % cols] = 1        # no slice repeats another
     numbers = instance_numbers(0 if descending else 1, n, start=5)
     uids = {"study": "1.2.3", "series": "1.2.3.4", "frame": "1.2.3.5", "patient": "p"}
-    for k, f in enumerate(rng.permutation(n)):
+    for k, f in enumerate(np.argsort(np.argsort(numbers))):
         position = np.asarray(origin) + k * spacing[2] * rot[:, 2]
         ds = dicom_slice(hu[k], "CT", {**uids, "sop": f"1.2.3.4.{k + 1}"}, numbers[k], position,
                          np.concatenate([rot[:, 0], rot[:, 1]]), (spacing[1], spacing[0]), spacing[2])
-        pydicom.dcmwrite(dicom / f"s{f}.dcm", ds, enforce_file_format=True)
+        pydicom.dcmwrite(dicom / f"i{f:04d},0000b.dcm", ds, enforce_file_format=True)
     for i, k in enumerate(np.argsort(numbers)):
         sitk.WriteImage(sitk.GetImageFromArray(masks[k] * 255), str(ground / f"liver_GT_{i:03d}.png"))
     return hu, masks, dicom
@@ -305,6 +312,12 @@ def _corrupt(kind: str, src: Path) -> tuple[str, str, str]:
             ipp = pydicom.dcmread(p).ImagePositionPatient
             _edit_dicom(p, ImagePositionPatient=[float(ipp[0]) + 1.5, ipp[1], ipp[2]])
         return "T1DUAL", "OutPhase", "differ from InPhase"
+    if kind == "file names out of position order":
+        a, b = dcm[4], dcm[7]
+        a.rename(a.with_name("swap"))
+        b.rename(a)
+        a.with_name("swap").rename(b)
+        return "CT", f"CT/4/DICOM_anon/{dcm[5].name}", "file-name order disagrees with ImagePositionPatient"
     if kind == "duplicate position":
         _edit_dicom(dcm[1], ImagePositionPatient=pydicom.dcmread(dcm[2]).ImagePositionPatient)
         return "CT", "CT/4/DICOM_anon", "same slice position"
@@ -312,7 +325,8 @@ def _corrupt(kind: str, src: Path) -> tuple[str, str, str]:
 
 
 BAD = ["png count", "png transposed", "png intensity CT", "png intensity MR", "png rgb", "not dicom",
-       "truncated dicom", "missing Ground", "mixed series", "in/out phase geometry", "duplicate position"]
+       "truncated dicom", "missing Ground", "mixed series", "in/out phase geometry", "duplicate position",
+       "file names out of position order"]
 
 
 @pytest.mark.parametrize("kind", BAD)
@@ -368,5 +382,54 @@ def test_modality_is_required_and_name_order_does_not_matter(chaos_src, tmp_path
                   "--out", str(tmp_path / "y")]) == 0
     assert (tmp_path / "y" / "Dataset009_Liver" / "dataset.json").is_file()
     report = json.loads((tmp_path / "y" / "Dataset009_Liver" / "conversion_report.json").read_text())
-    assert [r["instance_numbers_run"] for r in report["cases"]] == \
+    assert [r["file_names_run"] for r in report["cases"]] == \
         ["against the slice normal", "along the slice normal", "against the slice normal"]
+
+
+def test_instance_numbers_play_no_part(chaos_src, tmp_path):
+    """Masks follow the DICOM file names (the organisers' rule) even when InstanceNumbers are shuffled."""
+    src = tmp_path / "src"
+    shutil.copytree(chaos_src, src)
+    files = sorted((src / "CT" / "1" / "DICOM_anon").glob("*.dcm"))
+    for p, number in zip(files, np.random.default_rng(3).permutation(len(files)) + 40):
+        _edit_dicom(p, InstanceNumber=int(number))
+    assert _convert(src, tmp_path / "raw", "CT") == 0
+    ds = tmp_path / "raw" / "Dataset009_CHAOS_CT"
+    np.testing.assert_array_equal(read_array(ds / "labelsTr" / "1.nii.gz"), make_ct(0, 0)[2])
+    record = next(r for r in json.loads((ds / "conversion_report.json").read_text())["cases"] if r["case"] == "1")
+    assert record["file_names_run"] == "against the slice normal"
+
+
+def test_file_names_out_of_position_order_fail_only_that_patient(chaos_src, tmp_path, capsys):
+    from organmtl.cli import main
+
+    src = tmp_path / "src"
+    shutil.copytree(chaos_src, src)
+    _, culprit, problem = _corrupt("file names out of position order", src)
+    assert main(["convert", "chaos", str(src), "--modality", "CT", "--dataset-id", "9", "--out",
+                 str(tmp_path / "raw")]) == 1
+    lines = [l for l in capsys.readouterr().err.splitlines() if "not converted" in l]
+    assert len(lines) == 1 and culprit in lines[0] and problem in lines[0], lines
+    ds = tmp_path / "raw" / "Dataset009_CHAOS_CT"
+    assert sorted(p.name for p in (ds / "labelsTr").iterdir()) == ["1.nii.gz", "7.nii.gz"]
+
+
+def test_test_sets_without_ground_become_imagests(chaos_src, tmp_path):
+    """CHAOS Test_Sets hold no Ground folder: with --test their patients are written as images only."""
+    test = tmp_path / "Test_Sets"
+    shutil.copytree(chaos_src, test)
+    for patient in mr_patients(N):
+        shutil.rmtree(test / "MR" / patient / "T1DUAL" / "Ground")
+        (test / "MR" / patient).rename(test / "MR" / f"{int(patient) + 100}")
+    assert _convert(chaos_src, tmp_path / "raw", "T1DUAL", "--test", str(test)) == 0
+    ds = tmp_path / "raw" / "Dataset009_CHAOS_T1DUAL"
+    ids = [str(int(p) + 100) for p in mr_patients(N)]
+    assert sorted(p.name for p in (ds / "imagesTs").iterdir()) == sorted(f"{i}_{c:04d}.nii.gz" for i in ids
+                                                                          for c in (0, 1))
+    assert not any((ds / "labelsTs").iterdir())
+    np.testing.assert_array_equal(read_array(ds / "imagesTs" / f"{ids[0]}_0001.nii.gz"),
+                                  make_mr(0, 0, "T1DUAL")[1]["OutPhase"])
+    report = json.loads((ds / "conversion_report.json").read_text())
+    tests = [r for r in report["cases"] if r["split"] == "test"]
+    assert len(tests) == N and all(r["action"].startswith("kept, image only") for r in tests)
+    assert json.loads((ds / "dataset.json").read_text())["numTraining"] == N

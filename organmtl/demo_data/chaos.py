@@ -10,11 +10,13 @@ Written under ``out`` exactly as the real ``Train_Sets`` folder::
 Small grids (12 slices of 56 rows x 64 columns, unequal row/column pixel spacing, non-trivial
 origins, axial orientation). The quirks converters must get right are built in:
 
-- DICOM file numbers are a random permutation of the slice positions, so file-name order is wrong;
-- PNG ``i`` (sorted by name) is the slice with the ``i``-th smallest InstanceNumber; InstanceNumber
-  runs against the slice normal (head first, as in the real set) in even-indexed patients and
-  along it in odd-indexed ones, never from 1 for MR (T1DUAL in/out phase are interleaved), so
-  neither position order, reversed position order nor ``InstanceNumber - 1`` maps every patient;
+- files are named as in the real set (CT ``i0000,0000b.dcm``, ``i0001,0000b.dcm`` ...; MR
+  ``IMG-0004-00002.dcm`` with the InstanceNumber in the name, T1DUAL in and out phase of one
+  series numbered interleaved); PNG ``i`` (sorted by name) is the DICOM file ``i`` (sorted by
+  name), the organisers' rule; file-name order runs against the slice normal (head first, as in
+  the real set) in even-indexed patients and along it in odd-indexed ones, and MR numbers never
+  start from 1, so neither position order, reversed position order nor ``InstanceNumber - 1``
+  maps every patient;
 - organs sit off-centre along z, so a reversed stack changes the labels;
 - CT masks are 0/255; MR masks are intensity coded (liver 63, right kidney 126, left kidney 189,
   spleen 252) with a per-patient offset that stays inside the documented ranges.
@@ -178,7 +180,8 @@ def _write_series(folder: Path, g: Grid, volume: np.ndarray, modality: str, numb
 
 
 def _write_pngs(folder: Path, masks_in_position_order: np.ndarray, numbers: list[int], names: list[str]) -> None:
-    """PNG ``i`` (``names`` sorted) = the slice with the ``i``-th smallest InstanceNumber."""
+    """PNG ``i`` (``names`` sorted) = the slice with the ``i``-th smallest InstanceNumber, which is
+    DICOM file ``i`` by name (the demo names files after their InstanceNumber)."""
     folder.mkdir(parents=True, exist_ok=True)
     by_number = np.argsort(numbers, kind="stable")
     for name, k in zip(sorted(names), by_number):
@@ -188,9 +191,8 @@ def _write_pngs(folder: Path, masks_in_position_order: np.ndarray, numbers: list
 def _write_ct_patient(root: Path, seed: int, index: int, patient: str) -> None:
     g, hu, liver = make_ct(seed, index)
     n = g.shape[0]
-    file_numbers = np.random.default_rng([seed, 9, index]).permutation(n)
     numbers = instance_numbers(index, n)
-    _write_series(root / "DICOM_anon", g, hu, "CT", numbers, [f"i{f:04d},0000b.dcm" for f in file_numbers],
+    _write_series(root / "DICOM_anon", g, hu, "CT", numbers, [f"i{f - 1:04d},0000b.dcm" for f in numbers],
                   ("CT", patient), seed, "CT abdomen portal venous")
     _write_pngs(root / "Ground", liver.astype(np.uint8) * 255, numbers, [f"liver_GT_{i:03d}.png" for i in range(n)])
 
@@ -206,9 +208,8 @@ def _write_mr_sequence(root: Path, seed: int, index: int, patient: str, sequence
     for c, name in enumerate(channels):          # T1DUAL: out phase odd numbers, in phase even ones
         start, step = ((2, 2) if c == 0 else (1, 2)) if sequence == "T1DUAL" else (31, 1)
         numbers[name] = instance_numbers(index, n, start, step)
-        file_numbers = np.random.default_rng([seed, 10, index, c, series_no]).permutation(n) + 1
         _write_series(root / sequence / "DICOM_anon" / name, g, channels[name], "MR", numbers[name],
-                      [f"IMG-{series_no + c:04d}-{f:05d}.dcm" for f in file_numbers],
+                      [f"IMG-{series_no:04d}-{f:05d}.dcm" for f in numbers[name]],
                       ("MR", patient, sequence, name), seed, f"{sequence} {name}".strip())
     first = next(iter(channels))
     _write_pngs(root / sequence / "Ground", coded, numbers[first],
