@@ -1,8 +1,11 @@
 """PDDCA 1.4.1 / MICCAI 2015 head-and-neck challenge (NRRD) -> nnU-Net v2 raw dataset.
 
 Layout read: ``SRC/<case>/img.nrrd``, ``SRC/<case>/structures/<Name>.nrrd`` and any ``.fcsv``
-below the case folder (landmarks). Label table: :data:`LABELS`. Cases lacking a structure file
-are handled by ``--missing``:
+below the case folder (landmarks). PDDCA ships as several part folders
+(``PDDCA-1.4.1_part1/<case>/...``, ``_part2``, ``_part3``): ``SRC`` may be one part or the folder
+holding the parts (case folders one level further down). Structure files are matched to the
+label names case-insensitively (``brainstem.nrrd`` is ``BrainStem``). Label table:
+:data:`LABELS`. Cases lacking a structure file are handled by ``--missing``:
 
 - ``drop`` (default): the case is left out;
 - ``ignore``: voxels not annotated as another structure get nnU-Net's ignore label, so the case
@@ -34,13 +37,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"subset of structures to keep (default: all of {', '.join(list(LABELS)[1:])})")
 
 
+def _is_case(folder: Path) -> bool:
+    return folder.is_dir() and (folder / "img.nrrd").is_file()
+
+
 def discover(src: Path) -> list[Path]:
+    """The case folders (holding ``img.nrrd``) of ``src`` and of its part folders, sorted by case id;
+    a case id found in two parts is an error naming both."""
     if not src.is_dir():
         raise ConversionError(f"{src}: source folder not found")
-    cases = sorted(p for p in src.iterdir() if p.is_dir() and (p / "img.nrrd").is_file())
-    if not cases:
-        raise ConversionError(f"{src}: no case folder with an img.nrrd inside")
-    return cases
+    found: dict[str, Path] = {}
+    for sub in sorted(p for p in src.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for case in [sub] if _is_case(sub) else sorted(p for p in sub.iterdir() if _is_case(p)):
+            if case.name in found:
+                raise ConversionError(f"{case}: case id {case.name!r} also in {found[case.name].parent}")
+            found[case.name] = case
+    if not found:
+        raise ConversionError(f"{src}: no case folder with an img.nrrd inside (nor in a part folder)")
+    return [found[k] for k in sorted(found)]
+
+
+def structure_files(case_dir: Path) -> dict[str, Path]:
+    """``{lower-case structure name: file}`` of ``case_dir/structures/*.nrrd``; two files whose
+    names differ only in case are an error."""
+    folder = case_dir / "structures"
+    files: dict[str, Path] = {}
+    if folder.is_dir():
+        for p in sorted(folder.iterdir()):
+            if p.is_file() and p.name.lower().endswith(".nrrd") and not p.name.startswith("."):
+                key = p.name[: -len(".nrrd")].lower()
+                if key in files:
+                    raise ConversionError(f"{p}: same structure as {files[key].name} (names differ only in case)")
+                files[key] = p
+    return files
 
 
 def _convert_case(task):
@@ -51,9 +80,10 @@ def _convert_case(task):
     names = [n for n in labels if n != "background" and n != "ignore"]
     seg = np.zeros(sitk.GetArrayViewFromImage(image).shape, np.uint8)
     present, missing, overlaps = [], [], {}
+    files = structure_files(case_dir)
     for name in names:
-        path = case_dir / "structures" / f"{name}.nrrd"
-        if not path.is_file():
+        path = files.get(name.lower())
+        if path is None:
             missing.append(name)
             continue
         mask = read_binary_mask(path, image, img_path)

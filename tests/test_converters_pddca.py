@@ -198,3 +198,48 @@ def test_bad_source_folder(problem, tmp_path, demo_root, capsys):
     assert _convert(src, tmp_path / "raw") == 2
     assert len(_error_lines(capsys)) == 1
     assert not (tmp_path / "raw" / "Dataset007_T").exists()
+
+
+def _split_into_parts(flat: Path, root: Path) -> list[str]:
+    """The real PDDCA download: ``PDDCA-1.4.1_part1/<case>``, ``_part2``, ``_part3``."""
+    cases = sorted(p.name for p in flat.iterdir() if p.is_dir())
+    for i, case in enumerate(cases):
+        shutil.copytree(flat / case, root / f"PDDCA-1.4.1_part{1 + i % 3}" / case)
+    return cases
+
+
+def test_root_with_part_folders_and_case_insensitive_structure_names(demo_root, tmp_path):
+    root = tmp_path / "PDDCA"
+    cases = _split_into_parts(demo_root / "han_pddca", root)
+    s = root / "PDDCA-1.4.1_part2" / cases[1] / "structures"
+    (s / "BrainStem.nrrd").rename(s / "brainstem.nrrd")
+    (s / "Parotid_L.nrrd").rename(s / "PAROTID_L.NRRD")
+    assert _convert(root, tmp_path / "parts") == 0
+    assert _convert(demo_root / "han_pddca", tmp_path / "flat") == 0
+    parts, flat = tmp_path / "parts" / "Dataset007_T", tmp_path / "flat" / "Dataset007_T"
+    assert sorted(p.name for p in (parts / "labelsTr").iterdir()) == sorted(p.name for p in (flat / "labelsTr").iterdir())
+    for case in cases:
+        if (flat / "labelsTr" / f"{case}.nii.gz").exists():
+            np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(parts / "labelsTr" / f"{case}.nii.gz"))),
+                                          sitk.GetArrayFromImage(sitk.ReadImage(str(flat / "labelsTr" / f"{case}.nii.gz"))))
+    record = next(r for r in json.loads((parts / "conversion_report.json").read_text())["cases"] if r["case"] == cases[1])
+    assert "BrainStem" in record["present"] and "Parotid_L" in record["present"] and not record["missing"]
+
+
+def test_part_folders_sharing_a_case_id_are_refused(demo_root, tmp_path, capsys):
+    root = tmp_path / "PDDCA"
+    cases = _split_into_parts(demo_root / "han_pddca", root)
+    shutil.copytree(root / "PDDCA-1.4.1_part1" / cases[0], root / "PDDCA-1.4.1_part3" / cases[0])
+    assert _convert(root, tmp_path / "raw") == 2
+    err = _error_lines(capsys)
+    assert len(err) == 1 and f"PDDCA-1.4.1_part3/{cases[0]}" in err[0] and "also in" in err[0], err
+
+
+def test_structure_names_differing_only_in_case_fail_that_case(demo_root, tmp_path, capsys):
+    src = tmp_path / "src"
+    shutil.copytree(demo_root / "han_pddca", src)
+    shutil.copy(src / "0522c0002" / "structures" / "Chiasm.nrrd", src / "0522c0002" / "structures" / "chiasm.nrrd")
+    assert _convert(src, tmp_path / "raw") == 1
+    lines = [l for l in capsys.readouterr().err.splitlines() if "not converted" in l]
+    assert len(lines) == 1 and "0522c0002" in lines[0] and "names differ only in case" in lines[0], lines
+    assert not (tmp_path / "raw" / "Dataset007_T" / "labelsTr" / "0522c0002.nii.gz").exists()
