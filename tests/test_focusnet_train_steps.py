@@ -22,7 +22,7 @@ PATCH = [8, 24, 24]
 SCHEDULE = [["snet", 1], ["sol", 1], ["ae", 1], ["sos", 1], ["joint", 1]]
 DATASET_JSON = {"labels": {"background": 0, "BrainStem": 1, "Chiasm": 2}, "channel_names": {"0": "CT"},
                 "file_ending": ".nii.gz", "numTraining": 4}
-ENTRY = {"options": {}, "small_organs": ["Chiasm"], "small_labels": [2], "roi_size": [4, 8, 8], "use_sos": True,
+ENTRY = {"options": {}, "small_organs": ["Chiasm"], "small_labels": [2], "roi_size": [4, 16, 16], "use_sos": True,
          "concat_image": True, "use_ae": True, "heat_threshold": 0.5, "width": 0.125,
          "fold_record": {"fold": 0, "organ_sizes_mm3": {"0": 9000.0, "1": 400.0, "2": 30.0}, "schedule": SCHEDULE}}
 
@@ -48,7 +48,7 @@ def tiny_plans(batch_size: int = 2) -> dict:
 def nnunet_folders(root, env) -> None:
     """nnU-Net's folders under ``root`` in ``env`` (a dict or ``monkeypatch.setenv``-like callable), with
     the preprocessed folder the trainer infers its dataset class from."""
-    set_env = env.__setitem__ if isinstance(env, dict) else env
+    set_env = env if callable(env) else env.__setitem__
     for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         set_env(var, str(root / var))
     pre = root / "nnUNet_preprocessed" / "Dataset997_FNSteps" / "d"
@@ -207,3 +207,92 @@ def test_fp32_cpu_step_is_bit_identical_to_the_step_before_amp(folders, phase):
     assert changed and all(k.split(".")[0] in trained or "running" in k or "num_batches" in k for k in changed), changed
     for k in old_state:
         assert torch.equal(new_state[k], old_state[k]), f"{phase}: {k} differs from the old step"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_every_phase_trains_finite_under_cpu_autocast(folders, dtype):
+    """The CUDA AMP path emulated on the CPU (:attr:`cpu_autocast_dtype`): finite losses and weights per
+    phase, the forwards really ran in half precision, then a confident (overfitted) network predicts finite."""
+    with one_thread():
+        torch.manual_seed(0)
+        tr = make_trainer()
+        tr.cpu_autocast_dtype = dtype
+        for g in tr.optimizer.param_groups:
+            g["lr"] = 1e-2                                  # overfit fast: a confident network
+        seen = set()
+        hook = tr._module().snet.head.register_forward_hook(lambda m, i, o: seen.add(o.dtype))
+        batch = make_batch(3)
+        for phase in O.ALL_PHASES:
+            set_phase(tr, phase)
+            for _ in range(3 if phase in ("sos", "joint") else 1):
+                out = tr.train_step(batch)
+                assert np.isfinite(out["loss"]), (phase, out)
+        hook.remove()
+        assert seen == {dtype}
+        assert all(torch.isfinite(p).all() for p in tr._module().parameters())
+        net = tr._module().eval()
+        net.sos_trained.fill_(True)
+        with torch.no_grad():
+            net.sol.out.bias.fill_(30.0)                     # saturate SOL-Net: every window pastes
+            with torch.autocast("cpu", dtype=dtype):
+                pred = net(batch["data"][:1])
+        assert torch.isfinite(pred).all() and net.last_centres[0][2][1] == 1.0
+
+
+def test_epoch_loss_is_finite_when_an_ae_batch_has_no_small_organ(folders):
+    with one_thread():
+        torch.manual_seed(0)
+        tr = make_trainer()
+        set_phase(tr, "ae")
+        outs = [tr.train_step(make_batch(4)), tr.train_step(make_batch(5, small=False))]
+    assert outs[1]["focusnet_trained"] is False and outs[0]["focusnet_trained"] is True
+    tr.on_train_epoch_end(outs)
+    logged = tr.logger.get_value("train_losses", step=-1)
+    assert np.isfinite(logged) and logged == pytest.approx(float(outs[0]["loss"]))
+
+
+def _epoch(tr, dice: float) -> None:
+    """One nnU-Net epoch's bookkeeping around no training (a given pseudo Dice)."""
+    tr.on_epoch_start()
+    tr.on_train_epoch_start()
+    tr.logger.log("train_losses", 1.0, tr.current_epoch)
+    tr.logger.log("val_losses", 1.0, tr.current_epoch)
+    tr.logger.log("mean_fg_dice", dice, tr.current_epoch)
+    tr.logger.log("dice_per_class_or_region", [dice, dice], tr.current_epoch)
+    tr.on_epoch_end()
+
+
+def test_checkpoint_best_comes_from_the_last_phase_and_records_what_is_trained(folders):
+    from pathlib import Path
+
+    with one_thread():
+        torch.manual_seed(0)
+        tr = make_trainer()
+        tr.save_every = 1
+        folder = Path(tr.output_folder)
+        dice = {"snet": 0.9, "sol": 0.8, "ae": 0.7, "sos": 0.3, "joint": 0.2}     # S-Net "best" by far
+        latest_after = {}
+        for phase, _ in tr.schedule:
+            _epoch(tr, dice[phase])
+            latest_after[phase] = torch.load(folder / "checkpoint_latest.pth", weights_only=False) \
+                if (folder / "checkpoint_latest.pth").is_file() else None
+        best = torch.load(folder / "checkpoint_best.pth", weights_only=False)
+    assert best["current_epoch"] == len(SCHEDULE)                       # the joint epoch, not the S-Net one
+    record = best["init_args"]["plans"]["configurations"][CONFIG][O.PLANS_KEY]["fold_record"]
+    assert record["phases_reached"] == list(O.ALL_PHASES)
+    assert record["trained_parts"] == ["shape_ae", "snet", "sol", "sos"]
+    assert bool(best["network_weights"]["sos_trained"])
+    early = latest_after["snet"]
+    assert early is not None and not bool(early["network_weights"]["sos_trained"])
+    early_record = early["init_args"]["plans"]["configurations"][CONFIG][O.PLANS_KEY]["fold_record"]
+    assert early_record["phases_reached"] == ["snet"] and early_record["trained_parts"] == ["snet"]
+    log = open(tr.log_file).read()
+    assert log.count("New best EMA pseudo Dice") == 1 and "checkpoint_best.pth tracked from here on (phase joint)" in log
+    # prediction from the S-Net-phase checkpoint: no paste, and it says so
+    net = tr.build_network_architecture(tr.plans_manager, tr.configuration_manager, 1, 3)
+    net.load_state_dict(early["network_weights"])
+    net.eval()
+    x = make_batch(6)["data"][:1]
+    with pytest.warns(UserWarning, match="untrained"):
+        pred = net(x)
+    assert torch.equal(pred, net.segment(x)[0])

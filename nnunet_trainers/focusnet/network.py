@@ -315,7 +315,7 @@ class FocusNet(nn.Module):
         return SOSOutput(h.logits, h.features, h.heatmaps, records)
 
     def run_autoencoder(self, masks: Sequence[torch.Tensor | None]) -> list[AEOutput | None]:
-        """Shape autoencoder on ``masks[k]`` ``(N, 1, *roi)`` per small organ, all in one batch;
+        """Shape autoencoder on ``masks[k]`` ``(N, 1, *roi)`` per small organ, all in one batch, in fp32;
         ``None`` where ``masks[k]`` is ``None``."""
         if self.shape_ae is None:
             raise RuntimeError("FocusNet: this network has no shape autoencoder")
@@ -323,7 +323,11 @@ class FocusNet(nn.Module):
         present = [m for m in masks if m is not None]
         if not present:
             return [None for _ in masks]
-        rec, feats = self.shape_ae(torch.cat(present, 0))
+        batch = torch.cat(present, 0)
+        # fp32 even under autocast: batch norm over ROI-sized batches at a 1-voxel-deep bottleneck gave
+        # non-finite half-precision gradients on the CPU (bf16); the autoencoder is small next to S-Net
+        with torch.autocast(batch.device.type, enabled=False):
+            rec, feats = self.shape_ae(batch.float())
         out, i = [], 0
         for m in masks:
             if m is None:
