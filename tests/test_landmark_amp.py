@@ -103,3 +103,13 @@ def test_uncertainty_weighting_runs_in_fp32_under_autocast():
         with float32_region("cpu"):
             assert not torch.is_autocast_enabled("cpu")
     assert value.dtype == torch.float32 and value.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_multitask_block_batch_dice_outside_ddp(tmp_path):
+    """Plans with ``batch_dice`` (nnU-Net's 2d and lowres plans): the per-organ soft Dice gathers over
+    DDP ranks only under DDP (it used to call ``all_gather`` in a single process and fail)."""
+    torch.manual_seed(0)
+    trainer = build_trainer(trainers.nnUNetTrainerOMTLMultiTaskBlockDice_Tiny, tmp_path, "landmarks", batch_dice=True)
+    dice = trainer.loss.loss.dice
+    assert dice.batch_dice and not dice.ddp
+    assert np.isfinite(trainer.train_step(make_batch(trainer, 0))["loss"])
