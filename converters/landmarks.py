@@ -26,20 +26,26 @@ _RAS_TO_LPS = np.array([-1.0, -1.0, 1.0])
 def read_fcsv(path: Path) -> list[tuple[str, np.ndarray]]:
     """Points of a 3D Slicer markups ``.fcsv`` in LPS mm.
 
-    Slicer writes RAS unless the header says ``# CoordinateSystem = LPS`` (or ``= 1`` in the
-    numeric form of older files; ``0`` means RAS).
+    The header's ``# CoordinateSystem = RAS|LPS`` (or ``0``/``1``, the numeric form of Slicer
+    4.6-4.10) says the system. Without that line the file follows Slicer's convention for the
+    version in ``# Markups fiducial file version = X.Y``: before 4.11 (or no version line, as
+    hand-written files) RAS, Slicer's coordinate system until 4.10; from 4.11 on LPS, the default
+    Slicer 4.11 introduced for markups files.
     """
     path = Path(path)
     try:
         lines = path.read_text().splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise ConversionError(f"{path}: cannot be read ({e.__class__.__name__})") from None
-    system = "RAS"
+    system, version = None, None
     columns = ["id", "x", "y", "z", "ow", "ox", "oy", "oz", "vis", "sel", "lock", "label"]
     points = []
     for n, line in enumerate(lines, start=1):
         if line.startswith("#"):
-            m = re.match(r"#\s*CoordinateSystem\s*=\s*(\S+)", line)
+            m = re.match(r"#\s*Markups fiducial file version\s*=\s*(\d+)\.(\d+)", line, re.IGNORECASE)
+            if m:
+                version = (int(m.group(1)), int(m.group(2)))
+            m = re.match(r"#\s*CoordinateSystem\s*=\s*(\S+)", line, re.IGNORECASE)
             if m:
                 value = m.group(1).upper()
                 system = {"0": "RAS", "RAS": "RAS", "1": "LPS", "LPS": "LPS"}.get(value)
@@ -58,8 +64,10 @@ def read_fcsv(path: Path) -> list[tuple[str, np.ndarray]]:
         except (KeyError, ValueError):
             raise ConversionError(f"{path}:{n}: malformed landmark line") from None
         label = row.get("label") or row.get("id") or f"point{len(points)}"
-        points.append((label, xyz * _RAS_TO_LPS if system == "RAS" else xyz))
-    return points
+        points.append((label, xyz))
+    if system is None:
+        system = "LPS" if version is not None and version >= (4, 11) else "RAS"
+    return [(label, xyz * _RAS_TO_LPS if system == "RAS" else xyz) for label, xyz in points]
 
 
 def read_voxel_txt(path: Path, image: sitk.Image, names=None) -> list[tuple[str, np.ndarray]]:

@@ -6,6 +6,11 @@ Layout read::
     SRC/Segmentations/<id>_<n>_<modality>_<region>_<RadLexID>_<k>.nii.gz   (one binary mask per structure)
     SRC/Landmarks/<id>_<n>_<modality>_<region>_landmarks_<k>.fcsv          (optional, Slicer markups)
 
+``<k>`` is the annotator id. A structure (or the landmarks) of one volume annotated by several
+annotators takes one annotation: ``--annotator K``'s where it exists, else the lowest annotator
+id (:func:`choose_annotation`); the others are listed in the case record. Other ``.fcsv`` files
+of ``Landmarks/`` (``_lesions_<k>.fcsv``, ...) are not landmarks and are skipped.
+
 The case id is ``<id>_<n>``. One dataset holds one modality (``CT``, ``CTce``, ``MRT1``,
 ``MRT1cefs``...): ``--modality`` picks it, and a source holding several is refused without it.
 Structure masks are named by RadLex id and mapped with :data:`RADLEX` (the 20 Anatomy3
@@ -55,9 +60,10 @@ class Volume:
     case: str
     modality: str
     path: Path
-    masks: dict[str, Path] = field(default_factory=dict)       # RadLex id -> mask file
+    masks: dict[str, dict[int, Path]] = field(default_factory=dict)   # RadLex id -> {annotator: mask}
     unknown: list[Path] = field(default_factory=list)          # masks with an id outside RADLEX
-    landmarks: list[Path] = field(default_factory=list)
+    landmarks: dict[int, Path] = field(default_factory=dict)   # annotator -> landmark file
+    other_fcsv: list[Path] = field(default_factory=list)       # .fcsv files that are not landmarks
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -67,7 +73,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--structures", nargs="+", metavar="NAME",
                         help=f"subset of structures to keep, in label order (default: those found; "
                              f"names: {', '.join(RADLEX.values())})")
+    parser.add_argument("--annotator", type=int, default=None, metavar="K",
+                        help="take annotator K's mask (and landmarks) where a structure has several "
+                             "(default: the lowest annotator id)")
     add_missing_argument(parser)
+
+
+def choose_annotation(by_annotator: dict[int, Path], preferred: int | None) -> tuple[int, list[int]]:
+    """``(chosen annotator, the others)``: ``preferred`` when it annotated, else the lowest id."""
+    chosen = preferred if preferred in by_annotator else min(by_annotator)
+    return chosen, sorted(k for k in by_annotator if k != chosen)
 
 
 def channel_name(modality: str) -> str:
@@ -116,25 +131,34 @@ def attach_masks(volumes: dict[str, Volume], folder: Path) -> None:
         vol = volumes.get(m["stem"])
         if vol is None:
             raise ConversionError(f"{p}: no volume {m['stem']} in Volumes/")
-        rid = m["rid"]
+        rid, k = m["rid"], int(m["k"])
         if rid not in RADLEX:
             vol.unknown.append(p)
-        elif rid in vol.masks:
-            raise ConversionError(f"{p}: a second mask of RadLex {rid} ({RADLEX[rid]}) for {m['stem']} "
-                                  f"(also {vol.masks[rid].name})")
+        elif k in vol.masks.get(rid, {}):
+            raise ConversionError(f"{p}: a second mask of RadLex {rid} ({RADLEX[rid]}) by annotator {k} for "
+                                  f"{m['stem']} (also {vol.masks[rid][k].name})")
         else:
-            vol.masks[rid] = p
+            vol.masks.setdefault(rid, {})[k] = p
 
 
 def attach_landmarks(volumes: dict[str, Volume], folder: Path) -> None:
-    """Attach ``Landmarks/*.fcsv`` files to their volumes (the folder is optional)."""
+    """Attach ``Landmarks/*_landmarks_<k>.fcsv`` files to their volumes (the folder is optional);
+    other ``.fcsv`` files (lesion marks ``_lesions_<k>.fcsv``, ...) are kept aside, reported with
+    their volume when their name starts with one, else printed."""
     if not folder.is_dir():
         return
     for p in sorted(folder.glob("*.fcsv")):
-        m = _match(LANDMARKS_RE, p, p.name, "<id>_<n>_<modality>_<region>_landmarks_<k>.fcsv")
+        m = LANDMARKS_RE.match(p.name)
+        if m is None:
+            owner = next((v for stem, v in volumes.items() if p.name.startswith(f"{stem}_")), None)
+            if owner is None:
+                print(f"  {p.name} skipped (not a landmark file)")
+            else:
+                owner.other_fcsv.append(p)
+            continue
         if m["stem"] not in volumes:
             raise ConversionError(f"{p}: no volume {m['stem']} in Volumes/")
-        volumes[m["stem"]].landmarks.append(p)
+        volumes[m["stem"]].landmarks[int(m["k"])] = p
 
 
 def choose_structures(volumes: list[Volume], wanted: list[str] | None, folder: Path) -> list[str]:
@@ -160,22 +184,35 @@ def _read_mask(path: Path, image: sitk.Image, image_path: Path):
 
 def _convert_case(task) -> dict:
     """One volume: its label map from the structure masks, the missing policy, its landmarks."""
-    vol, out, labels, policy, file_ending = task
+    vol, out, labels, policy, file_ending, annotator = task
     check_nifti_complete(vol.path)
     image = read_image(vol.path)
     names = [n for n in labels if n not in ("background", "ignore")]
     present = [n for n in names if NAME_TO_RADLEX[n] in vol.masks]
     missing = [n for n in names if n not in present]
-    masks = ((n, _read_mask(vol.masks[NAME_TO_RADLEX[n]], image, vol.path)) for n in present)
+    chosen, others = {}, []
+    for n in present:
+        by_k = vol.masks[NAME_TO_RADLEX[n]]
+        k, rest = choose_annotation(by_k, annotator)
+        chosen[n] = by_k[k]
+        others += [{"file": by_k[r].name, "reason": f"{n}: annotator {k} chosen"} for r in rest]
+    landmark_files = []
+    if vol.landmarks:
+        k, rest = choose_annotation(vol.landmarks, annotator)
+        landmark_files = [vol.landmarks[k]]
+        others += [{"file": vol.landmarks[r].name, "reason": f"landmarks: annotator {k} chosen"} for r in rest]
+    masks = ((n, _read_mask(chosen[n], image, vol.path)) for n in present)
     seg, overlaps = paint_structures(sitk.GetArrayViewFromImage(image).shape, masks, labels)
     record = {"case": vol.case, "volume": vol.path.name, "present": present, "missing": missing,
               "overlap_voxels": overlaps,
               "skipped": [{"file": p.name, "reason": "RadLex id not among the Anatomy3 structures"}
-                          for p in vol.unknown]}
+                          for p in vol.unknown]
+              + [{"file": p.name, "reason": "not a landmark file"} for p in vol.other_fcsv],
+              "other_annotations": others}
     record["action"] = apply_missing_policy(seg, missing, policy, labels)
     if record["action"] == "dropped":
         return record
-    points = [p for f in vol.landmarks for p in read_fcsv(f)]
+    points = [p for f in landmark_files for p in read_fcsv(f)]
     return write_case(out, vol.case, image, seg, points, file_ending, record)
 
 
@@ -192,11 +229,14 @@ def convert(src: Path, out: Path, args, run_cases) -> dict:
     labels = structure_labels(names, args.missing)
     (out / "imagesTr").mkdir(parents=True)
     (out / "labelsTr").mkdir()
-    tasks = [(v, out, labels, args.missing, args.file_ending) for v in sorted(selected, key=lambda v: v.case)]
+    tasks = [(v, out, labels, args.missing, args.file_ending, args.annotator)
+             for v in sorted(selected, key=lambda v: v.case)]
     records = run_cases(_convert_case, tasks, desc="visceral", case=lambda t: t[0].case)
     for r in records:
         for s in r["skipped"]:
             print(f"  {r['case']}: {s['file']} skipped ({s['reason']})")
+        for s in r["other_annotations"]:
+            print(f"  {r['case']}: {s['file']} not used ({s['reason']})")
     kept = [r for r in records if r["action"] != "dropped"]
     if not kept:
         raise ConversionError(f"{src}: every case lacks a structure; try --missing ignore or --structures")

@@ -16,6 +16,7 @@ from organmtl.demo_data.visceral import RADLEX as DEMO_RADLEX
 from tests.helpers import dataset_json, file_examples, geometries, read_array, rotation, run_cli
 
 STEM = "10000102_1_CT_wb"        # a demo case without landmark problems
+CASE = "10000102_1"
 
 
 def _convert(src, out, *extra):
@@ -270,7 +271,7 @@ def _corrupt(kind: str, src: Path) -> str:
 
 
 BAD = ["size mismatch", "geometry mismatch", "not binary", "empty mask", "truncated volume", "malformed landmarks",
-       "mask name not Anatomy3", "mask without volume", "two masks of one structure"]
+       "mask name not Anatomy3", "mask without volume"]
 
 
 @pytest.mark.parametrize("kind", BAD)
@@ -297,3 +298,63 @@ def test_bad_source_folder(problem, src, tmp_path, capsys):
     err = [l for l in capsys.readouterr().err.replace("\r", "\n").splitlines() if "error:" in l]
     assert len(err) == 1
     assert not (tmp_path / "raw" / "Dataset008_V").exists()
+
+
+# ------------------------------------------------------------------ the real files: annotators, lesions, fcsv versions
+
+def test_two_annotators_of_a_structure_lowest_id_or_annotator_option(src, tmp_path):
+    """``<stem>_<RadLexID>_<k>``: k is the annotator; the lowest id wins unless --annotator says."""
+    liver1 = src / "Segmentations" / f"{STEM}_58_1.nii.gz"
+    m = sitk.ReadImage(str(liver1))
+    a = sitk.GetArrayFromImage(m)
+    other = np.zeros_like(a)
+    other[a.shape[0] // 2, 2:5, 2:5] = 1                    # annotator 7's liver: clearly different
+    sitk.WriteImage(_with_array(m, other), str(src / "Segmentations" / f"{STEM}_58_7.nii.gz"))
+    assert _convert(src, tmp_path / "a") == 0
+    ds = tmp_path / "a" / "Dataset008_V"
+    liver_label = json.loads((ds / "dataset.json").read_text())["labels"]["liver"]
+    seg = read_array(ds / "labelsTr" / f"{CASE}.nii.gz")
+    assert (seg == liver_label).sum() > other.sum()
+    np.testing.assert_array_equal(seg == liver_label, (a > 0) & (seg == liver_label))
+    rec = _report(ds)[CASE]
+    assert rec["other_annotations"] == [{"file": f"{STEM}_58_7.nii.gz", "reason": "liver: annotator 1 chosen"}]
+    assert _convert(src, tmp_path / "b", "--annotator", "7") == 0
+    seg7 = read_array(tmp_path / "b" / "Dataset008_V" / "labelsTr" / f"{CASE}.nii.gz")
+    np.testing.assert_array_equal(seg7 == liver_label, other > 0)
+    # other cases have only annotator 1: --annotator 7 falls back to it
+    assert (read_array(tmp_path / "b" / "Dataset008_V" / "labelsTr" / "10000100_1.nii.gz") == liver_label).sum() > 0
+
+
+def test_lesion_and_other_fcsv_files_are_skipped(src, tmp_path, capsys):
+    (src / "Landmarks" / f"{STEM}_lesions_1.fcsv").write_text("# lesion marks\nnot,a,landmark\n")
+    (src / "Landmarks" / "notes.fcsv").write_text("garbage\n")
+    rows = [l for l in (src / "Landmarks" / f"{STEM}_landmarks_1.fcsv").read_text().splitlines()
+            if l and not l.startswith("#")]
+    assert _convert(src, tmp_path / "raw") == 0
+    ds = tmp_path / "raw" / "Dataset008_V"
+    rec = _report(ds)[CASE]
+    assert {"file": f"{STEM}_lesions_1.fcsv", "reason": "not a landmark file"} in rec["skipped"]
+    assert "notes.fcsv skipped (not a landmark file)" in capsys.readouterr().out
+    lm = json.loads((ds / "landmarks" / f"{CASE}.json").read_text())
+    assert len(lm["landmarks"]) + len(lm["dropped"]) == len(rows)           # the landmark file's rows only
+
+
+@pytest.mark.parametrize("version,system", [(None, "RAS"), ("4.4", "RAS"), ("4.10", "RAS"), ("4.11", "LPS"),
+                                            ("5.6", "LPS")])
+def test_fcsv_without_coordinate_system_follows_the_slicer_version(version, system, src, tmp_path):
+    path = src / "Landmarks" / f"{STEM}_landmarks_1.fcsv"
+    lines = path.read_text().splitlines()
+    assert lines[1] == "# CoordinateSystem = RAS"                 # the demo file: RAS, stated
+    assert _convert(src, tmp_path / "stated") == 0
+    case = CASE
+    truth = json.loads((tmp_path / "stated" / "Dataset008_V" / "landmarks" / f"{case}.json").read_text())
+    rows = [l.split(",") for l in lines[3:]]
+    flip = np.array([-1.0, -1.0, 1.0]) if system == "LPS" else np.ones(3)   # rewrite the rows in `system`
+    body = [",".join([r[0], *(f"{float(v) * f:.4f}" for v, f in zip(r[1:4], flip)), *r[4:]]) for r in rows]
+    header = ([f"# Markups fiducial file version = {version}"] if version else []) + [lines[2]]
+    path.write_text("\n".join(header + body) + "\n")
+    assert _convert(src, tmp_path / "bare") == 0
+    got = json.loads((tmp_path / "bare" / "Dataset008_V" / "landmarks" / f"{case}.json").read_text())
+    assert [p["name"] for p in got["landmarks"]] == [p["name"] for p in truth["landmarks"]]
+    np.testing.assert_allclose([p["lps_mm"] for p in got["landmarks"]], [p["lps_mm"] for p in truth["landmarks"]],
+                               atol=1e-3)
