@@ -30,15 +30,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-from nnunetv2.utilities.helpers import dummy_context
-from torch import autocast
 from torch._dynamo import OptimizedModule
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from organmtl.nnunet_trainers.amp import AMPTrainStepMixin, any_rank
 from organmtl.nnunet_trainers.focusnet import losses as L
 from organmtl.nnunet_trainers.focusnet import options as O
 from organmtl.nnunet_trainers.focusnet.network import FocusNet
@@ -60,7 +58,7 @@ FOLD_KEY = "fold_record"
 TRAINED_KEY = "focusnet_trained"
 
 
-class FocusNetTrainerBase(LateralityAwareMirroringMixin, GPUMemoryPlanMixin, nnUNetTrainer):
+class FocusNetTrainerBase(LateralityAwareMirroringMixin, AMPTrainStepMixin, GPUMemoryPlanMixin, nnUNetTrainer):
     """Shared machinery of the FocusNet trainers; subclasses pick the variant (class attributes).
 
     Attributes:
@@ -77,10 +75,6 @@ class FocusNetTrainerBase(LateralityAwareMirroringMixin, GPUMemoryPlanMixin, nnU
     lambda1 = 5.0        # Eq. 7
     lambda2 = 0.001      # Eq. 8
     heatmap_sigma = 5.0  # §3.1.2, voxels
-    #: test switch: run ``train_step``'s forwards under ``torch.autocast("cpu", dtype=...)`` on the CPU, to
-    #: emulate nnU-Net's CUDA AMP path (autocast; the CPU has no GradScaler). None: nnU-Net's rule, autocast
-    #: on CUDA only. Not a model setting, not stored.
-    cpu_autocast_dtype: torch.dtype | None = None
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -428,23 +422,6 @@ class FocusNetTrainerBase(LateralityAwareMirroringMixin, GPUMemoryPlanMixin, nnU
         rest = max(float(np.prod(self.focus_settings["roi_size"])) - organ, 1.0)
         return float(L.alpha_from_sizes([rest, organ])[1])
 
-    def _autocast(self):
-        """nnU-Net's train_step autocast: on CUDA, else none (or :attr:`cpu_autocast_dtype` on the CPU)."""
-        if self.device.type == "cuda":
-            return autocast(self.device.type, enabled=True)
-        if self.cpu_autocast_dtype is not None:
-            return autocast("cpu", dtype=self.cpu_autocast_dtype)
-        return dummy_context()
-
-    def _any_rank(self, n: int) -> bool:
-        """Whether ``n`` (this rank's count of samples) is positive on any rank: one all-reduce under DDP, so
-        that every rank takes the same branch and runs the same collectives."""
-        if not self.is_ddp:
-            return n > 0
-        t = torch.tensor([int(n)], device=self.device)
-        dist.all_reduce(t)
-        return int(t.item()) > 0
-
     def _empty_masks(self) -> torch.Tensor:
         """A batch of 0 ROI masks: a rank without small organs runs the autoencoder (and its batch-norm sync)
         on it while the other ranks run theirs."""
@@ -480,21 +457,21 @@ class FocusNetTrainerBase(LateralityAwareMirroringMixin, GPUMemoryPlanMixin, nnU
         phase = self.current_phase
         self.optimizer.zero_grad(set_to_none=True)
         if phase == "snet":
-            with self._autocast():
+            with self.autocast_context():
                 loss = self.loss(self.network(data, part="snet").logits, target)
             self._apply(loss, PHASE_PARAMETERS[phase])
         elif phase == "sol":
-            with self._autocast():
+            with self.autocast_context():
                 out = self.network(data, part="heatmap", train_snet=False)
                 loss = L.heatmap_l2_loss(out.heatmaps, self._heatmap_targets(target))
             self._apply(loss, PHASE_PARAMETERS[phase])
         elif phase == "ae":
             rois = self._gt_rois(target, self._small_centres(target, self.centre_jitter))
-            if not self._any_rank(sum(len(m) for m in rois if m is not None)):
+            if not any_rank(any(m is not None for m in rois), self.device):
                 return {"loss": np.array(0.0, dtype=np.float32), TRAINED_KEY: False}
             if all(m is None for m in rois):
                 rois[0] = self._empty_masks()
-            with self._autocast():
+            with self.autocast_context():
                 outs = self.network(part="ae", masks=rois)
                 loss = sum(L.reconstruction_loss(o.reconstruction, m) if len(m) else 0.0 * o.reconstruction.sum()
                            for o, m in zip(outs, rois) if o is not None)
@@ -510,7 +487,7 @@ class FocusNetTrainerBase(LateralityAwareMirroringMixin, GPUMemoryPlanMixin, nnU
         centres = self._small_centres(target, self.centre_jitter)
         labels = self.focus_settings["small_labels"]
         roi = self.focus_settings["roi_size"]
-        with self._autocast():
+        with self.autocast_context():
             out = self.network(data, part="sos", centres=centres, train_snet=joint, train_sol=joint,
                                placeholder=self.is_ddp)
             records = [r for r in out.records if not r.placeholder]
@@ -526,7 +503,7 @@ class FocusNetTrainerBase(LateralityAwareMirroringMixin, GPUMemoryPlanMixin, nnU
                 loss = loss + self.loss(out.logits, target) + L.heatmap_l2_loss(out.heatmaps, self._heatmap_targets(target))
             per_organ = [([g for r, g in zip(records, gts) if r.k == k], [r.prob for r in records if r.k == k])
                          for k in range(len(labels))]
-            with_ae = self.use_ae and self._any_rank(len(records))
+            with_ae = self.use_ae and any_rank(bool(records), self.device)
             if with_ae:
                 # autoencoder on [ground truth; prediction] per organ, in one forward (DDP: one forward per backward)
                 masks = self._ae_masks(per_organ, detach=False)
@@ -550,7 +527,7 @@ class FocusNetTrainerBase(LateralityAwareMirroringMixin, GPUMemoryPlanMixin, nnU
         if with_ae and self.adversarial:
             self.optimizer.zero_grad(set_to_none=True)
             masks = self._ae_masks(per_organ, detach=True)
-            with self._autocast():
+            with self.autocast_context():
                 ae_out = self.network(part="ae", masks=masks)
                 l_rec, l_shape = 0.0, 0.0
                 for (g, _), m, o in zip(per_organ, masks, ae_out):
