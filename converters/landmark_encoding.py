@@ -205,10 +205,13 @@ def add_landmark_channels(dataset_folder: Path, encoding: str, sigma_mm: float =
     ``organmtl_landmark_channels`` (encoding, sigma, landmark names per channel) to dataset.json.
 
     The landmark set is the union of the names kept in any case (in order of first appearance).
-    Every case needs the same channels: a case without a landmarks file, or lacking one of those
-    names (e.g. dropped as outside the image), is an error naming the case, unless
-    ``drop_incomplete``, which removes its images, label and landmarks file and lowers
-    ``numTraining``. Returns ``{"channels": {K: description}, "dropped": [{"case", "split",
+    With one merged channel (``per_landmark=False``) a case lacking some of those names (e.g.
+    dropped as outside the image) keeps its channel, made of the landmarks it has (one blob
+    fewer), and is listed under ``partial``. Every case needs the same channels: a case without a
+    landmarks file or without any kept landmark, or (``per_landmark``) lacking one of the names, is
+    an error naming the case, unless ``drop_incomplete``, which removes its images, label and
+    landmarks file and lowers ``numTraining``. Returns ``{"channels": {K: description},
+    "dropped": [{"case", "split", "reason"}], "partial": [{"case", "split", "missing": [names],
     "reason"}]}``.
     """
     folder = Path(dataset_folder)
@@ -221,10 +224,14 @@ def add_landmark_channels(dataset_folder: Path, encoding: str, sigma_mm: float =
     names = list(dict.fromkeys(n for _, case in cases for n in (found[case] or {})))
     if not names:
         raise ConversionError(f"{folder / 'landmarks'}: no case has landmarks; landmark channels need them")
-    dropped = []
+    dropped, partial = [], []
     for split, case in cases:
         reason = _missing_reason(folder, case, found[case], names)
         if reason is None:
+            continue
+        if not per_landmark and found[case]:
+            partial.append({"case": case, "split": split, "reason": reason,
+                            "missing": [n for n in names if n not in found[case]]})
             continue
         if not drop_incomplete:
             # named relative to the dataset: under ``organmtl convert`` the folder is a temporary one
@@ -237,8 +244,8 @@ def add_landmark_channels(dataset_folder: Path, encoding: str, sigma_mm: float =
     for d in dropped:
         _remove_case(folder, d["split"], d["case"], ending)
     first = len(meta["channel_names"])
-    tasks = [(folder, split, case, ending, first, [found[case][n] for n in names], encoding, sigma_mm, per_landmark)
-             for split, case in kept]
+    tasks = [(folder, split, case, ending, first, [found[case][n] for n in names if n in found[case]], encoding,
+              sigma_mm, per_landmark) for split, case in kept]
     run_cases(_write_case_channels, tasks, jobs=jobs, desc=f"landmark {encoding}")
     merged = f"{'sum' if encoding == 'distance' else 'max'}({', '.join(names)})"
     described = names if per_landmark else [merged]
@@ -249,7 +256,7 @@ def add_landmark_channels(dataset_folder: Path, encoding: str, sigma_mm: float =
                                           **({"sigma_mm": float(sigma_mm)} if encoding == "heatmap" else {}),
                                           "distance_unit": "voxel" if encoding == "distance" else "mm"}
     (folder / "dataset.json").write_text(json.dumps(meta, indent=4))
-    return {"channels": channels, "dropped": dropped}
+    return {"channels": channels, "dropped": dropped, "partial": partial}
 
 
 # ---------------------------------------------------------------- ``organmtl convert`` options
@@ -279,8 +286,14 @@ def apply(folder: Path, args, summary: dict) -> None:
                                    per_landmark=args.one_channel_per_landmark,
                                    drop_incomplete=args.landmark_incomplete == "drop", jobs=args.jobs)
     reasons = {d["case"]: d["reason"] for d in result["dropped"]}
+    partial = {d["case"]: d for d in result["partial"]}
     for record in summary["cases"]:
         if record["case"] in reasons and record.get("action") != "dropped":
             record["action"] = f"dropped: {reasons[record['case']]}"
+        if record["case"] in partial and record.get("action") != "dropped":
+            missing = partial[record["case"]]["missing"]
+            record["landmark_channel_missing"] = missing
+            record.setdefault("notes", []).append(
+                f"landmark channel without {', '.join(missing)} ({partial[record['case']]['reason']})")
     summary["num_training"] = _read_json(folder / "dataset.json")["numTraining"]
     summary["landmark_channels"] = result["channels"]

@@ -159,7 +159,7 @@ def _hand_dataset(folder: Path, ending: str) -> sitk.Image:
 def test_channels_keep_the_image_geometry_and_values(tmp_path, ending):
     ref = _hand_dataset(tmp_path, ending)
     result = add_landmark_channels(tmp_path, "heatmap", sigma_mm=1.5, per_landmark=True)
-    assert result == {"channels": {"1": "a", "2": "b"}, "dropped": []}
+    assert result == {"channels": {"1": "a", "2": "b"}, "dropped": [], "partial": []}
     for k, index_xyz in ((1, (1, 2, 3)), (2, (5, 0, 1))):
         ch = sitk.ReadImage(str(tmp_path / "imagesTr" / f"c1_000{k}{ending}"))
         assert ch.GetSize() == ref.GetSize() and ch.GetPixelID() == sitk.sitkFloat32
@@ -234,13 +234,13 @@ def test_incomplete_case_refused_or_dropped(demo, tmp_path, capsys):
     src = tmp_path / "src"
     shutil.copytree(demo / "han_pddca", src)
     _misplace_landmark(src / "0522c0001")
-    assert _convert("pddca", src, tmp_path / "raw", "--landmark-channels", "heatmap") == 2
+    per = ("--landmark-channels", "heatmap", "--one-channel-per-landmark")   # a channel would be missing
+    assert _convert("pddca", src, tmp_path / "raw", *per) == 2
     err = [l for l in capsys.readouterr().err.replace("\r", "\n").splitlines() if "error:" in l]
     assert len(err) == 1 and "0522c0001" in err[0] and "'chiasm' (outside the image)" in err[0], err
     assert not (tmp_path / "raw").exists() or not any((tmp_path / "raw").iterdir())
 
-    assert _convert("pddca", src, tmp_path / "raw", "--landmark-channels", "heatmap",
-                    "--landmark-incomplete", "drop") == 0
+    assert _convert("pddca", src, tmp_path / "raw", *per, "--landmark-incomplete", "drop") == 0
     ds = tmp_path / "raw" / "Dataset009_L"
     assert json.loads((ds / "dataset.json").read_text())["numTraining"] == 2
     assert not list(ds.rglob("0522c0001*"))
@@ -279,3 +279,28 @@ def test_cli_end_to_end_byte_identical(demo, tmp_path):
     assert Path("imagesTr/0522c0000_0001.nii.gz") in runs[0]
     help_text = run_cli("convert", "pddca", "--help").stdout
     assert "--landmark-channels {none,distance,heatmap}" in help_text and "--landmark-sigma-mm" in help_text
+
+
+def test_merged_heatmap_of_a_case_missing_a_landmark_has_one_blob_fewer(demo, tmp_path, capsys):
+    """The landmark papers' rule: a missing landmark is reported and dropped, the case kept."""
+    src = tmp_path / "src"
+    shutil.copytree(demo / "han_pddca", src)
+    _misplace_landmark(src / "0522c0001")
+    assert _convert("pddca", src, tmp_path / "raw", "--landmark-channels", "heatmap") == 0
+    ds = tmp_path / "raw" / "Dataset009_L"
+    meta = json.loads((ds / "dataset.json").read_text())
+    assert meta["numTraining"] == 3 and meta["organmtl_landmark_channels"]["landmarks"][0] == "chiasm"
+    lm = json.loads((ds / "landmarks" / "0522c0001.json").read_text())
+    assert [l["name"] for l in lm["landmarks"]] == ["eye_L", "eye_R", "brainstem_top", "menton"]
+    ch = sitk.ReadImage(str(ds / "imagesTr" / "0522c0001_0001.nii.gz"))
+    arr = sitk.GetArrayFromImage(ch)
+    spacing_zyx = sitk.ReadImage(str(ds / "imagesTr" / "0522c0001_0000.nii.gz")).GetSpacing()[::-1]
+    expected = gaussian_heatmap(arr.shape, spacing_zyx, [l["voxel_xyz"][::-1] for l in lm["landmarks"]], 5.0)
+    np.testing.assert_allclose(arr, expected, rtol=1e-5, atol=1e-6)
+    full = json.loads((ds / "landmarks" / "0522c0000.json").read_text())
+    assert len(full["landmarks"]) == 5 == len(lm["landmarks"]) + 1
+    record = next(r for r in json.loads((ds / "conversion_report.json").read_text())["cases"]
+                  if r["case"] == "0522c0001")
+    assert record["action"] == "kept" and record["landmark_channel_missing"] == ["chiasm"]
+    out = capsys.readouterr().out
+    assert "0522c0001: landmark channel without chiasm" in out
