@@ -17,6 +17,11 @@ compressed RLE so no pixel is lost. Slices are written as 8-bit RGB PNGs with a 
 (``CT``: level 40 / width 400 HU; other modalities: the volume's 0.5-99.5 percentiles), or with
 ``--png16`` as 16-bit grey PNGs of ``value + intensity_offset`` (offset in the image entry).
 Pixel spacing (row, column mm) is kept in each image entry.
+
+Volumes are reoriented to LPS first (``sitk.DICOMOrient``: axes permuted and flipped, voxels
+never resampled), so "axial", "coronal" and "sagittal" are anatomical whatever order the file
+stores its voxels in (RAS NIfTI, permuted direction matrices); ``slice_index`` counts slices of
+the LPS-ordered volume, and the image entry keeps ``orientation: "LPS"``.
 """
 from __future__ import annotations
 
@@ -30,7 +35,7 @@ from PIL import Image
 from pycocotools import mask as mask_util
 from scipy import ndimage
 
-from organmtl.converters.common import ConversionError, read_image, write_json
+from organmtl.converters.common import ConversionError, read_image, same_geometry, write_json
 from organmtl.geometry import contour_points, outer_contour
 
 AXES = ("axial", "coronal", "sagittal")
@@ -104,14 +109,25 @@ def to_png_array(slice2d: np.ndarray, window, png16: bool, offset: float) -> np.
     return np.repeat(grey[..., None], 3, axis=2)
 
 
+def to_lps(image: sitk.Image) -> sitk.Image:
+    """``image`` with its axes permuted and flipped so that index x runs to patient Left, y to
+    Posterior, z to Superior (nearest axes for oblique directions); no voxel is resampled."""
+    if image.GetDimension() != 3:
+        return image
+    return sitk.DICOMOrient(image, "LPS")
+
+
 def _case_images(task):
     case, image_path, label_path, out, labels, opts = task
     image = read_image(image_path)
     seg_img = read_image(label_path)
+    if seg_img.GetSize() != image.GetSize():
+        raise ConversionError(f"{label_path}: size {seg_img.GetSize()} differs from image {image.GetSize()}")
+    if not same_geometry(image, seg_img):
+        raise ConversionError(f"{label_path}: spacing/origin/direction differ from {Path(image_path).name}")
+    image, seg_img = to_lps(image), to_lps(seg_img)
     img = sitk.GetArrayFromImage(image)
     seg = sitk.GetArrayFromImage(seg_img)
-    if img.shape != seg.shape:
-        raise ConversionError(f"{label_path}: shape {seg.shape} differs from image {img.shape}")
     window = CT_WINDOW if opts["modality"].upper() == "CT" else tuple(np.percentile(img, [0.5, 99.5]))
     offset = float(max(0.0, -float(img.min())))
     spacing = pixel_spacing(image.GetSpacing(), opts["axis"])
@@ -139,7 +155,8 @@ def _case_images(task):
         file_name = f"{case}_{opts['axis'][:3]}{k:04d}.png"
         Image.fromarray(to_png_array(im2d, window, opts["png16"], offset)).save(out / "images" / file_name)
         info = {"file_name": file_name, "height": int(h), "width": int(w), "case": case,
-                "axis": opts["axis"], "slice_index": int(k), "pixel_spacing": [float(v) for v in spacing]}
+                "axis": opts["axis"], "slice_index": int(k), "orientation": "LPS",
+                "pixel_spacing": [float(v) for v in spacing]}
         if opts["png16"]:
             info["intensity_offset"] = offset
         else:

@@ -120,3 +120,58 @@ def test_canonical_start_is_stable_under_small_rotations_and_idempotent():
         np.testing.assert_allclose(canonical_contour(xy), xy)                 # idempotent
     line = np.array([[5, 0], [5, 4], [5, 9]], float)                         # no crossing: top-most vertex
     assert canonical_contour(line)[0].tolist() == [5, 0]
+
+
+def _oriented_dataset(root, name, transform):
+    """One-case nnU-Net dataset, asymmetric along every axis and anisotropic, stored as ``transform``
+    makes it (same physical image: axes flipped or permuted, direction matrix adjusted)."""
+    from organmtl.converters.common import write_dataset_json
+
+    rng = np.random.default_rng(5)
+    img = sitk.GetImageFromArray(rng.integers(-200, 300, (9, 12, 15)).astype(np.int16))   # (z, y, x), LPS
+    img.SetSpacing((0.8, 1.1, 2.5))
+    img.SetOrigin((-40.0, 12.0, -300.0))
+    lab = np.zeros((9, 12, 15), np.uint8)
+    lab[2:7, 2:5, 3:6] = 1              # patient right, anterior
+    lab[4:8, 6:11, 9:14] = 2            # patient left, posterior, superior
+    lab[5, 7, 10] = 0
+    seg = sitk.GetImageFromArray(lab)
+    seg.CopyInformation(img)
+    ds = root / name
+    for sub in ("imagesTr", "labelsTr"):
+        (ds / sub).mkdir(parents=True)
+    sitk.WriteImage(transform(img), str(ds / "imagesTr" / "c1_0000.nrrd"))
+    sitk.WriteImage(transform(seg), str(ds / "labelsTr" / "c1.nrrd"))
+    write_dataset_json(ds, {"0": "CT"}, {"background": 0, "a": 1, "b": 2}, 1, ".nrrd", name, "orientation test")
+    return ds
+
+
+@pytest.mark.parametrize("axis", ["axial", "coronal", "sagittal"])
+def test_slices_are_anatomical_whatever_the_voxel_order(axis, tmp_path):
+    """A RAS-stored and an axis-permuted copy of an LPS volume give the same COCO slices and spacing."""
+    stored = {"lps": lambda im: im,
+              "ras": lambda im: sitk.Flip(im, [True, True, False], flipAboutOrigin=False),
+              "permuted": lambda im: sitk.PermuteAxes(im, [2, 0, 1])}
+    results = {}
+    for name, transform in stored.items():
+        ds = _oriented_dataset(tmp_path / "raw", f"Dataset00{len(results) + 1}_{name}", transform)
+        if name != "lps":
+            assert sitk.ReadImage(str(ds / "imagesTr" / "c1_0000.nrrd")).GetDirection() != (1, 0, 0, 0, 1, 0, 0, 0, 1)
+        out = tmp_path / f"coco_{name}"
+        assert main(["convert", "to-coco", str(ds), "--out", str(out), "--axis", axis, "--num-folds", "1"]) == 0
+        data = json.loads((out / "annotations" / "instances_val.json").read_text())
+        images = {im["id"]: im for im in data["images"]}
+        results[name] = (
+            sorted((im["file_name"], im["height"], im["width"], tuple(im["pixel_spacing"]), im["slice_index"])
+                   for im in data["images"]),
+            sorted((images[a["image_id"]]["file_name"], a["category_id"], tuple(a["bbox"]), a["area"],
+                    tuple(a["contour_points"])) for a in data["annotations"]),
+            {p.name: p.read_bytes() for p in (out / "images").iterdir()})
+    assert results["lps"][0] and results["lps"][1]
+    assert results["ras"] == results["lps"] and results["permuted"] == results["lps"]
+    spacing = {"axial": (1.1, 0.8), "coronal": (2.5, 0.8), "sagittal": (2.5, 1.1)}[axis]
+    assert {entry[3] for entry in results["lps"][0]} == {spacing}
+    # anatomy: in an axial slice structure a (patient right) lies left of b on screen
+    if axis == "axial":
+        bbox = {c: b for _, c, b, _, _ in results["lps"][1]}
+        assert bbox[1][0] < bbox[2][0]
