@@ -78,6 +78,9 @@ def test_trainer_runs_every_phase_and_predicts(han, trainer, tmp_path):
     fold = ds.fold(trainer)
     ckpt = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert ckpt["trainer_name"] == trainer and ckpt["current_epoch"] == len(PHASES[trainer])
+    best = torch.load(fold / "checkpoint_best.pth", map_location="cpu", weights_only=False)
+    assert best["current_epoch"] == len(PHASES[trainer])                  # "best" from the last phase only
+    assert bool(best["network_weights"]["sos_trained"]) == (trainer != "nnUNetTrainerOMTLSNet_Tiny")
     plans = json.loads((fold.parent / "plans.json").read_text())
     settings = plans["configurations"][ds.configuration]["organmtl_focusnet"]
     with_sos = trainer != "nnUNetTrainerOMTLSNet_Tiny"
