@@ -120,7 +120,7 @@ def cmd_demo_data(args) -> int:
     from organmtl.demo_data import write_demo_data
 
     index = write_demo_data(args.out, seed=args.seed, families=args.families, n_cases=args.n_cases,
-                            overwrite=args.overwrite)
+                            overwrite=args.overwrite, han_size=args.size)
     for family, ids in index["families"].items():
         n = sum(len(v) for v in ids.values()) if isinstance(ids, dict) else len(ids)
         print(f"{family}: {n} cases -> {args.out / family}")
@@ -129,6 +129,7 @@ def cmd_demo_data(args) -> int:
 
 def add_demo_data_parser(sub) -> None:
     from organmtl.demo_data import FAMILIES
+    from organmtl.demo_data.han import SIZES as HAN_SIZES
 
     p = sub.add_parser("demo-data", help="write the synthetic demo phantoms in the raw dataset layouts")
     p.add_argument("out", type=Path, help="output folder (one subfolder per family)")
@@ -136,6 +137,9 @@ def add_demo_data_parser(sub) -> None:
     p.add_argument("--families", nargs="+", choices=list(FAMILIES), help="subset of families (default all)")
     p.add_argument("--n-cases", type=positive_int, default=None, help="cases per family (default: per family)")
     p.add_argument("--overwrite", action="store_true", help="write into OUT even if it is not empty")
+    p.add_argument("--size", choices=list(HAN_SIZES), default="demo",
+                   help="head-and-neck phantom volume: demo (32 x 80 x 80) or pddca (100 x 256 x 256, a real "
+                        "PDDCA grid at 1 x 1 x 2.5 mm, for benchmarks)")
     p.set_defaults(func=cmd_demo_data)
 
 
@@ -346,6 +350,35 @@ def add_demo_parser(sub) -> None:
     p.set_defaults(func=cmd_demo)
 
 
+def cmd_memory_check(args) -> int:
+    import os
+    import tempfile
+
+    # the trainer writes its log into nnUNet_results, read when nnunetv2 is imported: a scratch folder
+    os.environ["nnUNet_results"] = tempfile.mkdtemp(prefix="organmtl-memory-check.")
+    from organmtl.memory import check_trainer, format_report
+
+    trainer, memory = check_trainer(args.dataset_id, args.configuration, args.trainer, args.fold, args.plans,
+                                    args.amp, args.gpu_gb)
+    cm = trainer.configuration_manager
+    print(format_report(args.trainer, cm.patch_size, trainer.batch_size, memory, args.gpu_gb))
+    return EXIT_OK if memory.fits(args.gpu_gb) else 1
+
+
+def add_memory_check_parser(sub) -> None:
+    p = sub.add_parser("memory-check", help="peak training memory of one step of an nnU-Net trainer, measured on "
+                       "the CPU, and whether it fits a GPU (exit 1 when it does not)")
+    add_dataset_option(p, "dataset name or id (preprocessed, as for nnUNetv2_train)", type=str, required=True)
+    p.add_argument("-c", "--configuration", required=True, help="plans configuration, e.g. 3d_fullres")
+    p.add_argument("-tr", "--trainer", default="nnUNetTrainer", help="trainer class (default nnUNetTrainer)")
+    p.add_argument("-f", "--fold", type=int, default=0, help="fold (default 0)")
+    p.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
+    p.add_argument("--gpu-gb", type=float, default=24.0, help="GPU memory in GiB (default 24)")
+    p.add_argument("--amp", choices=["fp16", "bf16", "none"], default="fp16",
+                   help="measure under CPU autocast of this dtype, as nnU-Net trains on CUDA (default fp16)")
+    p.set_defaults(func=cmd_memory_check)
+
+
 # ---------------------------------------------------------------- parser and main
 
 #: every command, in the order of ``organmtl --help``
@@ -363,6 +396,7 @@ COMMANDS = [
     add_report_parser,
     add_multitask_experiments_parser,
     add_demo_parser,
+    add_memory_check_parser,
 ]
 
 

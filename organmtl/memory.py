@@ -154,7 +154,7 @@ def as_tensors(batch: dict) -> dict:
     import numpy as np
 
     def conv(v):
-        if isinstance(v, np.ndarray):
+        if isinstance(v, np.ndarray) and v.dtype.kind in "biuf":
             return torch.from_numpy(v)
         if isinstance(v, (list, tuple)):
             return type(v)(conv(x) for x in v)
@@ -222,3 +222,23 @@ def format_report(name: str, patch, batch_size: int, memory: StepMemory, gpu_gib
             f"(resident {memory.resident_bytes / GIB:.2f} + step {memory.step_peak_bytes / GIB:.2f}) measured on "
             f"the CPU in {memory.seconds:.1f} s; predicted GPU {memory.predicted_gpu_gib():.2f} GiB "
             f"{verdict} {gpu_gib:g} GiB")
+
+
+def check_trainer(dataset: str, configuration: str, trainer_name: str, fold: int = 0,
+                  plans_identifier: str = "nnUNetPlans", amp: str = "fp16", gpu_gib: float = 24.0):
+    """``organmtl memory-check``: build ``trainer_name`` as ``nnUNetv2_train`` does (on the CPU),
+    ``initialize`` it (its own plan adjustment runs, e.g. the GPU memory plan of the full trainers),
+    take one batch from its own training dataloader and measure :func:`measure_trainer_step`.
+    Returns ``(trainer, StepMemory)``. The trainer writes its log into ``nnUNet_results`` as a
+    training would (the command points it at a temporary folder)."""
+    from nnunetv2.run.run_training import get_trainer_from_args
+
+    trainer = get_trainer_from_args(str(dataset), configuration, fold, trainer_name, plans_identifier,
+                                    device=torch.device("cpu"))
+    trainer.initialize()
+    dl_tr, dl_val = trainer.get_dataloaders()
+    batch = next(dl_tr)
+    for dl in (dl_tr, dl_val):
+        if hasattr(dl, "_finish"):
+            dl._finish()
+    return trainer, measure_trainer_step(trainer, batch, amp=amp)

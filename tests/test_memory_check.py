@@ -82,3 +82,28 @@ def test_fits_uses_the_overhead_allowance():
     m = StepMemory(resident_bytes=GIB, step_peak_bytes=int(20 * GIB), seconds=0.0)
     assert m.predicted_gpu_gib() == 21 + GPU_OVERHEAD_GIB
     assert m.fits(24.0) and not m.fits(22.0)
+
+
+def test_gpu_memory_rule_lowers_batch_then_patch_and_respects_the_minimum():
+    """The issue's triplanar numbers: ~36 KB per voxel at 2 x 128^3 is ~150 GB; the rule keeps
+    batch 2 and shrinks the longest axis (mm) by pooling steps until the prediction fits 24 GiB."""
+    from organmtl.nnunet_trainers.gpu_memory import MemoryModel, choose, pooling_steps, probe_patch
+
+    model = MemoryModel(fixed_bytes=0.5 * GIB, per_voxel_bytes=36 * 1024, probe_patch=(16, 32, 32), amp="none")
+    assert model.predicted_gib((128, 128, 128), 2) > 140
+    patch, batch = choose(model, (128, 128, 128), 4, (1.0, 1.0, 1.0), (32, 32, 32), (64, 64, 64), 24.0)
+    assert batch == 2 and all(p % 32 == 0 and p >= 64 for p in patch)
+    assert model.predicted_gib(patch, batch) <= 24.0
+    # one step larger on any axis would not fit
+    assert all(model.predicted_gib([p + 32 * (i == a) for i, p in enumerate(patch)], 2) > 24.0 for a in range(3))
+    fits = choose(model, (32, 32, 32), 2, (1.0, 1.0, 1.0), (32, 32, 32), (32, 32, 32), 24.0)
+    assert fits == ((32, 32, 32), 2)
+    import pytest
+    with pytest.raises(ValueError, match="ORGANMTL_GPU_MEMORY_GB"):
+        choose(model, (128, 128, 128), 2, (1.0, 1.0, 1.0), (32, 32, 32), (128, 128, 128), 24.0)
+
+    class CM:
+        patch_size = (32, 80, 80)
+        network_arch_init_kwargs = {"strides": [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2]]}
+    assert pooling_steps(CM) == (8, 16, 16)
+    assert probe_patch((32, 80, 80), (8, 16, 16)) == (24, 48, 48)

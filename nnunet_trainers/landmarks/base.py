@@ -9,10 +9,11 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from organmtl.nnunet_trainers.amp import AMPTrainStepMixin
 from organmtl.nnunet_trainers.landmarks.channels import LandmarkChannels, LandmarkChannelsError
 from organmtl.nnunet_trainers.landmarks.transforms import protect_landmark_channels
+from organmtl.nnunet_trainers.gpu_memory import GPUMemoryPlanMixin
 from organmtl.nnunet_trainers.laterality import LateralityAwareMirroringMixin, lateral_pairs
 
 
-class LandmarkChannelsTrainer(AMPTrainStepMixin, LateralityAwareMirroringMixin, nnUNetTrainer):
+class LandmarkChannelsTrainer(AMPTrainStepMixin, LateralityAwareMirroringMixin, GPUMemoryPlanMixin, nnUNetTrainer):
     """nnU-Net trainer for datasets whose last input channels are landmark maps.
 
     Training steps go through nnU-Net's AMP path (:class:`~organmtl.nnunet_trainers.amp.AMPTrainStepMixin`).

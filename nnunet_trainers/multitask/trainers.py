@@ -36,6 +36,7 @@ from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 
 from organmtl.nnunet_trainers.amp import AMPTrainStepMixin
 from organmtl.nnunet_trainers.budget import CPUBudgetMixin
+from organmtl.nnunet_trainers.gpu_memory import GPUMemoryPlanMixin
 from organmtl.nnunet_trainers.multitask.sampler import TaskBalancedDataLoader
 from organmtl.nnunet_trainers.multitask.tasks import TaskTable
 from organmtl.nnunet_trainers.multitask.triplanar import TriplanarCNN
@@ -155,6 +156,12 @@ class TriplanarNetworkMixin:
                             fc_features=fc_features, dropout=cls.triplanar_dropout,
                             ndim=len(configuration_manager.patch_size))
 
+    def gpu_memory_min_patch(self) -> tuple[int, ...]:
+        """The GPU memory plan keeps every edge >= the receptive field ``2 * num_conv + 1`` (rounded up to
+        the pooling step), so the predictor's :meth:`triplanar_size` of the chosen patch is this network."""
+        rf = 2 * self.triplanar_size(self.configuration_manager)[0] + 1
+        return tuple(max(rf, int(s)) for s in super().gpu_memory_min_patch())
+
     def set_deep_supervision_enabled(self, enabled: bool):
         """The triplanar network has a single output: nothing to switch."""
 
@@ -167,7 +174,7 @@ class TriplanarNetworkMixin:
 # ---------------------------------------------------------------- the trainers
 
 class nnUNetTrainerOMTLTriplanar(AMPTrainStepMixin, TriplanarNetworkMixin, CrossEntropyLossMixin,
-                                 TaskBalancedSamplingMixin, nnUNetTrainer):
+                                 TaskBalancedSamplingMixin, GPUMemoryPlanMixin, nnUNetTrainer):
     """Moeskops et al.'s multi-task triplanar CNN (§3.1-3.2): 25 shared 3x3 conv layers per plane,
     96 features, 2 x 192 FC (at nnU-Net's default width, see :meth:`TriplanarNetworkMixin.triplanar_size`), softmax over the union classes; task/class-balanced batches; Adam; CE."""
 
@@ -187,7 +194,7 @@ class nnUNetTrainerOMTLTriplanarDiceCE_Tiny(CPUBudgetMixin, nnUNetTrainerOMTLTri
 
 
 class nnUNetTrainerOMTLMultiTaskUNet(AMPTrainStepMixin, CrossEntropyLossMixin, TaskBalancedSamplingMixin,
-                                     nnUNetTrainer):
+                                     GPUMemoryPlanMixin, nnUNetTrainer):
     """nnU-Net's planned U-Net on the merged dataset with task/class-balanced batches and CE (§3.2)."""
 
 

@@ -41,8 +41,9 @@ FAMILIES = {
 
 
 def write_demo_data(out: Path, seed: int = 0, families=None, n_cases: int | None = None,
-                    overwrite: bool = False) -> dict:
+                    overwrite: bool = False, han_size: str = "demo") -> dict:
     """Write the demo phantoms under ``out`` (built in a temporary folder, moved into place).
+    ``han_size``: volume size of the head-and-neck phantoms (``han.SIZES``: ``demo``, ``pddca``).
 
     Returns the index ``{family: case ids}`` that is also written to ``out/index.json``.
     """
@@ -60,7 +61,8 @@ def write_demo_data(out: Path, seed: int = 0, families=None, n_cases: int | None
         index = {"seed": seed, "families": {}}
         for family in families:
             writer, default_n = FAMILIES[family]
-            index["families"][family] = writer(tmp / family, n_cases or default_n, seed)
+            extra = {"size": han_size} if family == "han_pddca" else {}
+            index["families"][family] = writer(tmp / family, n_cases or default_n, seed, **extra)
         (tmp / "index.json").write_text(json.dumps(index, indent=2) + "\n")
         if out.exists():
             shutil.rmtree(out)

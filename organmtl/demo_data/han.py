@@ -19,6 +19,11 @@ STRUCTURES = ("BrainStem", "Chiasm", "Mandible", "OpticNerve_L", "OpticNerve_R",
 SMALL_ORGANS = ("Chiasm", "OpticNerve_L", "OpticNerve_R")
 SHAPE_ZYX = (32, 80, 80)
 SPACING_XYZ = (1.0, 1.0, 2.5)
+#: volume sizes (z, y, x voxels at SPACING_XYZ) of ``organmtl demo-data --size``: ``demo`` is cheap for
+#: tests and the demo; ``pddca`` is a real PDDCA scan's grid (about 100 x 256 x 256 at 1 x 1 x 2.5 mm),
+#: for benchmarks at nnU-Net's default plan of real data. The anatomy is the same in mm; the field of
+#: view around it grows.
+SIZES = {"demo": SHAPE_ZYX, "pddca": (100, 256, 256)}
 
 
 def missing_structures(case_index: int) -> set[str]:
@@ -30,10 +35,12 @@ def missing_structures(case_index: int) -> set[str]:
     return set()
 
 
-def make_case(rng: np.random.Generator, case_index: int):
-    """Return (image int16 array, {structure: mask}, grid, [(landmark, point_lps)])."""
-    origin = (-40.0 + rng.uniform(-5, 5), -40.0 + rng.uniform(-5, 5), -40.0 + rng.uniform(-5, 5))
-    g = Grid(SHAPE_ZYX, SPACING_XYZ, origin)
+def make_case(rng: np.random.Generator, case_index: int, shape_zyx=SHAPE_ZYX):
+    """Return (image int16 array, {structure: mask}, grid, [(landmark, point_lps)]) on a ``shape_zyx``
+    grid centred (up to +-5 mm) on the head."""
+    extent_xyz = [n * s for n, s in zip(reversed(shape_zyx), SPACING_XYZ)]
+    origin = tuple(-e / 2 + rng.uniform(-5, 5) for e in extent_xyz)
+    g = Grid(tuple(shape_zyx), SPACING_XYZ, origin)
     cx, cy, cz = g.center + rng.normal(0, 1.5, 3)
 
     def j(sd=1.2):
@@ -84,13 +91,17 @@ def make_case(rng: np.random.Generator, case_index: int):
     return np.clip(img, -1024, 3071).astype(np.int16), masks, g, landmarks
 
 
-def write_han(out: Path, n_cases: int, seed: int, first_index: int = 0, with_missing: bool = True) -> list[str]:
+def write_han(out: Path, n_cases: int, seed: int, first_index: int = 0, with_missing: bool = True,
+              size: str = "demo") -> list[str]:
     """Write ``n_cases`` PDDCA-style cases (ids from ``first_index``) under ``out``; return the ids.
-    ``with_missing=False`` writes every structure file (a fully annotated test set)."""
+    ``with_missing=False`` writes every structure file (a fully annotated test set); ``size`` is a
+    key of :data:`SIZES`."""
+    if size not in SIZES:
+        raise ValueError(f"unknown head-and-neck phantom size {size!r}; choose from {', '.join(SIZES)}")
     ids = []
     for i in range(first_index, first_index + n_cases):
         rng = np.random.default_rng([seed, 1, i])
-        img, masks, g, landmarks = make_case(rng, i)
+        img, masks, g, landmarks = make_case(rng, i, SIZES[size])
         case = f"0522c{i:04d}"
         write(g.image(img), out / case / "img.nrrd")
         for name in STRUCTURES:

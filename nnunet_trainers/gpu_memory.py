@@ -1,0 +1,236 @@
+"""Patch and batch that fit the GPU a full trainer runs on (docs/scaling.md, "GPU memory").
+
+nnU-Net's planner sizes the 3d_fullres patch and batch for its own U-Net in about 8-11 GB of VRAM.
+The paper networks of this package keep more activations per voxel (the triplanar CNN about 36 KB
+per voxel in fp32: ~150 GB at 2 x 128^3), so they adjust the plan before the dataloaders are built:
+
+1. after nnU-Net's ``initialize`` has built the network and optimizer, :func:`probe` measures one
+   training step of that network (forward, backward, optimizer step) with
+   :func:`organmtl.memory.measure_network_step` at a small probe patch, with batch 1 and batch 2,
+   in fp32 (:data:`PROBE_AMP`: an upper bound of nnU-Net's fp16 autocast footprint on CUDA). Memory is
+   ``fixed + per_voxel * batch * voxels`` for these fully convolutional networks; the two probes give
+   both terms (the second probe minus the first is one sample's activations).
+2. :func:`choose` keeps the planned patch and batch when the prediction
+   (plus :data:`organmtl.memory.GPU_OVERHEAD_GIB`) fits the target; otherwise it lowers the batch
+   towards 2 (nnU-Net's smallest), then shrinks the patch axis with the largest extent in mm by one
+   pooling step of the plan (the U-Net's strides), never below :meth:`GPUMemoryPlanMixin.gpu_memory_min_patch`.
+3. the chosen patch and batch replace the plan's in the configuration (and so in the model's
+   ``plans.json``, which ``nnUNetv2_predict`` reads) together with the rule's record under
+   :data:`PLANS_KEY`; the training log says what was chosen and what it predicts.
+
+The target (``ORGANMTL_GPU_MEMORY_GB``, default 24) and the precision (``ORGANMTL_GPU_MEMORY_AMP``:
+``fp16``, ``bf16`` or ``none``) are settings stored with the model: a later ``--c``/``--val`` or a new
+fold of the same model folder reads them (and the chosen patch/batch) back from its ``plans.json``.
+Under DDP nnU-Net splits the batch over the GPUs, so each rank holds at most the single-GPU batch.
+
+:class:`EnvScheduleMixin` lets ``ORGANMTL_EPOCHS``/``ORGANMTL_ITERS_PER_EPOCH``/``ORGANMTL_VAL_ITERS``
+shorten the schedule of a full trainer when they are set (tests, benchmarks); unset, the trainer
+keeps nnU-Net's 1000 x 250 x 50. It changes no network, patch or batch.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from organmtl.memory import GIB, GPU_OVERHEAD_GIB, AMP_DTYPES, measure_network_step
+from organmtl.nnunet_trainers.settings import SettingError, env_raw, parse_float, parse_int, resolve, setting, to_stored
+
+#: key of the rule's record inside the nnU-Net configuration of plans.json
+PLANS_KEY = "organmtl_gpu_memory"
+#: voxels of one probe sample at most (the probes run on the CPU at every new training)
+PROBE_VOXELS = 16 * 64 * 64
+MIN_BATCH = 2
+#: precision of the probes: fp32. CPU autocast emulates fp16 convolutions far slower than fp32 runs
+#: (minutes per probe at 3d_fullres), so the trainers predict from fp32 activations, an upper bound of
+#: the AMP footprint (``organmtl memory-check --amp fp16`` measures the AMP step itself).
+PROBE_AMP = "none"
+
+
+def _parse_amp(name: str, raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in AMP_DTYPES:
+        raise SettingError(name, raw, f"must be one of {sorted(AMP_DTYPES)}")
+    return value
+
+
+@dataclass(frozen=True)
+class GPUMemoryOptions:
+    """The GPU the plan must fit: memory in GiB and the precision of training."""
+
+    gpu_memory_gib: float = setting(24.0, "ORGANMTL_GPU_MEMORY_GB", lambda n, v: parse_float(n, v, minimum=1.0),
+                                    float, "GPU memory the training must fit, GiB")
+    amp: str = setting("fp16", "ORGANMTL_GPU_MEMORY_AMP", _parse_amp, str,
+                       "precision of the GPU training (nnU-Net: fp16 autocast)")
+
+
+@dataclass(frozen=True)
+class MemoryModel:
+    """``fixed_bytes + per_voxel_bytes * batch * voxels``, measured by :func:`probe`."""
+
+    fixed_bytes: float
+    per_voxel_bytes: float
+    probe_patch: tuple[int, ...]
+    amp: str
+
+    def predicted_gib(self, patch, batch: int) -> float:
+        return (self.fixed_bytes + self.per_voxel_bytes * batch * math.prod(patch)) / GIB + GPU_OVERHEAD_GIB
+
+
+def pooling_steps(configuration_manager) -> tuple[int, ...]:
+    """Per axis, the product of the plan's U-Net strides: patch edges stay multiples of it."""
+    ndim = len(configuration_manager.patch_size)
+    strides = (configuration_manager.network_arch_init_kwargs or {}).get("strides")
+    if not strides:
+        return (1,) * ndim
+    steps = [1] * ndim
+    for s in strides:
+        s = [s] * ndim if isinstance(s, int) else s
+        steps = [a * int(b) for a, b in zip(steps, s)]
+    return tuple(steps)
+
+
+def probe_patch(patch, steps) -> tuple[int, ...]:
+    """The planned patch shrunk (same proportions, multiples of ``steps``, at least one step) to
+    about :data:`PROBE_VOXELS` voxels; the probe only measures, so the network's minimum patch does
+    not apply (the networks are fully convolutional)."""
+    patch = [int(p) for p in patch]
+    scale = min(1.0, (PROBE_VOXELS / math.prod(patch)) ** (1.0 / len(patch)))
+    return tuple(min(p, max(s, int(round(p * scale / s)) * s)) for p, s in zip(patch, steps))
+
+
+def probe(network: torch.nn.Module, num_input_channels: int, patch, optimizer: torch.optim.Optimizer,
+          amp: str) -> MemoryModel:
+    """Two measured steps of ``network`` (batch 1 and 2 at ``patch``) -> :class:`MemoryModel`."""
+    def factory(params):
+        return type(optimizer)(params, **optimizer.defaults)
+    one = measure_network_step(network, (1, num_input_channels, *patch), factory, amp=amp)
+    two = measure_network_step(network, (2, num_input_channels, *patch), factory, amp=amp)
+    per_sample = max(0, two.peak_bytes - one.peak_bytes)
+    per_voxel = per_sample / math.prod(patch)
+    return MemoryModel(float(one.peak_bytes - per_sample), float(per_voxel), tuple(int(p) for p in patch), amp)
+
+
+def choose(model: MemoryModel, patch, batch: int, spacing, steps, minimum, target_gib: float):
+    """Largest batch (down to 2), then patch, that :class:`MemoryModel` predicts to fit ``target_gib``.
+    Returns ``(patch, batch)``; raises ``ValueError`` when even the smallest patch does not fit."""
+    patch, batch = [int(p) for p in patch], int(batch)
+    while model.predicted_gib(patch, batch) > target_gib:
+        if batch > MIN_BATCH:
+            batch -= 1
+            continue
+        axes = [a for a in range(len(patch)) if patch[a] - steps[a] >= max(minimum[a], steps[a])]
+        if not axes:
+            raise ValueError(f"no patch of at least {list(minimum)} voxels with batch {batch} fits {target_gib:g} GiB "
+                             f"(predicted {model.predicted_gib(patch, batch):.1f} GiB at {patch}); "
+                             f"raise ORGANMTL_GPU_MEMORY_GB or train on a larger GPU")
+        a = max(axes, key=lambda i: patch[i] * float(spacing[i]))
+        patch[a] -= steps[a]
+    return tuple(patch), batch
+
+
+class EnvScheduleMixin:
+    """Full trainers: ``ORGANMTL_EPOCHS``/``ORGANMTL_ITERS_PER_EPOCH``/``ORGANMTL_VAL_ITERS`` shorten the
+    schedule only when set (``_Tiny`` trainers apply their defaults on top, see budget.py)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        for name, attr in (("ORGANMTL_EPOCHS", "num_epochs"), ("ORGANMTL_ITERS_PER_EPOCH", "num_iterations_per_epoch"),
+                           ("ORGANMTL_VAL_ITERS", "num_val_iterations_per_epoch")):
+            raw = env_raw(name)
+            if raw is not None:
+                setattr(self, attr, parse_int(name, raw, minimum=1))
+        self.save_every = max(1, min(self.save_every, self.num_epochs))
+
+
+class GPUMemoryPlanMixin(EnvScheduleMixin):
+    """Put between the family's trainer and ``nnUNetTrainer`` in the bases (see the module doc)."""
+
+    def gpu_memory_min_patch(self) -> tuple[int, ...]:
+        """Smallest patch edges the network allows (default: one pooling step per axis)."""
+        return pooling_steps(self.configuration_manager)
+
+    def _gpu_memory_stored(self) -> tuple[dict | None, str]:
+        entry = self.configuration_manager.configuration.get(PLANS_KEY)
+        if entry:
+            return entry, "the plans' configuration entry"
+        base = Path(self.output_folder_base) if self.output_folder_base else None
+        if base is not None and (base / "plans.json").is_file():
+            stored = json.loads((base / "plans.json").read_text())["configurations"].get(self.configuration_name, {})
+            if stored.get(PLANS_KEY):
+                return stored[PLANS_KEY], str(base / "plans.json")
+        return None, ""
+
+    def _set_plan_value(self, key: str, value) -> None:
+        configs = [self.configuration_manager.configuration,
+                   self.plans_manager.plans["configurations"][self.configuration_name]]
+        plans = self.my_init_kwargs.get("plans")
+        if isinstance(plans, dict) and plans is not self.plans_manager.plans:
+            configs.append(plans["configurations"][self.configuration_name])
+        for c in configs:
+            c[key] = value
+
+    def initialize(self):
+        first = not self.was_initialized
+        super().initialize()
+        if first:
+            self.plan_for_gpu_memory()
+
+    def _unwrapped_network(self) -> torch.nn.Module:
+        net = self.network.module if hasattr(self.network, "module") else self.network
+        return getattr(net, "_orig_mod", net)
+
+    def plan_for_gpu_memory(self) -> dict:
+        """Measure, choose and store the patch/batch for the target GPU (module doc); returns the record."""
+        cm = self.configuration_manager
+        stored, source = self._gpu_memory_stored()
+        if stored:
+            resolved = resolve(GPUMemoryOptions, stored.get("options"), source)
+            for note in resolved.notes:
+                self.print_to_log_file(f"GPU memory setting {note}")
+            record = dict(stored)
+            patch, batch = tuple(record["patch_size"]), int(record["batch_size"])
+        else:
+            opts = resolve(GPUMemoryOptions).options
+            planned_patch, planned_batch = tuple(int(p) for p in cm.patch_size), int(cm.batch_size)
+            steps, minimum = pooling_steps(cm), self.gpu_memory_min_patch()
+            small = probe_patch(planned_patch, steps)
+            model = probe(self._unwrapped_network(), self.num_input_channels, small, self.optimizer, PROBE_AMP)
+            patch, batch = choose(model, planned_patch, planned_batch, cm.spacing, steps, minimum, opts.gpu_memory_gib)
+            record = {"options": to_stored(opts), "planned_patch_size": list(planned_patch),
+                      "planned_batch_size": planned_batch, "patch_size": list(patch), "batch_size": batch,
+                      "planned_predicted_gib": round(model.predicted_gib(planned_patch, planned_batch), 3),
+                      "predicted_gib": round(model.predicted_gib(patch, batch), 3),
+                      "probe_patch_size": list(small), "fixed_bytes": model.fixed_bytes,
+                      "per_voxel_bytes": model.per_voxel_bytes,
+                      "rule": "fixed + per_voxel * batch * voxels from two fp32 CPU probes (batch 1, 2); "
+                              "batch down to 2, then the longest patch axis (mm) by one pooling step"}
+        changed = tuple(int(p) for p in cm.patch_size) != tuple(patch) or int(cm.batch_size) != batch
+        self._set_plan_value("patch_size", list(patch))
+        self._set_plan_value("batch_size", batch)
+        self._set_plan_value(PLANS_KEY, record)
+        if changed:
+            self._set_batch_size_and_oversample()
+            self._check_network_unchanged()
+        o = record["options"]
+        self.print_to_log_file(
+            f"GPU memory plan ({'stored with the model: ' + source if stored else 'measured'}): target "
+            f"{o['gpu_memory_gib']:g} GiB (training amp {o['amp']}, predicted from fp32 probes, an upper bound): patch {list(patch)} x batch {batch}, predicted "
+            f"{record['predicted_gib']:.2f} GiB (nnU-Net's plan {record['planned_patch_size']} x batch "
+            f"{record['planned_batch_size']}: {record['planned_predicted_gib']:.2f} GiB)")
+        return record
+
+    def _check_network_unchanged(self) -> None:
+        """The predictor builds the network from the stored (new) patch: it must be this one."""
+        rebuilt = self.build_network_architecture(self.plans_manager, self.configuration_manager,
+                                                  self.num_input_channels, self.label_manager.num_segmentation_heads,
+                                                  self.enable_deep_supervision)
+        mine = {k: tuple(v.shape) for k, v in self._unwrapped_network().state_dict().items()}
+        theirs = {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()}
+        if mine != theirs:
+            raise ValueError(f"{type(self).__name__}: the network built for the chosen patch {self.configuration_manager.patch_size} "
+                             f"differs from the planned one; raise gpu_memory_min_patch()")
