@@ -7,7 +7,7 @@ per voxel in fp32: ~150 GB at 2 x 128^3), so they adjust the plan before the dat
 1. after nnU-Net's ``initialize`` has built the network and optimizer, :func:`probe` measures one
    training step of that network (forward, backward, optimizer step) with
    :func:`organmtl.memory.measure_network_step` at a small probe patch, with batch 1 and batch 2,
-   in fp32 (:data:`PROBE_AMP`: an upper bound of nnU-Net's fp16 autocast footprint on CUDA). Memory is
+   under CPU bf16 autocast for an AMP training (:data:`PROBE_AMP`; nnU-Net trains under fp16 autocast on CUDA). Memory is
    ``fixed + per_voxel * batch * voxels`` for these fully convolutional networks; the two probes give
    both terms (the second probe minus the first is one sample's activations).
 2. :func:`choose` keeps the planned patch and batch when the prediction
@@ -44,10 +44,11 @@ PLANS_KEY = "organmtl_gpu_memory"
 #: voxels of one probe sample at most (the probes run on the CPU at every new training)
 PROBE_VOXELS = 16 * 64 * 64
 MIN_BATCH = 2
-#: precision of the probes: fp32. CPU autocast emulates fp16 convolutions far slower than fp32 runs
-#: (minutes per probe at 3d_fullres), so the trainers predict from fp32 activations, an upper bound of
-#: the AMP footprint (``organmtl memory-check --amp fp16`` measures the AMP step itself).
-PROBE_AMP = "none"
+#: precision of the probes per training precision: CPU autocast emulates fp16 convolutions far slower
+#: than it runs bf16 (minutes per probe instead of seconds), and bf16 has fp16's 2 bytes per value,
+#: so an fp16 (AMP) training is probed under bf16 autocast (``organmtl memory-check --amp fp16``
+#: measures the fp16 step itself).
+PROBE_AMP = {"fp16": "bf16", "bf16": "bf16", "none": "none"}
 
 
 def _parse_amp(name: str, raw: str) -> str:
@@ -199,7 +200,7 @@ class GPUMemoryPlanMixin(EnvScheduleMixin):
             planned_patch, planned_batch = tuple(int(p) for p in cm.patch_size), int(cm.batch_size)
             steps, minimum = pooling_steps(cm), self.gpu_memory_min_patch()
             small = probe_patch(planned_patch, steps)
-            model = probe(self._unwrapped_network(), self.num_input_channels, small, self.optimizer, PROBE_AMP)
+            model = probe(self._unwrapped_network(), self.num_input_channels, small, self.optimizer, PROBE_AMP[opts.amp])
             patch, batch = choose(model, planned_patch, planned_batch, cm.spacing, steps, minimum, opts.gpu_memory_gib)
             record = {"options": to_stored(opts), "planned_patch_size": list(planned_patch),
                       "planned_batch_size": planned_batch, "patch_size": list(patch), "batch_size": batch,
@@ -207,7 +208,7 @@ class GPUMemoryPlanMixin(EnvScheduleMixin):
                       "predicted_gib": round(model.predicted_gib(patch, batch), 3),
                       "probe_patch_size": list(small), "fixed_bytes": model.fixed_bytes,
                       "per_voxel_bytes": model.per_voxel_bytes,
-                      "rule": "fixed + per_voxel * batch * voxels from two fp32 CPU probes (batch 1, 2); "
+                      "rule": "fixed + per_voxel * batch * voxels from two CPU probes (batch 1, 2; bf16 autocast for amp); "
                               "batch down to 2, then the longest patch axis (mm) by one pooling step"}
         changed = tuple(int(p) for p in cm.patch_size) != tuple(patch) or int(cm.batch_size) != batch
         self._set_plan_value("patch_size", list(patch))
@@ -219,7 +220,7 @@ class GPUMemoryPlanMixin(EnvScheduleMixin):
         o = record["options"]
         self.print_to_log_file(
             f"GPU memory plan ({'stored with the model: ' + source if stored else 'measured'}): target "
-            f"{o['gpu_memory_gib']:g} GiB (training amp {o['amp']}, predicted from fp32 probes, an upper bound): patch {list(patch)} x batch {batch}, predicted "
+            f"{o['gpu_memory_gib']:g} GiB, amp {o['amp']} (probed {PROBE_AMP[o['amp']]}): patch {list(patch)} x batch {batch}, predicted "
             f"{record['predicted_gib']:.2f} GiB (nnU-Net's plan {record['planned_patch_size']} x batch "
             f"{record['planned_batch_size']}: {record['planned_predicted_gib']:.2f} GiB)")
         return record
