@@ -22,6 +22,20 @@ import torch
 from organmtl.nnunet_trainers.settings import env_int
 
 
+#: the schedule variables and the nnUNetTrainer attributes they set
+SCHEDULE_VARIABLES = (("ORGANMTL_EPOCHS", "num_epochs"), ("ORGANMTL_ITERS_PER_EPOCH", "num_iterations_per_epoch"),
+                      ("ORGANMTL_VAL_ITERS", "num_val_iterations_per_epoch"))
+
+
+def apply_schedule(trainer, defaults: dict[str, int] | None = None) -> None:
+    """Set the trainer's epochs / iterations from :data:`SCHEDULE_VARIABLES` where set, else from
+    ``defaults`` (attribute -> value), else leave nnU-Net's value; checkpoints at most every epoch count."""
+    defaults = defaults or {}
+    for name, attr in SCHEDULE_VARIABLES:
+        setattr(trainer, attr, env_int(name, defaults.get(attr, getattr(trainer, attr)), minimum=1))
+    trainer.save_every = max(1, min(trainer.save_every, trainer.num_epochs))
+
+
 class CPUBudgetMixin:
     """Put before the nnU-Net trainer class in the bases: shortens the schedule after ``__init__``."""
 
@@ -34,10 +48,8 @@ class CPUBudgetMixin:
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = env_int("ORGANMTL_EPOCHS", self.budget_epochs, minimum=1)
-        self.num_iterations_per_epoch = env_int("ORGANMTL_ITERS_PER_EPOCH", self.budget_iters, minimum=1)
-        self.num_val_iterations_per_epoch = env_int("ORGANMTL_VAL_ITERS", self.budget_val_iters, minimum=1)
-        self.save_every = max(1, min(self.save_every, self.num_epochs))
+        apply_schedule(self, {"num_epochs": self.budget_epochs, "num_iterations_per_epoch": self.budget_iters,
+                              "num_val_iterations_per_epoch": self.budget_val_iters})
 
     def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
         """Keep nnU-Net's training augmentation, but no mirroring test-time augmentation: on a CPU

@@ -37,7 +37,8 @@ from pathlib import Path
 import torch
 
 from organmtl.memory import GIB, GPU_OVERHEAD_GIB, AMP_DTYPES, measure_network_step
-from organmtl.nnunet_trainers.settings import SettingError, env_raw, parse_float, parse_int, resolve, setting, to_stored
+from organmtl.nnunet_trainers.budget import apply_schedule
+from organmtl.nnunet_trainers.settings import SettingError, parse_float, resolve, setting, to_stored
 
 #: key of the rule's record inside the nnU-Net configuration of plans.json
 PLANS_KEY = "organmtl_gpu_memory"
@@ -140,12 +141,7 @@ class EnvScheduleMixin:
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        for name, attr in (("ORGANMTL_EPOCHS", "num_epochs"), ("ORGANMTL_ITERS_PER_EPOCH", "num_iterations_per_epoch"),
-                           ("ORGANMTL_VAL_ITERS", "num_val_iterations_per_epoch")):
-            raw = env_raw(name)
-            if raw is not None:
-                setattr(self, attr, parse_int(name, raw, minimum=1))
-        self.save_every = max(1, min(self.save_every, self.num_epochs))
+        apply_schedule(self)
 
 
 class GPUMemoryPlanMixin(EnvScheduleMixin):
