@@ -1,5 +1,5 @@
-"""Multi-task multi-modality CNN (papers/moeskops_multitask_cnn.txt): the seven-experiment table on
-the demo data, and the training-step time of the triplanar network against nnU-Net's U-Net at the
+"""Multi-task multi-modality CNN (Moeskops et al., "Deep Learning for Multi-task Medical Image
+Segmentation in Multiple Modalities"; docs/multitask_cnn.md): the seven-experiment table on the demo data, and the training-step time of the triplanar network against nnU-Net's U-Net at the
 same patch.
 
 1. Step time: one training step (forward, cross-entropy, backward, optimizer step) on a random batch

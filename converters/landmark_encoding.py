@@ -4,13 +4,13 @@ Two encodings, both in numpy (z, y, x) order (2D arrays are (y, x)) and computed
 one ``|i - l_i|`` term per axis, never by looping over voxels:
 
 ``distance``: the landmark-input U-Net's inverse Manhattan distance map
-    (papers/landmark_input_unet.txt §3.6). Per landmark ``l`` and voxel ``i``,
+    (landmark-input U-Net thesis, §3.6). Per landmark ``l`` and voxel ``i``,
     ``d = sum_a |i_a - l_a|`` in voxels (as the paper: one voxel step counts 1 along every axis,
     whatever the spacing), then ``1 / (1 + d)``; the maps of the case's landmarks are summed and
     the sum is divided by its maximum. For one landmark, or the paper's landmark pair, that maximum
     is the value at the landmark(s): every value lies in (0, 1] and the landmark voxels read 1.
 ``heatmap``: the multi-task thesis' Gaussian landmark maps
-    (papers/landmark_mtl_unet_thesis.txt §2.3): ``exp(-|x - l|^2 / (2 sigma^2))`` with ``|x - l|``
+    (landmark multi-task U-Net thesis, §2.3): ``exp(-|x - l|^2 / (2 sigma^2))`` with ``|x - l|``
     in mm (the per-axis voxel offsets times the spacing, so the blob is round in the patient even
     on anisotropic grids), peak 1 at the landmark; blobs are merged with a voxel-wise maximum so
     they never add up, or written one channel per landmark.

@@ -1,4 +1,4 @@
-"""Several nnU-Net raw datasets -> one multi-task dataset (papers/moeskops_multitask_cnn.txt §3.1-3.2).
+"""Several nnU-Net raw datasets -> one multi-task dataset (Moeskops et al. 2016, §3.1-3.2; docs/multitask_cnn.md).
 
 Moeskops et al. train one network on tasks of different modality and anatomy with one softmax
 over the union of the tasks' classes, "background classes of the target tasks ... merged into one

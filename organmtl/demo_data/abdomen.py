@@ -1,6 +1,6 @@
 """Abdominal / whole-body MR-like phantoms with two channels (fat, water).
 
-The landmark-input thesis' data (papers/landmark_input_unet.txt §3): two MR channels, organ
+The landmark-input thesis' data (landmark-input U-Net thesis, §3; docs/landmark_unets.md): two MR channels, organ
 masks and the two hip-joint centres as a text file of three voxel coordinates (x y z, one landmark
 per line). Written in the generic ``volumes`` layout so ``organmtl convert volumes`` reads it::
 
