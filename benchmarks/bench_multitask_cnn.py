@@ -1,6 +1,6 @@
 """Multi-task multi-modality CNN (Moeskops et al., "Deep Learning for Multi-task Medical Image
-Segmentation in Multiple Modalities"; docs/multitask_cnn.md): the seven-experiment table on the demo data, and the training-step time of the triplanar network against nnU-Net's U-Net at the
-same patch.
+Segmentation in Multiple Modalities"; docs/multitask_cnn.md): the seven-experiment table on the demo
+data, and the training-step time of the triplanar network against nnU-Net's U-Net at the same patch.
 
 1. Step time: one training step (forward, cross-entropy, backward, optimizer step) on a random batch
    of the merged dataset's ``3d_tiny`` patch and batch size, after warm-up steps, median of
