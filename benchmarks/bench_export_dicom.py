@@ -33,11 +33,11 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+from timing import best_times
 
 TARGET_RATIO = 1.0
 RT_UTILS = "rt-utils==1.2.7"
@@ -118,17 +118,6 @@ def run_rt_utils(case: Path, out: Path) -> None:
 def run_export(kind: str, pred: Path, ct: Path, out: Path, dataset_json: Path) -> None:
     _quiet_main(["export", kind, str(pred), "--dicom", str(ct), "--dataset-json", str(dataset_json), "--out", str(out),
                  "--overwrite"])
-
-
-def best_times(fns, repeats: int) -> list[float]:
-    """Fastest wall time of each function over ``repeats`` rounds, the functions alternating."""
-    times = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, out in zip(fns, times):
-            t0 = time.perf_counter()
-            fn()
-            out.append(time.perf_counter() - t0)
-    return [min(t) for t in times]
 
 
 def install_rt_utils(target: Path) -> None:

@@ -35,12 +35,12 @@ import pstats
 import shutil
 import sys
 import tempfile
-import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+from timing import best_times
 
 TARGET_RATIO = 1.3
 
@@ -79,18 +79,6 @@ def run_convert(src: Path, out: Path, jobs: int) -> None:
                    "-j", str(jobs), "--overwrite"])
     if rc != 0:
         raise SystemExit(f"organmtl convert pddca failed with exit code {rc}")
-
-
-def best_times(fns, repeats: int) -> list[float]:
-    """Fastest wall time of each function over ``repeats`` rounds; the functions alternate within a
-    round so a change of machine load hits them alike."""
-    times = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, out in zip(fns, times):
-            t0 = time.perf_counter()
-            fn()
-            out.append(time.perf_counter() - t0)
-    return [min(t) for t in times]
 
 
 def profile_convert(src: Path, out: Path, top: int) -> str:
