@@ -429,6 +429,18 @@ def _testdata(name: str) -> Path:
     return Path(path)
 
 
+def _converted_like_demo_case0(src: Path, raw: Path) -> Path:
+    """Convert ``src`` (demo case rt000 plus extra files) and check image and labels are exactly the
+    demo case's; returns the dataset folder."""
+    assert _convert(src, raw) == 0
+    ds = _dataset(raw)
+    case = make_case(0, 0)
+    np.testing.assert_array_equal(_read(ds / "imagesTr" / "rt000_0000.nii.gz"), case.hu)
+    labels = json.loads((ds / "dataset.json").read_text())["labels"]
+    np.testing.assert_array_equal(_read(ds / "labelsTr" / "rt000.nii.gz"), _expected_seg(case, labels))
+    return ds
+
+
 def test_other_dicom_objects_in_the_case_folder_are_skipped(rt_src, tmp_path):
     """Real files shipped with pydicom (DICOMDIR, RTPLAN, RTDOSE, SR, a secondary capture) and a
     screenshot/scout of the CT series itself beside the slices: skipped, listed, never fatal."""
@@ -450,12 +462,7 @@ def test_other_dicom_objects_in_the_case_folder_are_skipped(rt_src, tmp_path):
     scout.SOPInstanceUID = scout.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4.2"
     save(scout, case_dir / "CT" / "scout.dcm")
     (case_dir / "notes.txt").write_text("plan approved\n")
-    assert _convert(src, tmp_path / "raw") == 0
-    ds = _dataset(tmp_path / "raw")
-    case = make_case(0, 0)
-    np.testing.assert_array_equal(_read(ds / "imagesTr" / "rt000_0000.nii.gz"), case.hu)
-    labels = json.loads((ds / "dataset.json").read_text())["labels"]
-    np.testing.assert_array_equal(_read(ds / "labelsTr" / "rt000.nii.gz"), _expected_seg(case, labels))
+    ds = _converted_like_demo_case0(src, tmp_path / "raw")
     record = json.loads((ds / "conversion_report.json").read_text())["cases"][0]
     skipped = {s["file"]: s["reason"] for s in record["skipped_files"]}
     assert skipped == {
@@ -478,12 +485,7 @@ def test_files_without_preamble_are_read(rt_src, tmp_path):
         save_raw(pydicom.dcmread(p), p)
         assert p.read_bytes()[128:132] != b"DICM"
     shutil.copy(_testdata("rtstruct.dcm"), case_dir / "RTSTRUCT" / "RS_other_series.dcm")
-    assert _convert(src, tmp_path / "raw") == 0
-    ds = _dataset(tmp_path / "raw")
-    case = make_case(0, 0)
-    np.testing.assert_array_equal(_read(ds / "imagesTr" / "rt000_0000.nii.gz"), case.hu)
-    labels = json.loads((ds / "dataset.json").read_text())["labels"]
-    np.testing.assert_array_equal(_read(ds / "labelsTr" / "rt000.nii.gz"), _expected_seg(case, labels))
+    ds = _converted_like_demo_case0(src, tmp_path / "raw")
     source = json.loads((ds / "conversion_report.json").read_text())["cases"][0]["source"]
     assert source["rtstruct_file"].endswith("RS.dcm")
     assert [(Path(o["file"]).name, o["reason"]) for o in source["other_rtstructs"]] == [
