@@ -137,10 +137,9 @@ def _ratio(value, reference) -> str:
     return f"{value / reference:.2f}x"
 
 
-def main(argv=None) -> dict:
-    """Train every method at the same budget, score it, time its train step; print Markdown tables."""
+def _parse(argv) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device of training and prediction")
     p.add_argument("--quick", action="store_true", help="2 epochs x 5 iterations, 5 cases, 3 timed steps")
     p.add_argument("--work", type=Path, default=None, help="keep the work folder here (default: a temporary one); "
                                                            "methods already trained there are not trained again")
@@ -149,31 +148,21 @@ def main(argv=None) -> dict:
     p.add_argument("--epochs", type=int, default=None, help="override the epochs per trainer")
     p.add_argument("--iters", type=int, default=None, help="override the iterations per epoch")
     p.add_argument("--steps", type=int, default=None, help="override the timed train steps per method (0: no timing)")
-    args = p.parse_args(argv)
-    methods = [m for m in METHODS if args.only is None or m is METHODS[0] or m[2] in args.only]
-    epochs, iters, n_cases, steps = (2, 5, 5, 3) if args.quick else (20, 50, 10, 10)
-    epochs, iters = args.epochs or epochs, args.iters or iters
-    steps = steps if args.steps is None else args.steps
-    tmp = None
-    if args.work is None:
-        tmp = tempfile.TemporaryDirectory(prefix="bench_landmarks_")
-        args.work = Path(tmp.name)
-    root = args.work
-    root.mkdir(parents=True, exist_ok=True)
-    env = {"nnUNet_raw": str(root / "raw"), "nnUNet_preprocessed": str(root / "pre"), "nnUNet_results": str(root / "res"),
-           "nnUNet_n_proc_DA": "0", "nnUNet_def_n_proc": "1", "ORGANMTL_EPOCHS": str(epochs),
-           "ORGANMTL_ITERS_PER_EPOCH": str(iters), "ORGANMTL_VAL_ITERS": "2"}
-    os.environ.update(env)        # nnunetv2.paths reads these when first imported (step_times)
+    return p.parse_args(argv)
+
+
+def _train_and_score(methods, raw: dict, root: Path, env: dict, device: str) -> dict:
+    """Train each method (unless trained in ``root`` by an earlier run), predict landmarks of the tail
+    trainers' validation cases, score; one result row per method."""
     from tqdm import tqdm
 
-    raw = prepare(root, env, n_cases)
     results = {}
     for row, dataset_id, trainer, tail in tqdm(methods, desc="methods"):
         log = root / f"{trainer}.log"
         fold = root / "res" / raw[dataset_id].name / f"{trainer}__nnUNetPlans__{CONFIG}" / "fold_0"
         t0 = time.perf_counter()
         if not (fold / "checkpoint_final.pth").is_file():      # else trained by an earlier run with --work
-            _run([_bin("nnUNetv2_train"), dataset_id, CONFIG, 0, "-tr", trainer, "-device", args.device], env, log)
+            _run([_bin("nnUNetv2_train"), dataset_id, CONFIG, 0, "-tr", trainer, "-device", device], env, log)
             (fold / "train_wall_s.txt").write_text(str(time.perf_counter() - t0))
         wall = float((fold / "train_wall_s.txt").read_text()) if (fold / "train_wall_s.txt").is_file() else float("nan")
         landmarks = None
@@ -187,20 +176,17 @@ def main(argv=None) -> dict:
             landmarks = root / f"pred_{trainer}"
             if not list(landmarks.glob("*.json")):            # else predicted by an earlier run with --work
                 _run([sys.executable, "-m", "organmtl.nnunet_trainers.landmarks.predict", "-i", inp, "-o", landmarks,
-                      "-d", dataset_id, "-c", CONFIG, "-f", 0, "-tr", trainer, "-device", args.device, "--disable_tta"],
+                      "-d", dataset_id, "-c", CONFIG, "-f", 0, "-tr", trainer, "-device", device, "--disable_tta"],
                      env, log)
         results[row] = {"trainer": trainer, "train_wall_s": wall, **score(raw[dataset_id], fold, landmarks)}
-    times = step_times(raw, env, args.device, steps, METHODS) if steps else {}   # step time of every method
-    for row, dataset_id, trainer, _ in METHODS:
-        results.setdefault(row, {"trainer": trainer, "not_run": True})
-        results[row]["step_s"] = times.get((dataset_id, trainer), float("nan"))
-        results[row]["stock_step_s"] = times.get((dataset_id, "nnUNetTrainer"), float("nan"))
+    return results
 
+
+def _tables(results: dict, methods, epochs: int, iters: int, device: str, machine: str) -> str:
     base = results[METHODS[0][0]]
     organs = list(base["dice"])
-    machine = describe_machine()
     lines = [f"Landmark U-Nets, {CONFIG}, {epochs} epochs x {iters} iterations per method, fold 0 "
-             f"({len(base['cases'])} validation cases), device {args.device}. Ratios: Dice/IoU to the no-landmark "
+             f"({len(base['cases'])} validation cases), device {device}. Ratios: Dice/IoU to the no-landmark "
              "baseline, step time to the stock nnUNetTrainer on the same dataset, same run.", "",
              "| method | mean Dice | mean IoU | landmark error (mm) | s / train step | train wall (s) |",
              "|---|---|---|---|---|---|"]
@@ -224,7 +210,35 @@ def main(argv=None) -> dict:
         lines.append(f"| {row} | " + " | ".join(f"{r['dice'][o]:.3f} ({_ratio(r['dice'][o], base['dice'][o])})"
                                                   for o in organs) + " |")
     lines += ["", f"Machine: {machine}"]
-    text = "\n".join(lines)
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    """Train every method at the same budget, score it, time its train step; print Markdown tables."""
+    args = _parse(argv)
+    methods = [m for m in METHODS if args.only is None or m is METHODS[0] or m[2] in args.only]
+    epochs, iters, n_cases, steps = (2, 5, 5, 3) if args.quick else (20, 50, 10, 10)
+    epochs, iters = args.epochs or epochs, args.iters or iters
+    steps = steps if args.steps is None else args.steps
+    tmp = None
+    if args.work is None:
+        tmp = tempfile.TemporaryDirectory(prefix="bench_landmarks_")
+        args.work = Path(tmp.name)
+    root = args.work
+    root.mkdir(parents=True, exist_ok=True)
+    env = {"nnUNet_raw": str(root / "raw"), "nnUNet_preprocessed": str(root / "pre"), "nnUNet_results": str(root / "res"),
+           "nnUNet_n_proc_DA": "0", "nnUNet_def_n_proc": "1", "ORGANMTL_EPOCHS": str(epochs),
+           "ORGANMTL_ITERS_PER_EPOCH": str(iters), "ORGANMTL_VAL_ITERS": "2"}
+    os.environ.update(env)        # nnunetv2.paths reads these when first imported (step_times)
+    raw = prepare(root, env, n_cases)
+    results = _train_and_score(methods, raw, root, env, args.device)
+    times = step_times(raw, env, args.device, steps, METHODS) if steps else {}   # step time of every method
+    for row, dataset_id, trainer, _ in METHODS:
+        results.setdefault(row, {"trainer": trainer, "not_run": True})
+        results[row]["step_s"] = times.get((dataset_id, trainer), float("nan"))
+        results[row]["stock_step_s"] = times.get((dataset_id, "nnUNetTrainer"), float("nan"))
+    machine = describe_machine()
+    text = _tables(results, methods, epochs, iters, args.device, machine)
     print(text)
     if tmp is not None:
         tmp.cleanup()
