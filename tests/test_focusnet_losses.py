@@ -23,6 +23,44 @@ def test_alpha_inversely_proportional_to_size():
     np.testing.assert_allclose(a.numpy(), inv / inv.sum(), rtol=1e-6)
 
 
+def test_focal_class_weights_by_hand():
+    # sizes 80 / 15 / 5: alpha_c = sum(s) / (C s_c) = 100 / (3 s_c)
+    a = L.focal_class_weights([80.0, 15.0, 5.0])
+    np.testing.assert_allclose(a.numpy(), [100 / 240, 100 / 45, 100 / 15], rtol=1e-6)
+    f = np.array([0.80, 0.15, 0.05])
+    assert abs(float((f * a.numpy()).sum()) - 1.0) < 1e-6          # voxel-frequency-weighted mean 1
+    np.testing.assert_allclose(L.focal_class_weights([80.0, 0.0, 5.0]).numpy(), [90 / 240, 90 / 15, 90 / 15],
+                               rtol=1e-6)                          # unseen class: the smallest seen size
+
+
+#: voxels per class of one demo head-and-neck case (organmtl.demo_data.han, 32 x 80 x 80, seed 0):
+#: background, brainstem, chiasm, optic nerves L/R, mandible, parotid L, submandibular L, parotid R, submandibular R
+DEMO_HAN_VOXELS = [198678, 1327, 67, 47, 37, 2094, 1021, 274, 1024, 231]
+
+
+def test_snet_focal_term_is_not_negligible_against_dice_at_initialisation():
+    """Eq. 3 at a uniform prediction on the demo class sizes: the focal term of the trainer's weights
+    counts (weights summing to 1 gave focal 0.001 vs Dice 9.8 and a 37x smaller gradient)."""
+    counts = torch.tensor(DEMO_HAN_VOXELS)
+    t = torch.repeat_interleave(torch.arange(len(counts)), counts)
+    t = t[torch.randperm(t.numel(), generator=torch.Generator().manual_seed(0))].view(1, 32, 80, 80)
+    tr = object.__new__(nnUNetTrainerOMTLFocusNetV2)
+    tr.organ_sizes_mm3 = {c: float(n) for c, n in enumerate(DEMO_HAN_VOXELS)}
+    tr.label_manager = SimpleNamespace(num_segmentation_heads=len(counts), ignore_label=None)
+    loss = tr._build_loss()
+    z = torch.zeros(1, len(counts), 32, 80, 80, requires_grad=True)
+    focal = loss.focal(z, t)
+    g_focal, = torch.autograd.grad(focal, z)
+    onehot = torch.nn.functional.one_hot(t, len(counts)).movedim(-1, 1).float()
+    dice = L.generalised_dice_loss(torch.softmax(z, 1), onehot)
+    g_dice, = torch.autograd.grad(dice, z)
+    # unweighted focal at p_t = 1/C is (1 - 1/C)^2 log C; the mean weight 1 keeps exactly that value
+    assert abs(float(focal) - (1 - 1 / len(counts)) ** 2 * math.log(len(counts))) < 1e-3
+    assert float(dice) / float(focal) < 10
+    ratio = float(g_focal.norm() / g_dice.norm())
+    assert 1 / 10 < ratio < 100, ratio         # measured 41: the weight sits on the rare small-organ voxels
+
+
 def test_weighted_focal_loss_by_hand():
     # two voxels, three classes; voxel 0 is class 0, voxel 1 class 2
     logits = torch.tensor([[1.0, 0.0, -1.0], [0.5, 0.5, 2.0]]).T.reshape(1, 3, 2, 1, 1)

@@ -29,6 +29,23 @@ def alpha_from_sizes(sizes: Sequence[float]) -> torch.Tensor:
     return (inv / inv.sum()).float()
 
 
+def focal_class_weights(sizes: Sequence[float]) -> torch.Tensor:
+    """S-Net's class weights alpha_t of Eq. 1: inversely proportional to each class' mean size (the
+    background included), scaled so that their voxel-frequency-weighted mean is 1,
+    ``sum_c f_c alpha_c = 1`` with ``f_c = s_c / sum(s)``, i.e. ``alpha_c = sum(s) / (C s_c)``.
+
+    The paper fixes only the proportionality; weights summing to 1 (:func:`alpha_from_sizes`) give the
+    background ~1e-5 and make the focal term ~300x smaller than the generalised Dice term, so
+    Eq. 3 would train on Dice alone. With a mean weight of 1 the focal term at a uniform prediction
+    equals the unweighted focal loss. A class never seen (size 0) gets the weight of the smallest seen
+    class (docs/focusnetv2.md "Losses")."""
+    s = torch.as_tensor([float(v) for v in sizes], dtype=torch.float64)
+    if (s <= 0).all():
+        raise ValueError("focal_class_weights: every class has size 0")
+    s = torch.where(s > 0, s, s[s > 0].min())
+    return (s.sum() / (len(s) * s)).float()
+
+
 def _valid_mask(target: torch.Tensor, ignore_label: int | None):
     if ignore_label is None:
         return None

@@ -261,7 +261,7 @@ class FocusNetTrainerBase(LateralityAwareMirroringMixin, AMPTrainStepMixin, GPUM
 
     def _class_alpha(self) -> torch.Tensor:
         n = self.label_manager.num_segmentation_heads
-        return L.alpha_from_sizes([self.organ_sizes_mm3.get(c, 0.0) for c in range(n)])
+        return L.focal_class_weights([self.organ_sizes_mm3.get(c, 0.0) for c in range(n)])
 
     def _build_loss(self):
         """Eq. 3 with alpha_t from the organ sizes measured on the fold's training cases."""
