@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from organmtl.nnunet_trainers.focusnet.blocks import DenseASPP3d, SEResBlock, SqueezeExcitation3d
+from organmtl.nnunet_trainers.focusnet import options as O
 from organmtl.nnunet_trainers.focusnet.network import FocusNet, SNet, overlay_probability
 from organmtl.nnunet_trainers.focusnet.roi import (crop_roi, gaussian_heatmap, heatmap_peak, mask_centre, paste_roi,
                                                    roi_start)
@@ -235,6 +236,54 @@ def test_overlay_probability_is_finite_in_half_precision_and_argmax_equal_to_fp3
     assert torch.equal(half.float().argmax(0)[decided], ref.argmax(0)[decided])
     torch.testing.assert_close(torch.softmax(half.float(), 0)[2], torch.softmax(ref, 0)[2], atol=1e-2, rtol=0)
     assert (ref.argmax(0)[3:] == 2).all() and (ref.argmax(0)[:2] != 2).all()    # p ~ 1 wins, p ~ 0 loses
+
+
+def _pasting_net(heat_value, flat: bool, **kw):
+    """FocusNet whose SOL-Net returns a fixed heatmap (a peak of ``heat_value`` at (3, 5, 6) on zeros, or
+    ``heat_value`` everywhere) and whose SOS-Net is certain of its organ (label 3)."""
+    net = FocusNet(1, 4, small_labels=[3], roi_size=(2, 4, 4), width=0.25, **kw).eval()
+
+    class Heat(torch.nn.Module):
+        def forward(self, feats):
+            h = torch.full((feats.shape[0], 1, *feats.shape[2:]), heat_value if flat else 0.0)
+            h[:, 0, 3, 5, 6] = heat_value
+            return h
+
+    class Certain(torch.nn.Module):
+        def forward(self, x):
+            return torch.ones(x.shape[0], 1, *x.shape[2:])
+
+    net.sol, net.sos[0] = Heat(), Certain()
+    net.sos_trained.fill_(True)
+    return net
+
+
+def test_low_but_clear_heatmap_peak_pastes_and_a_flat_map_does_not(capsys):
+    """The trained SOL-Net's peaks stay far below 0.5 (MSE over the whole patch): a window pastes a
+    small organ when its peak stands out, whatever its height; a flat map (no centre) pastes nothing."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 1, 6, 12, 12)
+    box = torch.zeros(6, 12, 12, dtype=torch.bool)
+    box[2:4, 3:7, 4:8] = True
+    options = O.FocusNetOptions()
+    peaked = _pasting_net(0.2, False, heat_threshold=options.heat_threshold, heat_relative=options.heat_relative)
+    assert (peaked(x).argmax(1)[0][box] == 3).all()
+    flat = _pasting_net(0.2, True, heat_threshold=options.heat_threshold, heat_relative=options.heat_relative)
+    assert torch.equal(flat(x), flat.segment(x)[0])                     # S-Net's logits, nothing pasted
+    old_rule = _pasting_net(0.2, False, heat_threshold=0.5)              # weights stored before heat_relative
+    assert torch.equal(old_rule(x), old_rule.segment(x)[0])
+    # the window's peak at its border: the neighbouring window (where it is central) pastes it instead
+    border = _pasting_net(0.2, False, heat_threshold=0.0, heat_relative=0.5)
+    assert not border.should_paste(torch.zeros(6, 12, 12), (3, 0, 6), 0.2)
+    assert border.should_paste(torch.zeros(6, 12, 12), (3, 5, 6), 0.2)
+    # per case (nnU-Net's predictor calls eval() before each case): how many small organs were pasted
+    peaked(x)
+    assert peaked.paste_tally == {"windows": 2, "pasted": {3: 2}}
+    peaked.eval()
+    assert "FocusNet: 1 of 1 small organs pasted in this case (2 window evaluations" in capsys.readouterr().out
+    assert peaked.paste_tally == {"windows": 0, "pasted": {3: 0}}
+    flat.eval()
+    assert "FocusNet: 0 of 1 small organs pasted in this case" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -10,6 +10,7 @@ method per part with one return type each (see :meth:`FocusNet.forward`).
 from __future__ import annotations
 
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -62,6 +63,19 @@ class SNet(nn.Module):
         d2 = self.dec2(torch.cat([F.interpolate(b, size=s2.shape[2:], mode="trilinear", align_corners=False), s2], 1))
         d1 = self.dec1(torch.cat([F.interpolate(d2, size=s1.shape[2:], mode="trilinear", align_corners=False), s1], 1))
         return self.head(d1), d1
+
+
+def _report_pastes(tally: dict) -> str | None:
+    if not tally["windows"]:
+        return None
+    pasted = tally["pasted"]
+    line = (f"FocusNet: {sum(1 for n in pasted.values() if n)} of {len(pasted)} small organs pasted in this case "
+            f"({tally['windows']} window evaluations, test-time mirrors included; pasted per label: {pasted})")
+    print(line, flush=True)
+    tally["windows"] = 0
+    for k in pasted:
+        pasted[k] = 0
+    return line
 
 
 class SOLNet(nn.Module):
@@ -159,14 +173,19 @@ class FocusNet(nn.Module):
         concat_image: feed the raw image into SOS-Net (False: the "no concat" ablation).
         use_ae: build the shape autoencoder (FocusNetv2 and its ablations).
         heat_threshold: at inference a small organ is processed in a window only if its heatmap
-            peak reaches this value (its centre lies in or near the window).
+            peak reaches this value (an absolute floor; the only rule when ``heat_relative`` is None).
+        heat_relative: None (weights stored before the option existed): the absolute rule alone.
+            Else a window also needs its peak to stand out, ``peak - median >= heat_relative * peak``
+            over the window's heatmap, and to lie in the window's central region (a quarter of the
+            ROI from each face), so that the window holding the organ's centre pastes it whatever
+            the peak's absolute height (:meth:`should_paste`).
         width: factor on every channel count of Tables 9-10 (1.0 = the paper; the CPU ``_Tiny``
             trainers use 0.25).
     """
 
     def __init__(self, in_channels: int, num_classes: int, small_labels: Sequence[int] = (),
                  roi_size: Sequence[int] = (8, 64, 64), use_sos: bool = True, concat_image: bool = True,
-                 use_ae: bool = True, heat_threshold: float = 0.5, aspp_rates=(3, 6, 12, 18), width: float = 1.0):
+                 use_ae: bool = True, heat_threshold: float = 0.5, heat_relative: float | None = None, aspp_rates=(3, 6, 12, 18), width: float = 1.0):
         super().__init__()
         self.in_channels = in_channels
         self.num_classes = num_classes
@@ -178,6 +197,7 @@ class FocusNet(nn.Module):
         self.use_sos = bool(use_sos) and len(self.small_labels) > 0
         self.concat_image = bool(concat_image)
         self.heat_threshold = float(heat_threshold)
+        self.heat_relative = None if heat_relative is None else float(heat_relative)
         def w(c):
             return max(4, int(round(c * width)))
 
@@ -197,6 +217,10 @@ class FocusNet(nn.Module):
         self.register_buffer("sos_trained", torch.tensor(False))
         #: centres found by the last eval-mode forward: per sample, {label: (voxel, peak value)}
         self.last_centres: list[dict] = []
+        #: small-organ pastes since the last ``eval()`` (nnU-Net's predictor calls it once per case and
+        #: fold): windows seen and windows pasted per label; reported by :meth:`report_pastes`
+        self.paste_tally = {"windows": 0, "pasted": {v: 0 for v in self.small_labels}}
+        weakref.finalize(self, _report_pastes, self.paste_tally)
         #: weights and activations in channels-last-3d layout (see :meth:`set_channels_last`)
         self.channels_last = False
 
@@ -204,6 +228,28 @@ class FocusNet(nn.Module):
         # weights saved before the flag existed came from finished trainings: trained
         state_dict.setdefault(prefix + "sos_trained", torch.tensor(True))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def train(self, mode: bool = True) -> "FocusNet":
+        """nn.Module.train; ``eval()`` also closes the paste tally of the previous case (printed)."""
+        if not mode:
+            self.report_pastes()
+        return super().train(mode)
+
+    def report_pastes(self) -> str | None:
+        """Print (and return) how many small organs the windows since the last report pasted, and reset."""
+        return _report_pastes(self.paste_tally)
+
+    def should_paste(self, heat: torch.Tensor, peak, value: float) -> bool:
+        """Whether a window processes a small organ whose heatmap (``(*spatial)``, this window) peaks
+        at voxel ``peak`` with ``value`` (see the class docstring: ``heat_threshold``, ``heat_relative``)."""
+        if value < self.heat_threshold:
+            return False
+        if self.heat_relative is None:
+            return True
+        if value <= 0 or value - float(heat.float().median()) < self.heat_relative * value:
+            return False
+        margins = [min(r // 4, (n - 1) // 4) for r, n in zip(self.roi_size, heat.shape)]
+        return all(m <= p < n - m for p, n, m in zip(peak, heat.shape, margins))
 
     def set_channels_last(self, enabled: bool = True) -> "FocusNet":
         """Put the weights (and, in :meth:`forward`, the inputs) in ``torch.channels_last_3d`` layout.
@@ -341,7 +387,7 @@ class FocusNet(nn.Module):
     @torch.no_grad()
     def infer(self, x: torch.Tensor) -> torch.Tensor:
         """Eval-mode prediction of one window (§3.1, the decision documented in docs/focusnetv2.md):
-        S-Net logits; for every small organ whose SOL-Net peak reaches ``heat_threshold`` the SOS-Net
+        S-Net logits; for every small organ whose SOL-Net peak passes :meth:`should_paste` the SOS-Net
         probability on the ROI at the peak is pasted over the S-Net logits (:func:`overlay_probability`)."""
         if x.device.type == "cpu" and not self.channels_last:
             self.set_channels_last(True)
@@ -358,11 +404,13 @@ class FocusNet(nn.Module):
         out = []
         for b in range(x.shape[0]):
             lb = logits[b]
+            self.paste_tally["windows"] += 1
             for k, label in enumerate(self.small_labels):
                 peak, value = heatmap_peak(heat[b, k])
                 self.last_centres[b][label] = (peak, value)
-                if value < self.heat_threshold:
+                if not self.should_paste(heat[b, k], peak, value):
                     continue
+                self.paste_tally["pasted"][label] += 1
                 start = roi_start(peak, self.roi_size)
                 prob = self.sos[k](self.sos_input(x, feats, b, start))[0]
                 roi_logits = crop_roi(lb, start, self.roi_size)

@@ -57,8 +57,12 @@ class FocusNetOptions:
                         "Adam learning rate (constant, §4.2)")
     centre_jitter: int = setting(2, "ORGANMTL_FOCUSNET_CENTRE_JITTER", lambda n, v: parse_int(n, v, minimum=0), int,
                                  "training ROIs: ground-truth centre moved by up to this many voxels")
-    heat_threshold: float = setting(0.5, "ORGANMTL_FOCUSNET_HEAT_THRESHOLD", parse_float, float,
-                                    "inference: a window pastes a small organ if its heatmap peak reaches this")
+    heat_threshold: float = setting(0.0, "ORGANMTL_FOCUSNET_HEAT_THRESHOLD", parse_float, float,
+                                    "inference: a window pastes a small organ only if its heatmap peak reaches this")
+    heat_relative: float | None = setting(0.5, "ORGANMTL_FOCUSNET_HEAT_RELATIVE",
+                                          lambda n, v: parse_float(n, v, minimum=0.0), float,
+                                          "inference: ... and only if the peak lies in the window's central region "
+                                          "and peak - median >= this x peak (models stored without it: the threshold alone)")
     width: float | None = setting(None, "ORGANMTL_FOCUSNET_WIDTH", lambda n, v: parse_float(n, v, minimum=0.0),
                                   float, "factor on the channels of Tables 9-10; None: the plan's first stage / 32")
     small_organs: tuple[str, ...] | None = setting(None, "ORGANMTL_FOCUSNET_SMALL_ORGANS", parse_list, tuple,

@@ -171,7 +171,8 @@ class FocusNetTrainerBase(LateralityAwareMirroringMixin, AMPTrainStepMixin, GPUM
         return {"small_organs": small, "small_labels": [int(labels[n]) for n in small],
                 "roi_size": O.roi_size(cm.spacing, cm.patch_size, opts.roi), "use_sos": self.use_sos and bool(small),
                 "concat_image": self.concat_image, "use_ae": self.use_ae,
-                "heat_threshold": float(opts.heat_threshold), "width": float(width)}
+                "heat_threshold": float(opts.heat_threshold), "width": float(width),
+                "heat_relative": None if opts.heat_relative is None else float(opts.heat_relative)}
 
     def _resolve_settings(self) -> dict:
         """The network entry (stored, else derived), this fold's organ sizes and phase schedule, all
@@ -186,6 +187,7 @@ class FocusNetTrainerBase(LateralityAwareMirroringMixin, AMPTrainStepMixin, GPUM
         record = stored.get(FOLD_KEY) if stored.get(FOLD_KEY, {}).get("fold") == self.fold else None
         if all(k in stored for k in NETWORK_KEYS):
             network = {k: stored[k] for k in NETWORK_KEYS}
+            network["heat_relative"] = stored.get("heat_relative")      # absent before the option: None
         else:
             network = self._derive_network()
         if record is not None:
@@ -257,7 +259,8 @@ class FocusNetTrainerBase(LateralityAwareMirroringMixin, AMPTrainStepMixin, GPUM
             raise ValueError(f"plans configuration has no {O.PLANS_KEY!r} entry: it was not trained with a FocusNet trainer")
         return FocusNet(num_input_channels, num_output_channels, s["small_labels"], s["roi_size"],
                         use_sos=s["use_sos"], concat_image=s["concat_image"], use_ae=s["use_ae"],
-                        heat_threshold=s["heat_threshold"], width=s.get("width", 1.0))
+                        heat_threshold=s["heat_threshold"], heat_relative=s.get("heat_relative"),
+                        width=s.get("width", 1.0))
 
     def _class_alpha(self) -> torch.Tensor:
         n = self.label_manager.num_segmentation_heads
