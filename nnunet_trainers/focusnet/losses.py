@@ -35,8 +35,8 @@ def focal_class_weights(sizes: Sequence[float]) -> torch.Tensor:
     ``sum_c f_c alpha_c = 1`` with ``f_c = s_c / sum(s)``, i.e. ``alpha_c = sum(s) / (C s_c)``.
 
     The paper fixes only the proportionality; weights summing to 1 (:func:`alpha_from_sizes`) give the
-    background ~1e-5 and make the focal term ~300x smaller than the generalised Dice term, so
-    Eq. 3 would train on Dice alone. With a mean weight of 1 the focal term at a uniform prediction
+    background ~1e-4 and, at initialisation, a focal term ~1e-4 of the generalised Dice term with
+    a ~40x smaller gradient, so Eq. 3 would train on Dice alone. With a mean weight of 1 the focal term at a uniform prediction
     equals the unweighted focal loss. A class never seen (size 0) gets the weight of the smallest seen
     class (docs/focusnetv2.md "Losses")."""
     s = torch.as_tensor([float(v) for v in sizes], dtype=torch.float64)
