@@ -165,3 +165,28 @@ def plan_dataset(root: Path, source: str, src: Path, dataset_id: int, name: str,
         cases = sorted(p.name[: -len("_0000.nii.gz")] for p in (ds.raw / "imagesTr").glob("*_0000.nii.gz"))
         (ds.preprocessed / "splits_final.json").write_text(json.dumps([{"train": cases[1:], "val": cases[:1]}]))
     return ds
+
+
+def run_spawned_ranks(target, args_per_rank: list[tuple], timeout_s: float) -> float:
+    """Start one spawned process per rank (``target(*args)``), wait at most ``timeout_s`` seconds for
+    all of them, kill any still running; assert none hung and every one exited 0. Returns the wall time."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=target, args=args) for args in args_per_rank]
+    t0 = time.monotonic()
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(max(1.0, timeout_s - (time.monotonic() - t0)))
+    hung = [r for r, p in enumerate(procs) if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    assert not hung, f"rank(s) {hung} still running after {timeout_s} s: a collective was skipped on one rank"
+    codes = [p.exitcode for p in procs]
+    assert codes == [0] * len(procs), f"rank exit codes {codes} (a collective failed or timed out, see the output)"
+    return time.monotonic() - t0

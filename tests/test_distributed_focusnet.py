@@ -6,13 +6,12 @@ ranks must end with the same parameters."""
 from __future__ import annotations
 
 import os
-import time
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from tests.helpers import run_spawned_ranks
 from tests.test_focusnet_train_steps import make_batch, make_trainer, nnunet_folders, set_phase
 
 WORLD = 2
@@ -50,21 +49,8 @@ def test_focusnet_trainer_steps_stay_in_lockstep_when_a_rank_has_no_small_organ(
     root, out = tmp_path / "nnunet", tmp_path / "out"
     out.mkdir()
     nnunet_folders(root, {})
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_rank_main, args=(r, str(root), str(out))) for r in range(WORLD)]
-    t0 = time.monotonic()
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(max(1.0, TIMEOUT_S - (time.monotonic() - t0)))
-    hung = [r for r, p in enumerate(procs) if p.is_alive()]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join()
-    assert not hung, f"ranks {hung} still running after {TIMEOUT_S} s: a collective was skipped on one rank"
-    assert [p.exitcode for p in procs] == [0] * WORLD
-    print(f"DDP FocusNet steps: {time.monotonic() - t0:.1f} s")
+    wall = run_spawned_ranks(_rank_main, [(r, str(root), str(out)) for r in range(WORLD)], TIMEOUT_S)
+    print(f"DDP FocusNet steps: {wall:.1f} s")
     r0, r1 = (torch.load(out / f"{r}.pt", weights_only=False) for r in range(WORLD))
     assert r0["ddp"] and r1["ddp"] and r0["batch_size"] == r1["batch_size"] == 1
     assert [o["focusnet_trained"] for o in r0["outs"]] == [o["focusnet_trained"] for o in r1["outs"]] \

@@ -21,7 +21,8 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from tests.helpers import run_spawned_ranks
 
 WORLD = 2
 STEPS = 2
@@ -86,20 +87,7 @@ def _rank_main(rank: int, root: str) -> None:
 @pytest.fixture(scope="module")
 def ddp_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp_trainers")
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_rank_main, args=(r, str(root))) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(JOIN_TIMEOUT_S)
-    hung = [r for r, p in enumerate(procs) if p.is_alive()]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join()
-    assert not hung, f"rank(s) {hung} still running after {JOIN_TIMEOUT_S} s: a DDP step hangs"
-    codes = [p.exitcode for p in procs]
-    assert codes == [0] * WORLD, f"rank exit codes {codes} (a collective failed or timed out, see the output)"
+    run_spawned_ranks(_rank_main, [(r, str(root)) for r in range(WORLD)], JOIN_TIMEOUT_S)
     return [torch.load(root / f"rank{r}.pt") for r in range(WORLD)]
 
 
