@@ -17,8 +17,10 @@ space for nnU-Net:
   named ``mixed_<name>_<name>...``, which nnU-Net normalises per image (z-score), never with one
   intensity model pooled over modalities as its ``CT`` scheme would;
 - ``dataset.json`` gets ``organmtl_tasks`` (per task: source, labels, label values, cases, test
-  cases, channel names, the source's ``organmtl_*`` keys), and ``label_remapping.json`` holds
-  ``{task: {source value: merged value}}``.
+  cases, channel names, the source's ``organmtl_*`` keys), ``organmtl_annotated_labels``
+  (:data:`ANNOTATED_KEY`: per case, the merged label values its source annotated, which the
+  partial-label trainers and ``organmtl evaluate --annotated-only`` read; docs/partial_labels.md),
+  and ``label_remapping.json`` holds ``{task: {source value: merged value}}``.
 
 The task name is the ``Name`` of the source folder ``DatasetXXX_Name`` (or the folder's name).
 """
@@ -42,6 +44,9 @@ from organmtl.converters.common import (ConversionError, check_geometry, check_n
 _DATASET_FOLDER = re.compile(r"^Dataset\d{3}_(?P<name>.+)$")
 _TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
 _CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+#: dataset.json key: ``{merged case: [merged label values its source annotated]}`` (background and
+#: ignore excluded; a label merged by ``--shared-labels`` is listed for every source that has it)
+ANNOTATED_KEY = "organmtl_annotated_labels"
 
 
 @dataclass(frozen=True)
@@ -357,6 +362,8 @@ def convert(src, out: Path, args, run_cases) -> dict:
     names = _merged_names(sources, args.shared_labels)
     extra = {"organmtl_tasks": {s.task: _task_entry(s, labels, task_labels[s.task], cases[s.task])
                                 for s in sources}}
+    extra[ANNOTATED_KEY] = {f"{s.task}_{c}": [labels[n] for n in task_labels[s.task]]
+                            for s in sources for split in ("train", "test") for c, _, _ in cases[s.task][split]}
     small = _small_organs(sources, names)
     if small:
         extra["organmtl_small_organs"] = list(dict.fromkeys(small))

@@ -19,6 +19,7 @@ from organmtl.nnunet_trainers.focusnet import trainers as _focusnet
 from organmtl.nnunet_trainers.landmarks import aux_trainers as _landmark_aux
 from organmtl.nnunet_trainers.landmarks import input_trainers as _landmark_input
 from organmtl.nnunet_trainers.multitask import trainers as _multitask
+from organmtl.nnunet_trainers.multitask import partial_labels as _partial_labels
 
 PREFIX = "nnUNetTrainerOMTL"
 TINY_SUFFIX = "_Tiny"
@@ -39,7 +40,7 @@ def trainer_classes(*modules: ModuleType) -> tuple[type, ...]:
 BASELINE = trainer_classes(baseline)
 FOCUSNET = trainer_classes(_focusnet)
 LANDMARKS = trainer_classes(_landmark_aux, _landmark_input)
-MULTITASK = trainer_classes(_multitask)
+MULTITASK = trainer_classes(_multitask, _partial_labels)
 TRAINERS = BASELINE + FOCUSNET + LANDMARKS + MULTITASK
 
 globals().update((c.__name__, c) for c in TRAINERS)

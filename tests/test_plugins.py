@@ -89,7 +89,8 @@ def test_listed_trainers_are_exactly_those_nnunet_finds():
 def test_trainer_sets_are_resolved_lazily_and_checked():
     lazy = Plugin(name="lazy", description="", nnunet_trainer_sets=("organmtl.nnunet_trainers:MULTITASK",))
     assert lazy.has_trainers and "nnUNetTrainerOMTLTriplanar_Tiny" in lazy.trainer_names
-    assert all(ref.startswith("organmtl.nnunet_trainers.multitask.trainers:") for ref in lazy.trainer_refs())
+    assert all(ref.startswith(("organmtl.nnunet_trainers.multitask.trainers:",
+                               "organmtl.nnunet_trainers.multitask.partial_labels:")) for ref in lazy.trainer_refs())
     broken = Plugin(name="broken", description="", nnunet_trainer_sets=("organmtl.nnunet_trainers:NO_SUCH_SET",))
     assert any("NO_SUCH_SET" in p for p in broken.check())
 
