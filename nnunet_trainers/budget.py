@@ -7,6 +7,7 @@ organmtl trainer run a handful of epochs, read from environment variables so the
 - ``ORGANMTL_EPOCHS`` (default: the class' ``budget_epochs``)
 - ``ORGANMTL_ITERS_PER_EPOCH`` (default: ``budget_iters``)
 - ``ORGANMTL_VAL_ITERS`` (default: ``budget_val_iters``)
+- ``ORGANMTL_SEED`` (optional: seeds torch / numpy / random before the network is built; unset: no seeding)
 
 Inference of these trainers skips mirroring test-time augmentation (8x cheaper on a CPU). That is
 all ``_Tiny`` changes in every family; network sizes follow the plan configuration (docs/trainers.md).
@@ -36,6 +37,25 @@ def apply_schedule(trainer, defaults: dict[str, int] | None = None) -> None:
     trainer.save_every = max(1, min(trainer.save_every, trainer.num_epochs))
 
 
+#: seeds torch, numpy and random when set (benchmarks/convergence.py's repeats); unset: nnU-Net's own
+#: behaviour (no seeding). A run property like the budget, not a model setting: not stored.
+SEED_VARIABLE = "ORGANMTL_SEED"
+
+
+def seed_from_env() -> int | None:
+    """Seed torch, numpy's global state and ``random`` from ``ORGANMTL_SEED`` if it is set; returns it."""
+    seed = env_int(SEED_VARIABLE, None, minimum=0)
+    if seed is not None:
+        import random
+
+        import numpy as np
+
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+    return seed
+
+
 class CPUBudgetMixin:
     """Put before the nnU-Net trainer class in the bases: shortens the schedule after ``__init__``."""
 
@@ -47,6 +67,7 @@ class CPUBudgetMixin:
     # nnUNetTrainer's exact signature instead of *args/**kwargs.
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
+        seed_from_env()
         super().__init__(plans, configuration, fold, dataset_json, device)
         apply_schedule(self, {"num_epochs": self.budget_epochs, "num_iterations_per_epoch": self.budget_iters,
                               "num_val_iterations_per_epoch": self.budget_val_iters})

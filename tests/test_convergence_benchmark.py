@@ -1,0 +1,197 @@
+"""benchmarks/convergence.py without training: the stop rule, the per-run cache and resume, reading
+nnU-Net's epoch lines, the table and the docs section, and the ORGANMTL_SEED hook of the _Tiny trainers."""
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def conv():
+    spec = importlib.util.spec_from_file_location("benchmarks_convergence", ROOT / "benchmarks" / "convergence.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module   # dataclasses resolve the module by name
+    spec.loader.exec_module(module)
+    return module
+
+
+def _stop_index(conv, rule, values):
+    """Index of the evaluation at which ``rule`` says stop (None: never)."""
+    return next((i for i, v in enumerate(values) if rule.update(v)), None)
+
+
+def test_patience_stops_after_n_evaluations_without_improvement(conv):
+    values = [0.1, 0.3, 0.5, 0.49, 0.5005, 0.2, 0.45, 0.9]
+    # best 0.5 at index 2; 0.5005 is within min_delta, so indices 3, 4, 5 are three misses
+    rule = conv.Patience(patience=3, min_delta=0.001)
+    assert _stop_index(conv, rule, values) == 5
+    assert rule.best == 0.5 and rule.best_index == 2
+    # without min_delta 0.5005 is the new best at index 4: 5 and 6 miss, 7 improves, no stop
+    assert _stop_index(conv, conv.Patience(patience=3, min_delta=0.0), values) is None
+
+
+def test_patience_waits_for_min_evaluations_and_nan_is_no_improvement(conv):
+    flat = [0.0] * 10 + [0.4, 0.5]
+    assert _stop_index(conv, conv.Patience(patience=2), flat) == 2          # 0.0 counts as a first best
+    assert _stop_index(conv, conv.Patience(patience=2, min_evaluations=8), flat) == 7
+    assert _stop_index(conv, conv.Patience(patience=2), [0.2, float("nan"), float("nan")]) == 2
+
+
+def test_ema_is_nnunets_moving_average(conv, tmp_path):
+    from nnunetv2.training.logging.nnunet_logger import MetaLogger
+
+    values = [0.0, 0.5, 0.25, 1.0]
+    logger = MetaLogger(str(tmp_path), resume=False)
+    for epoch, v in enumerate(values):
+        logger.log("mean_fg_dice", v, epoch)
+    assert conv.ema(values) == pytest.approx(logger.get_value("ema_fg_dice", step=None))
+
+
+def _write_nnunet_log(path, epochs, start_next=False):
+    """Epoch lines as nnUNetTrainer.on_train_epoch_start / on_epoch_end print them."""
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    fake = SimpleNamespace(local_rank=0, log_file=str(path))
+    for e, dice in enumerate(epochs):
+        nnUNetTrainer.print_to_log_file(fake, "", also_print_to_console=False)
+        nnUNetTrainer.print_to_log_file(fake, f"Epoch {e}", also_print_to_console=False)
+        nnUNetTrainer.print_to_log_file(fake, "train_loss", np.round(np.float32(1 - e / 10), 4), also_print_to_console=False)
+        nnUNetTrainer.print_to_log_file(fake, "Pseudo dice", [np.round(np.float32(d), 4) for d in dice],
+                                        also_print_to_console=False)
+        nnUNetTrainer.print_to_log_file(fake, f"Epoch time: {np.round(2.5, decimals=2)} s", also_print_to_console=False)
+    if start_next:
+        nnUNetTrainer.print_to_log_file(fake, f"Epoch {len(epochs)}", also_print_to_console=False)
+
+
+def test_nnunet_curve_and_checkpoint_safe_point_from_nnunets_log_lines(conv, tmp_path):
+    log = tmp_path / "train.log"
+    _write_nnunet_log(log, [[0.0, 0.2], [0.4, float("nan")], [0.6, 0.8]])
+    curve = conv.nnunet_curve(log, iters_per_epoch=25)
+    assert [p["step"] for p in curve] == [25, 50, 75]
+    means = [0.1, 0.4, 0.7]                                # nanmean per epoch, as nnU-Net's mean_fg_dice
+    assert [p["pseudo_dice"] for p in curve] == pytest.approx(means)
+    assert [p["value"] for p in curve] == pytest.approx([0.1, 0.9 * 0.1 + 0.04, 0.9 * (0.9 * 0.1 + 0.04) + 0.07])
+    assert curve[0]["train_loss"] == pytest.approx(1.0)
+    assert not conv.nnunet_between_epochs(log)             # the last epoch may be writing checkpoint_best
+    _write_nnunet_log(tmp_path / "next.log", [[0.1]], start_next=True)
+    assert conv.nnunet_between_epochs(tmp_path / "next.log")
+    assert not conv.nnunet_between_epochs(tmp_path / "missing.log")
+
+
+def _record(study, method, seed, dice, cpu=100.0):
+    return {"study": study, "method": method, "seed": seed, "stop_reason": "converged", "best_step": 500,
+            "last_step": 800, "curve": [{"step": 25, "value": 0.1}, {"step": 50, "value": dice}],
+            "curve_quantity": "EMA pseudo-Dice", "cpu_s": {"train": cpu - 10, "total": cpu},
+            "metrics": {name: {"Dice": d, "HD95 mm": 3.0} for name, d in dice.items()} if isinstance(dice, dict)
+            else {"organ": {"Dice": dice}}}
+
+
+def test_cache_resume_picks_the_first_missing_run(conv, tmp_path):
+    plan = [("spine", "mask_rcnn", 0), ("spine", "hmrnet", 0), ("han", "nnunet", 0)]
+    assert conv.missing_runs(plan, conv.load_runs(tmp_path)) == plan
+    path = conv.save_run(tmp_path, _record("spine", "hmrnet", 0, 0.5))
+    assert path == tmp_path / "spine" / "hmrnet__seed0.json" and not list(tmp_path.glob("*/*.tmp"))
+    runs = conv.load_runs(tmp_path)
+    assert list(runs) == [("spine", "hmrnet", 0)] and runs[("spine", "hmrnet", 0)]["metrics"]["organ"]["Dice"] == 0.5
+    assert conv.missing_runs(plan, runs) == [plan[0], plan[2]]
+    # a record filed under another run's name is refused, not silently mixed in
+    (tmp_path / "spine" / "mask_rcnn__seed0.json").write_text(path.read_text())
+    with pytest.raises(SystemExit, match="expected at"):
+        conv.load_runs(tmp_path)
+
+
+def test_main_skips_a_cached_run_and_only_rewrites_the_docs(conv, tmp_path, monkeypatch, capsys):
+    conv.save_run(tmp_path, _record("spine", "mask_rcnn", 0, 0.7))
+    calls = []
+    monkeypatch.setattr(conv, "run_one", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(conv, "write_docs", lambda results: calls.append(("docs", results)))
+    assert conv.main(["--study", "spine", "--method", "mask_rcnn", "--seed", "0", "--results", str(tmp_path)]) == 0
+    assert "cached" in capsys.readouterr().out and calls == [("docs", tmp_path)]
+    calls.clear()
+    assert conv.main(["--next", "--results", str(tmp_path)]) == 0
+    assert calls[0] == ("spine", "hmrnet", 0)          # PLAN order: the next spine method, seed 0
+
+
+def test_study_table_means_seeds_marks_missing_runs_and_gives_the_verdict(conv):
+    han = conv.study("han")
+    names = {"Chiasm": 0.2, "OpticNerve_L": 0.4, "Mandible": 0.9, "Brainstem": 0.7}
+    runs = {("han", "nnunet", 0): _record("han", "nnunet", 0, names),
+            ("han", "nnunet", 1): _record("han", "nnunet", 1, {**names, "Chiasm": 0.4}, cpu=200.0)}
+    text = conv.render_study(han, runs)
+    row = next(line for line in text.splitlines() if line.startswith("| stock nnU-Net |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    small = [0.3, 0.4]                                   # (0.2+0.4)/2, (0.4+0.4)/2
+    assert cells[1] == "2/2"
+    assert cells[2] == f"{np.mean(small):.3f} ± {np.std(small, ddof=1):.3f}"
+    assert cells[3] == "0.800 ± 0.000"                   # large organs: mandible, brainstem
+    assert cells[6] == "100, 200" and "420 CPU s" in cells[7]
+    snet = next(line for line in text.splitlines() if line.startswith("| S-Net"))
+    assert "seed 0, 1 not run yet" in snet and "--study han --method snet --seed 0" in snet
+    chiasm = next(line for line in text.splitlines() if line.startswith("| Chiasm |"))
+    assert chiasm.split("|")[2].strip() == "0.300" and chiasm.split("|")[3].strip() == "-"
+    assert "not yet measured (missing snet, focusnetv1, focusnetv2; small-organ Dice so far: nnunet 0.350)" in text
+
+
+def test_han_verdict_reproduced_only_when_v2_best_and_snet_worst(conv):
+    han = conv.study("han")
+    small = {"nnunet": 0.3, "snet": 0.1, "focusnetv1": 0.35, "focusnetv2": 0.5}
+    runs = {("han", m, 0): _record("han", m, 0, {"Chiasm": v, "Mandible": 0.9}) for m, v in small.items()}
+    assert han.verdict(runs).startswith("reproduced: small-organ Dice nnunet 0.300, snet 0.100")
+    runs[("han", "focusnetv1", 0)] = _record("han", "focusnetv1", 0, {"Chiasm": 0.6, "Mandible": 0.9})
+    assert han.verdict(runs).startswith("not reproduced")
+
+
+def test_multitask_verdict_compares_each_class_to_its_single_task_network(conv):
+    mt = conv.study("multitask")
+    runs = {("multitask", "single_1", 0): _record("multitask", "single_1", 0, {"brain: wm": 0.8}),
+            ("multitask", "single_2", 0): _record("multitask", "single_2", 0, {"breast: muscle": 0.6})}
+    assert mt.verdict(runs).startswith("not yet measured")
+    runs[("multitask", "all", 0)] = _record("multitask", "all", 0, {"brain: wm": 0.79, "breast: muscle": 0.58})
+    assert mt.verdict(runs).startswith("reproduced for the 2 classes measured so far: shared minus single-task Dice -0.015")
+    runs[("multitask", "all", 0)] = _record("multitask", "all", 0, {"brain: wm": 0.7, "breast: muscle": 0.58})
+    assert mt.verdict(runs).startswith("not reproduced") and "worst brain: wm -0.100" in mt.verdict(runs)
+
+
+def test_replace_section_keeps_the_rest_of_the_page(conv):
+    page = "# Benchmarks\n\n## A\ntext a\n\n## Convergence\nold\n### sub\nold too\n\n## B\ntext b\n"
+    out = conv.replace_section(page, "## Convergence\n\nnew\n")
+    assert out == "# Benchmarks\n\n## A\ntext a\n\n## Convergence\n\nnew\n\n## B\ntext b\n"
+    assert conv.replace_section(out, "## Convergence\n\nnew\n") == out
+    appended = conv.replace_section("# B\n\n## A\nx\n", "## Convergence\nc\n")
+    assert appended == "# B\n\n## A\nx\n\n## Convergence\nc\n"
+
+
+def test_rendered_section_has_every_planned_run(conv):
+    text = conv.render_section({})
+    assert text.startswith("## Convergence\n")
+    for study, method, seed in conv.PLAN:
+        assert f"--study {study} --method {method} --seed {seed}" in text
+    assert text.count("not yet measured") == len(conv.STUDIES)
+
+
+def test_organmtl_seed_seeds_torch_numpy_random_and_unset_changes_nothing(monkeypatch):
+    import random
+
+    import torch
+
+    from organmtl.nnunet_trainers.budget import seed_from_env
+
+    monkeypatch.setenv("ORGANMTL_SEED", "3")
+    assert seed_from_env() == 3
+    first = (torch.rand(3), np.random.rand(3), random.random())
+    seed_from_env()
+    again = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(first[0], again[0]) and np.array_equal(first[1], again[1]) and first[2] == again[2]
+    monkeypatch.delenv("ORGANMTL_SEED")
+    state = torch.get_rng_state()
+    assert seed_from_env() is None and torch.equal(torch.get_rng_state(), state)
+    monkeypatch.setenv("ORGANMTL_SEED", "-1")
+    with pytest.raises(ValueError, match="ORGANMTL_SEED"):
+        seed_from_env()
