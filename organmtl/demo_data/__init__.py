@@ -2,9 +2,9 @@
 
 ``organmtl demo-data OUT`` writes (``FAMILIES``):
 
-==============  ==================================================  =========================
+===============  ==================================================  =========================
 folder          what                                                 layout of the real data
-==============  ==================================================  =========================
+===============  ==================================================  =========================
 han_pddca       head-and-neck CT, 9 OARs incl. chiasm/optic nerves   PDDCA 1.4.1 (NRRD, .fcsv)
 spine           2D sagittal MR-like / axial CT-like spine slices     generic ``volumes`` folder
 abdomen_mr      two-channel fat/water MR, 6 organs, hip joints       landmark-input thesis
@@ -12,7 +12,8 @@ visceral_ct     CT with kidneys and renal-pelvis landmarks           VISCERAL An
 multimodal      brain MR / breast MR / cardiac CTA tasks             generic ``volumes`` folders
 dicom_rt        RT planning CT (DICOM) + RTSTRUCT contours, a hole   DICOM-RT (CT series + RS)
 chaos           CT liver, MR T1DUAL/T2SPIR abdomen, shuffled DICOM   CHAOS (DICOM + PNG masks)
-==============  ==================================================  =========================
+abdomen_partial abdomen phantoms, two annotators + full truth        ``volumes`` folders (partial labels)
+===============  ==================================================  =========================
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from organmtl.demo_data.chaos import write_chaos
 from organmtl.demo_data.dicom_rt import write_dicom_rt
 from organmtl.demo_data.han import write_han
 from organmtl.demo_data.multimodal import write_multimodal
+from organmtl.demo_data.partial import write_abdomen_partial
 from organmtl.demo_data.spine import write_spine
 from organmtl.demo_data.visceral import write_visceral
 
@@ -37,6 +39,7 @@ FAMILIES = {
     "multimodal": (write_multimodal, 6),
     "dicom_rt": (write_dicom_rt, 4),
     "chaos": (write_chaos, 4),
+    "abdomen_partial": (write_abdomen_partial, 4),
 }
 
 
