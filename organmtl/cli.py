@@ -246,8 +246,14 @@ def cmd_evaluate(args) -> int:
     summary, paths = run_evaluation(args.pred, args.gt, out_dir=args.output, dataset_json=args.dataset_json,
                                     tolerance_mm=args.tolerance_mm, score_threshold=args.score_threshold,
                                     small_organs=args.small_organs, landmarks_pred=args.landmarks_pred,
-                                    landmarks_gt=args.landmarks_gt, centres=args.centres)
+                                    landmarks_gt=args.landmarks_gt, centres=args.centres,
+                                    annotated_only=args.annotated_only, never_together=args.never_together)
     print(markdown_table(summary))
+    for task, block in summary.get("per_source", {}).items():
+        print(f"source {task}: mean Dice {block['mean']['dice']} over its own classes")
+    nt = summary.get("never_annotated_together")
+    if nt:
+        print(f"never annotated together: {len(nt['pairs'])} pair(s), mean Dice {nt['mean_dice']} over {nt['structures']}")
     for what, path in paths.items():
         print(f"{what}: {path}")
     return EXIT_OK
@@ -271,6 +277,10 @@ def add_evaluate_parser(sub) -> None:
     p.add_argument("--landmarks-gt", type=Path, default=None, help="reference landmarks/<case>.json folder")
     p.add_argument("--centres", type=Path, default=None, help="FocusNet SOL-Net <case>_centres.json folder, scored "
                    "against GT's organ centres of mass (default PRED when it holds them)")
+    p.add_argument("--annotated-only", action="store_true", help="partially labelled (merged) datasets: score "
+                   "each case only on the classes its source annotated, and per source (docs/partial_labels.md)")
+    p.add_argument("--never-together", action="store_true", help="full-truth reference: mean Dice of the classes "
+                   "no training case annotated together with another (docs/partial_labels.md)")
     p.set_defaults(func=cmd_evaluate)
 
 

@@ -19,7 +19,8 @@ def default_out_dir(pred: Path) -> Path:
 def run_evaluation(pred: Path, gt: Path, out_dir: Path | None = None, dataset_json: Path | None = None,
                    tolerance_mm: float = 2.0, score_threshold: float = 0.5, small_organs: list[str] | None = None,
                    landmarks_pred: Path | None = None, landmarks_gt: Path | None = None,
-                   centres: Path | None = None) -> tuple[dict, dict]:
+                   centres: Path | None = None, annotated_only: bool = False,
+                   never_together: bool = False) -> tuple[dict, dict]:
     """Evaluate and write the outputs; returns ``(summary, {output: path})``.
 
     PRED a folder -> nnU-Net volumes (GT: reference folder); PRED a ``.json`` file -> COCO instance
@@ -27,7 +28,8 @@ def run_evaluation(pred: Path, gt: Path, out_dir: Path | None = None, dataset_js
     ``<case>.json``; by default ``PRED/landmarks/`` (or ``PRED/<case>.json`` beside the predicted
     volumes) and ``GT/../landmarks/`` when both exist. SOL-Net centres (FocusNet): ``centres``, a
     folder of ``<case>_centres.json``, by default PRED when it holds one for an evaluated case,
-    against the organs' centres of mass in GT (:mod:`organmtl.evaluation.centres`)."""
+    against the organs' centres of mass in GT (:mod:`organmtl.evaluation.centres`).
+    ``annotated_only``/``never_together``: partially labelled datasets (:mod:`organmtl.evaluation.partial`)."""
     from organmtl.evaluation.centres import SUFFIX, evaluate_centre_folder
     from organmtl.evaluation.landmarks import evaluate_landmark_folders
 
@@ -37,8 +39,11 @@ def run_evaluation(pred: Path, gt: Path, out_dir: Path | None = None, dataset_js
     if pred.is_dir():
         from organmtl.evaluation.volumes import evaluate_volume_folders
 
-        rows, summary = evaluate_volume_folders(pred, gt, dataset_json, tolerance_mm, small_organs)
+        rows, summary = evaluate_volume_folders(pred, gt, dataset_json, tolerance_mm, small_organs,
+                                                annotated_only, never_together)
     elif pred.suffix == ".json" and pred.is_file():
+        if annotated_only or never_together:
+            raise EvaluationError(f"{pred}: --annotated-only / --never-together apply to nnU-Net prediction folders")
         from organmtl.evaluation.coco_eval import evaluate_coco
 
         rows, summary = evaluate_coco(pred, gt, tolerance_mm, score_threshold, small_organs)

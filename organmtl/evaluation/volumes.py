@@ -52,13 +52,15 @@ def _squeeze(arr: np.ndarray, spacing) -> tuple[np.ndarray, tuple]:
 
 
 def evaluate_volume_folders(pred: Path, gt: Path, dataset_json: Path | None = None, tolerance_mm: float = 2.0,
-                            small_organs: list[str] | None = None) -> tuple[list[dict], dict]:
+                            small_organs: list[str] | None = None, annotated_only: bool = False,
+                            never_together: bool = False) -> tuple[list[dict], dict]:
     """Per-case rows and the summary of an nnU-Net prediction folder.
 
     Files are read with the reader nnU-Net picks for the dataset (``file_ending``); TP/FP/FN are
     counted by nnU-Net's ``compute_tp_fp_fn_tn``; voxels of the ignore label (if declared) are
     removed from both masks. The prediction folder's cases are evaluated (each needs a reference);
-    reference cases without a prediction are listed in the summary, as nnU-Net does."""
+    reference cases without a prediction are listed in the summary, as nnU-Net does.
+    ``annotated_only`` / ``never_together``: partially labelled datasets (:mod:`organmtl.evaluation.partial`)."""
     from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
 
     pred, gt = Path(pred), Path(gt)
@@ -84,9 +86,24 @@ def evaluate_volume_folders(pred: Path, gt: Path, dataset_json: Path | None = No
     structures = structures_of(meta)
     ignore = meta["labels"].get("ignore")
     small = small_organs if small_organs is not None else meta.get("organmtl_small_organs")
+    ann = None
+    if annotated_only or never_together:
+        from organmtl.evaluation import partial
+
+        try:
+            ann = partial.annotated_labels(meta, str(ds_json))
+        except ValueError as e:
+            raise EvaluationError(str(e)) from None
     rows = []
     for ref in tqdm(refs, desc="evaluate", unit="case", disable=None):
         case = ref.name[: -len(ending)]
+        if annotated_only:
+            try:
+                case_structures = partial.annotated_structures(structures, ann, case)
+            except KeyError as e:
+                raise EvaluationError(f"{pred / ref.name}: {e.args[0]}") from None
+        else:
+            case_structures = structures
         g, g_props = rw.read_seg(str(ref))
         p, _ = rw.read_seg(str(pred / ref.name))
         if g.shape != p.shape:
@@ -94,7 +111,7 @@ def evaluate_volume_folders(pred: Path, gt: Path, dataset_json: Path | None = No
         g, spacing = _squeeze(g, g_props["spacing"])
         p, _ = _squeeze(p, g_props["spacing"])
         valid = None if ignore is None else g != ignore
-        for name, value in structures.items():
+        for name, value in case_structures.items():
             gm, pm = _mask(g, value), _mask(p, value)
             if valid is not None:
                 gm, pm = gm & valid, pm & valid
@@ -103,4 +120,10 @@ def evaluate_volume_folders(pred: Path, gt: Path, dataset_json: Path | None = No
     summary = {"kind": "nnunet", "pred": str(pred), "gt": str(gt), "dataset_json": str(ds_json),
                "file_ending": ending, "n_cases": len(refs), "reference_cases_without_prediction": unpredicted, "tolerance_mm": tolerance_mm, "conventions": CONVENTIONS,
                "segmentation": summarize_rows(rows, list(structures), small)}
+    if annotated_only:
+        summary["annotated_only"] = True
+        summary["per_source"] = partial.per_source_summary(rows, meta, structures, str(ds_json),
+                                                           lambda r, names: summarize_rows(r, names, None))
+    if never_together:
+        summary["never_annotated_together"] = partial.never_together_summary(meta, summary["segmentation"], str(ds_json))
     return rows, summary
