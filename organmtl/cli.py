@@ -342,7 +342,7 @@ def cmd_demo(args) -> int:
     from organmtl.workflows.demo import run_demo
 
     return run_demo(args.out, epochs=args.epochs, iterations=args.iterations,
-                    detectron_iterations=args.detectron_iterations, only=args.only)
+                    detectron_iterations=args.detectron_iterations, only=args.only, jobs=args.jobs)
 
 
 def add_demo_parser(sub) -> None:
@@ -352,8 +352,11 @@ def add_demo_parser(sub) -> None:
                        "(an earlier demo folder is replaced)")
     p.add_argument("--out", type=Path, default=Path("demo_output"),
                    help="output folder: new, empty or an earlier demo's (default demo_output)")
-    p.add_argument("--epochs", type=positive_int, default=None, help="nnU-Net epochs (default: demo budget)")
-    p.add_argument("--iterations", type=positive_int, default=None, help="iterations per epoch")
+    p.add_argument("--epochs", type=positive_int, default=None,
+                   help="nnU-Net epochs of every trainer (default: each trainer's demo budget, printed at the start)")
+    p.add_argument("--iterations", type=positive_int, default=None, help="iterations per epoch of every trainer")
+    p.add_argument("--jobs", type=positive_int, default=None,
+                   help="trainers of a study that train at once (default: 2, or 1 on a one-core machine)")
     p.add_argument("--detectron-iterations", type=positive_int, default=None,
                    help="Detectron2 iterations (default: demo budget)")
     p.add_argument("--only", nargs="+", choices=PARTS, default=None, help="run only these parts (default: all)")

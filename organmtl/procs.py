@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 
@@ -20,18 +21,19 @@ def venv_bin(name: str) -> str:
 
 
 def run_in_group(cmd: list[str], env: dict | None = None, log_file: Path | None = None,
-                 timeout: float | None = None, cwd: Path | None = None) -> None:
+                 timeout: float | None = None, cwd: Path | None = None, stop=None) -> None:
     """Run ``cmd`` in a new session; on error, timeout or interrupt kill its whole process group.
 
     Output goes to ``log_file`` (appended) or is inherited. Raises :class:`CommandFailed` with the
-    log's last lines when the command exits non-zero.
+    log's last lines when the command exits non-zero. ``stop`` (a ``threading.Event``) set by
+    another thread kills the group too (commands run from worker threads, which get no Ctrl-C).
     """
     full_env = {**os.environ, **(env or {})}
     out = open(log_file, "a") if log_file else None
     proc = subprocess.Popen(cmd, env=full_env, stdout=out, stderr=subprocess.STDOUT if out else None,
                             start_new_session=True, cwd=cwd)
     try:
-        rc = proc.wait(timeout=timeout)
+        rc = proc.wait(timeout=timeout) if stop is None else _wait_unless_stopped(proc, timeout, stop)
     except BaseException:
         _kill_group(proc)
         raise
@@ -44,6 +46,18 @@ def run_in_group(cmd: list[str], env: dict | None = None, log_file: Path | None 
         if log_file and Path(log_file).exists():
             tail = "\n".join(Path(log_file).read_text(errors="replace").splitlines()[-15:])
         raise CommandFailed(f"{' '.join(map(str, cmd[:3]))} ... exited with {rc}\n{tail}")
+
+
+def _wait_unless_stopped(proc: subprocess.Popen, timeout: float | None, stop) -> int:
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        try:
+            return proc.wait(timeout=0.5)
+        except subprocess.TimeoutExpired:
+            if stop.is_set():
+                raise CommandFailed(f"{' '.join(map(str, proc.args[:3]))} ... stopped (another command failed)")
+            if deadline is not None and time.monotonic() > deadline:
+                raise
 
 
 def _kill_group(proc: subprocess.Popen) -> None:

@@ -30,8 +30,9 @@ import shutil
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from organmtl.procs import run_in_group, venv_bin
@@ -40,15 +41,54 @@ from organmtl.workflows.steps import convert, output_to
 MARKER = ".organmtl-demo"
 FOLD = 0
 BASELINE = "nnUNetTrainerOMTLBaseline_Tiny"
-# FocusNetv2 runs its five phases one epoch each at 5 epochs; its iterations cost ~5-15 s on 2 CPU cores
-# (stock tiny U-Net ~1.5 s incl. logging), so the demo keeps iterations few: it shows that everything runs.
-DEFAULT_EPOCHS, DEFAULT_ITERATIONS = 5, 5
 DETECTRON_ITERATIONS = 100
 N_TEST = 4
+#: trainers of a study that train at once (two cores: two; see _run_study)
+DEFAULT_JOBS = max(1, min(2, os.cpu_count() or 1))
 
 
 class DemoError(ValueError):
     """Bad input for ``organmtl demo`` (one line, exit code 2)."""
+
+
+@dataclass(frozen=True)
+class Budget:
+    """One trainer's training budget in the demo, set through the stock schedule variables of
+    :mod:`organmtl.nnunet_trainers.budget` (``ORGANMTL_EPOCHS``, ``ORGANMTL_ITERS_PER_EPOCH``,
+    ``ORGANMTL_VAL_ITERS``); optimiser, learning-rate schedule and augmentation stay the trainer's
+    own. ``phases`` (FocusNet: phase -> epochs, ``ORGANMTL_FOCUSNET_PHASE_EPOCHS``) replaces
+    ``epochs`` by their sum."""
+
+    epochs: int
+    iterations: int
+    val_iterations: int = 2
+    phases: tuple[tuple[str, int], ...] | None = None
+
+    @property
+    def total_epochs(self) -> int:
+        return sum(n for _, n in self.phases) if self.phases else self.epochs
+
+    def scaled(self, epochs: int | None = None, iterations: int | None = None) -> "Budget":
+        """This budget with the command line's ``--epochs`` / ``--iterations`` where given; ``--epochs``
+        scales a phase split to about that many epochs, every phase at least one (as the trainer's own split)."""
+        phases = self.phases
+        if epochs and phases:
+            phases = tuple((p, max(1, round(n * epochs / self.total_epochs))) for p, n in phases)
+        return Budget(epochs or self.epochs, iterations or self.iterations, self.val_iterations, phases)
+
+    def environment(self) -> dict[str, str]:
+        env = {"ORGANMTL_EPOCHS": str(self.total_epochs), "ORGANMTL_ITERS_PER_EPOCH": str(self.iterations),
+               "ORGANMTL_VAL_ITERS": str(self.val_iterations)}
+        if self.phases:
+            env["ORGANMTL_FOCUSNET_PHASE_EPOCHS"] = ",".join(f"{p}={n}" for p, n in self.phases)
+        return env
+
+    def describe(self) -> str:
+        text = (f"{self.total_epochs} epochs x {self.iterations} iterations = "
+                f"{self.total_epochs * self.iterations} iterations ({self.val_iterations} validation iterations / epoch)")
+        if self.phases:
+            text += "; phases " + ", ".join(f"{p} {n}" for p, n in self.phases) + " epochs"
+        return text
 
 
 @dataclass(frozen=True)
@@ -63,16 +103,25 @@ class Study:
     families: tuple[str, ...]
     convert: tuple[tuple[str, ...], ...]        # (source, options...) of organmtl convert; "{data}", "{raw}"
     trainers: dict[str, str]
+    budgets: dict[str, Budget]                  # column label -> that trainer's demo budget
     configuration: str = "3d_tiny"
     test_set: bool = False                      # predict held-out cases (else: fold-0 validation)
-    env: dict[str, str] = field(default_factory=dict)
 
+    def __post_init__(self):
+        if set(self.budgets) != set(self.trainers):
+            raise ValueError(f"study {self.key}: budgets for {sorted(self.budgets)} but trainers {sorted(self.trainers)}")
+
+
+#: FocusNetv2's phases (§4.2 order) in epochs of ``iterations``: S-Net gets most of it, the small-organ
+#: parts enough to show they train
+SCHEDULE_FOCUSNET = (("snet", 18), ("sol", 2), ("ae", 2), ("sos", 2), ("joint", 2))
 
 STUDIES = (
     Study("han", "Head-and-neck CT (PDDCA layout): FocusNetv2 vs nnU-Net", 501, "HaNDemo", ("han_pddca",),
           (("pddca", "{data}/han_pddca", "--test", "{data}/han_pddca_test", "--dataset-id", "501",
             "--name", "HaNDemo", "-j", "2"),),
-          {"nnU-Net": BASELINE, "FocusNetv2": "nnUNetTrainerOMTLFocusNetV2_Tiny"}, test_set=True),
+          {"nnU-Net": BASELINE, "FocusNetv2": "nnUNetTrainerOMTLFocusNetV2_Tiny"},
+          {"nnU-Net": Budget(18, 250), "FocusNetv2": Budget(0, 50, phases=SCHEDULE_FOCUSNET)}, test_set=True),
     # one conversion with Gaussian landmark channels serves all three: the auxiliary-task trainers
     # need heatmaps, early fusion takes either map (the paper's distance map: --landmark-channels distance)
     Study("abdomen", "Fat/water MR with hip-joint landmarks: landmark U-Nets vs nnU-Net", 503, "AbdomenDemo",
@@ -81,7 +130,9 @@ STUDIES = (
             "--landmark-channels", "heatmap"),),
           {"nnU-Net (image only)": "nnUNetTrainerOMTLLandmarkImageOnly_Tiny",
            "landmarks as input (early fusion)": "nnUNetTrainerOMTLLandmarkEarlyFusion_Tiny",
-           "landmarks as auxiliary task (joint)": "nnUNetTrainerOMTLLandmarkJoint_Tiny"}),
+           "landmarks as auxiliary task (joint)": "nnUNetTrainerOMTLLandmarkJoint_Tiny"},
+          {"nnU-Net (image only)": Budget(10, 100), "landmarks as input (early fusion)": Budget(12, 100),
+           "landmarks as auxiliary task (joint)": Budget(12, 100)}),
     Study("multitask", "Brain MR + breast MR + cardiac CTA in one network: multi-task CNN vs nnU-Net", 504,
           "MultiTaskDemo", ("multimodal",),
           (("volumes", "{data}/multimodal/brain_mr", "--dataset-id", "505", "--name", "BrainDemo"),
@@ -90,7 +141,9 @@ STUDIES = (
            ("merge", "{raw}/Dataset505_BrainDemo", "{raw}/Dataset506_BreastDemo",
             "{raw}/Dataset507_CardiacDemo", "--dataset-id", "504", "--name", "MultiTaskDemo")),
           {"nnU-Net": BASELINE, "multi-task U-Net (balanced)": "nnUNetTrainerOMTLMultiTaskUNet_Tiny",
-           "triplanar multi-task CNN": "nnUNetTrainerOMTLTriplanar_Tiny"}),
+           "triplanar multi-task CNN": "nnUNetTrainerOMTLTriplanar_Tiny"},
+          {"nnU-Net": Budget(12, 100), "multi-task U-Net (balanced)": Budget(12, 100),
+           "triplanar multi-task CNN": Budget(6, 50)}),
 )
 
 #: what ``--only`` can pick: the nnU-Net studies and the Detectron2 comparison
@@ -179,9 +232,10 @@ def _duration(seconds: float) -> str:
 
 
 @contextmanager
-def epoch_progress(log_file: Path, total_epochs: int, period: float = 2.0, stream=None):
+def epoch_progress(log_file: Path, total_epochs: int, period: float = 2.0, stream=None, tag: str | None = None):
     """While the block runs, follow ``log_file`` (a trainer's output, appended to) from its current
-    end and print :meth:`EpochLog.line` for every finished epoch; yields the :class:`EpochLog`."""
+    end and print :meth:`EpochLog.line` for every finished epoch (after ``[tag]`` when given: trainers
+    that run at once); yields the :class:`EpochLog`."""
     log_file, stream = Path(log_file), stream or sys.stdout
     progress = EpochLog(total_epochs)
     start = log_file.stat().st_size if log_file.is_file() else 0
@@ -201,7 +255,8 @@ def epoch_progress(log_file: Path, total_epochs: int, period: float = 2.0, strea
                 for line in lines:
                     record = progress.feed(line)
                     if record is not None:
-                        print(progress.line(record), file=stream, flush=True)
+                        text = progress.line(record)
+                        print(f"    [{tag}] {text.strip()}" if tag else text, file=stream, flush=True)
             if last:
                 return
 
@@ -235,12 +290,13 @@ def check_budget(**budget: int | None) -> None:
 
 
 def run_demo(out: Path, epochs: int | None = None, iterations: int | None = None,
-             detectron_iterations: int | None = None, only: list[str] | None = None) -> int:
+             detectron_iterations: int | None = None, only: list[str] | None = None, jobs: int | None = None) -> int:
     from organmtl.demo_data import write_demo_data
     from organmtl.demo_data.han import write_han
     from organmtl.evaluation.report import write_report
 
-    check_budget(epochs=epochs, iterations=iterations, detectron_iterations=detectron_iterations)
+    check_budget(epochs=epochs, iterations=iterations, detectron_iterations=detectron_iterations, jobs=jobs)
+    jobs = jobs or DEFAULT_JOBS
     unknown = sorted(set(only or ()) - set(PARTS))
     if unknown:
         raise DemoError(f"--only: unknown part(s) {', '.join(unknown)}")
@@ -251,13 +307,18 @@ def run_demo(out: Path, epochs: int | None = None, iterations: int | None = None
     prepare_out(out)
     env = {"nnUNet_raw": str(out / "nnUNet_raw"), "nnUNet_preprocessed": str(out / "nnUNet_preprocessed"),
            "nnUNet_results": str(out / "nnUNet_results"), "nnUNet_n_proc_DA": os.environ.get("nnUNet_n_proc_DA", "0"),
-           "nnUNet_def_n_proc": os.environ.get("nnUNet_def_n_proc", "2"),
-           "ORGANMTL_EPOCHS": str(epochs or DEFAULT_EPOCHS),
-           "ORGANMTL_ITERS_PER_EPOCH": str(iterations or DEFAULT_ITERATIONS)}
+           "nnUNet_def_n_proc": os.environ.get("nnUNet_def_n_proc", "2")}
     os.environ.update(env)
     logs = out / "logs"
     logs.mkdir()
     t_all = time.time()
+    plan = demo_budgets(studies, epochs, iterations)
+    print("Budgets (organmtl demo's own; --epochs / --iterations / --detectron-iterations override them):")
+    for study in studies:
+        for label, trainer in study.trainers.items():
+            print(f"    {study.key}: {label} ({trainer}): {plan[study.key][label].describe()}")
+    if run_detectron:
+        print(f"    detectron: {', '.join(DETECTRON_CONFIGS)}: {detectron_iterations} iterations each", flush=True)
 
     t0 = _step("demo data")
     data = out / "demo_data"
@@ -270,10 +331,10 @@ def run_demo(out: Path, epochs: int | None = None, iterations: int | None = None
 
     sections, budgets = [], []
     for study in studies:
-        sections.append(_run_study(study, out, data, logs, env, budgets))
+        sections.append(_run_study(study, out, data, logs, plan[study.key], budgets, jobs))
     if run_detectron:
         t0 = _step("Detectron2: spine slices -> COCO -> train_net.py (Mask R-CNN vs HMR-Net, tiny)")
-        sections.append(_detectron_demo(out, data, logs, detectron_iterations, budgets))
+        sections.append(_detectron_demo(out, data, logs, detectron_iterations, budgets, jobs))
         _done(t0)
 
     t0 = _step("organmtl report: overlays and learning curves")
@@ -289,9 +350,18 @@ def run_demo(out: Path, epochs: int | None = None, iterations: int | None = None
     return 0
 
 
-def _run_study(study: Study, out: Path, data: Path, logs: Path, env: dict, budgets: list[dict]) -> str:
-    """Convert, plan, train and score one study; its Markdown section. Appends each trainer's budget
-    and wall time to ``budgets``."""
+def demo_budgets(studies, epochs: int | None = None, iterations: int | None = None) -> dict[str, dict[str, Budget]]:
+    """study key -> column label -> the budget it trains with: the study's own, with the command
+    line's ``--epochs`` / ``--iterations`` where given (:meth:`Budget.scaled`)."""
+    return {s.key: {label: b.scaled(epochs, iterations) for label, b in s.budgets.items()} for s in studies}
+
+
+def _run_study(study: Study, out: Path, data: Path, logs: Path, plan: dict[str, Budget], budgets: list[dict],
+               jobs: int = 1) -> str:
+    """Convert, plan, train and score one study; its Markdown section. ``jobs`` trainers train at
+    once (each a stock ``nnUNetv2_train``; nnU-Net's CPU training is mostly single-threaded small
+    kernels and augmentation, so two trainers on two cores finish sooner than one after the other).
+    Appends each trainer's budget and wall time to ``budgets``."""
     from organmtl.nnunet_plans import plan_tiny
 
     raw_root = out / "nnUNet_raw"
@@ -302,34 +372,79 @@ def _run_study(study: Study, out: Path, data: Path, logs: Path, env: dict, budge
     with output_to(logs / f"{study.key}_plan.log"):
         plan_tiny(study.dataset_id, configurations=(study.configuration,))
     raw = raw_root / f"Dataset{study.dataset_id:03d}_{study.name}"
+    write_default_split(out / "nnUNet_preprocessed" / raw.name, study.configuration)
     _done(t0)
 
-    columns = {}
-    for label, trainer in study.trainers.items():
-        t0 = _step(f"nnUNetv2_train {study.dataset_id} {study.configuration} {FOLD} -tr {trainer}")
-        train_log = logs / f"{study.key}_train_{trainer}.log"
-        epochs = int({**env, **study.env}["ORGANMTL_EPOCHS"])
-        with epoch_progress(train_log, epochs):
-            run_in_group([venv_bin("nnUNetv2_train"), str(study.dataset_id), study.configuration, str(FOLD), "-tr",
-                          trainer, "-device", "cpu"], env=study.env, log_file=train_log)
-        fold_dir = out / "nnUNet_results" / raw.name / f"{trainer}__nnUNetPlans__{study.configuration}" / f"fold_{FOLD}"
-        if study.test_set:
-            pred = out / "predictions" / trainer
-            run_in_group([venv_bin("nnUNetv2_predict"), "-i", str(raw / "imagesTs"), "-o", str(pred), "-d",
-                          str(study.dataset_id), "-c", study.configuration, "-f", str(FOLD), "-tr", trainer,
-                          "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"],
-                         env=study.env, log_file=logs / f"{study.key}_predict_{trainer}.log")
-            columns[label] = _evaluate_test_set(raw, pred, out / "evaluation" / trainer)
-        else:
-            columns[label] = _validation_scores(fold_dir, raw)
-        iters = int({**env, **study.env}["ORGANMTL_ITERS_PER_EPOCH"])
-        budgets.append({"part": study.key, "method": label, "trainer": trainer,
-                        "budget": f"{epochs} epochs x {iters} iterations = {epochs * iters} iterations",
-                        "seconds": time.time() - t0})
-        _done(t0)
+    stop = threading.Event()
+    rows: dict[str, tuple[dict, dict]] = {}
+
+    def one(label: str):
+        try:
+            rows[label] = _train_and_score(study, label, plan[label], out, raw, logs, stop)
+        except BaseException:
+            stop.set()                     # the other trainers of the study stop too
+            raise
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs), thread_name_prefix=f"demo-{study.key}") as pool:
+        # longest budgets first, so that the shorter ones fill in beside them
+        order = sorted(study.trainers, key=lambda label: -plan[label].total_epochs * plan[label].iterations)
+        futures = [pool.submit(one, label) for label in order]
+        try:
+            for f in futures:
+                f.result()
+        except BaseException:             # Ctrl-C or a failed trainer: stop the running ones
+            stop.set()
+            raise
+    budgets.extend(rows[label][1] for label in study.trainers)
+    columns = {label: rows[label][0] for label in study.trainers}
     where = "held-out test cases (nnUNetv2_predict)" if study.test_set else "nnU-Net's fold-0 validation cases"
     return f"## {study.title}\n\nDataset{study.dataset_id:03d}, {study.configuration}, {where}.\n\n" + \
         _comparison_table(columns)
+
+
+def write_default_split(preprocessed: Path, configuration: str) -> Path:
+    """Write nnU-Net's own 5-fold split (what ``nnUNetTrainer.do_split`` writes when it finds none:
+    the sorted case ids, ``generate_crossval_split`` seed 12345) before trainers start at once, so that
+    no two of them write ``splits_final.json`` at the same time; an existing file is kept."""
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+    from nnunetv2.utilities.crossval_split import generate_crossval_split
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    path = preprocessed / "splits_final.json"
+    if not path.is_file():
+        data_identifier = PlansManager(str(preprocessed / "nnUNetPlans.json")).get_configuration(configuration).data_identifier
+        folder = str(preprocessed / data_identifier)
+        keys = sorted(infer_dataset_class(folder).get_identifiers(folder))
+        path.write_text(json.dumps(generate_crossval_split(keys, seed=12345, n_splits=5), indent=4))
+    return path
+
+
+def _train_and_score(study: Study, label: str, budget: Budget, out: Path, raw: Path, logs: Path,
+                     stop: threading.Event) -> tuple[dict, dict]:
+    """Train one trainer of ``study`` (stock ``nnUNetv2_train``), predict the test cases
+    (``nnUNetv2_predict``) where the study has them, score; (its table column, its budget row)."""
+    trainer, t0, tag = study.trainers[label], time.time(), f"{study.key}: {label}"
+    print(f"\n=== [{tag}] nnUNetv2_train {study.dataset_id} {study.configuration} {FOLD} -tr {trainer} "
+          f"({budget.total_epochs} epochs x {budget.iterations} iterations)", flush=True)
+    train_log = logs / f"{study.key}_train_{trainer}.log"
+    env = budget.environment()
+    with epoch_progress(train_log, budget.total_epochs, tag=tag):
+        run_in_group([venv_bin("nnUNetv2_train"), str(study.dataset_id), study.configuration, str(FOLD), "-tr",
+                      trainer, "-device", "cpu"], env=env, log_file=train_log, stop=stop)
+    if study.test_set:
+        pred = out / "predictions" / trainer
+        run_in_group([venv_bin("nnUNetv2_predict"), "-i", str(raw / "imagesTs"), "-o", str(pred), "-d",
+                      str(study.dataset_id), "-c", study.configuration, "-f", str(FOLD), "-tr", trainer,
+                      "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"],
+                     env=env, log_file=logs / f"{study.key}_predict_{trainer}.log", stop=stop)
+        column = _evaluate_test_set(raw, pred, out / "evaluation" / trainer)
+    else:
+        fold_dir = out / "nnUNet_results" / raw.name / f"{trainer}__nnUNetPlans__{study.configuration}" / f"fold_{FOLD}"
+        column = _validation_scores(fold_dir, raw)
+    seconds = time.time() - t0
+    print(f"    [{tag}] done ({seconds:.0f} s)", flush=True)
+    return column, {"part": study.key, "method": label, "trainer": trainer, "budget": budget.describe(),
+                    "seconds": seconds}
 
 
 def _evaluate_test_set(raw: Path, pred: Path, eval_dir: Path) -> dict:
@@ -369,7 +484,11 @@ def budget_section(budgets: list[dict]) -> str:
              "Every model is trained with the budget below on the CPU (the papers train for days on GPUs; "
              "stock nnU-Net trains 1000 epochs x 250 iterations), so the tables show that each method learns "
              "on the demo phantoms, not how the methods compare once trained to convergence. The paper "
-             f"comparison, every method trained until validation stops improving, is in {where}.", "",
+             f"comparison, every method trained until validation stops improving, is in {where}. "
+             "Each budget is the run length only (ORGANMTL_EPOCHS x ORGANMTL_ITERS_PER_EPOCH, "
+             "ORGANMTL_VAL_ITERS; FocusNet's phase split): optimiser, learning-rate schedule and augmentation "
+             "are each trainer's own, the stock nnU-Net baseline's included. The trainers of a study train "
+             "two at a time, so their wall times overlap.", "",
              "| part | method | trainer / config | budget | wall time |", "|---|---|---|---|---|"]
     lines += [f"| {b['part']} | {b['method']} | {b['trainer']} | {b['budget']} | {b['seconds']:.0f} s |" for b in budgets]
     return "\n".join(lines)
@@ -402,27 +521,45 @@ DETECTRON_CONFIGS = {"Mask R-CNN R18-FPN": "configs/tiny/mask_rcnn_R_18_FPN_base
                      "HMR-Net R18 (shape head + manifold + cross-stitch)": "hmrnet/configs/tiny/hmrnet_R_18_FPN_tiny.yaml"}
 
 
-def _detectron_demo(out: Path, data: Path, logs: Path, iterations: int, budgets: list[dict]) -> str:
+def _detectron_demo(out: Path, data: Path, logs: Path, iterations: int, budgets: list[dict], jobs: int = 1) -> str:
+    """Spine slices -> COCO, then ``train_net.py`` for each of :data:`DETECTRON_CONFIGS` (``jobs``
+    at once); the segm AP table."""
     from importlib import resources
 
     coco = out / "coco" / "spine_sag_mr"
     with output_to(logs / "convert_coco.log"):
         convert("volumes", data / "spine" / "spine_sag_mr", "--to", "coco", "--dataset-id", "502", "--name",
                 "SpineSagDemo", "--out", coco)
-    columns = {}
-    for label, rel in DETECTRON_CONFIGS.items():
+    stop = threading.Event()
+
+    def one(label: str, rel: str) -> tuple[dict, dict]:
         config, name = resources.files("organmtl.detectron_heads") / rel, Path(rel).name
         output_dir = out / "detectron2" / name.removesuffix(".yaml")
         t0 = time.time()
-        run_in_group([sys.executable, "-m", "organmtl.detectron_heads.train_net", "--config-file", str(config),
-                      "ORGANMTL.DATASET_ROOT", str(coco), "ORGANMTL.DATASET_NAME", "spine_sag_demo",
-                      "SOLVER.MAX_ITER", str(iterations), "SOLVER.STEPS", f"({int(iterations * 0.8)},)",
-                      "OUTPUT_DIR", str(output_dir)], log_file=logs / f"train_net_{name}.log")
-        budgets.append({"part": "detectron", "method": label, "trainer": name,
-                        "budget": f"{iterations} iterations", "seconds": time.time() - t0})
+        try:
+            run_in_group([sys.executable, "-m", "organmtl.detectron_heads.train_net", "--config-file", str(config),
+                          "ORGANMTL.DATASET_ROOT", str(coco), "ORGANMTL.DATASET_NAME", "spine_sag_demo",
+                          "SOLVER.MAX_ITER", str(iterations), "SOLVER.STEPS", f"({int(iterations * 0.8)},)",
+                          "OUTPUT_DIR", str(output_dir)], log_file=logs / f"train_net_{name}.log", stop=stop)
+        except BaseException:
+            stop.set()
+            raise
+        print(f"    [detectron: {label}] done ({time.time() - t0:.0f} s)", flush=True)
         results = json.loads((output_dir / "final_metrics.json").read_text())
         segm = results.get("segm") or {}   # COCOEvaluator reports no segm block when nothing was predicted
-        columns[label] = {k[3:]: {"segm AP": v} for k, v in segm.items() if k.startswith("AP-")}
+        return ({k[3:]: {"segm AP": v} for k, v in segm.items() if k.startswith("AP-")},
+                {"part": "detectron", "method": label, "trainer": name, "budget": f"{iterations} iterations",
+                 "seconds": time.time() - t0})
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs), thread_name_prefix="demo-detectron") as pool:
+        futures = {label: pool.submit(one, label, rel) for label, rel in DETECTRON_CONFIGS.items()}
+        try:
+            rows = {label: f.result() for label, f in futures.items()}
+        except BaseException:
+            stop.set()
+            raise
+    budgets.extend(row for _, row in rows.values())
+    columns = {label: column for label, (column, _) in rows.items()}
     return ("## Spine sagittal MR slices (Detectron2): HMR-Net vs Mask R-CNN\n\n"
             f"COCO validation split, {iterations} iterations each; COCO segm AP (0-100) per structure.\n\n"
             + _comparison_table(columns))

@@ -20,6 +20,14 @@ def test_demo_runs_end_to_end(tmp_path):
     for label in DETECTRON_CONFIGS:
         assert f"{label} segm AP" in summary
     assert "| BrainStem |" in summary and "HD95 mm" in summary and "| liver |" in summary
+    # the budgets it trained with (here the command line's) are printed and in summary.md, with the
+    # pointer to the comparison at convergence
+    row = "| han | nnU-Net | nnUNetTrainerOMTLBaseline_Tiny | 1 epochs x 2 iterations = 2 iterations"
+    assert row in summary and "Budgets (organmtl demo's own" in r.stdout
+    assert "| han | FocusNetv2 | nnUNetTrainerOMTLFocusNetV2_Tiny | 5 epochs x 2 iterations" in summary
+    assert "benchmarks.md#convergence" in summary
+    # trainers of a study ran at once: both HaN trainers' progress lines, tagged
+    assert "[han: nnU-Net] epoch 1/1" in r.stdout and "[han: FocusNetv2] epoch 5/5" in r.stdout
     assert (out / "report" / "report.md").is_file()
     assert len(list((out / "report").rglob("*.png"))) >= 6       # overlays and learning curves
     assert "Everything is under" in r.stdout
