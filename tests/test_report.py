@@ -171,6 +171,8 @@ def test_report_demo_folder(nnunet_run, tmp_path):
     shutil.copy(results / "dataset.json", raw / "dataset.json")
     shutil.copytree(results / "fold_0" / "validation", demo / "predictions" / "nnUNetTrainerOMTLBaseline_Tiny")
     shutil.copytree(results / "fold_0", demo / "nnUNet_results" / DATASET / TRAINER / "fold_0")
+    # a second study trained the same (baseline) trainer on another dataset: its curves must not overwrite
+    shutil.copytree(results / "fold_0", demo / "nnUNet_results" / "Dataset999_Other" / TRAINER / "fold_0")
     (demo / ".organmtl-demo").write_text("made by organmtl demo\n")
     assert detect_run_kind(demo) == "demo"
     r = run_cli("report", demo, "--max-cases", "2")
@@ -178,7 +180,9 @@ def test_report_demo_folder(nnunet_run, tmp_path):
     page = (demo / "report" / "report.md").read_text()
     assert "## Predictions nnUNetTrainerOMTLBaseline_Tiny" in page and "| spleen |" in page
     assert len(list((demo / "report" / "nnUNetTrainerOMTLBaseline_Tiny" / "overlays").glob("*.png"))) == 2
-    assert (demo / "report" / TRAINER / "nnunet_curves.png").is_file()
+    for dataset in (DATASET, "Dataset999_Other"):
+        assert (demo / "report" / dataset / TRAINER / "nnunet_curves.png").is_file()
+        assert f"## nnU-Net {dataset} {TRAINER} fold_0" in page
 
 
 def test_report_unknown_folder_is_usage_error(tmp_path):

@@ -106,10 +106,10 @@ def _evaluate_and_overlay(page: _Page, pred: Path, gt: Path, images: Path | None
 
 def _nnunet_fold(page: _Page, fold: Path, out_dir: Path, max_cases: int) -> None:
     series, source = curves.read_nnunet_progress(fold)
-    page.add(f"## nnU-Net {fold.parent.name} {fold.name}", "")
+    page.add(f"## nnU-Net {fold.parent.parent.name} {fold.parent.name} {fold.name}", "")
     if series:
         page.add(f"Learning curves from {source}.", "")
-        for png in curves.plot_nnunet_progress(series, out_dir, f"{fold.parent.name} {fold.name}"):
+        for png in curves.plot_nnunet_progress(series, out_dir, f"{fold.parent.parent.name} {fold.parent.name} {fold.name}"):
             page.image(png, png.stem)
     else:
         page.add("No training log or checkpoint with a logging dict found.", "")
@@ -175,8 +175,8 @@ def _demo(page: _Page, run: Path, out_dir: Path, max_cases: int) -> None:
         _evaluate_and_overlay(page, pred, ds / "labelsTs", ds / "imagesTs", ds / "dataset.json",
                               out_dir / pred.name, max_cases)
     for fold in sorted((run / "nnUNet_results").glob("*/*/fold_*")):
-        if _is_fold(fold):
-            _nnunet_fold(page, fold, out_dir / fold.parent.name, 0)
+        if _is_fold(fold):     # one folder per dataset: studies share trainers (the stock baseline)
+            _nnunet_fold(page, fold, out_dir / fold.parent.parent.name / fold.parent.name, 0)
     for det in sorted((run / "detectron2").glob("*")):
         if (det / "metrics.json").is_file():
             coco = next(iter(sorted((run / "coco").glob("*/annotations/instances_val.json"))), None)
