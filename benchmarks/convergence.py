@@ -149,7 +149,7 @@ def render_study(study: "StudySpec", runs: dict) -> str:
     missing seed say how to resume) and a per-structure table of the main metric."""
     metrics = study.summary_metrics
     lines = [f"### {study.title}", "", study.description, "",
-             "| method | seeds done | " + " | ".join(m for m, _ in metrics) +
+             "| method | seeds done | " + " | ".join(_header(m, subset) for m, subset in metrics) +
              " | stopped (step of best / last) | CPU s per run | cap per run |",
              "|---|---|" + "---|" * len(metrics) + "---|---|---|"]
     for method in study.methods:
@@ -161,8 +161,8 @@ def render_study(study: "StudySpec", runs: dict) -> str:
         cpu = ", ".join(f"{r['cpu_s']['total']:.0f}" for r in done) or "-"
         name = method.label
         if todo:
-            resume = "; ".join(f"`{RESUME} --study {study.key} --method {method.key} --seed {s}`" for s in todo)
-            name += f" — seed {', '.join(map(str, todo))} not run yet (resume with {resume})"
+            resume = ", ".join(f"`--study {study.key} --method {method.key} --seed {s}`" for s in todo)
+            name += f" — not run yet: {resume}"
         lines.append(f"| {name} | {len(done)}/{len(study.seeds)} | " + " | ".join(cells) +
                      f" | {stops} | {cpu} | {method.cap_text} |")
     metric = study.structure_metric
@@ -180,9 +180,16 @@ def render_study(study: "StudySpec", runs: dict) -> str:
                 cells.append(_fmt(mean_finite(vals)) if vals else "-")
             lines.append(f"| {s} | " + " | ".join(cells) + " |")
     lines += ["", f"Claim ({study.claim}): {study.verdict(runs)}"]
-    if study.figure:
+    if study.figure and any(k[0] == study.key for k in runs):
         lines += ["", f"![{study.title} learning curves](figures/{study.figure})"]
     return "\n".join(lines)
+
+
+SUBSETS = {"small": "small organs", "large": "large organs", "near": "near landmarks"}
+
+
+def _header(metric: str, subset: str | None) -> str:
+    return f"{metric} ({SUBSETS[subset]})" if subset else f"{metric} (mean)"
 
 
 def replace_section(text: str, section: str, heading: str = SECTION) -> str:
@@ -279,7 +286,6 @@ def is_small_organ(name: str) -> bool:
 #: the abdomen organs next to the hip-joint landmarks of the phantoms (organmtl/demo_data/abdomen.py)
 NEAR_LANDMARKS = ("bladder",)
 
-DETECTRON_SUMMARY = (("segm AP", None), ("Dice", None))
 STUDIES = (
     StudySpec("spine", "Spine sagittal MR slices (COCO): Mask R-CNN vs HMR-Net and its ablations",
               "Demo spine COCO (`organmtl convert volumes --to coco`), tiny R18-FPN configs, `train_net` with "
@@ -293,7 +299,7 @@ STUDIES = (
                     "hmrnet/configs/tiny/hmrnet_R_18_FPN_no_cross_stitch_tiny.yaml"),
                _det("hmrnet_no_manifold", "HMR-Net, no manifold loss",
                     "hmrnet/configs/tiny/hmrnet_R_18_FPN_no_manifold_tiny.yaml")),
-              (0, 1), (("segm AP", None),), "segm AP", "convergence_spine.png"),
+              (0, 1), (("segm AP", None), ("Dice", None)), "segm AP", "convergence_spine.png"),
     StudySpec("multitask", "Brain MR + breast MR + cardiac CTA: one network per task vs one multi-task network",
               "Merged demo dataset (`organmtl convert merge`), 3d_tiny, `nnUNetTrainerOMTLMultiTaskUNet_Tiny` for "
               "every run; experiments 1-3 (one task each) and 7 (all three) of `organmtl multitask-experiments` "
@@ -423,7 +429,10 @@ def render_section(runs: dict) -> str:
             "seed torch/numpy/random with it; unset = nnU-Net's own unseeded behaviour). These are CPU-sized "
             "phantoms and tiny networks: the papers' numbers are not expected, only their direction.",
             "", f"Cached runs: {len(runs)}, {cpu / 60:.1f} CPU-minutes in total. Resume with "
-            f"`{RESUME} --next` (one run per command), or the command named in a row.", ""]
+            f"`{RESUME} --next` (one run per command, in the plan's order), or `{RESUME}` with the options "
+            "a row names. Method rows: mean ± SD over the seeds done; \"stopped\": why the run ended "
+            "(converged = patience rule, cap = CPU-time cap, schedule end) and the iteration of the "
+            "validation-best checkpoint / of the last evaluation.", ""]
     return "\n".join(head) + "\n" + "\n\n".join(render_study(s, runs) for s in STUDIES) + "\n"
 
 
@@ -615,7 +624,7 @@ def spine_coco(work: Path) -> Path:
 
     def make(folder):
         with output_to(work / "prepare_spine.log"):
-            convert("volumes", data / "spine_sag_mr", "--to", "coco", "--dataset-id", "502", "--name",
+            convert("volumes", data / "spine" / "spine_sag_mr", "--to", "coco", "--dataset-id", "502", "--name",
                     "SpineSagDemo", "--out", folder)
     return _prepared(work, "coco_spine", make)
 
@@ -651,12 +660,10 @@ def run_detectron(spec: StudySpec, method: Method, seed: int, work: Path) -> dic
         raise RuntimeError(f"{out / 'metrics.json'}: no evaluation before the stop")
     best = max(evals, key=lambda r: r["segm/AP"] if r["segm/AP"] == r["segm/AP"] else -1)
     metrics = {k.split("/AP-", 1)[1]: {"segm AP": float(v)} for k, v in best.items() if k.startswith("segm/AP-")}
-    for k, v in best.items():   # HMRNetEvaluator's per-structure Dice, when logged
-        low = k.lower()
-        if "dice" in low and isinstance(v, (int, float)):
-            for s in metrics:
-                if s.lower() in low:
-                    metrics[s]["Dice"] = float(v)
+    for k, v in best.items():   # HMRNetEvaluator's per-class Dice and Hausdorff distance (mm)
+        for prefix, metric in (("hmrnet/Dice-", "Dice"), ("hmrnet/HD-", "HD mm")):
+            if k.startswith(prefix) and isinstance(v, (int, float)):
+                metrics.setdefault(k[len(prefix):], {})[metric] = float(v)
     return {**result, "best_step": int(best["iteration"]) + 1, "metrics": metrics, "curve_quantity": "COCO segm AP",
             "cpu_s": {"train": result["cpu_s"], "total": result["cpu_s"]}, "best_record": best}
 

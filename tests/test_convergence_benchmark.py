@@ -133,7 +133,7 @@ def test_study_table_means_seeds_marks_missing_runs_and_gives_the_verdict(conv):
     assert cells[3] == "0.800 ± 0.000"                   # large organs: mandible, brainstem
     assert cells[6] == "100, 200" and "420 CPU s" in cells[7]
     snet = next(line for line in text.splitlines() if line.startswith("| S-Net"))
-    assert "seed 0, 1 not run yet" in snet and "--study han --method snet --seed 0" in snet
+    assert "not run yet" in snet and "`--study han --method snet --seed 0`, `--study han --method snet --seed 1`" in snet
     chiasm = next(line for line in text.splitlines() if line.startswith("| Chiasm |"))
     assert chiasm.split("|")[2].strip() == "0.300" and chiasm.split("|")[3].strip() == "-"
     assert "not yet measured (missing snet, focusnetv1, focusnetv2; small-organ Dice so far: nnunet 0.350)" in text
@@ -195,3 +195,32 @@ def test_organmtl_seed_seeds_torch_numpy_random_and_unset_changes_nothing(monkey
     monkeypatch.setenv("ORGANMTL_SEED", "-1")
     with pytest.raises(ValueError, match="ORGANMTL_SEED"):
         seed_from_env()
+
+
+def _curve_from(path):
+    if not path.is_file():
+        return []
+    return [{"step": i + 1, "value": float(v)} for i, v in enumerate(path.read_text().split())]
+
+
+def test_monitored_stops_a_running_command_by_the_rule_or_the_cap(conv, tmp_path):
+    """A child that writes one evaluation every 20 ms forever: the rule stops it (killed, not finished)."""
+    out = tmp_path / "curve.txt"
+    script = ("import time, itertools\n"
+              f"f = open({str(out)!r}, 'a', buffering=1)\n"
+              "for i in itertools.count():\n"
+              "    f.write(str(min(i, 3) / 10) + '\\n')\n"
+              "    time.sleep(0.02)\n")
+    result = conv.monitored([sys.executable, "-c", script], {}, tmp_path / "log.txt", lambda: _curve_from(out),
+                            conv.Patience(patience=4), cap_cpu_s=600, poll=0.2)
+    assert result["stop_reason"] == "converged"
+    assert len(result["curve"]) >= 8                 # best 0.3 at the 4th, stop at the 8th or later poll
+    spin = "import time\nt = time.time()\nwhile True:\n    pass\n"
+    result = conv.monitored([sys.executable, "-c", spin], {}, tmp_path / "log2.txt", lambda: [], None,
+                            cap_cpu_s=0.3, poll=0.1)
+    assert result["stop_reason"] == "cap" and result["cpu_s"] >= 0.3
+    done = conv.monitored([sys.executable, "-c", "pass"], {}, tmp_path / "log3.txt", lambda: [], None, 600, poll=0.1)
+    assert done["stop_reason"] == "schedule end"
+    with pytest.raises(RuntimeError, match="exited with 3"):
+        conv.monitored([sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"], {}, tmp_path / "log4.txt",
+                       lambda: [], None, 600, poll=0.1)
