@@ -14,6 +14,10 @@ class CommandFailed(RuntimeError):
     pass
 
 
+class CommandStopped(CommandFailed):
+    """Killed because ``run_in_group``'s ``stop`` event was set (another command failed)."""
+
+
 def venv_bin(name: str) -> str:
     """Path of a console script installed beside the running interpreter (falls back to PATH)."""
     candidate = Path(sys.executable).parent / name
@@ -55,7 +59,7 @@ def _wait_unless_stopped(proc: subprocess.Popen, timeout: float | None, stop) ->
             return proc.wait(timeout=0.5)
         except subprocess.TimeoutExpired:
             if stop.is_set():
-                raise CommandFailed(f"{' '.join(map(str, proc.args[:3]))} ... stopped (another command failed)")
+                raise CommandStopped(f"{' '.join(map(str, proc.args[:3]))} ... stopped (another command failed)")
             if deadline is not None and time.monotonic() > deadline:
                 raise
 

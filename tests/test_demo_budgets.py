@@ -87,3 +87,25 @@ def test_progress_lines_of_trainers_running_at_once_carry_their_tag(tmp_path):
         log.write_text("Epoch 0\ntrain_loss 0.5\nEpoch time: 2.0 s\n")
         time.sleep(0.3)
     assert stream.getvalue() == "    [han: nnU-Net] epoch 1/4, loss 0.5000, 2.0 s/epoch, ~6 s left\n"
+
+
+def test_the_failure_reported_is_the_trainer_that_failed_not_the_one_it_stopped():
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from organmtl.procs import CommandFailed, CommandStopped, run_in_group
+    from organmtl.workflows.demo import _raise_first_failure
+
+    stop = threading.Event()
+
+    def failing():
+        try:
+            run_in_group(["bash", "-c", "sleep 0.5; exit 3"], stop=stop)
+        finally:
+            stop.set()
+
+    with ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(run_in_group, ["sleep", "30"], stop=stop), pool.submit(failing)]
+    assert isinstance(futures[0].exception(), CommandStopped)
+    with pytest.raises(CommandFailed, match="exited with 3"):
+        _raise_first_failure(futures)

@@ -30,12 +30,12 @@ import shutil
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from organmtl.procs import run_in_group, venv_bin
+from organmtl.procs import CommandStopped, run_in_group, venv_bin
 from organmtl.workflows.steps import convert, output_to
 
 MARKER = ".organmtl-demo"
@@ -379,6 +379,8 @@ def _run_study(study: Study, out: Path, data: Path, logs: Path, plan: dict[str, 
     rows: dict[str, tuple[dict, dict]] = {}
 
     def one(label: str):
+        if stop.is_set():                  # queued behind a trainer that failed: do not start
+            return
         try:
             rows[label] = _train_and_score(study, label, plan[label], out, raw, logs, stop)
         except BaseException:
@@ -390,16 +392,23 @@ def _run_study(study: Study, out: Path, data: Path, logs: Path, plan: dict[str, 
         order = sorted(study.trainers, key=lambda label: -plan[label].total_epochs * plan[label].iterations)
         futures = [pool.submit(one, label) for label in order]
         try:
-            for f in futures:
-                f.result()
-        except BaseException:             # Ctrl-C or a failed trainer: stop the running ones
+            wait(futures, return_when=FIRST_EXCEPTION)
+        except BaseException:             # Ctrl-C: stop the running ones
             stop.set()
             raise
+    _raise_first_failure(futures)
     budgets.extend(rows[label][1] for label in study.trainers)
     columns = {label: rows[label][0] for label in study.trainers}
     where = "held-out test cases (nnUNetv2_predict)" if study.test_set else "nnU-Net's fold-0 validation cases"
     return f"## {study.title}\n\nDataset{study.dataset_id:03d}, {study.configuration}, {where}.\n\n" + \
         _comparison_table(columns)
+
+
+def _raise_first_failure(futures) -> None:
+    """Re-raise the error of the command that failed first, not the ones it stopped."""
+    errors = [f.exception() for f in futures if f.done() and not f.cancelled() and f.exception()]
+    if errors:
+        raise next((e for e in errors if not isinstance(e, CommandStopped)), errors[0])
 
 
 def write_default_split(preprocessed: Path, configuration: str) -> Path:
@@ -554,10 +563,12 @@ def _detectron_demo(out: Path, data: Path, logs: Path, iterations: int, budgets:
     with ThreadPoolExecutor(max_workers=max(1, jobs), thread_name_prefix="demo-detectron") as pool:
         futures = {label: pool.submit(one, label, rel) for label, rel in DETECTRON_CONFIGS.items()}
         try:
-            rows = {label: f.result() for label, f in futures.items()}
+            wait(futures.values(), return_when=FIRST_EXCEPTION)
         except BaseException:
             stop.set()
             raise
+    _raise_first_failure(futures.values())
+    rows = {label: f.result() for label, f in futures.items()}
     budgets.extend(row for _, row in rows.values())
     columns = {label: column for label, (column, _) in rows.items()}
     return ("## Spine sagittal MR slices (Detectron2): HMR-Net vs Mask R-CNN\n\n"
