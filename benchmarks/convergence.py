@@ -231,10 +231,11 @@ class Method:
 
 
 NNUNET_BUDGET = {"ORGANMTL_EPOCHS": "200", "ORGANMTL_ITERS_PER_EPOCH": "25", "ORGANMTL_VAL_ITERS": "5"}
-NNUNET_PATIENCE = Patience(patience=12, min_delta=1e-3, min_evaluations=40)   # epochs of 25 iterations
+NNUNET_PATIENCE = Patience(patience=10, min_delta=1e-3, min_evaluations=20)   # epochs of 25 iterations
 DET_BUDGET = {"SOLVER.MAX_ITER": "1500", "SOLVER.STEPS": "(1200,)", "TEST.EVAL_PERIOD": "50"}
 DET_PATIENCE = Patience(patience=6, min_delta=0.5, min_evaluations=6)          # evaluations every 50 it
-NNUNET_CAP_S, DET_CAP_S = 420.0, 420.0
+# caps: two Detectron2 runs, three multi-task runs or two abdomen runs fit one ~10 minute slot
+NNUNET_CAP_S, DET_CAP_S, MULTITASK_CAP_S, ABDOMEN_CAP_S = 420.0, 250.0, 150.0, 200.0
 
 
 def _nn(key, label, trainer, cap=NNUNET_CAP_S, patience=NNUNET_PATIENCE, budget=None, subset=None):
@@ -306,10 +307,10 @@ STUDIES = (
               "(its splits and evaluation: Dice of the argmax over the union output layer on each task's test "
               "cases); prediction with `checkpoint_best.pth`.",
               "Moeskops et al.: no loss from sharing one network",
-              (_nn("single_1", "task 1 only (brain)", "nnUNetTrainerOMTLMultiTaskUNet_Tiny", subset=1),
-               _nn("single_2", "task 2 only (breast)", "nnUNetTrainerOMTLMultiTaskUNet_Tiny", subset=2),
-               _nn("single_3", "task 3 only (cardiac)", "nnUNetTrainerOMTLMultiTaskUNet_Tiny", subset=3),
-               _nn("all", "all three tasks, one network", "nnUNetTrainerOMTLMultiTaskUNet_Tiny", subset=7)),
+              (_nn("single_1", "task 1 only (brain)", "nnUNetTrainerOMTLMultiTaskUNet_Tiny", cap=MULTITASK_CAP_S, subset=1),
+               _nn("single_2", "task 2 only (breast)", "nnUNetTrainerOMTLMultiTaskUNet_Tiny", cap=MULTITASK_CAP_S, subset=2),
+               _nn("single_3", "task 3 only (cardiac)", "nnUNetTrainerOMTLMultiTaskUNet_Tiny", cap=MULTITASK_CAP_S, subset=3),
+               _nn("all", "all three tasks, one network", "nnUNetTrainerOMTLMultiTaskUNet_Tiny", cap=MULTITASK_CAP_S, subset=7)),
               (0, 1), (("Dice", None),), "Dice", "convergence_multitask.png"),
     StudySpec("abdomen", "Fat/water MR with hip-joint landmarks: image only vs landmark input vs auxiliary task",
               "Demo abdomen MR with Gaussian landmark channels (the demo's conversion), 3d_tiny, fold 0 of "
@@ -317,11 +318,11 @@ STUDIES = (
               "checkpoint_best.pth` (Dice, HD95 mm); landmark error: the joint trainers' logged validation "
               "error at the best epoch. \"near\" = organs next to the hip landmarks (bladder).",
               "landmark input and the auxiliary task help the organs near the landmarks",
-              (_nn("image_only", "image only (nnU-Net)", "nnUNetTrainerOMTLLandmarkImageOnly_Tiny"),
-               _nn("early_fusion", "landmarks as input (early fusion)", "nnUNetTrainerOMTLLandmarkEarlyFusion_Tiny"),
-               _nn("late_fusion", "landmarks as input (late fusion)", "nnUNetTrainerOMTLLandmarkLateFusion_Tiny"),
-               _nn("joint", "landmarks as auxiliary task (joint tail)", "nnUNetTrainerOMTLLandmarkJoint_Tiny"),
-               _nn("uncertainty", "auxiliary task, uncertainty weighting", "nnUNetTrainerOMTLLandmarkUncertainty_Tiny")),
+              (_nn("image_only", "image only (nnU-Net)", "nnUNetTrainerOMTLLandmarkImageOnly_Tiny", cap=ABDOMEN_CAP_S),
+               _nn("early_fusion", "landmarks as input (early fusion)", "nnUNetTrainerOMTLLandmarkEarlyFusion_Tiny", cap=ABDOMEN_CAP_S),
+               _nn("late_fusion", "landmarks as input (late fusion)", "nnUNetTrainerOMTLLandmarkLateFusion_Tiny", cap=ABDOMEN_CAP_S),
+               _nn("joint", "landmarks as auxiliary task (joint tail)", "nnUNetTrainerOMTLLandmarkJoint_Tiny", cap=ABDOMEN_CAP_S),
+               _nn("uncertainty", "auxiliary task, uncertainty weighting", "nnUNetTrainerOMTLLandmarkUncertainty_Tiny", cap=ABDOMEN_CAP_S)),
               (0, 1), (("Dice", None), ("Dice", "near"), ("HD95 mm", None), ("landmark error mm", None)),
               "Dice", "convergence_abdomen.png"),
     StudySpec("han", "Head-and-neck CT (PDDCA layout): nnU-Net vs S-Net vs FocusNetv1 vs FocusNetv2",
@@ -842,7 +843,7 @@ def run_one(study_key: str, method_key: str, seed: int, work: Path, results: Pat
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--study", choices=[s.key for s in STUDIES])
-    p.add_argument("--method")
+    p.add_argument("--method", nargs="+", help="one or more methods of --study, run one after the other")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--next", action="store_true", help="run the first planned run without a cached result")
     p.add_argument("--list", action="store_true", help="list the planned runs and which are cached")
@@ -865,16 +866,17 @@ def main(argv=None) -> int:
         if not todo:
             print("every planned run is cached")
             return 0
-        key = todo[0]
+        keys = [todo[0]]
     elif args.study and args.method:
-        key = (args.study, args.method, args.seed)
+        keys = [(args.study, m, args.seed) for m in args.method]
     else:
         p.error("give --study and --method (and --seed), or --next, --list, --write-docs")
-    if key in runs and not args.force:
-        print(f"{key}: cached in {run_path(args.results, *key)} (--force to run again)")
-    else:
-        run_one(*key, work=args.work.resolve(), results=args.results)
-    write_docs(args.results)
+    for key in keys:
+        if key in runs and not args.force:
+            print(f"{key}: cached in {run_path(args.results, *key)} (--force to run again)")
+        else:
+            run_one(*key, work=args.work.resolve(), results=args.results)
+        write_docs(args.results)
     return 0
 
 
