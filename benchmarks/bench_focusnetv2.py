@@ -155,6 +155,179 @@ def _cost_child(trainer_name: str, model_dir: str, device: str, n_steps: int, qu
                "infer_s": time.time() - t0, "params_m": params_m})
 
 
+def _small_organ_batch(trainer, dataset_json: dict, max_draws: int = 40) -> dict:
+    """The first of the seeded training batches (nnU-Net's loader of the S-Net phase) in which every sample
+    holds every small organ: the work a FocusNet step with small organs does, the same batch for every
+    trainer and every code state (falls back to the batch with the most (sample, organ) pairs)."""
+    import torch
+
+    small = [dataset_json["labels"][n] for n in dataset_json.get("organmtl_small_organs", [])]
+    loader = trainer.get_dataloaders()[0]
+    best, best_n = None, -1
+    for _ in range(max_draws):
+        batch = next(loader)
+        target = batch["target"][0] if isinstance(batch["target"], list) else batch["target"]
+        n = sum(int((target[b] == v).any()) for b in range(target.shape[0]) for v in small)
+        if n > best_n:
+            best, best_n = batch, n
+        if n == target.shape[0] * len(small):
+            break
+    return {"data": best["data"], "target": best["target"], "pairs": best_n}
+
+
+def _steps_child(trainer_name: str, work: str, device: str, n_steps: int, queue) -> None:
+    """``--steps-only``: the trainer initialised from the preprocessed plans (random weights, no training)
+    and its own ``train_step`` timed per phase on :func:`_small_organ_batch`."""
+    import random
+
+    import torch
+
+    import organmtl.nnunet_trainers as trainers
+    from organmtl.nnunet_trainers.focusnet.options import phase_at
+    from trainer_timing import initialized_trainer, train_step_seconds
+
+    pre = Path(os.environ["nnUNet_preprocessed"]) / f"Dataset{DATASET}_BenchHaN"
+    plans = json.loads((pre / "nnUNetPlans.json").read_text())
+    dataset_json = json.loads((pre / "dataset.json").read_text())
+    trainer = initialized_trainer(getattr(trainers, trainer_name), plans, "3d_tiny", dataset_json, device)
+    random.seed(0), np.random.seed(0), torch.manual_seed(0)
+    batch = _small_organ_batch(trainer, dataset_json)
+    pairs = batch.pop("pairs")
+    schedule = getattr(trainer, "schedule", [("stock", 1)])
+    phases, first_epoch = {}, 0
+    for phase, n_epochs in schedule:
+        trainer.current_epoch = first_epoch
+        first_epoch += n_epochs
+        if phase != "stock":
+            assert phase_at(trainer.schedule, trainer.current_epoch) == phase
+            trainer.on_train_epoch_start()
+        torch.manual_seed(1)
+        phases[phase] = float(np.median(train_step_seconds(trainer, batch, n_steps)))
+    total = sum(n for _, n in schedule)
+    queue.put({"step_s": sum(phases[p] * n for p, n in schedule) / total, "step_s_phase": phases,
+               "step_s_max": max(phases.values()), "schedule": [list(p) for p in schedule], "small_pairs": pairs})
+
+
+def steps_only(trainers: list[str], env: dict, device: str, n_steps: int) -> str:
+    """Step-time ratios to the stock trainer, all trainers in one run (one fresh process each)."""
+    ctx = mp.get_context("spawn")
+    res = {}
+    old = dict(os.environ)
+    os.environ.update(env)
+    try:
+        for t in trainers:
+            q = ctx.Queue()
+            p = ctx.Process(target=_steps_child, args=(t, "", device, n_steps, q))
+            p.start()
+            res[t] = q.get(timeout=3600)
+            p.join()
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
+    ref = res[TRAINERS[0]]["step_s"]
+    lines = ["| trainer | " + " | ".join(["phase " + p for p in O_PHASES]) + " | mean over the schedule | max |",
+             "|---|" + "---|" * (len(O_PHASES) + 2)]
+    for t, r in res.items():
+        ph = r["step_s_phase"]
+        ph = {p: ph["stock"] for p in O_PHASES} if "stock" in ph else ph
+        cells = [f"{ph[p]:.3f} ({ph[p] / ref:.2f}x)" if p in ph else "" for p in O_PHASES]
+        lines.append(f"| {SHORT[t]} | " + " | ".join(cells) + f" | {r['step_s'] / ref:.2f}x | {r['step_s_max'] / ref:.2f}x |")
+    print(json.dumps(res, indent=1))
+    return "\n".join(lines)
+
+
+def _focal_child(setting: str, n_steps: int, n_val: int, queue) -> None:
+    """``--focal-study``: S-Net (the ``snet`` phase of ``nnUNetTrainerOMTLSNet_Tiny``) trained ``n_steps`` steps
+    from the same seed and batches with Eq. 3's focal weights as the trainer sets them (``mean1``: voxel-frequency
+    weighted mean 1), scaled so that the focal gradient w.r.t. the logits equals Dice's at initialisation
+    (``matched``), or summing to 1 as before (``sum1``); then Dice per organ on ``n_val`` validation patches."""
+    import random
+
+    import torch
+
+    import organmtl.nnunet_trainers as trainers
+    from organmtl.nnunet_trainers.focusnet import losses as L
+    from trainer_timing import initialized_trainer
+
+    pre = Path(os.environ["nnUNet_preprocessed"]) / f"Dataset{DATASET}_BenchHaN"
+    plans = json.loads((pre / "nnUNetPlans.json").read_text())
+    dataset_json = json.loads((pre / "dataset.json").read_text())
+    random.seed(0), np.random.seed(0), torch.manual_seed(0)
+    trainer = initialized_trainer(trainers.nnUNetTrainerOMTLSNet_Tiny, plans, "3d_tiny", dataset_json, "cpu")
+    train_gen, val_gen = trainer.get_dataloaders()
+    alpha = trainer.loss.focal.alpha.clone()
+    first = next(train_gen)
+    data, target = first["data"], first["target"][0] if isinstance(first["target"], list) else first["target"]
+    logits = trainer._module().segment(trainer._module()._layout(data))[0].detach().requires_grad_(True)
+
+    def grad_norm(fn):
+        (g,) = torch.autograd.grad(fn(logits), logits)
+        return float(g.norm())
+
+    dice_g = grad_norm(lambda z: trainer.loss(z, target) - trainer.loss.focal(z, target))
+    if setting == "sum1":
+        trainer.loss.focal.alpha.copy_(L.alpha_from_sizes([trainer.organ_sizes_mm3.get(c, 0.0) for c in range(len(alpha))]))
+    elif setting == "matched":
+        trainer.loss.focal.alpha.mul_(dice_g / grad_norm(lambda z: trainer.loss.focal(z, target)))
+    ratio = grad_norm(lambda z: trainer.loss.focal(z, target)) / dice_g
+    scale = float(trainer.loss.focal.alpha.sum() / alpha.sum())
+    trainer.current_epoch = 0
+    trainer.on_train_epoch_start()
+    t0, losses = time.time(), []
+    for i in range(n_steps):
+        losses.append(float(trainer.train_step(first if i == 0 else next(train_gen))["loss"]))
+    train_s = time.time() - t0
+    net = trainer._module()
+    net.train(False)
+    labels = {k: v for k, v in dataset_json["labels"].items() if v > 0}
+    inter, size = {v: 0.0 for v in labels.values()}, {v: 0.0 for v in labels.values()}
+    np.random.seed(1), torch.manual_seed(1)
+    with torch.no_grad():
+        for _ in range(n_val):
+            b = next(val_gen)
+            t = b["target"][0] if isinstance(b["target"], list) else b["target"]
+            pred = net.segment(net._layout(b["data"]))[0].argmax(1, keepdim=True)
+            for v in labels.values():
+                inter[v] += float(((pred == v) & (t == v)).sum())
+                size[v] += float((pred == v).sum() + (t == v).sum())
+    dice = {n: (2 * inter[v] / size[v] if size[v] else float("nan")) for n, v in labels.items()}
+    small = dataset_json.get("organmtl_small_organs", [])
+    queue.put({"setting": setting, "alpha_scale": scale, "focal_over_dice_grad_at_init": ratio, "dice": dice, "train_s": train_s, "loss_first_last": [losses[0], losses[-1]],
+               "small_mean": float(np.nanmean([dice[n] for n in small])),
+               "large_mean": float(np.nanmean([d for n, d in dice.items() if n not in small]))})
+
+
+def focal_study(env: dict, n_steps: int, n_val: int = 20) -> str:
+    """The three focal-weight scales, one fresh process each, same seeds (see :func:`_focal_child`)."""
+    ctx = mp.get_context("spawn")
+    old = dict(os.environ)
+    os.environ.update(env)
+    res = []
+    try:
+        for setting in ("mean1", "matched", "sum1"):
+            q = ctx.Queue()
+            p = ctx.Process(target=_focal_child, args=(setting, n_steps, n_val, q))
+            p.start()
+            res.append(q.get(timeout=3600))
+            p.join()
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
+    print(json.dumps(res, indent=1))
+    organs = list(res[0]["dice"])
+    lines = ["| focal weights | focal / Dice gradient at init | large-organ mean Dice | small-organ mean Dice | "
+             + " | ".join(organs) + " |", "|---|---|---|---|" + "---|" * len(organs)]
+    for r in res:
+        ratio = f"{r['focal_over_dice_grad_at_init']:.2f}x"
+        lines.append(f"| {r['setting']} | {ratio} | {r['large_mean']:.3f} | {r['small_mean']:.3f} | "
+                     + " | ".join(f"{r['dice'][n]:.2f}" for n in organs) + " |")
+    return "\n".join(lines)
+
+
+#: phase columns of the ``--steps-only`` table
+O_PHASES = ("snet", "sol", "ae", "sos", "joint")
+
+
 def cost(trainer: str, env: dict, device: str, n_steps: int) -> dict:
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
@@ -230,6 +403,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--recost", action="store_true", help="time the cached trained models again (no training)")
     ap.add_argument("--skip-cost", action="store_true",
                     help="train and score only (e.g. while the machine is busy); time later with --recost")
+    ap.add_argument("--steps-only", action="store_true",
+                    help="only the train-step times per phase of freshly initialised trainers (no training): "
+                         "median of --steps steps on one batch holding every small organ, ratios to stock")
+    ap.add_argument("--focal-study", type=int, default=None, metavar="STEPS",
+                    help="S-Net trained STEPS steps with three scales of the focal weights (no other output)")
     a = ap.parse_args(argv)
     if a.trainers[0] != TRAINERS[0] and not a.work:
         ap.error("--trainers without the baseline needs --work with the baseline's cached result")
@@ -241,6 +419,14 @@ def main(argv=None) -> dict:
            "nnUNet_results": str(work / "res"), "nnUNet_n_proc_DA": "0", "nnUNet_def_n_proc": "1",
            "ORGANMTL_EPOCHS": str(epochs), "ORGANMTL_ITERS_PER_EPOCH": str(iters), "ORGANMTL_VAL_ITERS": "1"}
     raw = prepare(work, 8 if a.quick else 16, env)
+    if a.focal_study:
+        md = focal_study(env, a.focal_study)
+        print(md)
+        return {"markdown": md, "work": str(work)}
+    if a.steps_only:
+        md = steps_only(a.trainers, env, a.device, a.steps or (3 if a.quick else 10))
+        print(md)
+        return {"markdown": md, "work": str(work)}
     dataset_json = json.loads((raw / "dataset.json").read_text())
     results = {}
     for t in a.trainers:

@@ -222,25 +222,27 @@ def test_each_phase_updates_only_its_parameters(cls, phase, expected):
     assert _changed(before, tr.network) == expected
 
 
-def test_generator_step_leaves_the_autoencoder_and_discriminator_step_the_segmenter(monkeypatch):
-    """Split the alternating step: after the G step only SOS-Net moved; the D step then moves only the AE."""
+def test_generator_gradients_reach_only_the_segmenter_and_discriminator_gradients_only_the_ae(monkeypatch):
+    """The fused G/D step: one optimizer step whose G loss (Eq. 7) is differentiated for SOS-Net only and
+    whose D loss (Eq. 8) for the autoencoder only (equality with the alternating steps:
+    tests/test_focusnet_train_steps.py)."""
     tr = _fake_trainer(nnUNetTrainerOMTLFocusNetV2, "sos")
     tr.network.train()
-    snapshots = []
-    real_apply = tr._apply
+    names = {id(p): n for n, p in tr.network.named_parameters()}
+    calls, real_grad = [], torch.autograd.grad
 
-    def spy(loss, parts):
-        real_apply(loss, parts)
-        snapshots.append(({n: p.detach().clone() for n, p in tr.network.named_parameters()}, parts))
+    def spy(outputs, inputs, *a, **k):
+        calls.append({names[id(p)].split(".")[0] for p in inputs})
+        return real_grad(outputs, inputs, *a, **k)
 
-    monkeypatch.setattr(tr, "_apply", spy)
+    monkeypatch.setattr(torch.autograd, "grad", spy)
+    steps, real_step = [], tr.optimizer.step
+    monkeypatch.setattr(tr.optimizer, "step", lambda *a, **k: steps.append(1) or real_step(*a, **k))
     before = {n: p.detach().clone() for n, p in tr.network.named_parameters()}
     tr.train_step(_batch())
-    (after_g, parts_g), (after_d, parts_d) = snapshots
-    assert parts_g == ("sos",) and parts_d == ("shape_ae",)
-    moved_g = {n.split(".")[0] for n in before if not torch.equal(before[n], after_g[n])}
-    moved_d = {n.split(".")[0] for n in before if not torch.equal(after_g[n], after_d[n])}
-    assert moved_g == {"sos"} and moved_d == {"shape_ae"}
+    assert calls == [{"sos"}, {"shape_ae"}] and len(steps) == 1
+    assert {n.split(".")[0] for n in before if not torch.equal(before[n], dict(tr.network.named_parameters())[n])} \
+        == {"sos", "shape_ae"}
 
 
 def test_snet_overfits_a_tiny_phantom():

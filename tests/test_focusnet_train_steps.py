@@ -1,7 +1,10 @@
 """FocusNet train steps on nnU-Net's AMP path (docs/focusnetv2.md "Mixed precision and multi-GPU"):
-every phase's ``train_step`` of the real trainer, in fp32 bit-identical to the step logic before the
-AMP change (a saved copy below), finite under CPU autocast fp16/bf16, NaN-free epoch logging when a
-batch has no small organ, "best" checkpoints from the last phase only."""
+every phase's ``train_step`` of the real trainer: ``snet``/``sol``/``ae`` in fp32 bit-identical to the step
+logic before the AMP change (a saved copy below); ``sos``/``joint`` (one autoencoder forward, G and D
+gradients per parameter group, SOS-Net batched per organ, no SOL-Net in ``sos``) equal within float
+tolerance, losses and gradients, to the alternating two-pass formulation written out below; finite under
+CPU autocast fp16/bf16, NaN-free epoch logging when a batch has no small organ, "best" checkpoints from
+the last phase only."""
 from __future__ import annotations
 
 import copy
@@ -12,7 +15,7 @@ import torch
 
 from organmtl.nnunet_trainers.focusnet import losses as L
 from organmtl.nnunet_trainers.focusnet import options as O
-from organmtl.nnunet_trainers.focusnet.roi import crop_roi
+from organmtl.nnunet_trainers.focusnet.roi import crop_roi, roi_start
 from organmtl.nnunet_trainers.focusnet.trainer import PHASE_PARAMETERS
 from organmtl.nnunet_trainers.focusnet.trainers import nnUNetTrainerOMTLFocusNetV2_Tiny
 from tests.helpers import one_thread
@@ -194,7 +197,7 @@ def _run(step, phase, batches, seed=0):
     return losses, _state(tr), tr
 
 
-@pytest.mark.parametrize("phase", O.ALL_PHASES)
+@pytest.mark.parametrize("phase", ["snet", "sol", "ae"])
 def test_fp32_cpu_step_is_bit_identical_to_the_step_before_amp(folders, phase):
     batches = [make_batch(1), make_batch(2)]
     with one_thread():
@@ -207,6 +210,112 @@ def test_fp32_cpu_step_is_bit_identical_to_the_step_before_amp(folders, phase):
     assert changed and all(k.split(".")[0] in trained or "running" in k or "num_batches" in k for k in changed), changed
     for k in old_state:
         assert torch.equal(new_state[k], old_state[k]), f"{phase}: {k} differs from the old step"
+
+
+# ------------------------------------------------------------------ the sos/joint step before the speed-ups
+
+def _two_pass_sos_step(tr, data, target, joint):
+    """The alternating formulation the fused step replaced, written out: S-Net + SOL-Net (also in ``sos``),
+    SOS-Net once per (sample, organ), G step = autoencoder forward on [GT; prediction] with frozen weights,
+    backward, clip, step; D step = a second autoencoder forward on [GT; prediction.detach()], backward,
+    clip, step. Returns the G loss and the D loss."""
+    net = tr._module()
+    labels, roi = tr.focus_settings["small_labels"], tr.focus_settings["roi_size"]
+    centres = tr._small_centres(target, tr.centre_jitter)
+    h = net.run_heatmap(data, train_snet=joint, train_sol=joint)
+    x = net._layout(data)
+    records = []
+    for b in range(x.shape[0]):
+        for k in range(len(labels)):
+            if centres[b][k] is not None:
+                start = roi_start(centres[b][k], roi)
+                records.append((b, k, start, net.sos[k](net.sos_input(x, h.features, b, start))[0]))
+    gts = [crop_roi((target[b] == labels[k]).float(), start, roi) for b, k, start, _ in records]
+    loss = sum(L.binary_segmentation_loss(p, g, tr._sos_alpha(labels[k])) for (b, k, _, p), g in zip(records, gts)) \
+        / len(records)
+    if joint:
+        loss = loss + tr.loss(h.logits, target) + L.heatmap_l2_loss(h.heatmaps, tr._heatmap_targets(target))
+    per_organ = [([g for r, g in zip(records, gts) if r[1] == k], [r[3] for r in records if r[1] == k])
+                 for k in range(len(labels))]
+    masks = [torch.cat([torch.stack(g), torch.stack(p)]) if g else None for g, p in per_organ]
+    for prm in net.shape_ae.parameters():
+        prm.requires_grad_(False)
+    ae_out = net.run_autoencoder(masks)
+    for prm in net.shape_ae.parameters():
+        prm.requires_grad_(True)
+    l_shape = sum(L.shape_loss([f[:len(g)].detach() for f in o.features], [f[len(g):] for f in o.features])
+                  for (g, _), o in zip(per_organ, ae_out) if o is not None)
+    loss = L.generator_loss(loss, l_shape, tr.lambda1)
+    _old_apply(tr, loss, PHASE_PARAMETERS["joint" if joint else "sos"])
+    tr.optimizer.zero_grad(set_to_none=True)
+    masks = [torch.cat([torch.stack(g), torch.stack(p).detach()]) if g else None for g, p in per_organ]
+    ae_out = net.run_autoencoder(masks)
+    l_rec, l_shape = 0.0, 0.0
+    for (g, _), m, o in zip(per_organ, masks, ae_out):
+        if o is not None:
+            n, rec = len(g), o.reconstruction
+            l_rec = l_rec + L.reconstruction_loss(rec[:n], m[:n], rec[n:], m[n:])
+            l_shape = l_shape + L.shape_loss([f[:n] for f in o.features], [f[n:] for f in o.features])
+    d_loss = L.discriminator_loss(l_rec, l_shape, tr.lambda2)
+    _old_apply(tr, d_loss, ("shape_ae",))
+    return loss, d_loss
+
+
+def _recording_steps(tr):
+    """Wrap ``tr.optimizer.step``: each call first records ``{name: grad}`` of the parameters that have one."""
+    seen, step = [], tr.optimizer.step
+
+    def recorded(*a, **k):
+        seen.append({n: p.grad.detach().clone() for n, p in tr._module().named_parameters() if p.grad is not None})
+        return step(*a, **k)
+
+    tr.optimizer.step = recorded
+    return seen
+
+
+@pytest.mark.parametrize("phase", ["sos", "joint"])
+def test_fused_sos_step_equals_the_two_pass_g_and_d_steps(folders, phase, monkeypatch):
+    """The fused step (one autoencoder forward over [GT; prediction], G gradients for the segmentation
+    parameters and D gradients for the autoencoder from it, one optimizer step) against the alternating G and
+    D steps: the same G loss, the same gradients per parameter (G step: SOS-Nets, + S-Net/SOL-Net in
+    ``joint``; D step: the autoencoder) handed to the optimizer; SOL-Net not run in ``sos``."""
+    batch = make_batch(1)
+    data, target = batch["data"], batch["target"][0]
+    with one_thread():
+        torch.manual_seed(0)
+        ref = make_trainer()
+        set_phase(ref, phase)
+        ref_steps = _recording_steps(ref)
+        ref.optimizer.zero_grad(set_to_none=True)
+        torch.manual_seed(5)
+        ref_g, ref_d = _two_pass_sos_step(ref, data, target, phase == "joint")
+        torch.manual_seed(0)
+        new = make_trainer()
+        set_phase(new, phase)
+        new_steps = _recording_steps(new)
+        sol_calls = []
+        new._module().sol.register_forward_hook(lambda *a: sol_calls.append(1))
+        d_losses = []
+        monkeypatch.setattr(L, "discriminator_loss", lambda *a: d_losses.append(ref_fn(*a)) or d_losses[-1])
+        torch.manual_seed(5)
+        out = new.train_step(batch)
+    assert len(ref_steps) == 2 and len(new_steps) == 1
+    assert float(out["loss"]) == pytest.approx(float(ref_g.detach()), rel=1e-5)
+    assert len(d_losses) == 1 and float(d_losses[0].detach()) == pytest.approx(float(ref_d.detach()), rel=1e-5)
+    assert bool(sol_calls) == (phase == "joint")
+    g_ref, d_ref = ref_steps
+    assert set(d_ref) == {n for n in new_steps[0] if n.startswith("shape_ae.")} and d_ref
+    assert set(g_ref) == {n for n in new_steps[0] if not n.startswith("shape_ae.")} and g_ref
+    assert ("snet.head.weight" in g_ref) == (phase == "joint") and any(n.startswith("sos.") for n in g_ref)
+    for name, g in {**g_ref, **d_ref}.items():
+        got = new_steps[0][name]
+        assert torch.allclose(got, g, rtol=1e-3, atol=1e-6 * max(1.0, float(g.abs().max()))), \
+            f"{phase}: gradient of {name} differs: {float((got - g).abs().max())} (max |g| {float(g.abs().max())})"
+    # (weights after the step are not compared: Adam's first step is ~lr * sign(g), so gradients equal to
+    # float tolerance but near 0 can move a weight by up to 2 lr in opposite directions)
+
+
+ref_fn = L.discriminator_loss
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

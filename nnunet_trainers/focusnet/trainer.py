@@ -22,6 +22,7 @@ Deep supervision is off: S-Net has one full-resolution output (the paper uses no
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -30,7 +31,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from batchgenerators.dataloading.multi_threaded_augmenter import MultiThreadedAugmenter
+from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
+from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
+from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from torch._dynamo import OptimizedModule
@@ -40,6 +46,7 @@ from organmtl.nnunet_trainers.amp import AMPTrainStepMixin, any_rank
 from organmtl.nnunet_trainers.focusnet import losses as L
 from organmtl.nnunet_trainers.focusnet import options as O
 from organmtl.nnunet_trainers.focusnet.network import FocusNet
+from organmtl.nnunet_trainers.focusnet.sampler import WholeSmallOrganDataLoader
 from organmtl.nnunet_trainers.focusnet.roi import crop_roi, gaussian_heatmap, mask_centre, roi_start
 from organmtl.nnunet_trainers.gpu_memory import GPUMemoryPlanMixin
 from organmtl.nnunet_trainers.laterality import LateralityAwareMirroringMixin
@@ -53,9 +60,17 @@ NETWORK_KEYS = ("small_organs", "small_labels", "roi_size", "use_sos", "concat_i
                 "heat_threshold", "width")
 #: key, inside the checkpoint's copy of the entry, of what this fold derived for itself
 FOLD_KEY = "fold_record"
+#: phases whose training patches hold every small organ whole (:mod:`.sampler`)
+WHOLE_ORGAN_PHASES = ("ae", "sos", "joint")
 #: key of a train_step output: False when the step had nothing to learn from (an ``ae`` step whose batch,
 #: on every rank, has no small organ); such steps are left out of the epoch's logged mean loss
 TRAINED_KEY = "focusnet_trained"
+
+
+def _finish(augmenter) -> None:
+    """Stop an nnU-Net augmenter's worker processes (what ``on_train_end`` does)."""
+    if isinstance(augmenter, (NonDetMultiThreadedAugmenter, MultiThreadedAugmenter)):
+        augmenter._finish()
 
 
 class FocusNetTrainerBase(LateralityAwareMirroringMixin, AMPTrainStepMixin, GPUMemoryPlanMixin, nnUNetTrainer):
@@ -299,8 +314,65 @@ class FocusNetTrainerBase(LateralityAwareMirroringMixin, AMPTrainStepMixin, GPUM
         """First epoch of the last phase (the only phase whose epochs may give ``checkpoint_best.pth``)."""
         return sum(n for _, n in self.schedule[:-1])
 
+    # ------------------------------------------------------------------------------ sampling
+    def _whole_organ_sampling(self, phase: str | None = None) -> bool:
+        """Whether ``phase`` (default: the current one) trains on :class:`~.sampler.WholeSmallOrganDataLoader`
+        patches (the phases that train SOS-Net or the autoencoder), else on nnU-Net's sampler."""
+        return bool(self.focus_settings.get("use_sos")) and (phase or self.current_phase) in WHOLE_ORGAN_PHASES
+
+    def _training_loader(self, whole_organs: bool):
+        """nnU-Net's training loader and augmenter (its transforms, workers), with the whole-small-organ
+        sampler when ``whole_organs``."""
+        cm, lm = self.configuration_manager, self.label_manager
+        rotation, dummy_2d, initial_patch_size, mirror_axes = self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        transforms = self.get_training_transforms(
+            cm.patch_size, rotation, self._get_deep_supervision_scales(), mirror_axes, dummy_2d,
+            use_mask_for_norm=cm.use_mask_for_norm, is_cascaded=self.is_cascaded,
+            foreground_labels=lm.foreground_labels, regions=None, ignore_label=lm.ignore_label)
+        dataset_tr, _ = self.get_tr_and_val_datasets()
+        if whole_organs:
+            loader = WholeSmallOrganDataLoader(dataset_tr, self.batch_size, initial_patch_size, cm.patch_size, lm,
+                                               self.focus_settings["small_labels"], transforms=transforms)
+            note = (f"; small organs larger than the patch in {len(loader.cases_not_fitting)} case(s), centred instead: "
+                    f"{loader.cases_not_fitting[:5]}" if loader.cases_not_fitting else "")
+            self.print_to_log_file(f"FocusNet: patches holding every small organ whole ({len(loader.indices)} of "
+                                   f"{len(dataset_tr.identifiers)} training cases){note}")
+        else:
+            loader = nnUNetDataLoader(dataset_tr, self.batch_size, initial_patch_size, cm.patch_size, lm,
+                                      oversample_foreground_percent=self.oversample_foreground_percent,
+                                      sampling_probabilities=None, pad_sides=None, transforms=transforms,
+                                      probabilistic_oversampling=self.probabilistic_oversampling)
+        workers = get_allowed_n_proc_DA()
+        if workers == 0:
+            gen = SingleThreadedAugmenter(loader, None)
+        else:
+            gen = NonDetMultiThreadedAugmenter(data_loader=loader, transform=None, num_processes=workers,
+                                               num_cached=max(6, workers // 2), seeds=None,
+                                               pin_memory=self.device.type == "cuda", wait_time=0.002)
+        _ = next(gen)
+        return gen
+
+    def get_dataloaders(self):
+        """nnU-Net's loaders; in the ``ae``/``sos``/``joint`` phases the training batches come from the
+        whole-small-organ sampler (validation stays nnU-Net's: its loss and pseudo Dice measure S-Net)."""
+        train, val = super().get_dataloaders()
+        self._loader_whole = False
+        if self._whole_organ_sampling():
+            _finish(train)
+            train, self._loader_whole = self._training_loader(True), True
+        return train, val
+
+    def _switch_sampler(self) -> None:
+        """At a phase start: rebuild the training loader when the phase samples differently."""
+        want = self._whole_organ_sampling()
+        if self.dataloader_train is None or want == getattr(self, "_loader_whole", False):
+            return
+        _finish(self.dataloader_train)
+        self.dataloader_train, self._loader_whole = self._training_loader(want), want
+
     def on_train_epoch_start(self):
         phase = self.current_phase
+        self._switch_sampler()
         net = self._module()
         net.paste_small_organs = net.use_sos and phase in ("sos", "joint")
         if net.use_sos and phase in ("sos", "joint"):
@@ -484,15 +556,23 @@ class FocusNetTrainerBase(LateralityAwareMirroringMixin, AMPTrainStepMixin, GPUM
         return {"loss": loss.detach().float().cpu().numpy(), TRAINED_KEY: True}
 
     def _sos_step(self, data, target, joint: bool) -> torch.Tensor:
-        """G step (Eq. 7: L_seg + lambda1 L_shape with the autoencoder fixed), then, for the adversarial
-        variants, D step (Eq. 8: L_rec - lambda2 L_shape with the segmentation network fixed). Under DDP a
-        rank without small organs runs a placeholder SOS-Net ROI and empty autoencoder batches, weight 0."""
+        """G step (Eq. 7: L_seg + lambda1 L_shape with the autoencoder fixed) and, for the adversarial
+        variants, D step (Eq. 8: L_rec - lambda2 L_shape with the segmentation network fixed), both from one
+        autoencoder forward over [ground truth; prediction]: the G gradients are taken for the segmentation
+        parameters only and the D gradients for the autoencoder's only (:meth:`_apply_groups`), which is what
+        the alternating steps compute (the D step's inputs are the G step's predictions and the G step
+        leaves the autoencoder unchanged). In the ``sos`` phase SOL-Net is not run (its heatmaps are unused).
+        Under DDP a rank without small organs runs a placeholder SOS-Net ROI and empty autoencoder batches,
+        weight 0."""
         centres = self._small_centres(target, self.centre_jitter)
         labels = self.focus_settings["small_labels"]
         roi = self.focus_settings["roi_size"]
-        with self.autocast_context():
+        fused = self.use_ae
+        sync = self.network.no_sync() if fused and isinstance(self.network, DDP) else contextlib.nullcontext()
+        d_loss, with_ae = None, False
+        with sync, self.autocast_context():
             out = self.network(data, part="sos", centres=centres, train_snet=joint, train_sol=joint,
-                               placeholder=self.is_ddp)
+                               placeholder=self.is_ddp, heatmaps=joint)
             records = [r for r in out.records if not r.placeholder]
             gts = [crop_roi((target[r.b] == labels[r.k]).float(), r.start, roi) for r in records]
             loss = out.logits.new_zeros(())
@@ -508,44 +588,100 @@ class FocusNetTrainerBase(LateralityAwareMirroringMixin, AMPTrainStepMixin, GPUM
                          for k in range(len(labels))]
             with_ae = self.use_ae and any_rank(bool(records), self.device)
             if with_ae:
-                # autoencoder on [ground truth; prediction] per organ, in one forward (DDP: one forward per backward)
-                masks = self._ae_masks(per_organ, detach=False)
-                ae_params = list(self._module().shape_ae.parameters())
-                for prm in ae_params:       # D is fixed in the G step: no gradients for it at all
-                    prm.requires_grad_(False)
-                try:
-                    ae_out = self._module().run_autoencoder(masks)
-                finally:
-                    for prm in ae_params:
-                        prm.requires_grad_(True)
-                l_shape = 0.0
-                for (g, _), o in zip(per_organ, ae_out):
-                    if o is None or not g:
-                        continue
-                    n = len(g)
-                    l_shape = l_shape + L.shape_loss([f[:n].detach() for f in o.features], [f[n:] for f in o.features])
-                loss = L.generator_loss(loss, l_shape, self.lambda1)
+                loss, d_loss = self._shape_terms(loss, per_organ)
         parts = PHASE_PARAMETERS["joint" if joint else "sos"]
-        self._apply(loss, parts)
-        if with_ae and self.adversarial:
-            self.optimizer.zero_grad(set_to_none=True)
-            masks = self._ae_masks(per_organ, detach=True)
-            with self.autocast_context():
-                ae_out = self.network(part="ae", masks=masks)
-                l_rec, l_shape = 0.0, 0.0
-                for (g, _), m, o in zip(per_organ, masks, ae_out):
-                    if o is None:
-                        continue
-                    n = len(g)
-                    rec = o.reconstruction
-                    if not n:                 # this rank's empty batch (DDP): weight 0, same backward
-                        l_rec = l_rec + 0.0 * rec.float().sum()
-                        continue
-                    l_rec = l_rec + L.reconstruction_loss(rec[:n], m[:n], rec[n:], m[n:])
-                    l_shape = l_shape + L.shape_loss([f[:n] for f in o.features], [f[n:] for f in o.features])
-                d_loss = L.discriminator_loss(l_rec, l_shape, self.lambda2)
-            self._apply(d_loss, ("shape_ae",))
+        if fused:
+            self._apply_groups([(loss, parts), (d_loss, ("shape_ae",))])
+        else:
+            self._apply(loss, parts)
         return loss
+
+    def _shape_terms(self, seg_loss, per_organ):
+        """The autoencoder once over [ground truth; prediction] per organ (fp32, one batch, so its batch norm
+        sees what both alternating steps saw): ``(L_G, L_D)`` of Eq. 7 and Eq. 8; ``L_D`` is None for the
+        variants without a D step ("origin AE"), whose autoencoder then runs without a graph for its weights."""
+        masks = self._ae_masks(per_organ, detach=False)
+        ae_params = list(self._module().shape_ae.parameters())
+        if not self.adversarial:
+            for prm in ae_params:
+                prm.requires_grad_(False)
+        try:
+            ae_out = self._module().run_autoencoder(masks)
+        finally:
+            for prm in ae_params:
+                prm.requires_grad_(True)
+        l_shape_g, l_rec, l_shape_d = 0.0, 0.0, 0.0
+        for (g, _), m, o in zip(per_organ, masks, ae_out):
+            if o is None:
+                continue
+            n = len(g)
+            rec, feats = o.reconstruction, o.features
+            if not n:                         # this rank's empty batch (DDP): weight 0, same backward
+                l_rec = l_rec + 0.0 * rec.float().sum()
+                continue
+            # G: the ground-truth code is a fixed target; D: both halves, the prediction as a fixed input
+            l_shape_g = l_shape_g + L.shape_loss([f[:n].detach() for f in feats], [f[n:] for f in feats])
+            if self.adversarial:
+                l_rec = l_rec + L.reconstruction_loss(rec[:n], m[:n], rec[n:], m[n:].detach())
+                l_shape_d = l_shape_d + L.shape_loss([f[:n] for f in feats], [f[n:] for f in feats])
+        d_loss = L.discriminator_loss(l_rec, l_shape_d, self.lambda2) if self.adversarial else None
+        return L.generator_loss(seg_loss, l_shape_g, self.lambda1), d_loss
+
+    def _apply_groups(self, terms) -> None:
+        """Several losses from one forward, each differentiated for its own parameters only
+        (``terms`` = [(loss or None, parts)]): ``torch.autograd.grad`` per term on the shared graph (no
+        gradient of one term reaches the other's parameters), under DDP one all-reduce of all of them
+        (the mean over the ranks, as DDP; a parameter without a gradient on every rank keeps none), then
+        nnU-Net's clip at 12 per term (what separate steps clip) and one optimizer step through
+        ``self.grad_scaler`` on CUDA (one unscale/step/update: a non-finite gradient in any term skips the
+        whole step). Nothing when no loss has a gradient (single process only: under DDP every step has one)."""
+        named = list(self._module().named_parameters())
+        terms = [(loss, parts) for loss, parts in terms if loss is not None and loss.requires_grad]
+        if not terms:
+            return
+        scaler = self.grad_scaler
+        groups = []
+        for i, (loss, parts) in enumerate(terms):
+            params = [p for n, p in named if n.startswith(tuple(f"{q}." for q in parts)) and p.requires_grad]
+            grads = torch.autograd.grad(scaler.scale(loss) if scaler is not None else loss, params,
+                                        retain_graph=i < len(terms) - 1, allow_unused=True)
+            groups.append((params, list(grads)))
+        if self.is_ddp:
+            self._all_reduce_grads(groups)
+        for params, grads in groups:
+            for p, g in zip(params, grads):
+                p.grad = g
+        if scaler is not None:
+            scaler.unscale_(self.optimizer)
+        for params, _ in groups:
+            torch.nn.utils.clip_grad_norm_(params, 12)
+        if scaler is not None:
+            scaler.step(self.optimizer)
+            scaler.update()
+        else:
+            self.optimizer.step()
+
+    @staticmethod
+    def _all_reduce_grads(groups) -> None:
+        """In place: every gradient of ``groups`` averaged over the ranks in one all-reduce; None where no
+        rank has one (DDP's rule for parameters unused on every rank)."""
+        flat = [(p, g) for params, grads in groups for p, g in zip(params, grads)]
+        world = torch.distributed.get_world_size()
+        ref = flat[0][0]
+        vec = torch.cat([(g.reshape(-1).float() / world) if g is not None else ref.new_zeros(p.numel(), dtype=torch.float32)
+                         for p, g in flat] + [torch.tensor([float(g is not None) for _, g in flat], device=ref.device)])
+        torch.distributed.all_reduce(vec)
+        i, n_flat = 0, sum(p.numel() for p, _ in flat)
+        flags = vec[n_flat:]
+        out = []
+        for j, (p, _) in enumerate(flat):
+            out.append(vec[i:i + p.numel()].view_as(p).to(p.dtype).clone() if flags[j] > 0 else None)
+            i += p.numel()
+        k = 0
+        for params, grads in groups:
+            for j in range(len(grads)):
+                grads[j] = out[k]
+                k += 1
 
     def _ae_masks(self, per_organ, detach: bool) -> list:
         """Autoencoder input per organ: [ground truth; prediction] (None: organ absent; all absent on this
