@@ -8,11 +8,16 @@ so no test depends on another or on the order they run in.
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from types import MappingProxyType
+
 import pytest
 
-from tests.helpers import PlannedDataset, plan_dataset
+from tests.helpers import PlannedDataset, nnunet_env_vars, plan_dataset, run_cli
 
-HAN_ID, ABDOMEN_ID = 401, 611
+HAN_ID, ABDOMEN_ID, MULTITASK_ID = 401, 611, 740
+MULTITASK_TASKS = ("brain_mr", "breast_mr", "cardiac_cta")
 
 
 @pytest.fixture(scope="session")
@@ -32,3 +37,26 @@ def abdomen_dataset(demo_root, tmp_path_factory) -> PlannedDataset:
     return plan_dataset(tmp_path_factory.mktemp("abdomen"), "volumes", demo_root / "abdomen_mr", ABDOMEN_ID,
                         "LmAbdomen", "--landmark-channels", "heatmap", "--one-channel-per-landmark",
                         configurations=("3d_tiny", "2d_tiny"), one_validation_case=True)
+
+
+@pytest.fixture(scope="session")
+def multitask_dataset(demo_root, tmp_path_factory) -> PlannedDataset:
+    """The three demo multi-modality tasks, each ``organmtl convert volumes``, merged by ``convert
+    merge`` (shared background, ``organmtl_tasks`` in dataset.json) and planned ``3d_tiny``:
+    Dataset740_MultiTask. Fold 0 validates on one case (the first brain case), the others train."""
+    root = tmp_path_factory.mktemp("multitask")
+    env = nnunet_env_vars(root)
+    parts = [Path(env["nnUNet_raw"]) / f"Dataset{i:03d}_{t}" for i, t in enumerate(MULTITASK_TASKS, MULTITASK_ID + 1)]
+    steps = [("convert", "volumes", demo_root / "multimodal" / t, "--dataset-id", i, "--name", t)
+             for i, t in enumerate(MULTITASK_TASKS, MULTITASK_ID + 1)]
+    steps += [("convert", "merge", *parts, "--dataset-id", MULTITASK_ID, "--name", "MultiTask"),
+              ("plan-tiny", "-d", MULTITASK_ID, "-np", "1")]
+    for args in steps:
+        r = run_cli(*args, env=env, timeout=1800)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    name = f"Dataset{MULTITASK_ID}_MultiTask"
+    ds = PlannedDataset(MULTITASK_ID, name, Path(env["nnUNet_raw"]) / name, Path(env["nnUNet_preprocessed"]) / name,
+                        Path(env["nnUNet_results"]), ("3d_tiny",), MappingProxyType(env))
+    cases = sorted(p.name[: -len("_0000.nii.gz")] for p in (ds.raw / "imagesTr").glob("*_0000.nii.gz"))
+    (ds.preprocessed / "splits_final.json").write_text(json.dumps([{"train": cases[1:], "val": cases[:1]}]))
+    return ds
