@@ -8,8 +8,11 @@ per voxel in fp32: ~150 GB at 2 x 128^3), so they adjust the plan before the dat
    training step of that network (forward, backward, optimizer step) with
    :func:`organmtl.memory.measure_network_step` at a small probe patch, with batch 1 and batch 2,
    under CPU bf16 autocast for an AMP training (:data:`PROBE_AMP`; nnU-Net trains under fp16 autocast on CUDA). Memory is
-   ``fixed + per_voxel * batch * voxels`` for these fully convolutional networks; the two probes give
-   both terms (the second probe minus the first is one sample's activations).
+   ``max(fixed + per_voxel * batch * voxels, floor)`` for these fully convolutional networks: the two
+   probes' peaks up to the end of the backward pass give the first two terms (the second probe minus
+   the first is one sample's activations); ``floor`` is the probes' whole-step peak, which at a probe
+   patch is often the optimizer step's (gradients + state + temporaries, the same for any batch) and
+   so says nothing about the activations.
 2. :func:`choose` keeps the planned patch and batch when the prediction
    (plus :data:`organmtl.memory.GPU_OVERHEAD_GIB`) fits the target; otherwise it lowers the batch
    towards 2 (nnU-Net's smallest), then shrinks the patch axis with the largest extent in mm by one
@@ -71,15 +74,17 @@ class GPUMemoryOptions:
 
 @dataclass(frozen=True)
 class MemoryModel:
-    """``fixed_bytes + per_voxel_bytes * batch * voxels``, measured by :func:`probe`."""
+    """``max(fixed_bytes + per_voxel_bytes * batch * voxels, floor_bytes)``, measured by :func:`probe`."""
 
     fixed_bytes: float
     per_voxel_bytes: float
     probe_patch: tuple[int, ...]
     amp: str
+    floor_bytes: float = 0.0
 
     def predicted_gib(self, patch, batch: int) -> float:
-        return (self.fixed_bytes + self.per_voxel_bytes * batch * math.prod(patch)) / GIB + GPU_OVERHEAD_GIB
+        grows = self.fixed_bytes + self.per_voxel_bytes * batch * math.prod(patch)
+        return max(grows, self.floor_bytes) / GIB + GPU_OVERHEAD_GIB
 
 
 def pooling_steps(configuration_manager) -> tuple[int, ...]:
@@ -111,9 +116,11 @@ def probe(network: torch.nn.Module, num_input_channels: int, patch, optimizer: t
         return type(optimizer)(params, **optimizer.defaults)
     one = measure_network_step(network, (1, num_input_channels, *patch), factory, amp=amp)
     two = measure_network_step(network, (2, num_input_channels, *patch), factory, amp=amp)
-    per_sample = max(0, two.peak_bytes - one.peak_bytes)
+    grow_one, grow_two = (m.resident_bytes + m.backward_peak_bytes for m in (one, two))
+    per_sample = max(0, grow_two - grow_one)
     per_voxel = per_sample / math.prod(patch)
-    return MemoryModel(float(one.peak_bytes - per_sample), float(per_voxel), tuple(int(p) for p in patch), amp)
+    return MemoryModel(float(grow_one - per_sample), float(per_voxel), tuple(int(p) for p in patch), amp,
+                       float(max(one.peak_bytes, two.peak_bytes)))
 
 
 def choose(model: MemoryModel, patch, batch: int, spacing, steps, minimum, target_gib: float):
@@ -203,8 +210,9 @@ class GPUMemoryPlanMixin(EnvScheduleMixin):
                       "planned_predicted_gib": round(model.predicted_gib(planned_patch, planned_batch), 3),
                       "predicted_gib": round(model.predicted_gib(patch, batch), 3),
                       "probe_patch_size": list(small), "fixed_bytes": model.fixed_bytes,
-                      "per_voxel_bytes": model.per_voxel_bytes,
-                      "rule": "fixed + per_voxel * batch * voxels from two CPU probes (batch 1, 2; bf16 autocast for amp); "
+                      "per_voxel_bytes": model.per_voxel_bytes, "floor_bytes": model.floor_bytes,
+                      "rule": "max(fixed + per_voxel * batch * voxels, floor) from two CPU probes (batch 1, 2; "
+                              "backward peaks, floor: whole-step peak; bf16 autocast for amp); "
                               "batch down to 2, then the longest patch axis (mm) by one pooling step"}
         changed = tuple(int(p) for p in cm.patch_size) != tuple(patch) or int(cm.batch_size) != batch
         self._set_plan_value("patch_size", list(patch))

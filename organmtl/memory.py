@@ -105,12 +105,16 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer | None) -> int:
 class StepMemory:
     """One measured training step. ``resident_bytes``: parameters, buffers, optimizer state and
     batch held before the step; ``step_peak_bytes``: the peak of what the step allocated on top
-    (activations, gradients, new optimizer state, temporaries between operators)."""
+    (activations, gradients, new optimizer state, temporaries between operators);
+    ``backward_peak_bytes`` (:func:`measure_network_step` only): the peak up to the end of the backward
+    pass plus the optimizer state, the part that grows with the batch (the optimizer step's own peak,
+    gradients + state + its temporaries, does not)."""
 
     resident_bytes: int
     step_peak_bytes: int
     seconds: float
     amp: str = "none"
+    backward_peak_bytes: int | None = None
 
     @property
     def peak_bytes(self) -> int:
@@ -207,7 +211,7 @@ def measure_network_step(network: torch.nn.Module, input_shape, optimizer_factor
         seconds = time.perf_counter() - t0
         opt_state = optimizer_state_bytes(opt)
         peak = max(backward_peak + opt_state, counter.peak)
-        return StepMemory(model_bytes(network) + storage_bytes([x]), peak, seconds, amp)
+        return StepMemory(model_bytes(network) + storage_bytes([x]), peak, seconds, amp, backward_peak + opt_state)
     finally:
         for p in network.parameters():
             p.grad = None
