@@ -188,9 +188,9 @@ def _cpu_fp32_model(trainer):
 
 
 def _cpu_gib(model, patch, n) -> float:
-    from organmtl.memory import GIB
+    from organmtl.memory import GPU_OVERHEAD_GIB
 
-    return (model.fixed_bytes + model.per_voxel_bytes * n * math.prod(patch)) / GIB
+    return model.predicted_gib(patch, n) - GPU_OVERHEAD_GIB
 
 
 def _crop(batch: dict, patch, new) -> dict:
