@@ -123,7 +123,7 @@ def missing_runs(plan, runs: dict) -> list[tuple[str, str, int]]:
 def _fmt(v, digits: int = 3) -> str:
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return "-"
-    return f"{v:.{digits}f}" if abs(v) < 100 else f"{v:.0f}"
+    return f"{v:.{digits}f}" if abs(v) < 10 else f"{v:.1f}" if abs(v) < 1000 else f"{v:.0f}"
 
 
 def _mean_sd(values) -> str:
@@ -364,9 +364,11 @@ def _verdict_spine(spec, runs):
     if mask is None or hmr is None:
         return "not yet measured (needs Mask R-CNN and HMR-Net runs)."
     word = "reproduced" if hmr >= mask else "not reproduced"
-    return (f"{word} on all validation slices: HMR-Net segm AP {hmr:.1f} vs Mask R-CNN {mask:.1f} (mean over "
-            f"{len(_means(spec, runs, 'hmrnet', 'segm AP'))} / {len(_means(spec, runs, 'mask_rcnn', 'segm AP'))} "
-            "seeds); the occluded / low-contrast subset is not yet measured (the demo slices are not tagged).")
+    stops = sorted({r["stop_reason"] for k, r in runs.items() if k[0] == spec.key and k[1] in ("mask_rcnn", "hmrnet")})
+    return (f"{word} on all validation slices at the same CPU cap: HMR-Net segm AP {hmr:.1f} vs Mask R-CNN "
+            f"{mask:.1f} (mean over {len(_means(spec, runs, 'hmrnet', 'segm AP'))} / "
+            f"{len(_means(spec, runs, 'mask_rcnn', 'segm AP'))} seeds; runs stopped by: {', '.join(stops)}); the "
+            "occluded / low-contrast subset is not yet measured (the demo slices are not tagged).")
 
 
 SHARING_TOLERANCE = 0.03
