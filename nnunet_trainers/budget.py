@@ -56,6 +56,11 @@ def seed_from_env() -> int | None:
     return seed
 
 
+#: torch's intra-op threads of the training when set: ``nnUNetv2_train -device cpu`` takes one per core,
+#: so two trainings side by side (``organmtl demo``) oversubscribe the cores and spin; unset: nnU-Net's.
+THREADS_VARIABLE = "ORGANMTL_CPU_THREADS"
+
+
 class CPUBudgetMixin:
     """Put before the nnU-Net trainer class in the bases: shortens the schedule after ``__init__``."""
 
@@ -68,6 +73,9 @@ class CPUBudgetMixin:
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         seed_from_env()
+        threads = env_int(THREADS_VARIABLE, None, minimum=1)
+        if threads is not None and device.type == "cpu":
+            torch.set_num_threads(threads)
         super().__init__(plans, configuration, fold, dataset_json, device)
         apply_schedule(self, {"num_epochs": self.budget_epochs, "num_iterations_per_epoch": self.budget_iters,
                               "num_val_iterations_per_epoch": self.budget_val_iters})

@@ -109,3 +109,14 @@ def test_the_failure_reported_is_the_trainer_that_failed_not_the_one_it_stopped(
     assert isinstance(futures[0].exception(), CommandStopped)
     with pytest.raises(CommandFailed, match="exited with 3"):
         _raise_first_failure(futures)
+
+
+def test_commands_side_by_side_share_the_cores_instead_of_each_taking_all():
+    import os
+
+    from organmtl.nnunet_trainers.budget import THREADS_VARIABLE
+    from organmtl.workflows.demo import cpu_threads
+
+    assert cpu_threads(1) == {}
+    share = str(max(1, (os.cpu_count() or 1) // 2))
+    assert cpu_threads(2) == {THREADS_VARIABLE: share, "OMP_NUM_THREADS": share}
