@@ -377,6 +377,7 @@ def _parse(argv) -> argparse.Namespace:
     p.add_argument("--table-only", action="store_true", help="measure nothing, print the table of the cache")
     p.add_argument("--docs", action="store_true", help="write the table to docs/benchmarks.md (own section)")
     p.add_argument("--redo", action="store_true", help="measure again even when cached")
+    p.add_argument("--note", action="append", default=[], help="a paragraph added below the table (repeatable)")
     p.add_argument("--profile", action="store_true",
                    help="also profile one more step (torch.profiler, top 20 operators by self CPU time; cached with the result)")
     return p.parse_args(argv)
@@ -416,7 +417,7 @@ def main(argv=None) -> dict:
               f"{args.device} with {threads} thread(s) (instrumented by organmtl/memory.py, no warm-up); cache "
               f"`benchmarks/results/full_size.json`. GPU column: the trainer's GPU memory plan (fp16 AMP, probed "
               f"under CPU bf16 autocast; stock: the same probes at its plan), target {GPU_TARGET_GIB:g} GiB.\n")
-    markdown = header + "\n" + md + "\n"
+    markdown = header + "\n" + md + "\n" + "".join(f"\n{note}\n" for note in args.note)
     print(markdown)
     if args.docs:
         write_docs(markdown)
