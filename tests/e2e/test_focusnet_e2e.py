@@ -3,6 +3,7 @@ phantom with tiny plans on CPU: every trainer, every phase (1 epoch each), plus 
 across a phase boundary. The session's converted + planned HaN dataset is shared by all trainers."""
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -61,6 +62,15 @@ def _predict_and_check(ds, env, trainer, tmp_path):
                   "-npp", "1", "-nps", "1"],
                  env=env, log_file=tmp_path / "predict.log", timeout=1800)
     name = case.name.replace("_0000.nii.gz", ".nii.gz")
+    pastes = re.findall(r"FocusNet: (\d+) of (\d+) small organs pasted in this case \((\d+) window evaluations",
+                        (tmp_path / "predict.log").read_text())
+    if trainer != "nnUNetTrainerOMTLSNet_Tiny":
+        # SOS-Net ran in the predictor's windows with trained weights (the tally exists only then), once per case
+        assert len(pastes) == 1, (tmp_path / "predict.log").read_text()[-2000:]
+        pasted, small, windows = (int(v) for v in pastes[0])
+        assert small == 3 and 0 <= pasted <= 3 and windows > 0
+    else:
+        assert not pastes
     pred, ref = sitk.ReadImage(str(out / name)), sitk.ReadImage(str(case))
     assert pred.GetSize() == ref.GetSize()
     labels = set(np.unique(sitk.GetArrayFromImage(pred)).tolist())
@@ -75,6 +85,8 @@ def test_trainer_runs_every_phase_and_predicts(han, trainer, tmp_path):
                   "-device", "cpu"], env=env, log_file=log, timeout=1800)
     text = log.read_text()
     assert [p for p in PHASES[trainer] if f"FocusNet phase: {p}" in text] == PHASES[trainer]
+    # SOS-Net and the autoencoder trained on patches holding every small organ whole (sampler switched once)
+    assert text.count("patches holding every small organ whole") == (trainer != "nnUNetTrainerOMTLSNet_Tiny")
     fold = ds.fold(trainer)
     ckpt = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert ckpt["trainer_name"] == trainer and ckpt["current_epoch"] == len(PHASES[trainer])
