@@ -179,7 +179,11 @@ def render_study(study: "StudySpec", runs: dict) -> str:
                         if (study.key, m.key, seed) in runs]
                 cells.append(_fmt(mean_finite(vals)) if vals else "-")
             lines.append(f"| {s} | " + " | ".join(cells) + " |")
-    lines += ["", f"Claim ({study.claim}): {study.verdict(runs)}"]
+    mine = [r for k, r in runs.items() if k[0] == study.key]
+    capped = sum(r["stop_reason"] == "cap" for r in mine)
+    note = (f" Caveat: {capped} of the {len(mine)} runs were stopped by the CPU cap before the patience rule ended them, so "
+            "this compares equal CPU budgets, not converged models." if capped else "")
+    lines += ["", f"Claim ({study.claim}): {study.verdict(runs)}{note}"]
     if study.figure and any(k[0] == study.key for k in runs):
         lines += ["", f"![{study.title} learning curves](figures/{study.figure})"]
     return "\n".join(lines)
