@@ -10,7 +10,7 @@ per voxel in fp32: ~150 GB at 2 x 128^3), so they adjust the plan before the dat
    under CPU bf16 autocast for an AMP training (:data:`PROBE_AMP`; nnU-Net trains under fp16 autocast on CUDA). Memory is
    ``max(fixed + per_voxel * batch * voxels, floor)`` for these fully convolutional networks: the two
    probes' peaks up to the end of the backward pass give the first two terms (the second probe minus
-   the first is one sample's activations); ``floor`` is the probes' whole-step peak, which at a probe
+   the first is one sample's activations; the forward peaks' difference when larger); ``floor`` is the probes' whole-step peak, which at a probe
    patch is often the optimizer step's (gradients + state + temporaries, the same for any batch) and
    so says nothing about the activations.
 2. :func:`choose` keeps the planned patch and batch when the prediction
@@ -117,7 +117,9 @@ def probe(network: torch.nn.Module, num_input_channels: int, patch, optimizer: t
     one = measure_network_step(network, (1, num_input_channels, *patch), factory, amp=amp)
     two = measure_network_step(network, (2, num_input_channels, *patch), factory, amp=amp)
     grow_one, grow_two = (m.resident_bytes + m.backward_peak_bytes for m in (one, two))
-    per_sample = max(0, grow_two - grow_one)
+    # the forward peak's growth is one sample's saved activations even where, at the probe patch, the
+    # gradients arriving during the backward pass set the backward peak (bf16: activations halve, gradients do not)
+    per_sample = max(0, grow_two - grow_one, two.forward_peak_bytes - one.forward_peak_bytes)
     per_voxel = per_sample / math.prod(patch)
     return MemoryModel(float(grow_one - per_sample), float(per_voxel), tuple(int(p) for p in patch), amp,
                        float(max(one.peak_bytes, two.peak_bytes)))

@@ -108,13 +108,15 @@ class StepMemory:
     (activations, gradients, new optimizer state, temporaries between operators);
     ``backward_peak_bytes`` (:func:`measure_network_step` only): the peak up to the end of the backward
     pass plus the optimizer state, the part that grows with the batch (the optimizer step's own peak,
-    gradients + state + its temporaries, does not)."""
+    gradients + state + its temporaries, does not); ``forward_peak_bytes``: the peak at the end of
+    the forward pass (the saved activations)."""
 
     resident_bytes: int
     step_peak_bytes: int
     seconds: float
     amp: str = "none"
     backward_peak_bytes: int | None = None
+    forward_peak_bytes: int | None = None
 
     @property
     def peak_bytes(self) -> int:
@@ -201,6 +203,7 @@ def measure_network_step(network: torch.nn.Module, input_shape, optimizer_factor
         with autocast_context(amp), counter:
             opt.zero_grad(set_to_none=True)
             out = forward(network, x)
+            forward_peak = counter.peak
             loss = sum(t.float().sum() for t in tree_leaves(out)
                        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.requires_grad)
             del out
@@ -211,7 +214,8 @@ def measure_network_step(network: torch.nn.Module, input_shape, optimizer_factor
         seconds = time.perf_counter() - t0
         opt_state = optimizer_state_bytes(opt)
         peak = max(backward_peak + opt_state, counter.peak)
-        return StepMemory(model_bytes(network) + storage_bytes([x]), peak, seconds, amp, backward_peak + opt_state)
+        return StepMemory(model_bytes(network) + storage_bytes([x]), peak, seconds, amp, backward_peak + opt_state,
+                          forward_peak)
     finally:
         for p in network.parameters():
             p.grad = None
