@@ -61,6 +61,15 @@ def seed_from_env() -> int | None:
 THREADS_VARIABLE = "ORGANMTL_CPU_THREADS"
 
 
+def cpu_threads_from_env(device: torch.device) -> int | None:
+    """On a CPU device, set torch's intra-op threads from ``ORGANMTL_CPU_THREADS`` if it is set; returns it.
+    Called by every organmtl trainer's ``__init__`` (after ``nnUNetv2_train`` has set one thread per core)."""
+    threads = env_int(THREADS_VARIABLE, None, minimum=1)
+    if threads is not None and device.type == "cpu":
+        torch.set_num_threads(threads)
+    return threads
+
+
 class CPUBudgetMixin:
     """Put before the nnU-Net trainer class in the bases: shortens the schedule after ``__init__``."""
 
@@ -73,9 +82,7 @@ class CPUBudgetMixin:
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         seed_from_env()
-        threads = env_int(THREADS_VARIABLE, None, minimum=1)
-        if threads is not None and device.type == "cpu":
-            torch.set_num_threads(threads)
+        cpu_threads_from_env(device)
         super().__init__(plans, configuration, fold, dataset_json, device)
         apply_schedule(self, {"num_epochs": self.budget_epochs, "num_iterations_per_epoch": self.budget_iters,
                               "num_val_iterations_per_epoch": self.budget_val_iters})

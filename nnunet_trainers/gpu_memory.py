@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 from organmtl.memory import GIB, GPU_OVERHEAD_GIB, AMP_DTYPES, measure_network_step
-from organmtl.nnunet_trainers.budget import apply_schedule
+from organmtl.nnunet_trainers.budget import apply_schedule, cpu_threads_from_env
 from organmtl.nnunet_trainers.settings import SettingError, parse_float, resolve, setting, to_stored
 
 #: key of the rule's record inside the nnU-Net configuration of plans.json
@@ -145,10 +145,12 @@ def choose(model: MemoryModel, patch, batch: int, spacing, steps, minimum, targe
 
 class EnvScheduleMixin:
     """Full trainers: ``ORGANMTL_EPOCHS``/``ORGANMTL_ITERS_PER_EPOCH``/``ORGANMTL_VAL_ITERS`` shorten the
-    schedule only when set (``_Tiny`` trainers apply their defaults on top, see budget.py)."""
+    schedule only when set (``_Tiny`` trainers apply their defaults on top, see budget.py); on a CPU,
+    ``ORGANMTL_CPU_THREADS`` sets torch's threads when set."""
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
+        cpu_threads_from_env(device)
         super().__init__(plans, configuration, fold, dataset_json, device)
         apply_schedule(self)
 

@@ -55,7 +55,8 @@ def _val_case(ds: PlannedDataset, fold: int) -> str:
 def _train_validate_predict(ds: PlannedDataset, trainer: str, fold: int, extra: dict, work: Path) -> dict:
     """``nnUNetv2_train`` (with its final validation) then ``nnUNetv2_predict`` of the validation case."""
     work.mkdir(parents=True)
-    env = {**ds.env, **BUDGET, **extra}
+    # two trainings side by side: one torch thread each (nnUNetv2_train -device cpu would take both cores)
+    env = {**ds.env, **BUDGET, **extra, "ORGANMTL_CPU_THREADS": "1"}
     log = work / "train.log"
     run_in_group([venv_bin("nnUNetv2_train"), str(ds.dataset_id), CONFIG, str(fold), "-tr", trainer, "-device", "cpu"],
                  env=env, log_file=log, timeout=1800)
