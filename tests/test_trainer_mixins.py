@@ -90,3 +90,13 @@ def test_plan_width_factor():
               "architecture": {"arch_kwargs": {"features_per_stage": [32, 64, 128, 256, 320]}}}
     tiny = tiny_configuration(parent, 32 ** 3)["architecture"]["arch_kwargs"]
     assert plan_width_factor(SimpleNamespace(network_arch_init_kwargs=tiny, network_arch_class_name="U")) == 0.25
+
+
+def test_every_trainer_switches_mirroring_off_for_left_right_pairs():
+    """A left-right flip swaps Kidney_L and Kidney_R while the labels stay: every organmtl trainer family
+    (not only the baseline) carries the laterality rule, so method and baseline are compared alike."""
+    from organmtl.nnunet_trainers import TRAINERS
+    from organmtl.nnunet_trainers.laterality import LateralityAwareMirroringMixin
+
+    missing = [t.__name__ for t in TRAINERS if not issubclass(t, LateralityAwareMirroringMixin)]
+    assert not missing, missing

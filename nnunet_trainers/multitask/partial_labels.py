@@ -50,6 +50,7 @@ from organmtl.converters.merge import ANNOTATED_KEY
 from organmtl.nnunet_trainers.amp import AMPTrainStepMixin, float32_region
 from organmtl.nnunet_trainers.budget import CPUBudgetMixin
 from organmtl.nnunet_trainers.gpu_memory import GPUMemoryPlanMixin
+from organmtl.nnunet_trainers.laterality import LateralityAwareMirroringMixin
 from organmtl.nnunet_trainers.multitask.tasks import SINGLE_TASK, TaskTable
 from organmtl.nnunet_trainers.multitask.trainers import TaskBalancedSamplingMixin
 from organmtl.nnunet_trainers.settings import SettingError, resolve, setting, to_stored
@@ -437,8 +438,8 @@ class PartialLabelMixin:
         return {"loss": loss.detach().cpu().numpy(), "tp_hard": tp, "fp_hard": fp, "fn_hard": fn}
 
 
-class nnUNetTrainerOMTLPartialLabels(PartialLabelMixin, AMPTrainStepMixin, TaskBalancedSamplingMixin,
-                                     GPUMemoryPlanMixin, nnUNetTrainer):
+class nnUNetTrainerOMTLPartialLabels(PartialLabelMixin, LateralityAwareMirroringMixin, AMPTrainStepMixin,
+                                     TaskBalancedSamplingMixin, GPUMemoryPlanMixin, nnUNetTrainer):
     """nnU-Net's U-Net on a merged, partially labelled dataset: each case's loss counts only the classes
     its source annotated (``ORGANMTL_PARTIAL_LOSS``: ``marginal`` default, or ``sigmoid``; stored with
     the model); task/class-balanced batches; deep supervision; nnU-Net's SGD."""

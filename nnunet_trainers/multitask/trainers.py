@@ -37,6 +37,7 @@ from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from organmtl.nnunet_trainers.amp import AMPTrainStepMixin
 from organmtl.nnunet_trainers.budget import CPUBudgetMixin
 from organmtl.nnunet_trainers.gpu_memory import GPUMemoryPlanMixin
+from organmtl.nnunet_trainers.laterality import LateralityAwareMirroringMixin
 from organmtl.nnunet_trainers.multitask.sampler import TaskBalancedDataLoader
 from organmtl.nnunet_trainers.multitask.tasks import TaskTable
 from organmtl.nnunet_trainers.multitask.triplanar import TriplanarCNN
@@ -173,8 +174,8 @@ class TriplanarNetworkMixin:
 
 # ---------------------------------------------------------------- the trainers
 
-class nnUNetTrainerOMTLTriplanar(AMPTrainStepMixin, TriplanarNetworkMixin, CrossEntropyLossMixin,
-                                 TaskBalancedSamplingMixin, GPUMemoryPlanMixin, nnUNetTrainer):
+class nnUNetTrainerOMTLTriplanar(LateralityAwareMirroringMixin, AMPTrainStepMixin, TriplanarNetworkMixin,
+                                 CrossEntropyLossMixin, TaskBalancedSamplingMixin, GPUMemoryPlanMixin, nnUNetTrainer):
     """Moeskops et al.'s multi-task triplanar CNN (§3.1-3.2): 25 shared 3x3 conv layers per plane,
     96 features, 2 x 192 FC (at nnU-Net's default width, see :meth:`TriplanarNetworkMixin.triplanar_size`), softmax over the union classes; task/class-balanced batches; Adam; CE."""
 
@@ -193,8 +194,8 @@ class nnUNetTrainerOMTLTriplanarDiceCE_Tiny(CPUBudgetMixin, nnUNetTrainerOMTLTri
     """CPU variant of :class:`nnUNetTrainerOMTLTriplanarDiceCE`."""
 
 
-class nnUNetTrainerOMTLMultiTaskUNet(AMPTrainStepMixin, CrossEntropyLossMixin, TaskBalancedSamplingMixin,
-                                     GPUMemoryPlanMixin, nnUNetTrainer):
+class nnUNetTrainerOMTLMultiTaskUNet(LateralityAwareMirroringMixin, AMPTrainStepMixin, CrossEntropyLossMixin,
+                                     TaskBalancedSamplingMixin, GPUMemoryPlanMixin, nnUNetTrainer):
     """nnU-Net's planned U-Net on the merged dataset with task/class-balanced batches and CE (§3.2)."""
 
 
