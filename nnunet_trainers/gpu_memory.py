@@ -32,16 +32,15 @@ keeps nnU-Net's 1000 x 250 x 50. It changes no network, patch or batch.
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from organmtl.memory import GIB, GPU_OVERHEAD_GIB, AMP_DTYPES, measure_network_step
 from organmtl.nnunet_trainers.budget import apply_schedule, cpu_threads_from_env
-from organmtl.nnunet_trainers.settings import SettingError, parse_float, resolve, setting, to_stored
+from organmtl.nnunet_trainers.settings import (SettingError, parse_float, resolve, set_plans_value, setting,
+                                               stored_plans_entry, to_stored)
 
 #: key of the rule's record inside the nnU-Net configuration of plans.json
 PLANS_KEY = "organmtl_gpu_memory"
@@ -162,26 +161,6 @@ class GPUMemoryPlanMixin(EnvScheduleMixin):
         """Smallest patch edges the network allows (default: one pooling step per axis)."""
         return pooling_steps(self.configuration_manager)
 
-    def _gpu_memory_stored(self) -> tuple[dict | None, str]:
-        entry = self.configuration_manager.configuration.get(PLANS_KEY)
-        if entry:
-            return entry, "the plans' configuration entry"
-        base = Path(self.output_folder_base) if self.output_folder_base else None
-        if base is not None and (base / "plans.json").is_file():
-            stored = json.loads((base / "plans.json").read_text())["configurations"].get(self.configuration_name, {})
-            if stored.get(PLANS_KEY):
-                return stored[PLANS_KEY], str(base / "plans.json")
-        return None, ""
-
-    def _set_plan_value(self, key: str, value) -> None:
-        configs = [self.configuration_manager.configuration,
-                   self.plans_manager.plans["configurations"][self.configuration_name]]
-        plans = self.my_init_kwargs.get("plans")
-        if isinstance(plans, dict) and plans is not self.plans_manager.plans:
-            configs.append(plans["configurations"][self.configuration_name])
-        for c in configs:
-            c[key] = value
-
     def initialize(self):
         first = not self.was_initialized
         super().initialize()
@@ -195,7 +174,7 @@ class GPUMemoryPlanMixin(EnvScheduleMixin):
     def plan_for_gpu_memory(self) -> dict:
         """Measure, choose and store the patch/batch for the target GPU (module doc); returns the record."""
         cm = self.configuration_manager
-        stored, source = self._gpu_memory_stored()
+        stored, source = stored_plans_entry(self, PLANS_KEY)
         if stored:
             resolved = resolve(GPUMemoryOptions, stored.get("options"), source)
             for note in resolved.notes:
@@ -219,9 +198,9 @@ class GPUMemoryPlanMixin(EnvScheduleMixin):
                               "backward peaks, floor: whole-step peak; bf16 autocast for amp); "
                               "batch down to 2, then the longest patch axis (mm) by one pooling step"}
         changed = tuple(int(p) for p in cm.patch_size) != tuple(patch) or int(cm.batch_size) != batch
-        self._set_plan_value("patch_size", list(patch))
-        self._set_plan_value("batch_size", batch)
-        self._set_plan_value(PLANS_KEY, record)
+        set_plans_value(self, "patch_size", list(patch))
+        set_plans_value(self, "batch_size", batch)
+        set_plans_value(self, PLANS_KEY, record)
         if changed:
             self._set_batch_size_and_oversample()
             self._check_network_unchanged()

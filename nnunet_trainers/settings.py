@@ -10,8 +10,11 @@ and the class defaults, and says which stored value won over a different environ
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
+import json
 import os
+from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 
@@ -162,3 +165,33 @@ def plan_width_factor(configuration_manager, paper_first_stage: int = 32) -> flo
         raise ValueError(f"plans configuration ({configuration_manager.network_arch_class_name}) has no "
                          f"'features_per_stage' to derive the network width from")
     return float(features[0]) / float(paper_first_stage)
+
+
+# ------------------------------------------------------------------ a trainer's stored plans entries
+
+def stored_plans_entry(trainer, key: str) -> tuple[dict | None, str]:
+    """The entry ``key`` a model stored in its plans configuration, and where it was found: the plans the
+    trainer was built from (``--c``/``--val``/``nnUNetv2_predict``: nnU-Net passes the model's plans), else
+    the model folder's ``plans.json`` (a new fold of a trained model); ``(None, "")`` when neither has it."""
+    entry = trainer.configuration_manager.configuration.get(key)
+    if entry:
+        return entry, "the plans' configuration entry"
+    base = Path(trainer.output_folder_base) if trainer.output_folder_base else None
+    if base is not None and (base / "plans.json").is_file():
+        stored = json.loads((base / "plans.json").read_text())["configurations"].get(trainer.configuration_name, {})
+        if stored.get(key):
+            return stored[key], str(base / "plans.json")
+    return None, ""
+
+
+def set_plans_value(trainer, key: str, value) -> None:
+    """Set ``key`` of the trainer's plans configuration everywhere nnU-Net reads it from: the configuration
+    manager, the plans manager's plans (written to the model's plans.json) and the constructor's ``plans``
+    argument (recorded in every checkpoint's ``init_args``); each gets its own copy."""
+    configs = [trainer.configuration_manager.configuration,
+               trainer.plans_manager.plans["configurations"][trainer.configuration_name]]
+    plans = trainer.my_init_kwargs.get("plans")
+    if isinstance(plans, dict) and plans is not trainer.plans_manager.plans:
+        configs.append(plans["configurations"][trainer.configuration_name])
+    for c in configs:
+        c[key] = copy.deepcopy(value)

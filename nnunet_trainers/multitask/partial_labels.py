@@ -31,10 +31,7 @@ all-gathered as nnU-Net's own Dice does, so the set of classes averaged is the s
 """
 from __future__ import annotations
 
-import copy
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +50,8 @@ from organmtl.nnunet_trainers.gpu_memory import GPUMemoryPlanMixin
 from organmtl.nnunet_trainers.laterality import LateralityAwareMirroringMixin
 from organmtl.nnunet_trainers.multitask.tasks import SINGLE_TASK, TaskTable
 from organmtl.nnunet_trainers.multitask.trainers import TaskBalancedSamplingMixin
-from organmtl.nnunet_trainers.settings import SettingError, resolve, setting, to_stored
+from organmtl.nnunet_trainers.settings import (SettingError, resolve, set_plans_value, setting, stored_plans_entry,
+                                               to_stored)
 
 #: key of the partial-label settings inside the nnU-Net configuration of plans.json
 PLANS_KEY = "organmtl_partial_labels"
@@ -303,37 +301,20 @@ class PartialLabelMixin:
             self.device, self.grad_scaler = device, None
         if self.label_manager.has_regions:
             raise ValueError(f"{type(self).__name__}: partial labels need label maps, not region-based training")
-        entry, source = self._stored_partial_entry()
+        entry, source = stored_plans_entry(self, PLANS_KEY)
         self._adopt_partial(entry, source)
         self.annotated = AnnotatedLabels.from_dataset_json(
             self.dataset_json, self.label_manager.num_segmentation_heads,
             f"{self.plans_manager.dataset_name}/dataset.json")
 
     # ------------------------------------------------------------------ settings
-    def _stored_partial_entry(self) -> tuple[dict | None, str]:
-        entry = self.configuration_manager.configuration.get(PLANS_KEY)
-        if entry:
-            return entry, "the plans' configuration entry"
-        base = Path(self.output_folder_base) if self.output_folder_base else None
-        if base is not None and (base / "plans.json").is_file():
-            stored = json.loads((base / "plans.json").read_text())["configurations"].get(self.configuration_name, {})
-            if stored.get(PLANS_KEY):
-                return stored[PLANS_KEY], str(base / "plans.json")
-        return None, ""
-
     def _adopt_partial(self, entry: dict | None, source: str) -> None:
         resolved = resolve(PartialLabelOptions, (entry or {}).get("options"), source or "the plans")
         self.partial_options = resolved.options
         for note in resolved.notes:
             self.print_to_log_file(f"partial-label setting {note}")
         stored = {"options": to_stored(self.partial_options)}
-        configs = [self.configuration_manager.configuration,
-                   self.plans_manager.plans["configurations"][self.configuration_name]]
-        plans = self.my_init_kwargs.get("plans")
-        if isinstance(plans, dict):
-            configs.append(plans["configurations"][self.configuration_name])
-        for c in configs:
-            c[PLANS_KEY] = copy.deepcopy(stored)
+        set_plans_value(self, PLANS_KEY, stored)
 
     @property
     def formulation(self) -> str:
