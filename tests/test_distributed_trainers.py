@@ -15,7 +15,6 @@ process-group timeout and the join timeout.
 """
 from __future__ import annotations
 
-import datetime
 import os
 
 import pytest
@@ -41,34 +40,19 @@ CASES = [
 ]
 
 
-def _cpu_ddp(module, device_ids=None, **kwargs):
-    """nnU-Net's ``DDP(network, device_ids=[rank])`` for a CPU module (gloo)."""
-    from torch.nn.parallel import DistributedDataParallel
-    return DistributedDataParallel(module, **kwargs)
-
-
-def _on_cpu(trainer) -> None:
-    trainer.device = torch.device("cpu")
-    trainer.grad_scaler = None          # nnU-Net makes a GradScaler for CUDA only
-
-
 def _rank_main(rank: int, root: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{root}/init", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=PG_TIMEOUT_S))
-    try:
-        import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as nnunet_trainer_module
+    from tests.trainer_steps import build_trainer, init_gloo_rank, make_batch, on_cpu, parameters
 
+    init_gloo_rank(rank, root, WORLD, PG_TIMEOUT_S)
+    try:
         import organmtl.nnunet_trainers as trainers
         from organmtl.nnunet_trainers.amp import any_rank
-        from tests.trainer_steps import build_trainer, make_batch, parameters
 
-        nnunet_trainer_module.DDP = _cpu_ddp
         results = {"any_rank": (any_rank(rank == 0, torch.device("cpu")), any_rank(False, torch.device("cpu")))}
         for i, (name, kind, batch_dice, lacking) in enumerate(CASES):
             torch.manual_seed(0)
             trainer = build_trainer(getattr(trainers, name), os.path.join(root, f"{i}_{rank}"), kind,
-                                    batch_size=WORLD, batch_dice=batch_dice, before_initialize=_on_cpu)
+                                    batch_size=WORLD, batch_dice=batch_dice, before_initialize=on_cpu)
             assert trainer.is_ddp and trainer.batch_size == 1, (name, trainer.is_ddp, trainer.batch_size)
             before = parameters(trainer)
             trainer.network.train()

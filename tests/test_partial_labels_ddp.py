@@ -6,7 +6,6 @@ steps both ranks must hold identical, changed parameters (no hang, no skipped re
 formulations."""
 from __future__ import annotations
 
-import datetime
 import os
 
 import numpy as np
@@ -25,33 +24,19 @@ CASES = [("marginal", True), ("marginal", False), ("sigmoid", True)]
 KEYS = {0: ["task_a_0"], 1: ["task_b_1"]}          # one sample per rank (nnU-Net splits the batch of 2)
 
 
-def _cpu_ddp(module, device_ids=None, **kwargs):
-    from torch.nn.parallel import DistributedDataParallel
-    return DistributedDataParallel(module, **kwargs)
-
-
-def _on_cpu(trainer) -> None:
-    trainer.device = torch.device("cpu")
-    trainer.grad_scaler = None
-
-
 def _rank_main(rank: int, root: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{root}/init", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=PG_TIMEOUT_S))
+    from tests.trainer_steps import build_trainer, init_gloo_rank, make_batch, on_cpu, parameters
+
+    init_gloo_rank(rank, root, WORLD, PG_TIMEOUT_S)
     try:
-        import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as nnunet_trainer_module
-
         import organmtl.nnunet_trainers as trainers
-        from tests.trainer_steps import build_trainer, make_batch, parameters
 
-        nnunet_trainer_module.DDP = _cpu_ddp
         results = {}
         for i, (formulation, batch_dice) in enumerate(CASES):
             os.environ["ORGANMTL_PARTIAL_LOSS"] = formulation
             torch.manual_seed(0)
             trainer = build_trainer(trainers.nnUNetTrainerOMTLPartialLabels_Tiny, os.path.join(root, f"{i}_{rank}"),
-                                    "tasks", batch_size=WORLD, batch_dice=batch_dice, before_initialize=_on_cpu)
+                                    "tasks", batch_size=WORLD, batch_dice=batch_dice, before_initialize=on_cpu)
             assert trainer.is_ddp and trainer.batch_size == 1 and trainer.formulation == formulation
             before = parameters(trainer)
             trainer.network.train()

@@ -227,3 +227,32 @@ def predict_logits(trainer, image: torch.Tensor, dtype: torch.dtype | None) -> t
     finally:
         trainer.set_deep_supervision_enabled(trainer.enable_deep_supervision)
         trainer.network.train()
+
+
+# ------------------------------------------------------------------ trainers under DDP on the CPU (gloo ranks)
+
+def cpu_ddp(module, device_ids=None, **kwargs):
+    """nnU-Net's ``DDP(network, device_ids=[rank])`` for a CPU module (gloo): replaces nnU-Net's ``DDP`` name."""
+    from torch.nn.parallel import DistributedDataParallel
+    return DistributedDataParallel(module, **kwargs)
+
+
+def on_cpu(trainer) -> None:
+    """``before_initialize`` hook of :func:`build_trainer` for a DDP rank: nnU-Net's DDP path sets
+    ``cuda:rank``; a gloo rank stays on the CPU (and nnU-Net makes a GradScaler for CUDA only)."""
+    trainer.device = torch.device("cpu")
+    trainer.grad_scaler = None
+
+
+def init_gloo_rank(rank: int, root, world: int, timeout_s: float) -> None:
+    """One thread, then this process's gloo rank (file rendezvous under ``root``; a collective one rank
+    never joins fails after ``timeout_s``) and nnU-Net's ``DDP`` name pointed at :func:`cpu_ddp`."""
+    import datetime
+
+    import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as nnunet_trainer_module
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{root}/init", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+    nnunet_trainer_module.DDP = cpu_ddp
