@@ -107,12 +107,71 @@ def test_aae_losses_by_hand():
     g, rg = torch.tensor([0.0, 1.0]), torch.tensor([0.0, 0.0])
     assert float(L.reconstruction_loss(ry, y, rg, g)) == pytest.approx(0.25 / 2 + 1 / 2)      # Eq. 4
     assert float(L.reconstruction_loss(ry, y)) == pytest.approx(0.125)
-    fy = [torch.tensor([1.0, 2.0]), torch.tensor([[0.0]])]
+    fy = [torch.tensor([1.0, 2.0]), torch.tensor([[2.0]])]
     fg = [torch.tensor([1.0, 0.0]), torch.tensor([[3.0]])]
-    ls = L.shape_loss(fy, fg)                                                                 # Eq. 5
-    assert float(ls) == pytest.approx(4 / 2 + 9)
-    assert float(L.generator_loss(torch.tensor(1.0), ls)) == pytest.approx(1 + 5 * 11)       # Eq. 7
-    assert float(L.discriminator_loss(torch.tensor(2.0), ls)) == pytest.approx(2 - 0.001 * 11)  # Eq. 8
+    ls = L.shape_loss(fy, fg)                            # Eq. 5, per scale mse(a, b) / (mean a^2 + mean b^2)
+    # scale 1: mse (0 + 4) / 2 = 2 over (1 + 4) / 2 + (1 + 0) / 2 = 3; scale 2: mse 1 over 4 + 9 = 13
+    expected = 2 / 3 + 1 / 13
+    assert float(ls) == pytest.approx(expected, rel=1e-5)
+    assert float(L.generator_loss(torch.tensor(1.0), ls)) == pytest.approx(1 + 5 * expected, rel=1e-5)       # Eq. 7
+    assert float(L.discriminator_loss(torch.tensor(2.0), ls)) == pytest.approx(2 - 0.001 * expected, rel=1e-6)  # Eq. 8
+    assert float(L.shape_loss([torch.tensor([1.0, -1.0])], [torch.tensor([-1.0, 1.0])])) == pytest.approx(2.0)  # the bound
+
+
+def _tiny_shape_ae(roi=(8, 24, 24)):
+    from organmtl.nnunet_trainers.focusnet.shape_ae import ShapeAutoencoder
+    torch.manual_seed(0)
+    ae = ShapeAutoencoder(roi, channels=(8, 16, 16, 32), latent=64)
+    gt = torch.zeros(2, 1, *roi)
+    gt[0, 0, 2:5, 4:10, 5:12] = 1
+    gt[1, 0, 1:4, 6:12, 3:9] = 1
+    return ae, gt, 0.6 * torch.roll(gt, (1, 1), (3, 4))
+
+
+def test_shape_loss_ignores_a_rescaling_that_leaves_the_reconstruction_unchanged():
+    """The latent code times 10 (fc_latent x 10, fc_decode's weight / 10) and the first decoder features
+    times 10 (the batch norm's affine parameters before their ReLU x 10; the next batch norm renormalises)
+    give the same reconstruction; the plain Eq. 5 distance grew by 100 on those scales."""
+    ae, gt, pred = _tiny_shape_ae()
+    x = torch.cat([gt, pred])
+    rec0, f0 = ae(x)
+    with torch.no_grad():
+        ae.fc_latent.weight.mul_(10)
+        ae.fc_latent.bias.mul_(10)
+        ae.fc_decode.weight.div_(10)
+        bn = ae.up1[1][1]
+        bn.weight.mul_(10)
+        bn.bias.mul_(10)
+    rec1, f1 = ae(x)
+    torch.testing.assert_close(rec1, rec0, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(f1[0], 10 * f0[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(f1[2], 10 * f0[2], rtol=1e-4, atol=1e-4)
+    before = L.shape_loss([f[:2] for f in f0], [f[2:] for f in f0]).item()
+    after = L.shape_loss([f[:2] for f in f1], [f[2:] for f in f1]).item()
+    assert after == pytest.approx(before, rel=1e-4)
+
+
+def test_repeated_d_steps_keep_the_shape_loss_bounded():
+    """Eq. 8's D step (Adam, lr 5e-4 as the trainer) 80 times on fixed masks after 20 pre-training
+    steps: the plain squared distance grew from 0.75 to 361 here (the autoencoder inflated its
+    features' scale, docs/focusnetv2.md "Shape loss scale"); the scale-free one stays below its bound,
+    2 per scale."""
+    ae, gt, pred = _tiny_shape_ae()
+    opt = torch.optim.Adam(ae.parameters(), lr=5e-4)
+    for _ in range(20):
+        rec, _ = ae(gt)
+        opt.zero_grad()
+        L.reconstruction_loss(rec, gt).backward()
+        opt.step()
+    values = []
+    for _ in range(80):
+        rec, feats = ae(torch.cat([gt, pred]))
+        ls = L.shape_loss([f[:2] for f in feats], [f[2:] for f in feats])
+        values.append(ls.item())
+        opt.zero_grad()
+        L.discriminator_loss(L.reconstruction_loss(rec[:2], gt, rec[2:], pred), ls, 0.001).backward()
+        opt.step()
+    assert max(values) < 2 * len(feats), values[::10]
 
 
 def _env_options(monkeypatch, **env) -> O.FocusNetOptions:

@@ -141,10 +141,30 @@ def reconstruction_loss(rec_gt: torch.Tensor, gt: torch.Tensor, rec_pred: torch.
     return loss
 
 
+#: added to the denominator of :func:`shape_loss` (guards a scale whose features are all zero)
+SHAPE_EPS = 1e-6
+
+
 def shape_loss(features_gt: Sequence[torch.Tensor], features_pred: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Eq. 5: squared L2 distance of D_latent(y) and D_latent(G(x)) = the latent code and the multi-scale
-    decoder features, each as a mean squared difference, summed over the scales."""
-    return sum(F.mse_loss(a.float(), b.float()) for a, b in zip(features_gt, features_pred))
+    """Eq. 5, made invariant to the scale of each feature map: per scale a (ground truth) and b
+    (prediction) of D_latent (the latent code and the multi-scale decoder features), the squared distance
+    divided by the squared magnitudes of both, ``mean((a - b)^2) / (mean(a^2) + mean(b^2) + SHAPE_EPS)``
+    (= 1 - 2 a.b / (|a|^2 + |b|^2), in [0, 2], 0 only at b = a), summed over the scales.
+
+    Deviation from the paper's plain squared distance (docs/focusnetv2.md "Shape loss scale"): every
+    scale of Table 9's autoencoder can be multiplied by any s > 0 at no cost in L_rec (the latent code
+    through the FC layers, the ReLU features through the batch norm or the linear layer after them), so
+    the D step of Eq. 8, which maximises lambda2 L_shape, grows the plain distance without bound and
+    lambda1 L_shape of Eq. 7 with it. The ratio does not change when a and b are scaled together, so
+    its gradient has no component along such a rescaling, and it is bounded. Nothing is detached here
+    (a detached denominator would leave D the numerator's push along the scale; dividing by the ground
+    truth's magnitude alone lets D shrink it below the prediction's without bound); the G step passes
+    detached ground-truth features, and for G the minimum is still b = a."""
+    total = 0.0
+    for a, b in zip(features_gt, features_pred):
+        a, b = a.float(), b.float()
+        total = total + F.mse_loss(a, b) / (a.pow(2).mean() + b.pow(2).mean() + SHAPE_EPS)
+    return total
 
 
 def generator_loss(seg_loss: torch.Tensor, l_shape: torch.Tensor, lambda1: float = 5.0) -> torch.Tensor:
