@@ -107,6 +107,21 @@ def evaluate(trainer: str, env: dict, dataset_json: dict) -> dict:
     return out
 
 
+def enter_phases(trainer, schedule):
+    """Yield each phase of ``schedule`` after putting the trainer at its first epoch and running nnU-Net's
+    ``on_train_epoch_start`` (FocusNet switches phase, loader and optimiser there); "stock": nothing to enter."""
+    from organmtl.nnunet_trainers.focusnet.options import phase_at
+
+    first_epoch = 0
+    for phase, n_epochs in schedule:
+        trainer.current_epoch = first_epoch
+        first_epoch += n_epochs
+        if phase != "stock":
+            assert phase_at(trainer.schedule, trainer.current_epoch) == phase
+            trainer.on_train_epoch_start()
+        yield phase
+
+
 def _cost_child(trainer_name: str, model_dir: str, device: str, n_steps: int, queue) -> None:
     """In a fresh process: the trainer's own ``train_step`` (what ``nnUNetv2_train`` runs: loss, backward,
     optimiser, and for the adversarial variants the G and D steps) on one fixed batch of the plans' patch
@@ -118,7 +133,6 @@ def _cost_child(trainer_name: str, model_dir: str, device: str, n_steps: int, qu
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
     import organmtl.nnunet_trainers as trainers
-    from organmtl.nnunet_trainers.focusnet.options import phase_at
     from trainer_timing import initialized_trainer, train_step_seconds
 
     dev = torch.device(device)
@@ -130,13 +144,8 @@ def _cost_child(trainer_name: str, model_dir: str, device: str, n_steps: int, qu
     batch = next(trainer.get_dataloaders()[0])
     schedule = getattr(trainer, "schedule", [("stock", 1)])
 
-    phases, first_epoch = {}, 0
-    for phase, n_epochs in schedule:
-        trainer.current_epoch = first_epoch
-        first_epoch += n_epochs
-        if phase != "stock":
-            assert phase_at(trainer.schedule, trainer.current_epoch) == phase
-            trainer.on_train_epoch_start()
+    phases = {}
+    for phase in enter_phases(trainer, schedule):
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         phases[phase] = float(np.mean(train_step_seconds(trainer, batch, n_steps)))
@@ -159,8 +168,6 @@ def _small_organ_batch(trainer, dataset_json: dict, max_draws: int = 40) -> dict
     """The first of the seeded training batches (nnU-Net's loader of the S-Net phase) in which every sample
     holds every small organ: the work a FocusNet step with small organs does, the same batch for every
     trainer and every code state (falls back to the batch with the most (sample, organ) pairs)."""
-    import torch
-
     small = [dataset_json["labels"][n] for n in dataset_json.get("organmtl_small_organs", [])]
     loader = trainer.get_dataloaders()[0]
     best, best_n = None, -1
@@ -183,7 +190,6 @@ def _steps_child(trainer_name: str, work: str, device: str, n_steps: int, queue)
     import torch
 
     import organmtl.nnunet_trainers as trainers
-    from organmtl.nnunet_trainers.focusnet.options import phase_at
     from trainer_timing import initialized_trainer, train_step_seconds
 
     pre = Path(os.environ["nnUNet_preprocessed"]) / f"Dataset{DATASET}_BenchHaN"
@@ -194,13 +200,8 @@ def _steps_child(trainer_name: str, work: str, device: str, n_steps: int, queue)
     batch = _small_organ_batch(trainer, dataset_json)
     pairs = batch.pop("pairs")
     schedule = getattr(trainer, "schedule", [("stock", 1)])
-    phases, first_epoch = {}, 0
-    for phase, n_epochs in schedule:
-        trainer.current_epoch = first_epoch
-        first_epoch += n_epochs
-        if phase != "stock":
-            assert phase_at(trainer.schedule, trainer.current_epoch) == phase
-            trainer.on_train_epoch_start()
+    phases = {}
+    for phase in enter_phases(trainer, schedule):
         torch.manual_seed(1)
         phases[phase] = float(np.median(train_step_seconds(trainer, batch, n_steps)))
     total = sum(n for _, n in schedule)
