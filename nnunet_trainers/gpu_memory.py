@@ -39,7 +39,7 @@ import torch
 
 from organmtl.memory import GIB, GPU_OVERHEAD_GIB, AMP_DTYPES, measure_network_step
 from organmtl.nnunet_trainers.budget import apply_schedule, cpu_threads_from_env
-from organmtl.nnunet_trainers.settings import (SettingError, parse_float, resolve, set_plans_value, setting,
+from organmtl.nnunet_trainers.settings import (parse_choice, parse_float, resolve, set_plans_value, setting,
                                                stored_plans_entry, to_stored)
 
 #: key of the rule's record inside the nnU-Net configuration of plans.json
@@ -55,10 +55,7 @@ PROBE_AMP = {"fp16": "bf16", "bf16": "bf16", "none": "none"}
 
 
 def _parse_amp(name: str, raw: str) -> str:
-    value = raw.strip().lower()
-    if value not in AMP_DTYPES:
-        raise SettingError(name, raw, f"must be one of {sorted(AMP_DTYPES)}")
-    return value
+    return parse_choice(name, raw, sorted(AMP_DTYPES))
 
 
 @dataclass(frozen=True)

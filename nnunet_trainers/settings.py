@@ -54,6 +54,14 @@ def parse_float(name: str, raw: str, minimum: float | None = None) -> float:
     return _check_minimum(name, raw, value, minimum)
 
 
+def parse_choice(name: str, raw: str, choices: Sequence[str]) -> str:
+    """One of ``choices`` (case and surrounding blanks ignored)."""
+    value = raw.strip().lower()
+    if value not in choices:
+        raise SettingError(name, raw, f"must be one of {list(choices)}")
+    return value
+
+
 def parse_list(name: str, raw: str, item: Callable[[str, str], Any] = lambda n, v: v,
                length: int | None = None) -> tuple:
     """Comma-separated values, each parsed by ``item(name, text)`` (e.g. :func:`parse_int`)."""

@@ -50,7 +50,7 @@ from organmtl.nnunet_trainers.gpu_memory import GPUMemoryPlanMixin
 from organmtl.nnunet_trainers.laterality import LateralityAwareMirroringMixin
 from organmtl.nnunet_trainers.multitask.tasks import SINGLE_TASK, TaskTable
 from organmtl.nnunet_trainers.multitask.trainers import TaskBalancedSamplingMixin
-from organmtl.nnunet_trainers.settings import (SettingError, resolve, set_plans_value, setting, stored_plans_entry,
+from organmtl.nnunet_trainers.settings import (parse_choice, resolve, set_plans_value, setting, stored_plans_entry,
                                                to_stored)
 
 #: key of the partial-label settings inside the nnU-Net configuration of plans.json
@@ -61,10 +61,7 @@ SMOOTH = 1e-5
 
 
 def _parse_formulation(name: str, raw: str) -> str:
-    value = raw.strip().lower()
-    if value not in FORMULATIONS:
-        raise SettingError(name, raw, f"must be one of {list(FORMULATIONS)}")
-    return value
+    return parse_choice(name, raw, FORMULATIONS)
 
 
 @dataclass(frozen=True)
