@@ -43,7 +43,7 @@ FOLD = 0
 BASELINE = "nnUNetTrainerOMTLBaseline_Tiny"
 DETECTRON_ITERATIONS = 100
 N_TEST = 4
-#: trainers of a study that train at once (two cores: two; see _run_study)
+#: trainers that train at once (two cores: two; see _train_all)
 DEFAULT_JOBS = max(1, min(2, os.cpu_count() or 1))
 
 
@@ -121,7 +121,7 @@ STUDIES = (
           (("pddca", "{data}/han_pddca", "--test", "{data}/han_pddca_test", "--dataset-id", "501",
             "--name", "HaNDemo", "-j", "2"),),
           {"nnU-Net": BASELINE, "FocusNetv2": "nnUNetTrainerOMTLFocusNetV2_Tiny"},
-          {"nnU-Net": Budget(18, 250), "FocusNetv2": Budget(0, 50, phases=SCHEDULE_FOCUSNET)}, test_set=True),
+          {"nnU-Net": Budget(22, 250), "FocusNetv2": Budget(0, 50, phases=SCHEDULE_FOCUSNET)}, test_set=True),
     # one conversion with Gaussian landmark channels serves all three: the auxiliary-task trainers
     # need heatmaps, early fusion takes either map (the paper's distance map: --landmark-channels distance)
     Study("abdomen", "Fat/water MR with hip-joint landmarks: landmark U-Nets vs nnU-Net", 503, "AbdomenDemo",
@@ -143,7 +143,7 @@ STUDIES = (
           {"nnU-Net": BASELINE, "multi-task U-Net (balanced)": "nnUNetTrainerOMTLMultiTaskUNet_Tiny",
            "triplanar multi-task CNN": "nnUNetTrainerOMTLTriplanar_Tiny"},
           {"nnU-Net": Budget(12, 100), "multi-task U-Net (balanced)": Budget(12, 100),
-           "triplanar multi-task CNN": Budget(6, 50)}),
+           "triplanar multi-task CNN": Budget(9, 50)}),
 )
 
 #: what ``--only`` can pick: the nnU-Net studies and the Detectron2 comparison
@@ -329,13 +329,7 @@ def run_demo(out: Path, epochs: int | None = None, iterations: int | None = None
     print(f"    {data}: {', '.join(families)}")
     _done(t0)
 
-    sections, budgets = [], []
-    for study in studies:
-        sections.append(_run_study(study, out, data, logs, plan[study.key], budgets, jobs))
-    if run_detectron:
-        t0 = _step("Detectron2: spine slices -> COCO -> train_net.py (Mask R-CNN vs HMR-Net, tiny)")
-        sections.append(_detectron_demo(out, data, logs, detectron_iterations, budgets, jobs))
-        _done(t0)
+    sections, budgets = _train_all(studies, run_detectron, out, data, logs, plan, detectron_iterations, jobs)
 
     t0 = _step("organmtl report: overlays and learning curves")
     with output_to(logs / "report.log"):
@@ -356,12 +350,59 @@ def demo_budgets(studies, epochs: int | None = None, iterations: int | None = No
     return {s.key: {label: b.scaled(epochs, iterations) for label, b in s.budgets.items()} for s in studies}
 
 
-def _run_study(study: Study, out: Path, data: Path, logs: Path, plan: dict[str, Budget], budgets: list[dict],
-               jobs: int = 1) -> str:
-    """Convert, plan, train and score one study; its Markdown section. ``jobs`` trainers train at
-    once (each a stock ``nnUNetv2_train``; nnU-Net's CPU training is mostly single-threaded small
-    kernels and augmentation, so two trainers on two cores finish sooner than one after the other).
-    Appends each trainer's budget and wall time to ``budgets``."""
+def _train_all(studies, run_detectron: bool, out: Path, data: Path, logs: Path, plan: dict[str, dict[str, Budget]],
+               detectron_iterations: int, jobs: int) -> tuple[list[str], list[dict]]:
+    """Prepare each part in turn and queue its trainers on ONE pool of ``jobs`` workers, so that a
+    part's trainers start beside the previous part's last ones instead of after them (nnU-Net's
+    CPU training is mostly single-threaded small kernels and augmentation, so two trainers on two
+    cores finish sooner than one after the other). Returns the Markdown sections and the budget
+    rows (trainer, budget, wall time), in part order. The first failure stops every command."""
+    stop = threading.Event()
+    parts: list[tuple[object, dict]] = []     # (columns -> section, column label -> future)
+    threads = cpu_threads(jobs)
+
+    def guarded(fn, *args):
+        if stop.is_set():                  # queued behind a command that failed: do not start
+            return None
+        try:
+            return fn(*args, stop, threads)
+        except BaseException:
+            stop.set()                     # the other commands stop too
+            raise
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs), thread_name_prefix="demo") as pool:
+        try:
+            for study in studies:
+                if stop.is_set():
+                    break
+                raw = _prepare_study(study, out, data, logs)
+                # longest budgets first, so that the shorter ones fill in beside them
+                order = sorted(study.trainers, key=lambda label: -plan[study.key][label].total_epochs
+                               * plan[study.key][label].iterations)
+                futures = {label: pool.submit(guarded, _train_and_score, study, label, plan[study.key][label], out,
+                                              raw, logs) for label in order}
+                parts.append((lambda columns, study=study: _study_section(study, columns),
+                              {label: futures[label] for label in study.trainers}))
+            if run_detectron and not stop.is_set():
+                coco = _prepare_detectron(out, data, logs)
+                futures = {label: pool.submit(guarded, _train_detectron, label, rel, out, coco, logs,
+                                              detectron_iterations) for label, rel in DETECTRON_CONFIGS.items()}
+                parts.append((lambda columns: _detectron_section(columns, detectron_iterations), futures))
+            wait([f for _, fs in parts for f in fs.values()], return_when=FIRST_EXCEPTION)
+        except BaseException:             # a preparation failed, or Ctrl-C: stop the running ones
+            stop.set()
+            raise
+    _raise_first_failure([f for _, fs in parts for f in fs.values()])
+    sections, budgets = [], []
+    for section, futures in parts:
+        rows = {label: f.result() for label, f in futures.items()}
+        budgets.extend(row for _, row in rows.values())
+        sections.append(section({label: column for label, (column, _) in rows.items()}))
+    return sections, budgets
+
+
+def _prepare_study(study: Study, out: Path, data: Path, logs: Path) -> Path:
+    """Convert, plan and preprocess one study (its fold-0 split written); its nnU-Net raw folder."""
     from organmtl.nnunet_plans import plan_tiny
 
     raw_root = out / "nnUNet_raw"
@@ -374,31 +415,10 @@ def _run_study(study: Study, out: Path, data: Path, logs: Path, plan: dict[str, 
     raw = raw_root / f"Dataset{study.dataset_id:03d}_{study.name}"
     write_default_split(out / "nnUNet_preprocessed" / raw.name, study.configuration)
     _done(t0)
+    return raw
 
-    stop = threading.Event()
-    rows: dict[str, tuple[dict, dict]] = {}
 
-    def one(label: str):
-        if stop.is_set():                  # queued behind a trainer that failed: do not start
-            return
-        try:
-            rows[label] = _train_and_score(study, label, plan[label], out, raw, logs, stop, cpu_threads(jobs))
-        except BaseException:
-            stop.set()                     # the other trainers of the study stop too
-            raise
-
-    with ThreadPoolExecutor(max_workers=max(1, jobs), thread_name_prefix=f"demo-{study.key}") as pool:
-        # longest budgets first, so that the shorter ones fill in beside them
-        order = sorted(study.trainers, key=lambda label: -plan[label].total_epochs * plan[label].iterations)
-        futures = [pool.submit(one, label) for label in order]
-        try:
-            wait(futures, return_when=FIRST_EXCEPTION)
-        except BaseException:             # Ctrl-C: stop the running ones
-            stop.set()
-            raise
-    _raise_first_failure(futures)
-    budgets.extend(rows[label][1] for label in study.trainers)
-    columns = {label: rows[label][0] for label in study.trainers}
+def _study_section(study: Study, columns: dict[str, dict]) -> str:
     where = "held-out test cases (nnUNetv2_predict)" if study.test_set else "nnU-Net's fold-0 validation cases"
     return f"## {study.title}\n\nDataset{study.dataset_id:03d}, {study.configuration}, {where}.\n\n" + \
         _comparison_table(columns)
@@ -507,8 +527,8 @@ def budget_section(budgets: list[dict]) -> str:
              f"comparison, every method trained until validation stops improving, is in {where}. "
              "Each budget is the run length only (ORGANMTL_EPOCHS x ORGANMTL_ITERS_PER_EPOCH, "
              "ORGANMTL_VAL_ITERS; FocusNet's phase split): optimiser, learning-rate schedule and augmentation "
-             "are each trainer's own, the stock nnU-Net baseline's included. The trainers of a study train "
-             "two at a time, so their wall times overlap.", "",
+             "are each trainer's own, the stock nnU-Net baseline's included. The trainers train "
+             "two at a time (a study's next to the previous study's last), so their wall times overlap.", "",
              "| part | method | trainer / config | budget | wall time |", "|---|---|---|---|---|"]
     lines += [f"| {b['part']} | {b['method']} | {b['trainer']} | {b['budget']} | {b['seconds']:.0f} s |" for b in budgets]
     return "\n".join(lines)
@@ -541,48 +561,39 @@ DETECTRON_CONFIGS = {"Mask R-CNN R18-FPN": "configs/tiny/mask_rcnn_R_18_FPN_base
                      "HMR-Net R18 (shape head + manifold + cross-stitch)": "hmrnet/configs/tiny/hmrnet_R_18_FPN_tiny.yaml"}
 
 
-def _detectron_demo(out: Path, data: Path, logs: Path, iterations: int, budgets: list[dict], jobs: int = 1) -> str:
-    """Spine slices -> COCO, then ``train_net.py`` for each of :data:`DETECTRON_CONFIGS` (``jobs``
-    at once); the segm AP table."""
-    from importlib import resources
-
+def _prepare_detectron(out: Path, data: Path, logs: Path) -> Path:
+    """Spine slices -> COCO; the COCO folder."""
+    t0 = _step("Detectron2: spine slices -> COCO (train_net.py: Mask R-CNN vs HMR-Net, tiny)")
     coco = out / "coco" / "spine_sag_mr"
     with output_to(logs / "convert_coco.log"):
         convert("volumes", data / "spine" / "spine_sag_mr", "--to", "coco", "--dataset-id", "502", "--name",
                 "SpineSagDemo", "--out", coco)
-    stop = threading.Event()
+    _done(t0)
+    return coco
 
-    def one(label: str, rel: str) -> tuple[dict, dict]:
-        config, name = resources.files("organmtl.detectron_heads") / rel, Path(rel).name
-        output_dir = out / "detectron2" / name.removesuffix(".yaml")
-        t0 = time.time()
-        try:
-            run_in_group([sys.executable, "-m", "organmtl.detectron_heads.train_net", "--config-file", str(config),
-                          "ORGANMTL.DATASET_ROOT", str(coco), "ORGANMTL.DATASET_NAME", "spine_sag_demo",
-                          "SOLVER.MAX_ITER", str(iterations), "SOLVER.STEPS", f"({int(iterations * 0.8)},)",
-                          "OUTPUT_DIR", str(output_dir)], env=cpu_threads(jobs), log_file=logs / f"train_net_{name}.log",
-                         stop=stop)
-        except BaseException:
-            stop.set()
-            raise
-        print(f"    [detectron: {label}] done ({time.time() - t0:.0f} s)", flush=True)
-        results = json.loads((output_dir / "final_metrics.json").read_text())
-        segm = results.get("segm") or {}   # COCOEvaluator reports no segm block when nothing was predicted
-        return ({k[3:]: {"segm AP": v} for k, v in segm.items() if k.startswith("AP-")},
-                {"part": "detectron", "method": label, "trainer": name, "budget": f"{iterations} iterations",
-                 "seconds": time.time() - t0})
 
-    with ThreadPoolExecutor(max_workers=max(1, jobs), thread_name_prefix="demo-detectron") as pool:
-        futures = {label: pool.submit(one, label, rel) for label, rel in DETECTRON_CONFIGS.items()}
-        try:
-            wait(futures.values(), return_when=FIRST_EXCEPTION)
-        except BaseException:
-            stop.set()
-            raise
-    _raise_first_failure(futures.values())
-    rows = {label: f.result() for label, f in futures.items()}
-    budgets.extend(row for _, row in rows.values())
-    columns = {label: column for label, (column, _) in rows.items()}
+def _train_detectron(label: str, rel: str, out: Path, coco: Path, logs: Path, iterations: int,
+                     stop: threading.Event, threads: dict[str, str]) -> tuple[dict, dict]:
+    """``train_net.py`` with one of :data:`DETECTRON_CONFIGS`; (its segm AP column, its budget row)."""
+    from importlib import resources
+
+    config, name = resources.files("organmtl.detectron_heads") / rel, Path(rel).name
+    output_dir = out / "detectron2" / name.removesuffix(".yaml")
+    t0 = time.time()
+    print(f"\n=== [detectron: {label}] train_net.py --config-file {name} ({iterations} iterations)", flush=True)
+    run_in_group([sys.executable, "-m", "organmtl.detectron_heads.train_net", "--config-file", str(config),
+                  "ORGANMTL.DATASET_ROOT", str(coco), "ORGANMTL.DATASET_NAME", "spine_sag_demo",
+                  "SOLVER.MAX_ITER", str(iterations), "SOLVER.STEPS", f"({int(iterations * 0.8)},)",
+                  "OUTPUT_DIR", str(output_dir)], env=threads, log_file=logs / f"train_net_{name}.log", stop=stop)
+    print(f"    [detectron: {label}] done ({time.time() - t0:.0f} s)", flush=True)
+    results = json.loads((output_dir / "final_metrics.json").read_text())
+    segm = results.get("segm") or {}   # COCOEvaluator reports no segm block when nothing was predicted
+    return ({k[3:]: {"segm AP": v} for k, v in segm.items() if k.startswith("AP-")},
+            {"part": "detectron", "method": label, "trainer": name, "budget": f"{iterations} iterations",
+             "seconds": time.time() - t0})
+
+
+def _detectron_section(columns: dict[str, dict], iterations: int) -> str:
     return ("## Spine sagittal MR slices (Detectron2): HMR-Net vs Mask R-CNN\n\n"
             f"COCO validation split, {iterations} iterations each; COCO segm AP (0-100) per structure.\n\n"
             + _comparison_table(columns))
