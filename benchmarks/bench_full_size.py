@@ -237,6 +237,33 @@ def _step(trainer, batch: dict, timed_steps: int, profile: bool = False) -> dict
     return out
 
 
+def _phase_batch(trainer, phase, stepped):
+    """A FocusNet phase that trains on whole small organs (``ae``/``sos``/``joint``) steps a batch of its own
+    sampler (:class:`~organmtl.nnunet_trainers.focusnet.sampler.WholeSmallOrganDataLoader`), as in training;
+    None for every other trainer and phase (the batch of nnU-Net's loader)."""
+    from organmtl.memory import as_tensors
+    from organmtl.nnunet_trainers.focusnet.trainer import _finish
+
+    if not (phase and hasattr(trainer, "_whole_organ_sampling") and trainer._whole_organ_sampling(phase)):
+        return None
+    gen = trainer._training_loader(True)
+    try:
+        return stepped(as_tensors(next(gen)))
+    finally:
+        _finish(gen)
+
+
+def _small_organs(trainer, batch) -> dict:
+    """FocusNet: how many (sample, small organ) pairs of the stepped batch hold the organ (SOS-Net and the
+    autoencoder work on one ROI per pair); {} for other trainers."""
+    labels = getattr(trainer, "focus_settings", {}).get("small_labels")
+    if not labels:
+        return {}
+    target = batch["target"][0] if isinstance(batch["target"], (list, tuple)) else batch["target"]
+    return {"small_organ_rois": int(sum(bool((t == lab).any()) for t in target for lab in labels)),
+            "small_organ_pairs": len(target) * len(labels)}
+
+
 def measure(key: str, phases, args, folders, threads: int) -> None:
     """Build, initialise and step trainer ``key`` (each FocusNet phase in ``phases``); cache each result."""
     import torch
@@ -267,10 +294,13 @@ def measure(key: str, phases, args, folders, threads: int) -> None:
         if measured[a] - steps[a] < steps[a]:
             break
         measured[a] -= steps[a]
-    batch = _first_samples(full, n, batch_size) if n < batch_size else full
-    if measured != patch:
-        batch = _crop(batch, patch, measured)
+    def stepped(full_batch):
+        b = _first_samples(full_batch, n, batch_size) if n < batch_size else full_batch
+        return _crop(b, patch, measured) if measured != patch else b
+
+    default_batch = stepped(full)
     for phase in phases:
+        batch = _phase_batch(trainer, phase, stepped) or default_batch
         ck = cache_key(key, phase, folders, args.device, threads)
         if phase:
             trainer.current_epoch = [p for p, _ in trainer.schedule].index(phase)
@@ -281,6 +311,7 @@ def measure(key: str, phases, args, folders, threads: int) -> None:
               f"stepping {n} sample(s) of {measured} (fp32 CPU peak predicted {cpu_pred:.1f} GiB at batch "
               f"{batch_size})", flush=True)
         result = {"trainer": name, "phase": phase, "dataset": ds_id, "patch": patch, "batch": batch_size,
+                  **_small_organs(trainer, batch),
                   "measured_batch": n, "measured_patch": measured, "cpu_fp32_predicted_gib": round(cpu_pred, 3), "init_s": round(init_s, 1),
                   **gpu, **_step(trainer, batch, args.timed_steps, args.profile), "date": time.strftime("%Y-%m-%d %H:%M"),
                   "threads": threads}
