@@ -381,24 +381,33 @@ def _verdict_spine(spec, runs):
 SHARING_TOLERANCE = 0.03
 
 
+#: below this Dice in both networks a class counts as not learned (no evidence about sharing)
+LEARNED_DICE = 0.1
+
+
 def _verdict_multitask(spec, runs):
     multi = [runs[k] for k in runs if k[0] == spec.key and k[1] == "all"]
     singles = [runs[k] for k in runs if k[0] == spec.key and k[1].startswith("single_")]
     if not multi or not singles:
         return "not yet measured (needs the all-tasks run and at least one single-task run)."
-    diffs = []
+    diffs, unlearned = [], []
     for structure in dict.fromkeys(s for r in singles for s in r["metrics"]):
         one = mean_finite(r["metrics"][structure]["Dice"] for r in singles if structure in r["metrics"])
         shared = mean_finite(r["metrics"].get(structure, {}).get("Dice") for r in multi)
         if one == one and shared == shared:
-            diffs.append((structure, shared - one))
+            # a class neither network learned says nothing about sharing
+            (diffs if max(one, shared) >= LEARNED_DICE else unlearned).append((structure, shared - one))
     if not diffs:
-        return "not yet measured (no class scored by both)."
+        return "not yet measured (no class learned by either network)."
     mean = sum(d for _, d in diffs) / len(diffs)
     word = "reproduced" if mean >= -SHARING_TOLERANCE else "not reproduced"
     worst = min(diffs, key=lambda x: x[1])
-    return (f"{word} for the {len(diffs)} classes measured so far: shared minus single-task Dice {mean:+.3f} on "
-            f"average (tolerance -{SHARING_TOLERANCE}), worst {worst[0]} {worst[1]:+.3f}.")
+    text = (f"{word} for the {len(diffs)} classes learned by either network: shared minus single-task Dice "
+            f"{mean:+.3f} on average (tolerance -{SHARING_TOLERANCE}), worst {worst[0]} {worst[1]:+.3f}.")
+    if unlearned:
+        text += (f" Not evidence either way: {', '.join(s for s, _ in unlearned)} (Dice below {LEARNED_DICE} in both "
+                 "networks: not learned at this budget).")
+    return text
 
 
 def _verdict_abdomen(spec, runs):

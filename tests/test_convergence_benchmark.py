@@ -154,9 +154,19 @@ def test_multitask_verdict_compares_each_class_to_its_single_task_network(conv):
             ("multitask", "single_2", 0): _record("multitask", "single_2", 0, {"breast: muscle": 0.6})}
     assert mt.verdict(runs).startswith("not yet measured")
     runs[("multitask", "all", 0)] = _record("multitask", "all", 0, {"brain: wm": 0.79, "breast: muscle": 0.58})
-    assert mt.verdict(runs).startswith("reproduced for the 2 classes measured so far: shared minus single-task Dice -0.015")
+    assert mt.verdict(runs).startswith("reproduced for the 2 classes learned by either network: shared minus "
+                                       "single-task Dice -0.015")
     runs[("multitask", "all", 0)] = _record("multitask", "all", 0, {"brain: wm": 0.7, "breast: muscle": 0.58})
     assert mt.verdict(runs).startswith("not reproduced") and "worst brain: wm -0.100" in mt.verdict(runs)
+    # a class neither network learned is left out of the mean and named as no evidence
+    runs[("multitask", "single_3", 0)] = _record("multitask", "single_3", 0, {"cardiac: coronary": 0.0})
+    runs[("multitask", "all", 0)] = _record("multitask", "all", 0, {"brain: wm": 0.79, "breast: muscle": 0.58,
+                                                                    "cardiac: coronary": 0.02})
+    text = mt.verdict(runs)
+    assert text.startswith("reproduced for the 2 classes learned") and "Dice -0.015" in text
+    assert "Not evidence either way: cardiac: coronary" in text
+    runs[("multitask", "all", 0)]["metrics"]["cardiac: coronary"]["Dice"] = 0.5       # learned by one: counts
+    assert mt.verdict(runs).startswith("reproduced for the 3 classes learned")
 
 
 def test_replace_section_keeps_the_rest_of_the_page(conv):
