@@ -375,7 +375,18 @@ def _verdict_spine(spec, runs):
     return (f"{word} on all validation slices at the same CPU cap: HMR-Net segm AP {hmr:.1f} vs Mask R-CNN "
             f"{mask:.1f} (mean over {len(_means(spec, runs, 'hmrnet', 'segm AP'))} / "
             f"{len(_means(spec, runs, 'mask_rcnn', 'segm AP'))} seeds; runs stopped by: {', '.join(stops)}); the "
-            "occluded / low-contrast subset is not yet measured (the demo slices are not tagged).")
+            "occluded / low-contrast subset is not yet measured (the demo slices are not tagged)." + _ablations(spec, runs, hmr))
+
+
+def _ablations(spec, runs, full: float) -> str:
+    """The ablations against the full HMR-Net: what removing each part changes (segm AP)."""
+    parts = []
+    for m in spec.methods:
+        if m.key.startswith("hmrnet_"):
+            v = _avg(_means(spec, runs, m.key, "segm AP"))
+            if v is not None:
+                parts.append(f"{m.label} {v:.1f} ({v - full:+.1f})")
+    return (" Ablations against the full HMR-Net (segm AP, difference): " + "; ".join(parts) + "." if parts else "")
 
 
 SHARING_TOLERANCE = 0.03

@@ -148,6 +148,26 @@ def test_han_verdict_reproduced_only_when_v2_best_and_snet_worst(conv):
     assert han.verdict(runs).startswith("not reproduced")
 
 
+def test_spine_verdict_compares_hmrnet_to_mask_rcnn_and_lists_each_ablation(conv):
+    sp = conv.study("spine")
+
+    def ap(method, seed, value):
+        r = _record("spine", method, seed, 0.9)
+        r["metrics"] = {"L1": {"segm AP": value, "Dice": 0.9}}
+        return r
+    runs = {("spine", "mask_rcnn", 0): ap("mask_rcnn", 0, 90.0)}
+    assert sp.verdict(runs).startswith("not yet measured")
+    runs[("spine", "hmrnet", 0)] = ap("hmrnet", 0, 80.0)
+    runs[("spine", "hmrnet", 1)] = ap("hmrnet", 1, 84.0)
+    text = sp.verdict(runs)
+    assert text.startswith("not reproduced") and "HMR-Net segm AP 82.0 vs Mask R-CNN 90.0" in text
+    assert "Ablations" not in text
+    runs[("spine", "hmrnet_no_manifold", 0)] = ap("hmrnet_no_manifold", 0, 75.0)
+    assert "HMR-Net, no manifold loss 75.0 (-7.0)" in sp.verdict(runs)
+    runs[("spine", "mask_rcnn", 0)] = ap("mask_rcnn", 0, 82.0)
+    assert sp.verdict(runs).startswith("reproduced")
+
+
 def test_multitask_verdict_compares_each_class_to_its_single_task_network(conv):
     mt = conv.study("multitask")
     runs = {("multitask", "single_1", 0): _record("multitask", "single_1", 0, {"brain: wm": 0.8}),
