@@ -53,7 +53,7 @@ def fakes(monkeypatch):
 
 
 def test_next_part_fills_the_free_worker_and_results_keep_part_order(fakes, tmp_path):
-    f = fakes({"long": 0.6, "short": 0.1, "b1": 0.1, "b2": 0.1})
+    f = fakes({"long": 2.0, "short": 0.1, "b1": 0.1, "b2": 0.1})
     a, b = _study("a", ["long", "short"]), _study("b", ["b1", "b2"])
     plan = demo.demo_budgets([a, b])
     sections, rows = demo._train_all([a, b], False, tmp_path, tmp_path, tmp_path, plan, 1, jobs=2)
