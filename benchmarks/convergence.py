@@ -599,9 +599,16 @@ def git_revision() -> str:
 # ---------------------------------------------------------------- datasets (in the work folder)
 
 def nnunet_env(work: Path) -> dict:
+    """nnU-Net's folders and the run's thread count: ``nnUNetv2_train -device cpu`` sets one torch thread per
+    core whatever ``OMP_NUM_THREADS`` says, so the organmtl trainers are told the count explicitly
+    (``ORGANMTL_CPU_THREADS``); without it two runs side by side spin and the CPU-time cap is spent waiting."""
+    from organmtl.nnunet_trainers.budget import THREADS_VARIABLE
+
+    threads = os.environ.get("OMP_NUM_THREADS", "1")
     return {"nnUNet_raw": str(work / "nnUNet_raw"), "nnUNet_preprocessed": str(work / "nnUNet_preprocessed"),
             "nnUNet_results": str(work / "nnUNet_results"), "nnUNet_n_proc_DA": "0", "nnUNet_def_n_proc": "1",
-            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "MKL_NUM_THREADS": os.environ.get("MKL_NUM_THREADS", "1")}
+            "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": os.environ.get("MKL_NUM_THREADS", threads),
+            THREADS_VARIABLE: threads}
 
 
 def _prepared(work: Path, name: str, make) -> Path:

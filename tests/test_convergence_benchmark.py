@@ -254,3 +254,13 @@ def test_monitored_stops_a_running_command_by_the_rule_or_the_cap(conv, tmp_path
     with pytest.raises(RuntimeError, match="exited with 3"):
         conv.monitored([sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"], {}, tmp_path / "log4.txt",
                        lambda: [], None, 600, poll=0.1)
+
+
+def test_nnunet_runs_are_told_their_thread_count(conv, tmp_path, monkeypatch):
+    # nnUNetv2_train -device cpu sets one thread per core; the organmtl trainers take ORGANMTL_CPU_THREADS instead
+    from organmtl.nnunet_trainers.budget import THREADS_VARIABLE
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    env = conv.nnunet_env(tmp_path)
+    assert env[THREADS_VARIABLE] == "1" == env["OMP_NUM_THREADS"] and env["nnUNet_n_proc_DA"] == "0"
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert conv.nnunet_env(tmp_path)[THREADS_VARIABLE] == "2"
