@@ -433,7 +433,8 @@ def _verdict_abdomen(spec, runs):
     better = [k for k, v in others.items() if v > base]
     word = ("reproduced" if len(better) == len(others) else "partly reproduced" if better else "not reproduced")
     vals = ", ".join(f"{k} {v:.3f}" for k, v in others.items())
-    return f"{word}: Dice of the organs near the landmarks, image only {base:.3f} vs {vals}."
+    return (f"{word}: Dice of the organs near the landmarks, image only {base:.3f} vs {vals} "
+            f"({_seeds_text(spec, runs)}).")
 
 
 def _verdict_han(spec, runs):
@@ -444,7 +445,16 @@ def _verdict_han(spec, runs):
         return f"not yet measured (missing {', '.join(missing)}; small-organ Dice so far: {have or 'none'})."
     best, worst = max(small, key=small.get), min(small, key=small.get)
     word = "reproduced" if best == "focusnetv2" and worst == "snet" else "not reproduced"
-    return f"{word}: small-organ Dice " + ", ".join(f"{k} {v:.3f}" for k, v in small.items()) + "."
+    return (f"{word}: small-organ Dice " + ", ".join(f"{k} {v:.3f}" for k, v in small.items())
+            + f" ({_seeds_text(spec, runs)}).")
+
+
+def _seeds_text(spec, runs) -> str:
+    """How many seeds each mean of a verdict averages, e.g. "means over 1 seed" or "means over 1-2 seeds"."""
+    counts = [sum(1 for st, key, _ in runs if st == spec.key and key == m.key) for m in spec.methods]
+    counts = sorted({c for c in counts if c})
+    span = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+    return f"means over {span} seed{'s' if counts[-1] > 1 else ''}"
 
 
 VERDICTS = {"spine": _verdict_spine, "multitask": _verdict_multitask, "abdomen": _verdict_abdomen, "han": _verdict_han}

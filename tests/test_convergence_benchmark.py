@@ -144,8 +144,11 @@ def test_han_verdict_reproduced_only_when_v2_best_and_snet_worst(conv):
     small = {"nnunet": 0.3, "snet": 0.1, "focusnetv1": 0.35, "focusnetv2": 0.5}
     runs = {("han", m, 0): _record("han", m, 0, {"Chiasm": v, "Mandible": 0.9}) for m, v in small.items()}
     assert han.verdict(runs).startswith("reproduced: small-organ Dice nnunet 0.300, snet 0.100")
+    assert han.verdict(runs).endswith("(means over 1 seed).")
     runs[("han", "focusnetv1", 0)] = _record("han", "focusnetv1", 0, {"Chiasm": 0.6, "Mandible": 0.9})
     assert han.verdict(runs).startswith("not reproduced")
+    runs[("han", "nnunet", 1)] = _record("han", "nnunet", 1, {"Chiasm": 0.3, "Mandible": 0.9})
+    assert han.verdict(runs).endswith("(means over 1-2 seeds).")
 
 
 def test_spine_verdict_compares_hmrnet_to_mask_rcnn_and_lists_each_ablation(conv):
