@@ -1,8 +1,6 @@
 """benchmarks/convergence.py without training: the stop rule, the per-run cache and resume, reading
 nnU-Net's epoch lines, the table and the docs section, and the ORGANMTL_SEED hook of the _Tiny trainers."""
 import importlib.util
-import json
-import math
 import sys
 from pathlib import Path
 from types import SimpleNamespace
