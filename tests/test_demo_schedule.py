@@ -26,7 +26,7 @@ class _Fakes:
     def prepare(self, study, out, data, logs):
         return Path(f"raw_{study.key}")
 
-    def train(self, study, label, budget, out, raw, logs, stop, threads):
+    def train(self, study, label, budget, out, raw, logs, stop, threads, console):
         with self.lock:
             self.started[label] = time.monotonic()
         if label == self.fail:

@@ -360,12 +360,15 @@ def _train_all(studies, run_detectron: bool, out: Path, data: Path, logs: Path, 
     stop = threading.Event()
     parts: list[tuple[object, dict]] = []     # (columns -> section, column label -> future)
     threads = cpu_threads(jobs)
+    # the trainers print progress to the console while the main thread prepares the next part with its
+    # output redirected to a log (output_to swaps sys.stdout for the whole process)
+    console = sys.stdout
 
     def guarded(fn, *args):
         if stop.is_set():                  # queued behind a command that failed: do not start
             return None
         try:
-            return fn(*args, stop, threads)
+            return fn(*args, stop, threads, console)
         except BaseException:
             stop.set()                     # the other commands stop too
             raise
@@ -460,15 +463,15 @@ def write_default_split(preprocessed: Path, configuration: str) -> Path:
 
 
 def _train_and_score(study: Study, label: str, budget: Budget, out: Path, raw: Path, logs: Path,
-                     stop: threading.Event, threads: dict[str, str]) -> tuple[dict, dict]:
+                     stop: threading.Event, threads: dict[str, str], console=None) -> tuple[dict, dict]:
     """Train one trainer of ``study`` (stock ``nnUNetv2_train``), predict the test cases
     (``nnUNetv2_predict``) where the study has them, score; (its table column, its budget row)."""
     trainer, t0, tag = study.trainers[label], time.time(), f"{study.key}: {label}"
     print(f"\n=== [{tag}] nnUNetv2_train {study.dataset_id} {study.configuration} {FOLD} -tr {trainer} "
-          f"({budget.total_epochs} epochs x {budget.iterations} iterations)", flush=True)
+          f"({budget.total_epochs} epochs x {budget.iterations} iterations)", flush=True, file=console)
     train_log = logs / f"{study.key}_train_{trainer}.log"
     env = {**budget.environment(), **threads}
-    with epoch_progress(train_log, budget.total_epochs, tag=tag):
+    with epoch_progress(train_log, budget.total_epochs, tag=tag, stream=console):
         run_in_group([venv_bin("nnUNetv2_train"), str(study.dataset_id), study.configuration, str(FOLD), "-tr",
                       trainer, "-device", "cpu"], env=env, log_file=train_log, stop=stop)
     if study.test_set:
@@ -482,7 +485,7 @@ def _train_and_score(study: Study, label: str, budget: Budget, out: Path, raw: P
         fold_dir = out / "nnUNet_results" / raw.name / f"{trainer}__nnUNetPlans__{study.configuration}" / f"fold_{FOLD}"
         column = _validation_scores(fold_dir, raw)
     seconds = time.time() - t0
-    print(f"    [{tag}] done ({seconds:.0f} s)", flush=True)
+    print(f"    [{tag}] done ({seconds:.0f} s)", flush=True, file=console)
     return column, {"part": study.key, "method": label, "trainer": trainer, "budget": budget.describe(),
                     "seconds": seconds}
 
@@ -573,19 +576,20 @@ def _prepare_detectron(out: Path, data: Path, logs: Path) -> Path:
 
 
 def _train_detectron(label: str, rel: str, out: Path, coco: Path, logs: Path, iterations: int,
-                     stop: threading.Event, threads: dict[str, str]) -> tuple[dict, dict]:
+                     stop: threading.Event, threads: dict[str, str], console=None) -> tuple[dict, dict]:
     """``train_net.py`` with one of :data:`DETECTRON_CONFIGS`; (its segm AP column, its budget row)."""
     from importlib import resources
 
     config, name = resources.files("organmtl.detectron_heads") / rel, Path(rel).name
     output_dir = out / "detectron2" / name.removesuffix(".yaml")
     t0 = time.time()
-    print(f"\n=== [detectron: {label}] train_net.py --config-file {name} ({iterations} iterations)", flush=True)
+    print(f"\n=== [detectron: {label}] train_net.py --config-file {name} ({iterations} iterations)", flush=True,
+          file=console)
     run_in_group([sys.executable, "-m", "organmtl.detectron_heads.train_net", "--config-file", str(config),
                   "ORGANMTL.DATASET_ROOT", str(coco), "ORGANMTL.DATASET_NAME", "spine_sag_demo",
                   "SOLVER.MAX_ITER", str(iterations), "SOLVER.STEPS", f"({int(iterations * 0.8)},)",
                   "OUTPUT_DIR", str(output_dir)], env=threads, log_file=logs / f"train_net_{name}.log", stop=stop)
-    print(f"    [detectron: {label}] done ({time.time() - t0:.0f} s)", flush=True)
+    print(f"    [detectron: {label}] done ({time.time() - t0:.0f} s)", flush=True, file=console)
     results = json.loads((output_dir / "final_metrics.json").read_text())
     segm = results.get("segm") or {}   # COCOEvaluator reports no segm block when nothing was predicted
     return ({k[3:]: {"segm AP": v} for k, v in segm.items() if k.startswith("AP-")},
