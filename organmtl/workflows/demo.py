@@ -361,8 +361,13 @@ def _train_all(studies, run_detectron: bool, out: Path, data: Path, logs: Path, 
     parts: list[tuple[object, dict]] = []     # (columns -> section, column label -> future)
     threads = cpu_threads(jobs)
     # the trainers print progress to the console while the main thread prepares the next part with its
-    # output redirected to a log (output_to swaps sys.stdout for the whole process)
-    console = sys.stdout
+    # output redirected to a log (output_to re-points file descriptors 1 and 2 for the whole process), so
+    # they write to a duplicate of the console's descriptor taken now
+    try:
+        sys.stdout.flush()
+        console = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
+    except (AttributeError, OSError, ValueError):     # no real descriptor (captured in-process)
+        console = sys.stdout
 
     def guarded(fn, *args):
         if stop.is_set():                  # queued behind a command that failed: do not start
@@ -395,6 +400,8 @@ def _train_all(studies, run_detectron: bool, out: Path, data: Path, logs: Path, 
         except BaseException:             # a preparation failed, or Ctrl-C: stop the running ones
             stop.set()
             raise
+    if console is not sys.stdout:
+        console.close()
     _raise_first_failure([f for _, fs in parts for f in fs.values()])
     sections, budgets = [], []
     for section, futures in parts:
