@@ -5,6 +5,13 @@ then adds configurations ``3d_tiny`` / ``2d_tiny`` to ``nnUNetPlans.json`` that 
 ``3d_fullres`` / ``2d`` (same spacing, normalisation and preprocessed data) and shrink only the
 patch (at most 32^3 or 64^2 voxels, aspect ratio kept), the batch and the U-Net width (8 -> 64 features); the
 pooling topology is recomputed for the smaller patch with nnU-Net's ``get_pool_and_conv_props``.
+
+When the labels come in left/right pairs (``Parotid_L``/``Parotid_R``, ``kidney_left``/``kidney_right``),
+mirroring is off (:mod:`nnunet_trainers.laterality`) and the network must tell the sides apart from what a
+patch shows. A uniformly shrunk patch sees half the head's width, and the stock U-Net then labelled both
+parotids as one side (docs/demo.md). So for such datasets the patch keeps the parent's whole left-right
+edge (the array axis whose direction is closest to the patient's x axis, read from one training image's
+header) and only the other edges shrink, the finest-spaced first filled back up to the voxel budget.
 Finally the tiny configurations are preprocessed. Train with
 ``nnUNetv2_train ID 3d_tiny FOLD -tr <trainer> -device cpu``.
 """
@@ -20,12 +27,36 @@ import numpy as np
 TINY = {"3d_tiny": ("3d_fullres", 32 ** 3), "2d_tiny": ("2d", 64 ** 2)}
 
 
-def shrink_patch(patch, max_voxels: int, multiple: int = 8) -> list[int]:
+def shrink_patch(patch, max_voxels: int, multiple: int = 8, keep_axis: int | None = None,
+                 spacing=None) -> list[int]:
     """Scale ``patch`` uniformly to at most ``max_voxels`` voxels, keeping its aspect ratio, each
-    edge a multiple of ``multiple`` (or the original edge when that is smaller)."""
+    edge a multiple of ``multiple`` (or the original edge when that is smaller).
+
+    With ``keep_axis`` that edge stays whole (as far as the other edges can keep ``multiple`` voxels),
+    the others shrink together, and are then grown back one ``multiple`` at a time, finest ``spacing``
+    first, while the patch fits ``max_voxels``: flooring two edges can otherwise lose half the budget."""
     patch = [int(p) for p in patch]
     if np.prod(patch) <= max_voxels:
         return patch
+    if keep_axis is not None:
+        others = [i for i in range(len(patch)) if i != keep_axis]
+        floor = int(np.prod([min(multiple, patch[i]) for i in others]))
+        kept = min(patch[keep_axis], max(multiple, max_voxels // floor // multiple * multiple))
+        rest = shrink_patch([patch[i] for i in others], max_voxels // kept, multiple)
+        out = list(patch)
+        out[keep_axis] = kept
+        for i, r in zip(others, rest):
+            out[i] = r
+        order = sorted(others, key=lambda i: (float(spacing[i]) if spacing is not None else 1.0, i))
+        grown = True
+        while grown:
+            grown = False
+            for i in order:
+                if out[i] + multiple <= patch[i] and np.prod(out) // out[i] * (out[i] + multiple) <= max_voxels:
+                    out[i] += multiple
+                    grown = True
+                    break
+        return out
     factor = (max_voxels / float(np.prod(patch))) ** (1.0 / len(patch))
     out = [min(p, max(multiple, int(p * factor) // multiple * multiple)) for p in patch]
     while np.prod(out) > max_voxels:
@@ -35,12 +66,13 @@ def shrink_patch(patch, max_voxels: int, multiple: int = 8) -> list[int]:
 
 
 def tiny_configuration(parent: dict, max_voxels: int, max_features: int = 64, base_features: int = 8,
-                       batch_size: int = 2) -> dict:
-    """Configuration dict inheriting ``parent`` with a patch of <= ``max_voxels`` and a narrow U-Net."""
+                       batch_size: int = 2, keep_axis: int | None = None) -> dict:
+    """Configuration dict inheriting ``parent`` with a patch of <= ``max_voxels`` and a narrow U-Net;
+    ``keep_axis`` (an axis of the parent's patch) keeps its whole edge (:func:`shrink_patch`)."""
     from nnunetv2.experiment_planning.experiment_planners.network_topology import get_pool_and_conv_props
 
     spacing = parent["spacing"]
-    wanted = shrink_patch(parent["patch_size"], max_voxels)
+    wanted = shrink_patch(parent["patch_size"], max_voxels, keep_axis=keep_axis, spacing=spacing)
     _, pools, kernels, patch, _ = get_pool_and_conv_props(spacing, wanted, 4, 999999)
     n_stages = len(pools)
     arch = deepcopy(parent["architecture"])
@@ -55,9 +87,27 @@ def tiny_configuration(parent: dict, max_voxels: int, max_features: int = 64, ba
             "architecture": arch}
 
 
+def left_right_axis(image_file: Path, transpose_forward) -> int:
+    """Axis of nnU-Net's preprocessed (transposed) array that runs left-right in ``image_file``: the image
+    axis whose direction cosine along the patient's x axis (LPS, as SimpleITK reads it) is largest."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(image_file))
+    reader.ReadImageInformation()
+    dim = reader.GetDimension()
+    direction = np.array(reader.GetDirection()).reshape(dim, dim)
+    image_axis = int(np.argmax(np.abs(direction[0])))            # column j = direction of image index axis j
+    array_axis = dim - 1 - image_axis                             # SimpleITK arrays are (z, y, x)
+    return int(list(transpose_forward).index(array_axis))
+
+
 def add_tiny_configurations(plans_file: Path, configurations=("3d_tiny",), max_features: int = 64,
-                            batch_size: int = 2) -> dict:
-    """Add the tiny configurations to a plans file in place; return the new configuration dicts."""
+                            batch_size: int = 2, left_right: int | None = None) -> dict:
+    """Add the tiny configurations to a plans file in place; return the new configuration dicts.
+
+    ``left_right``: the preprocessed array's left-right axis (:func:`left_right_axis`) when the patch must keep
+    that whole edge (labels in left/right pairs), else None."""
     plans = json.loads(Path(plans_file).read_text())
     added = {}
     for name in configurations:
@@ -65,7 +115,12 @@ def add_tiny_configurations(plans_file: Path, configurations=("3d_tiny",), max_f
         if parent_name not in plans["configurations"]:
             raise ValueError(f"{plans_file}: no {parent_name!r} configuration to derive {name!r} from")
         parent = {**plans["configurations"][parent_name], "_name": parent_name}
-        added[name] = tiny_configuration(parent, max_voxels, max_features=max_features, batch_size=batch_size)
+        keep = None
+        if left_right is not None:                               # a 2D patch holds the array's last two axes
+            keep = left_right - (3 - len(parent["patch_size"]))
+            keep = keep if keep >= 0 else None
+        added[name] = tiny_configuration(parent, max_voxels, max_features=max_features, batch_size=batch_size,
+                                         keep_axis=keep)
         plans["configurations"][name] = added[name]
     Path(plans_file).write_text(json.dumps(plans, indent=4) + "\n")
     return added
@@ -91,8 +146,21 @@ def plan_tiny(dataset_id: int, configurations=("3d_tiny",), num_processes: int =
     finally:
         if saved is not None:
             os.environ["nnUNet_n_proc_DA"] = saved
-    plans_file = Path(str(nnUNet_preprocessed)) / convert_id_to_dataset_name(dataset_id) / "nnUNetPlans.json"
-    add_tiny_configurations(plans_file, configurations, max_features=max_features, batch_size=batch_size)
+    from nnunetv2.paths import nnUNet_raw
+    from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
+
+    from organmtl.nnunet_trainers.laterality import lateral_pairs
+
+    name = convert_id_to_dataset_name(dataset_id)
+    plans_file = Path(str(nnUNet_preprocessed)) / name / "nnUNetPlans.json"
+    raw = Path(str(nnUNet_raw)) / name
+    dataset_json = json.loads((raw / "dataset.json").read_text())
+    left_right = None
+    if lateral_pairs(dataset_json["labels"]):
+        first = next(iter(get_filenames_of_train_images_and_targets(str(raw), dataset_json).values()))
+        left_right = left_right_axis(Path(first["images"][0]), json.loads(plans_file.read_text())["transpose_forward"])
+    add_tiny_configurations(plans_file, configurations, max_features=max_features, batch_size=batch_size,
+                            left_right=left_right)
     preprocess([dataset_id], configurations=tuple(configurations), num_processes=[num_processes],
                show_progress_bar=False)
     return plans_file

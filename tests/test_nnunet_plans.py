@@ -3,7 +3,7 @@ import json
 
 import numpy as np
 
-from organmtl.nnunet_plans import add_tiny_configurations, shrink_patch
+from organmtl.nnunet_plans import add_tiny_configurations, left_right_axis, shrink_patch
 
 
 def test_shrink_patch_keeps_aspect_and_budget():
@@ -15,9 +15,37 @@ def test_shrink_patch_keeps_aspect_and_budget():
         assert np.prod(shrink_patch(patch, budget)) <= budget
 
 
-def test_tiny_configuration_is_valid_for_nnunet(tmp_path):
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+def test_shrink_patch_keeps_the_left_right_edge():
+    # the demo HaN plan: the uniform shrink sees half the head's width (16 x 40 x 40)
+    assert shrink_patch([32, 80, 80], 32 ** 3, keep_axis=2, spacing=[2.5, 1, 1]) == [8, 48, 80]
+    # flooring alone would give 8 x 24 x 80 (15360 voxels); the fill grows the finest-spaced edge first,
+    # the first axis on a tie
+    assert shrink_patch([32, 80, 80], 32 ** 3, keep_axis=2, spacing=[1, 1, 1]) == [16, 24, 80]
+    assert shrink_patch([40, 48, 64], 32 ** 3, keep_axis=2, spacing=[4, 3.5, 3.5]) == [16, 32, 64]
+    assert shrink_patch([48, 64], 64 ** 2, keep_axis=1, spacing=[3.5, 3.5]) == [48, 64]
+    # an edge too long for the budget is cut only as far as the others keep 8 voxels each
+    assert shrink_patch([64, 512, 512], 32 ** 3, keep_axis=2, spacing=[2.5, 1, 1]) == [8, 8, 512]
+    assert shrink_patch([64, 1024, 1024], 32 ** 3, keep_axis=1, spacing=[2.5, 1, 1]) == [8, 512, 8]
+    for patch in ([96, 160, 160], [40, 192, 160], [32, 80, 80]):
+        for axis in range(3):
+            out = shrink_patch(patch, 32 ** 3, keep_axis=axis, spacing=[2.5, 1, 1])
+            assert np.prod(out) <= 32 ** 3 and all(o <= p for o, p in zip(out, patch))
 
+
+def test_left_right_axis_follows_the_direction_and_the_transpose(tmp_path):
+    import SimpleITK as sitk
+
+    axial = sitk.Image(6, 5, 4, sitk.sitkUInt8)                  # index axis 0 along patient x: array axis 2
+    sitk.WriteImage(axial, str(tmp_path / "axial.nii.gz"))
+    assert left_right_axis(tmp_path / "axial.nii.gz", [0, 1, 2]) == 2
+    assert left_right_axis(tmp_path / "axial.nii.gz", [2, 0, 1]) == 0    # nnU-Net moved array axis 2 first
+    sagittal = sitk.Image(6, 5, 4, sitk.sitkUInt8)               # slices stacked left-right: index axis 2 along x
+    sagittal.SetDirection((0, 0, 1, 1, 0, 0, 0, 1, 0))
+    sitk.WriteImage(sagittal, str(tmp_path / "sagittal.nii.gz"))
+    assert left_right_axis(tmp_path / "sagittal.nii.gz", [0, 1, 2]) == 0
+
+
+def _plans(tmp_path):
     plans = {"dataset_name": "Dataset001_X", "plans_name": "nnUNetPlans", "original_median_spacing_after_transp": [2.5, 1, 1],
              "original_median_shape_after_transp": [32, 80, 80], "image_reader_writer": "SimpleITKIO",
              "transpose_forward": [0, 1, 2], "transpose_backward": [0, 1, 2], "experiment_planner_used": "x",
@@ -32,6 +60,24 @@ def test_tiny_configuration_is_valid_for_nnunet(tmp_path):
                                   "_kw_requires_import": []}}}}
     f = tmp_path / "nnUNetPlans.json"
     f.write_text(json.dumps(plans))
+    return f
+
+
+def test_tiny_configuration_keeps_the_left_right_edge_for_nnunet(tmp_path):
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    f = _plans(tmp_path)
+    add_tiny_configurations(f, ["3d_tiny"], left_right=2)
+    cm = PlansManager(str(f)).get_configuration("3d_tiny")
+    assert cm.patch_size == [8, 48, 80]
+    down = np.prod(np.array(cm.network_arch_init_kwargs["strides"]), axis=0)
+    assert all(p % d == 0 for p, d in zip(cm.patch_size, down))
+
+
+def test_tiny_configuration_is_valid_for_nnunet(tmp_path):
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    f = _plans(tmp_path)
     add_tiny_configurations(f, ["3d_tiny"])
     cm = PlansManager(str(f)).get_configuration("3d_tiny")
     assert cm.patch_size == [16, 40, 40] and cm.batch_size == 2
