@@ -723,11 +723,15 @@ def _copy(rule: Patience | None) -> Patience | None:
 
 
 def _train_nnunet(dataset_id: int, configuration: str, fold: int, method: Method, seed: int, work: Path, log: Path):
+    from nnunetv2.utilities.dataset_name_id_conversion import convert_id_to_dataset_name
+
     env = {**nnunet_env(work), **method.budget, "ORGANMTL_SEED": str(seed)}
     cmd = [_bin("nnUNetv2_train"), str(dataset_id), configuration, str(fold), "-tr", method.trainer, "-device", "cpu"]
     iters = int(method.budget["ORGANMTL_ITERS_PER_EPOCH"])
     result = monitored(cmd, env, log, lambda: nnunet_curve(log, iters), _copy(method.patience), method.cap_cpu_s,
                        safe_to_stop=lambda: nnunet_between_epochs(log))
+    plans = work / "nnUNet_preprocessed" / convert_id_to_dataset_name(dataset_id) / "nnUNetPlans.json"
+    result["patch_size"] = json.loads(plans.read_text())["configurations"][configuration]["patch_size"]
     curve = result["curve"]
     best = max(range(len(curve)), key=lambda i: curve[i]["value"]) if curve else None
     result["best_step"] = curve[best]["step"] if curve else 0
