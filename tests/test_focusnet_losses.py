@@ -2,6 +2,7 @@
 organ segmentation with adversarial shape constraint for head and neck CT images", Eq. 1-8;
 docs/focusnetv2.md), the phase schedule, and the trainer steps: each phase and the alternating G/D
 steps update only their parameters."""
+import copy
 import math
 from types import SimpleNamespace
 
@@ -316,3 +317,41 @@ def test_snet_overfits_a_tiny_phantom():
     assert last < 0.6 * first
     seg = tr.network(batch["data"], part="snet").logits.argmax(1)
     assert (seg == batch["target"][:, 0]).float().mean() > 0.8
+
+
+def test_shape_terms_are_means_over_the_rois_like_the_sos_segmentation_loss():
+    """Eq. 5's L_shape (and Eq. 4's L_rec) reduced like SOS-Net's L_seg, a mean over the (sample, organ) ROIs:
+    organ k weighs n_k / N. Three ROIs here (organ 2 in one sample, organ 3 in two): L_G = L_seg + 5 (1/3 S_2 +
+    2/3 S_3), L_D = (1/3 R_2 + 2/3 R_3) - 0.001 (1/3 S_2 + 2/3 S_3), every term computed by hand from one
+    autoencoder forward over the same batch (a sum over the organs gives L_G = L_seg + 5 (S_2 + S_3))."""
+    tr = _fake_trainer(nnUNetTrainerOMTLFocusNetV2, "sos")
+    net = tr.network
+    net.train()
+    torch.manual_seed(3)
+    roi = (4, 8, 8)
+    gt2, gt3 = (torch.rand(1, 1, *roi) > 0.7).float(), (torch.rand(2, 1, *roi) > 0.6).float()
+    pr2, pr3 = torch.rand(1, 1, *roi), torch.rand(2, 1, *roi)
+    per_organ = [([gt2[0]], [pr2[0]]), ([gt3[0], gt3[1]], [pr3[0], pr3[1]])]
+    seg = torch.tensor(0.7)
+    state = copy.deepcopy(net.shape_ae.state_dict())
+    l_g, l_d = tr._shape_terms(seg, per_organ)
+    net.shape_ae.load_state_dict(state)                     # batch-norm running stats as before
+    with torch.no_grad():
+        rec, feats = net.shape_ae(torch.cat([gt2, pr2, gt3, pr3]))   # the one batch of _shape_terms
+
+    def by_hand(sl_gt, sl_pr):
+        s = 0.0
+        for f in feats:
+            a, b = f[sl_gt].double(), f[sl_pr].double()
+            s += float(((a - b) ** 2).mean() / ((a ** 2).mean() + (b ** 2).mean() + 1e-6))
+        return s
+
+    def rec_by_hand(sl_gt, sl_pr, m_gt, m_pr):
+        return float(((rec[sl_gt] - m_gt) ** 2).mean() + ((rec[sl_pr] - m_pr) ** 2).mean())
+
+    s2, s3 = by_hand(slice(0, 1), slice(1, 2)), by_hand(slice(2, 4), slice(4, 6))
+    r2, r3 = rec_by_hand(slice(0, 1), slice(1, 2), gt2, pr2), rec_by_hand(slice(2, 4), slice(4, 6), gt3, pr3)
+    shape = s2 / 3 + 2 * s3 / 3
+    assert float(l_g) == pytest.approx(0.7 + 5.0 * shape, rel=1e-4)
+    assert float(l_g) != pytest.approx(0.7 + 5.0 * (s2 + s3), rel=1e-2)
+    assert float(l_d) == pytest.approx(r2 / 3 + 2 * r3 / 3 - 0.001 * shape, rel=1e-4)

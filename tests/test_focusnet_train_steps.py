@@ -127,7 +127,8 @@ def _old_sos_step(tr, data, target, joint):
             if o is None:
                 continue
             n = len(g)
-            l_shape = l_shape + L.shape_loss([f[:n].detach() for f in o.features], [f[n:] for f in o.features])
+            l_shape = l_shape + n / len(records) * L.shape_loss([f[:n].detach() for f in o.features],
+                                                                [f[n:] for f in o.features])
         loss = L.generator_loss(loss, l_shape, tr.lambda1)
     _old_apply(tr, loss, PHASE_PARAMETERS["joint" if joint else "sos"])
     if tr.use_ae and tr.adversarial and records:
@@ -140,8 +141,8 @@ def _old_sos_step(tr, data, target, joint):
                 continue
             n = len(g)
             rec = o.reconstruction
-            l_rec = l_rec + L.reconstruction_loss(rec[:n], m[:n], rec[n:], m[n:])
-            l_shape = l_shape + L.shape_loss([f[:n] for f in o.features], [f[n:] for f in o.features])
+            l_rec = l_rec + n / len(records) * L.reconstruction_loss(rec[:n], m[:n], rec[n:], m[n:])
+            l_shape = l_shape + n / len(records) * L.shape_loss([f[:n] for f in o.features], [f[n:] for f in o.features])
         _old_apply(tr, L.discriminator_loss(l_rec, l_shape, tr.lambda2), ("shape_ae",))
     return loss
 
@@ -243,7 +244,8 @@ def _two_pass_sos_step(tr, data, target, joint):
     ae_out = net.run_autoencoder(masks)
     for prm in net.shape_ae.parameters():
         prm.requires_grad_(True)
-    l_shape = sum(L.shape_loss([f[:len(g)].detach() for f in o.features], [f[len(g):] for f in o.features])
+    l_shape = sum(len(g) / len(records) * L.shape_loss([f[:len(g)].detach() for f in o.features],
+                                                       [f[len(g):] for f in o.features])
                   for (g, _), o in zip(per_organ, ae_out) if o is not None)
     loss = L.generator_loss(loss, l_shape, tr.lambda1)
     _old_apply(tr, loss, PHASE_PARAMETERS["joint" if joint else "sos"])
@@ -254,8 +256,8 @@ def _two_pass_sos_step(tr, data, target, joint):
     for (g, _), m, o in zip(per_organ, masks, ae_out):
         if o is not None:
             n, rec = len(g), o.reconstruction
-            l_rec = l_rec + L.reconstruction_loss(rec[:n], m[:n], rec[n:], m[n:])
-            l_shape = l_shape + L.shape_loss([f[:n] for f in o.features], [f[n:] for f in o.features])
+            l_rec = l_rec + n / len(records) * L.reconstruction_loss(rec[:n], m[:n], rec[n:], m[n:])
+            l_shape = l_shape + n / len(records) * L.shape_loss([f[:n] for f in o.features], [f[n:] for f in o.features])
     d_loss = L.discriminator_loss(l_rec, l_shape, tr.lambda2)
     _old_apply(tr, d_loss, ("shape_ae",))
     return loss, d_loss

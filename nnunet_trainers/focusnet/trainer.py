@@ -599,7 +599,13 @@ class FocusNetTrainerBase(LateralityAwareMirroringMixin, AMPTrainStepMixin, GPUM
     def _shape_terms(self, seg_loss, per_organ):
         """The autoencoder once over [ground truth; prediction] per organ (fp32, one batch, so its batch norm
         sees what both alternating steps saw): ``(L_G, L_D)`` of Eq. 7 and Eq. 8; ``L_D`` is None for the
-        variants without a D step ("origin AE"), whose autoencoder then runs without a graph for its weights."""
+        variants without a D step ("origin AE"), whose autoencoder then runs without a graph for its weights.
+
+        L_shape and L_rec are means over the (sample, small organ) ROIs, the reduction of SOS-Net's L_seg in
+        ``seg_loss`` (the expectation of Eq. 5): organ k's terms (each a mean over its ``n_k`` ROIs) weigh
+        ``n_k / N``, N = all ROIs. A sum over the organs would give every SOS-Net lambda1 x (number of small
+        organs) instead of Eq. 7's lambda1 against its L_seg (docs/focusnetv2.md "Shape loss scale")."""
+        n_rois = sum(len(g) for g, _ in per_organ)
         masks = self._ae_masks(per_organ, detach=False)
         ae_params = list(self._module().shape_ae.parameters())
         if not self.adversarial:
@@ -619,11 +625,12 @@ class FocusNetTrainerBase(LateralityAwareMirroringMixin, AMPTrainStepMixin, GPUM
             if not n:                         # this rank's empty batch (DDP): weight 0, same backward
                 l_rec = l_rec + 0.0 * rec.float().sum()
                 continue
+            w = n / n_rois
             # G: the ground-truth code is a fixed target; D: both halves, the prediction as a fixed input
-            l_shape_g = l_shape_g + L.shape_loss([f[:n].detach() for f in feats], [f[n:] for f in feats])
+            l_shape_g = l_shape_g + w * L.shape_loss([f[:n].detach() for f in feats], [f[n:] for f in feats])
             if self.adversarial:
-                l_rec = l_rec + L.reconstruction_loss(rec[:n], m[:n], rec[n:], m[n:].detach())
-                l_shape_d = l_shape_d + L.shape_loss([f[:n] for f in feats], [f[n:] for f in feats])
+                l_rec = l_rec + w * L.reconstruction_loss(rec[:n], m[:n], rec[n:], m[n:].detach())
+                l_shape_d = l_shape_d + w * L.shape_loss([f[:n] for f in feats], [f[n:] for f in feats])
         d_loss = L.discriminator_loss(l_rec, l_shape_d, self.lambda2) if self.adversarial else None
         return L.generator_loss(seg_loss, l_shape_g, self.lambda1), d_loss
 
