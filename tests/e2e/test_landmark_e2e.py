@@ -179,7 +179,9 @@ def test_multitask_block_3d_sigmoid_per_organ(work, tmp_path):
     fold, ckpt, _ = _check_training(work, "multitask_block")
     dataset = json.loads((fold.parent / "dataset.json").read_text())
     assert dataset["regions_class_order"] == [1, 2, 3, 4, 5, 6]
-    organ_convs = [k for k in ckpt["network_weights"] if k.startswith("unet.decoder.seg_layers.1.organs.")
+    weights = ckpt["network_weights"]
+    last = max(int(m.group(1)) for k in weights if (m := re.match(r"unet\.decoder\.seg_layers\.(\d+)\.", k)))
+    organ_convs = [k for k in weights if k.startswith(f"unet.decoder.seg_layers.{last}.organs.")    # full resolution
                    and (k.endswith("conv.weight") or re.search(r"organs\.\d+\.1\.weight$", k))]
     assert len(organ_convs) == 6 * (2 + 1)                       # per organ: double conv + 1x1
     # the heatmap channels are early-fusion input here: predict with all four channels
