@@ -884,7 +884,7 @@ def run_one(study_key: str, method_key: str, seed: int, work: Path, results: Pat
               "started_utc": started.isoformat(timespec="seconds"),
               "wall_s": (datetime.datetime.now(datetime.timezone.utc) - started).total_seconds(),
               "threads": os.environ.get("OMP_NUM_THREADS", "unset")}
-    for extra in ("experiment", "best_record"):
+    for extra in ("experiment", "best_record", "patch_size"):
         if extra in result:
             record[extra] = result[extra]
     path = save_run(results, record)
