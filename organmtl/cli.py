@@ -342,11 +342,11 @@ def cmd_demo(args) -> int:
     from organmtl.workflows.demo import run_demo
 
     return run_demo(args.out, epochs=args.epochs, iterations=args.iterations,
-                    detectron_iterations=args.detectron_iterations, only=args.only, jobs=args.jobs)
+                    detectron_iterations=args.detectron_iterations, only=args.only, jobs=args.jobs, seed=args.seed)
 
 
 def add_demo_parser(sub) -> None:
-    from organmtl.workflows.demo import PARTS
+    from organmtl.workflows.demo import DEFAULT_SEED, PARTS
 
     p = sub.add_parser("demo", help="end to end on the demo data: generate, convert, train, predict, evaluate "
                        "(an earlier demo folder is replaced)")
@@ -360,7 +360,19 @@ def add_demo_parser(sub) -> None:
     p.add_argument("--detectron-iterations", type=positive_int, default=None,
                    help="Detectron2 iterations (default: demo budget)")
     p.add_argument("--only", nargs="+", choices=PARTS, default=None, help="run only these parts (default: all)")
+    p.add_argument("--seed", type=_seed, default=DEFAULT_SEED,
+                   help=f"every trainer's seed (ORGANMTL_SEED, Detectron2 SEED; default {DEFAULT_SEED}); "
+                        "'none': unseeded, as stock nnU-Net")
     p.set_defaults(func=cmd_demo)
+
+
+def _seed(text: str) -> int | None:
+    if text.lower() == "none":
+        return None
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a seed is >= 0 or 'none'")
+    return value
 
 
 def cmd_memory_check(args) -> int:

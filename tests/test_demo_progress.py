@@ -105,3 +105,4 @@ def test_budget_section_names_every_budget_and_the_convergence_table():
     assert "| detectron | Mask R-CNN | mask_rcnn.yaml | 500 iterations | 111 s |" in text
     assert "docs/benchmarks.md" in text and 'section "Convergence"' in text
     assert "benchmarks.md#convergence" in text                        # the repository's docs are here
+    assert "seeded with 0" in budget_section([], seed=0) and "not seeded" in budget_section([], seed=None)

@@ -56,7 +56,7 @@ def test_next_part_fills_the_free_worker_and_results_keep_part_order(fakes, tmp_
     f = fakes({"long": 2.0, "short": 0.1, "b1": 0.1, "b2": 0.1})
     a, b = _study("a", ["long", "short"]), _study("b", ["b1", "b2"])
     plan = demo.demo_budgets([a, b])
-    sections, rows = demo._train_all([a, b], False, tmp_path, tmp_path, tmp_path, plan, 1, jobs=2)
+    sections, rows = demo._train_all([a, b], False, tmp_path, tmp_path, tmp_path, plan, 1, jobs=2, seed=7)
     # part b's first trainer starts on the worker that "short" freed, while "long" still runs
     assert f.started["b1"] < f.ended["long"]
     assert f.started["b2"] < f.ended["long"]
@@ -64,6 +64,25 @@ def test_next_part_fills_the_free_worker_and_results_keep_part_order(fakes, tmp_
     assert sections[0].startswith("## title a") and sections[1].startswith("## title b")
     # each command got its share of the cores
     assert {r["threads"].get("ORGANMTL_CPU_THREADS") for r in rows} == {demo.cpu_threads(2).get("ORGANMTL_CPU_THREADS")}
+    assert {r["threads"].get("ORGANMTL_SEED") for r in rows} == {"7"}          # every trainer the same seed
+
+
+def test_unseeded_demo_sets_no_seed(fakes, tmp_path):
+    fakes({"x": 0.0})
+    a = _study("a", ["x"])
+    _, rows = demo._train_all([a], False, tmp_path, tmp_path, tmp_path, demo.demo_budgets([a]), 1, jobs=1, seed=None)
+    assert "ORGANMTL_SEED" not in rows[0]["threads"]
+
+
+def test_demo_command_line_seed():
+    from organmtl.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["demo"]).seed == demo.DEFAULT_SEED == 0
+    assert parser.parse_args(["demo", "--seed", "3"]).seed == 3
+    assert parser.parse_args(["demo", "--seed", "none"]).seed is None
+    with pytest.raises(SystemExit):
+        parser.parse_args(["demo", "--seed", "-2"])
 
 
 def test_first_failure_is_raised_and_queued_trainers_never_start(fakes, tmp_path):

@@ -45,6 +45,10 @@ DETECTRON_ITERATIONS = 100
 N_TEST = 4
 #: trainers that train at once (two cores: two; see _train_all)
 DEFAULT_JOBS = max(1, min(2, os.cpu_count() or 1))
+#: every trainer's seed, so that two demos print the same tables. Unseeded (``--seed none``, stock nnU-Net's
+#: behaviour) the short budgets sit on the steep part of the learning curves and one run can differ from
+#: the next by more than the methods differ (docs/demo.md). 0: the convergence benchmark's first seed.
+DEFAULT_SEED = 0
 
 
 class DemoError(ValueError):
@@ -114,7 +118,7 @@ class Study:
 
 #: FocusNetv2's phases (§4.2 order) in epochs of ``iterations``: S-Net gets most of it, the small-organ
 #: parts enough to show they train
-SCHEDULE_FOCUSNET = (("snet", 18), ("sol", 2), ("ae", 2), ("sos", 2), ("joint", 2))
+SCHEDULE_FOCUSNET = (("snet", 16), ("sol", 2), ("ae", 2), ("sos", 2), ("joint", 2))
 
 STUDIES = (
     Study("han", "Head-and-neck CT (PDDCA layout): FocusNetv2 vs nnU-Net", 501, "HaNDemo", ("han_pddca",),
@@ -131,8 +135,8 @@ STUDIES = (
           {"nnU-Net (image only)": "nnUNetTrainerOMTLLandmarkImageOnly_Tiny",
            "landmarks as input (early fusion)": "nnUNetTrainerOMTLLandmarkEarlyFusion_Tiny",
            "landmarks as auxiliary task (joint)": "nnUNetTrainerOMTLLandmarkJoint_Tiny"},
-          {"nnU-Net (image only)": Budget(10, 100), "landmarks as input (early fusion)": Budget(12, 100),
-           "landmarks as auxiliary task (joint)": Budget(12, 100)}),
+          {"nnU-Net (image only)": Budget(10, 100), "landmarks as input (early fusion)": Budget(10, 100),
+           "landmarks as auxiliary task (joint)": Budget(10, 100)}),
     Study("multitask", "Brain MR + breast MR + cardiac CTA in one network: multi-task CNN vs nnU-Net", 504,
           "MultiTaskDemo", ("multimodal",),
           (("volumes", "{data}/multimodal/brain_mr", "--dataset-id", "505", "--name", "BrainDemo"),
@@ -142,8 +146,8 @@ STUDIES = (
             "{raw}/Dataset507_CardiacDemo", "--dataset-id", "504", "--name", "MultiTaskDemo")),
           {"nnU-Net": BASELINE, "multi-task U-Net (balanced)": "nnUNetTrainerOMTLMultiTaskUNet_Tiny",
            "triplanar multi-task CNN": "nnUNetTrainerOMTLTriplanar_Tiny"},
-          {"nnU-Net": Budget(12, 100), "multi-task U-Net (balanced)": Budget(12, 100),
-           "triplanar multi-task CNN": Budget(9, 50)}),
+          {"nnU-Net": Budget(10, 100), "multi-task U-Net (balanced)": Budget(10, 100),
+           "triplanar multi-task CNN": Budget(8, 50)}),
 )
 
 #: what ``--only`` can pick: the nnU-Net studies and the Detectron2 comparison
@@ -290,7 +294,8 @@ def check_budget(**budget: int | None) -> None:
 
 
 def run_demo(out: Path, epochs: int | None = None, iterations: int | None = None,
-             detectron_iterations: int | None = None, only: list[str] | None = None, jobs: int | None = None) -> int:
+             detectron_iterations: int | None = None, only: list[str] | None = None, jobs: int | None = None,
+             seed: int | None = DEFAULT_SEED) -> int:
     from organmtl.demo_data import write_demo_data
     from organmtl.demo_data.han import write_han
     from organmtl.evaluation.report import write_report
@@ -313,7 +318,8 @@ def run_demo(out: Path, epochs: int | None = None, iterations: int | None = None
     logs.mkdir()
     t_all = time.time()
     plan = demo_budgets(studies, epochs, iterations)
-    print("Budgets (organmtl demo's own; --epochs / --iterations / --detectron-iterations override them):")
+    print("Budgets (organmtl demo's own; --epochs / --iterations / --detectron-iterations override them), "
+          + (f"every trainer seeded with {seed} (--seed):" if seed is not None else "unseeded (--seed none):"))
     for study in studies:
         for label, trainer in study.trainers.items():
             print(f"    {study.key}: {label} ({trainer}): {plan[study.key][label].describe()}")
@@ -329,14 +335,14 @@ def run_demo(out: Path, epochs: int | None = None, iterations: int | None = None
     print(f"    {data}: {', '.join(families)}")
     _done(t0)
 
-    sections, budgets = _train_all(studies, run_detectron, out, data, logs, plan, detectron_iterations, jobs)
+    sections, budgets = _train_all(studies, run_detectron, out, data, logs, plan, detectron_iterations, jobs, seed)
 
     t0 = _step("organmtl report: overlays and learning curves")
     with output_to(logs / "report.log"):
         write_report(out, out_dir=out / "report")
     _done(t0)
 
-    summary = (f"# organmtl demo ({time.time() - t_all:.0f} s on CPU)\n\n" + budget_section(budgets) + "\n\n"
+    summary = (f"# organmtl demo ({time.time() - t_all:.0f} s on CPU)\n\n" + budget_section(budgets, seed) + "\n\n"
                + "\n\n".join(sections) + f"\n\nPictures and learning curves: {out / 'report' / 'report.md'}\n")
     (out / "summary.md").write_text(summary)
     print("\n" + summary)
@@ -351,15 +357,16 @@ def demo_budgets(studies, epochs: int | None = None, iterations: int | None = No
 
 
 def _train_all(studies, run_detectron: bool, out: Path, data: Path, logs: Path, plan: dict[str, dict[str, Budget]],
-               detectron_iterations: int, jobs: int) -> tuple[list[str], list[dict]]:
+               detectron_iterations: int, jobs: int, seed: int | None = None) -> tuple[list[str], list[dict]]:
     """Prepare each part in turn and queue its trainers on ONE pool of ``jobs`` workers, so that a
     part's trainers start beside the previous part's last ones instead of after them (nnU-Net's
     CPU training is mostly single-threaded small kernels and augmentation, so two trainers on two
     cores finish sooner than one after the other). Returns the Markdown sections and the budget
-    rows (trainer, budget, wall time), in part order. The first failure stops every command."""
+    rows (trainer, budget, wall time), in part order. The first failure stops every command. ``seed``:
+    every trainer's (``ORGANMTL_SEED``; Detectron2's ``SEED``), None: unseeded."""
     stop = threading.Event()
     parts: list[tuple[object, dict]] = []     # (columns -> section, column label -> future)
-    threads = cpu_threads(jobs)
+    env = {**cpu_threads(jobs), **seed_environment(seed)}
     # the trainers print progress to the console while the main thread prepares the next part with its
     # output redirected to a log (output_to re-points file descriptors 1 and 2 for the whole process), so
     # they write to a duplicate of the console's descriptor taken now
@@ -373,7 +380,7 @@ def _train_all(studies, run_detectron: bool, out: Path, data: Path, logs: Path, 
         if stop.is_set():                  # queued behind a command that failed: do not start
             return None
         try:
-            return fn(*args, stop, threads, console)
+            return fn(*args, stop, env, console)
         except BaseException:
             stop.set()                     # the other commands stop too
             raise
@@ -434,6 +441,13 @@ def _study_section(study: Study, columns: dict[str, dict]) -> str:
         _comparison_table(columns)
 
 
+def seed_environment(seed: int | None) -> dict[str, str]:
+    """``ORGANMTL_SEED`` for the trainers (torch, numpy and random seeded before the network is built)."""
+    from organmtl.nnunet_trainers.budget import SEED_VARIABLE
+
+    return {} if seed is None else {SEED_VARIABLE: str(seed)}
+
+
 def cpu_threads(jobs: int) -> dict[str, str]:
     """Environment of a command that runs beside ``jobs - 1`` others: an equal share of the cores for
     torch (``ORGANMTL_CPU_THREADS`` for the _Tiny trainers, which nnUNetv2_train would set to every
@@ -470,14 +484,14 @@ def write_default_split(preprocessed: Path, configuration: str) -> Path:
 
 
 def _train_and_score(study: Study, label: str, budget: Budget, out: Path, raw: Path, logs: Path,
-                     stop: threading.Event, threads: dict[str, str], console=None) -> tuple[dict, dict]:
+                     stop: threading.Event, run_env: dict[str, str], console=None) -> tuple[dict, dict]:
     """Train one trainer of ``study`` (stock ``nnUNetv2_train``), predict the test cases
     (``nnUNetv2_predict``) where the study has them, score; (its table column, its budget row)."""
     trainer, t0, tag = study.trainers[label], time.time(), f"{study.key}: {label}"
     print(f"\n=== [{tag}] nnUNetv2_train {study.dataset_id} {study.configuration} {FOLD} -tr {trainer} "
           f"({budget.total_epochs} epochs x {budget.iterations} iterations)", flush=True, file=console)
     train_log = logs / f"{study.key}_train_{trainer}.log"
-    env = {**budget.environment(), **threads}
+    env = {**budget.environment(), **run_env}
     with epoch_progress(train_log, budget.total_epochs, tag=tag, stream=console):
         run_in_group([venv_bin("nnUNetv2_train"), str(study.dataset_id), study.configuration, str(FOLD), "-tr",
                       trainer, "-device", "cpu"], env=env, log_file=train_log, stop=stop)
@@ -543,7 +557,7 @@ CONVERGENCE_DOC = "docs/benchmarks.md"
 CONVERGENCE_SECTION = "Convergence"
 
 
-def budget_section(budgets: list[dict]) -> str:
+def budget_section(budgets: list[dict], seed: int | None = None) -> str:
     """The demo's budgets (one row per trained model: its training budget and wall time) and where
     the comparison at convergence is."""
     doc = Path(__file__).resolve().parents[2] / CONVERGENCE_DOC
@@ -558,7 +572,9 @@ def budget_section(budgets: list[dict]) -> str:
              "Each budget is the run length only (ORGANMTL_EPOCHS x ORGANMTL_ITERS_PER_EPOCH, "
              "ORGANMTL_VAL_ITERS; FocusNet's phase split): optimiser, learning-rate schedule and augmentation "
              "are each trainer's own, the stock nnU-Net baseline's included. The trainers train "
-             "two at a time (a study's next to the previous study's last), so their wall times overlap.", "",
+             "two at a time (a study's next to the previous study's last), so their wall times overlap. "
+             + (f"Every trainer was seeded with {seed} (`--seed`); unseeded runs can differ by more than the "
+                "methods do." if seed is not None else "The trainers were not seeded (`--seed none`)."), "",
              "| part | method | trainer / config | budget | wall time |", "|---|---|---|---|---|"]
     lines += [f"| {b['part']} | {b['method']} | {b['trainer']} | {b['budget']} | {b['seconds']:.0f} s |" for b in budgets]
     return "\n".join(lines)
@@ -603,9 +619,11 @@ def _prepare_detectron(out: Path, data: Path, logs: Path) -> Path:
 
 
 def _train_detectron(label: str, rel: str, out: Path, coco: Path, logs: Path, iterations: int,
-                     stop: threading.Event, threads: dict[str, str], console=None) -> tuple[dict, dict]:
+                     stop: threading.Event, run_env: dict[str, str], console=None) -> tuple[dict, dict]:
     """``train_net.py`` with one of :data:`DETECTRON_CONFIGS`; (its segm AP column, its budget row)."""
     from importlib import resources
+
+    from organmtl.nnunet_trainers.budget import SEED_VARIABLE
 
     config, name = resources.files("organmtl.detectron_heads") / rel, Path(rel).name
     output_dir = out / "detectron2" / name.removesuffix(".yaml")
@@ -615,7 +633,8 @@ def _train_detectron(label: str, rel: str, out: Path, coco: Path, logs: Path, it
     run_in_group([sys.executable, "-m", "organmtl.detectron_heads.train_net", "--config-file", str(config),
                   "ORGANMTL.DATASET_ROOT", str(coco), "ORGANMTL.DATASET_NAME", "spine_sag_demo",
                   "SOLVER.MAX_ITER", str(iterations), "SOLVER.STEPS", f"({int(iterations * 0.8)},)",
-                  "OUTPUT_DIR", str(output_dir)], env=threads, log_file=logs / f"train_net_{name}.log", stop=stop)
+                  *(("SEED", run_env[SEED_VARIABLE]) if SEED_VARIABLE in run_env else ()),
+                  "OUTPUT_DIR", str(output_dir)], env=run_env, log_file=logs / f"train_net_{name}.log", stop=stop)
     print(f"    [detectron: {label}] done ({time.time() - t0:.0f} s)", flush=True, file=console)
     results = json.loads((output_dir / "final_metrics.json").read_text())
     segm = results.get("segm") or {}   # COCOEvaluator reports no segm block when nothing was predicted
