@@ -119,4 +119,5 @@ def test_commands_side_by_side_share_the_cores_instead_of_each_taking_all():
 
     assert cpu_threads(1) == {}
     share = str(max(1, (os.cpu_count() or 1) // 2))
-    assert cpu_threads(2) == {THREADS_VARIABLE: share, "OMP_NUM_THREADS": share, "nnUNet_def_n_proc": share}
+    assert cpu_threads(2) == {THREADS_VARIABLE: share, "OMP_NUM_THREADS": share, "MKL_NUM_THREADS": share,
+                              "nnUNet_def_n_proc": share}

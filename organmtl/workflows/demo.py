@@ -451,13 +451,16 @@ def seed_environment(seed: int | None) -> dict[str, str]:
 def cpu_threads(jobs: int) -> dict[str, str]:
     """Environment of a command that runs beside ``jobs - 1`` others: an equal share of the cores for
     torch (``ORGANMTL_CPU_THREADS`` for the _Tiny trainers, which nnUNetv2_train would set to every
-    core; ``OMP_NUM_THREADS`` for train_net.py; ``nnUNet_def_n_proc`` for nnUNetv2_predict, which sets
-    torch to every core and caps its sliding window at that many threads). Oversubscribed, the processes
-    spin: measured 5.5x slower per iteration with two nnU-Net trainings of 2 threads each on 2 cores."""
+    core; ``OMP_NUM_THREADS`` and ``MKL_NUM_THREADS`` for train_net.py, whose MKL otherwise keeps what the
+    shell set; ``nnUNet_def_n_proc`` for nnUNetv2_predict, which sets torch to every core and caps its
+    sliding window at that many threads). Oversubscribed, the processes spin: measured 5.5x slower per
+    iteration with two nnU-Net trainings of 2 threads each on 2 cores, 11x for two Mask R-CNN trainings
+    started from a shell with ``MKL_NUM_THREADS=2`` (3.9 s against 0.35 s per iteration)."""
     if jobs <= 1:
         return {}
     share = str(max(1, (os.cpu_count() or 1) // jobs))
-    return {"ORGANMTL_CPU_THREADS": share, "OMP_NUM_THREADS": share, "nnUNet_def_n_proc": share}
+    return {"ORGANMTL_CPU_THREADS": share, "OMP_NUM_THREADS": share, "MKL_NUM_THREADS": share,
+            "nnUNet_def_n_proc": share}
 
 
 def _raise_first_failure(futures) -> None:
