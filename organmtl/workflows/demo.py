@@ -136,7 +136,7 @@ STUDIES = (
            "landmarks as input (early fusion)": "nnUNetTrainerOMTLLandmarkEarlyFusion_Tiny",
            "landmarks as auxiliary task (joint)": "nnUNetTrainerOMTLLandmarkJoint_Tiny"},
           {"nnU-Net (image only)": Budget(10, 100), "landmarks as input (early fusion)": Budget(10, 100),
-           "landmarks as auxiliary task (joint)": Budget(8, 100)}),
+           "landmarks as auxiliary task (joint)": Budget(10, 100)}),
     Study("multitask", "Brain MR + breast MR + cardiac CTA in one network: multi-task CNN vs nnU-Net", 504,
           "MultiTaskDemo", ("multimodal",),
           (("volumes", "{data}/multimodal/brain_mr", "--dataset-id", "505", "--name", "BrainDemo"),
