@@ -181,7 +181,14 @@ def render_study(study: "StudySpec", runs: dict) -> str:
             lines.append(f"| {s} | " + " | ".join(cells) + " |")
     mine = [r for k, r in runs.items() if k[0] == study.key]
     capped = sum(r["stop_reason"] == "cap" for r in mine)
-    note = (f" Caveat: {capped} of the {len(mine)} runs were stopped by the CPU cap before the patience rule ended them, so "
+    without = sum(m.patience is None for m in study.methods)
+    if without == len(study.methods):
+        ender = "their schedule"
+    elif without:
+        ender = "their patience rule or schedule"
+    else:
+        ender = "the patience rule"
+    note = (f" Caveat: {capped} of the {len(mine)} runs were stopped by the CPU cap before {ender} ended them, so "
             "this compares equal CPU budgets, not converged models." if capped else "")
     lines += ["", f"Claim ({study.claim}): {study.verdict(runs)}{note}"]
     if study.figure and any(k[0] == study.key for k in runs):

@@ -137,6 +137,16 @@ def test_study_table_means_seeds_marks_missing_runs_and_gives_the_verdict(conv):
     assert "not yet measured (missing snet, focusnetv1, focusnetv2; small-organ Dice so far: nnunet 0.350)" in text
 
 
+def test_cap_caveat_names_what_would_have_ended_the_runs(conv):
+    capped = {**_record("han", "nnunet", 0, 0.5), "stop_reason": "cap"}
+    han = conv.render_study(conv.study("han"), {("han", "nnunet", 0): capped})     # no patience rule in HaN
+    assert "1 of the 1 runs were stopped by the CPU cap before their schedule ended them" in han
+    abdomen = conv.study("abdomen")
+    key = ("abdomen", abdomen.methods[0].key, 0)
+    text = conv.render_study(abdomen, {key: {**_record(*key, 0.5), "stop_reason": "cap"}})
+    assert "before the patience rule ended them" in text
+
+
 def test_han_verdict_reproduced_only_when_v2_best_and_snet_worst(conv):
     han = conv.study("han")
     small = {"nnunet": 0.3, "snet": 0.1, "focusnetv1": 0.35, "focusnetv2": 0.5}
