@@ -94,7 +94,11 @@ def left_right_axis(image_file: Path, transpose_forward) -> int:
 
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(image_file))
-    reader.ReadImageInformation()
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as e:
+        reason = next((line.strip() for line in str(e).splitlines() if line.strip()), "unreadable")
+        raise ValueError(f"{image_file}: cannot read the image header to find its left-right axis ({reason})") from None
     dim = reader.GetDimension()
     direction = np.array(reader.GetDirection()).reshape(dim, dim)
     image_axis = int(np.argmax(np.abs(direction[0])))            # column j = direction of image index axis j

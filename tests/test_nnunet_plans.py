@@ -2,6 +2,7 @@
 import json
 
 import numpy as np
+import pytest
 
 from organmtl.nnunet_plans import add_tiny_configurations, left_right_axis, shrink_patch
 
@@ -43,6 +44,9 @@ def test_left_right_axis_follows_the_direction_and_the_transpose(tmp_path):
     sagittal.SetDirection((0, 0, 1, 1, 0, 0, 0, 1, 0))
     sitk.WriteImage(sagittal, str(tmp_path / "sagittal.nii.gz"))
     assert left_right_axis(tmp_path / "sagittal.nii.gz", [0, 1, 2]) == 0
+    (tmp_path / "broken.nii.gz").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="broken.nii.gz: cannot read the image header"):
+        left_right_axis(tmp_path / "broken.nii.gz", [0, 1, 2])
 
 
 def _plans(tmp_path):
