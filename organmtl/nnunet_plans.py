@@ -97,7 +97,8 @@ def left_right_axis(image_file: Path, transpose_forward) -> int:
     try:
         reader.ReadImageInformation()
     except RuntimeError as e:
-        reason = next((line.strip() for line in str(e).splitlines() if line.strip()), "unreadable")
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        reason = lines[-1].removeprefix("sitk::ERROR: ") if lines else "unreadable"
         raise ValueError(f"{image_file}: cannot read the image header to find its left-right axis ({reason})") from None
     dim = reader.GetDimension()
     direction = np.array(reader.GetDirection()).reshape(dim, dim)
