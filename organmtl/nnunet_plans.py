@@ -8,10 +8,15 @@ pooling topology is recomputed for the smaller patch with nnU-Net's ``get_pool_a
 
 When the labels come in left/right pairs (``Parotid_L``/``Parotid_R``, ``kidney_left``/``kidney_right``),
 mirroring is off (:mod:`nnunet_trainers.laterality`) and the network must tell the sides apart from what a
-patch shows. A uniformly shrunk patch sees half the head's width, and the stock U-Net then labelled both
-parotids as one side (docs/demo.md). So for such datasets the patch keeps the parent's whole left-right
-edge (the array axis whose direction is closest to the patient's x axis, read from one training image's
-header) and only the other edges shrink, the finest-spaced first filled back up to the voxel budget.
+patch shows. A uniformly shrunk patch centred on the demo's parotid (about 24 mm from the midline) ends 20 mm
+from its centre, short of the midline, and the stock U-Net then labelled both parotids as one side
+(docs/demo.md). So for such datasets the training labels are read: when a patch of the uniform shrink, centred
+on a lateral organ, cannot reach the midline (half the left-right distance between the pair's centroids, median
+over cases, exceeds half the patch's left-right edge), the patch keeps the parent's whole left-right edge (the
+array axis whose direction is closest to the patient's x axis, read from one training image's header) and only
+the other edges shrink, the finest-spaced first filled back up to the voxel budget. Where the uniform patch
+already reaches the midline (the demo's kidneys, 36 mm from it in a 140 mm wide patch) it is kept: a wider
+patch costs depth and iterations.
 Finally the tiny configurations are preprocessed. Train with
 ``nnUNetv2_train ID 3d_tiny FOLD -tr <trainer> -device cpu``.
 """
@@ -107,12 +112,44 @@ def left_right_axis(image_file: Path, transpose_forward) -> int:
     return int(list(transpose_forward).index(array_axis))
 
 
+def lateral_offset_mm(label_files, labels: dict, pairs, max_cases: int = 10) -> float | None:
+    """How far the lateral organs lie from the midline: for each left/right pair, half the patient-x distance
+    (mm) between the two organs' centroids, median over the cases that contain both; the largest over the pairs.
+    Reads at most ``max_cases`` label files (evenly spread); None when no case holds both organs of a pair."""
+    import SimpleITK as sitk
+
+    files = list(label_files)
+    if len(files) > max_cases:
+        files = [files[int(i)] for i in np.linspace(0, len(files) - 1, max_cases).round()]
+    per_pair: dict[tuple, list[float]] = {tuple(p): [] for p in pairs}
+    for f in files:
+        image = sitk.ReadImage(str(f))
+        arr = sitk.GetArrayViewFromImage(image)
+
+        def centre_x(name):
+            value = labels[name]
+            idx = np.argwhere(np.isin(arr, value if isinstance(value, (list, tuple)) else [value]))
+            if not len(idx):
+                return None
+            return image.TransformContinuousIndexToPhysicalPoint([float(v) for v in idx.mean(0)[::-1]])[0]
+
+        for pair in per_pair:
+            xs = [centre_x(name) for name in pair]
+            if None not in xs:
+                per_pair[pair].append(abs(xs[0] - xs[1]) / 2)
+    medians = [float(np.median(v)) for v in per_pair.values() if v]
+    return max(medians) if medians else None
+
+
 def add_tiny_configurations(plans_file: Path, configurations=("3d_tiny",), max_features: int = 64,
-                            batch_size: int = 2, left_right: int | None = None) -> dict:
+                            batch_size: int = 2, left_right: int | None = None,
+                            lateral_offset: float | None = None) -> dict:
     """Add the tiny configurations to a plans file in place; return the new configuration dicts.
 
-    ``left_right``: the preprocessed array's left-right axis (:func:`left_right_axis`) when the patch must keep
-    that whole edge (labels in left/right pairs), else None."""
+    ``left_right``: the preprocessed array's left-right axis (:func:`left_right_axis`) when the labels come in
+    left/right pairs, else None. ``lateral_offset``: :func:`lateral_offset_mm`. The patch keeps its whole
+    left-right edge when a uniformly shrunk one centred on a lateral organ would not reach the midline
+    (offset > half its left-right edge in mm), or when the offset is unknown (None)."""
     plans = json.loads(Path(plans_file).read_text())
     added = {}
     for name in configurations:
@@ -120,13 +157,22 @@ def add_tiny_configurations(plans_file: Path, configurations=("3d_tiny",), max_f
         if parent_name not in plans["configurations"]:
             raise ValueError(f"{plans_file}: no {parent_name!r} configuration to derive {name!r} from")
         parent = {**plans["configurations"][parent_name], "_name": parent_name}
-        keep = None
+        config = tiny_configuration(parent, max_voxels, max_features=max_features, batch_size=batch_size)
         if left_right is not None:                               # a 2D patch holds the array's last two axes
             keep = left_right - (3 - len(parent["patch_size"]))
-            keep = keep if keep >= 0 else None
-        added[name] = tiny_configuration(parent, max_voxels, max_features=max_features, batch_size=batch_size,
-                                         keep_axis=keep)
-        plans["configurations"][name] = added[name]
+            if keep >= 0:
+                half = config["patch_size"][keep] * float(parent["spacing"][keep]) / 2
+                if lateral_offset is None or lateral_offset > half:
+                    config = tiny_configuration(parent, max_voxels, max_features=max_features,
+                                                batch_size=batch_size, keep_axis=keep)
+                    why = "unknown" if lateral_offset is None else f"{lateral_offset:.0f} mm > {half:.0f} mm"
+                    print(f"{name}: lateral organs' offset from the midline {why} (half the uniform patch): "
+                          f"keeping the whole left-right edge, patch {config['patch_size']}")
+                else:
+                    print(f"{name}: lateral organs {lateral_offset:.0f} mm from the midline, within half the "
+                          f"uniform patch ({half:.0f} mm): patch {config['patch_size']}")
+        added[name] = config
+        plans["configurations"][name] = config
     Path(plans_file).write_text(json.dumps(plans, indent=4) + "\n")
     return added
 
@@ -160,12 +206,14 @@ def plan_tiny(dataset_id: int, configurations=("3d_tiny",), num_processes: int =
     plans_file = Path(str(nnUNet_preprocessed)) / name / "nnUNetPlans.json"
     raw = Path(str(nnUNet_raw)) / name
     dataset_json = json.loads((raw / "dataset.json").read_text())
-    left_right = None
-    if lateral_pairs(dataset_json["labels"]):
-        first = next(iter(get_filenames_of_train_images_and_targets(str(raw), dataset_json).values()))
-        left_right = left_right_axis(Path(first["images"][0]), json.loads(plans_file.read_text())["transpose_forward"])
+    left_right = offset = None
+    pairs = lateral_pairs(dataset_json["labels"])
+    if pairs:
+        cases = list(get_filenames_of_train_images_and_targets(str(raw), dataset_json).values())
+        left_right = left_right_axis(Path(cases[0]["images"][0]), json.loads(plans_file.read_text())["transpose_forward"])
+        offset = lateral_offset_mm([c["label"] for c in cases], dataset_json["labels"], pairs)
     add_tiny_configurations(plans_file, configurations, max_features=max_features, batch_size=batch_size,
-                            left_right=left_right)
+                            left_right=left_right, lateral_offset=offset)
     preprocess([dataset_id], configurations=tuple(configurations), num_processes=[num_processes],
                show_progress_bar=False)
     return plans_file

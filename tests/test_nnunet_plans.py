@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from organmtl.nnunet_plans import add_tiny_configurations, left_right_axis, shrink_patch
+from organmtl.nnunet_plans import add_tiny_configurations, lateral_offset_mm, left_right_axis, shrink_patch
 
 
 def test_shrink_patch_keeps_aspect_and_budget():
@@ -90,3 +90,45 @@ def test_tiny_configuration_is_valid_for_nnunet(tmp_path):
     assert kw["features_per_stage"] == [8, 16, 32, 64][: kw["n_stages"]]
     down = np.prod(np.array(kw["strides"]), axis=0)
     assert all(p % d == 0 for p, d in zip(cm.patch_size, down))
+
+
+def test_lateral_offset_is_half_the_pair_distance_along_patient_x(tmp_path):
+    import SimpleITK as sitk
+
+    files = []
+    for i, (left, right) in enumerate([(30, 10), (28, 12), (33, 7)]):   # x index of each organ's centre
+        arr = np.zeros((4, 6, 40), np.uint8)
+        arr[1:3, 2:4, left - 1:left + 2] = 1                           # Parotid_L: 3 voxels wide, centred on `left`
+        arr[1:3, 2:4, right - 1:right + 2] = 2
+        arr[0, 0, 0] = 3                                               # a midline organ does not count
+        image = sitk.GetImageFromArray(arr)
+        image.SetSpacing((1.5, 1.0, 2.5))
+        files.append(tmp_path / f"case_{i}.nii.gz")
+        sitk.WriteImage(image, str(files[-1]))
+    labels = {"background": 0, "Parotid_L": 1, "Parotid_R": 2, "Brainstem": 3, "OpticNerve_L": 4, "OpticNerve_R": 5}
+    # medians of (20, 16, 26) voxels / 2 * 1.5 mm; the optic nerves appear in no case and are left out
+    assert lateral_offset_mm(files, labels, [("Parotid_L", "Parotid_R"), ("OpticNerve_L", "OpticNerve_R")]) \
+        == pytest.approx(15.0)
+    assert lateral_offset_mm(files[:1], labels, [("Parotid_L", "Parotid_R")]) == pytest.approx(15.0)
+    assert lateral_offset_mm(files[1:2], labels, [("Parotid_L", "Parotid_R")]) == pytest.approx(12.0)
+    assert lateral_offset_mm(files, labels, [("OpticNerve_L", "OpticNerve_R")]) is None
+    # a sagittal stack: index axis 2 runs along patient x, so the slice spacing sets the distance
+    arr = np.zeros((40, 6, 4), np.uint8)
+    arr[29:32, 2:4, 1:3] = 1
+    arr[9:12, 2:4, 1:3] = 2
+    image = sitk.GetImageFromArray(arr)
+    image.SetSpacing((1.0, 1.0, 2.0))
+    image.SetDirection((0, 0, 1, 1, 0, 0, 0, 1, 0))
+    sitk.WriteImage(image, str(tmp_path / "sagittal.nii.gz"))
+    assert lateral_offset_mm([tmp_path / "sagittal.nii.gz"], labels, [("Parotid_L", "Parotid_R")]) == pytest.approx(20.0)
+
+
+def test_the_left_right_edge_is_kept_only_where_the_uniform_patch_misses_the_midline(tmp_path):
+    # the demo HaN plan: uniform 16 x 40 x 40 at 1 mm reaches 20 mm from a patch centre
+    f = _plans(tmp_path)
+    assert add_tiny_configurations(f, ["3d_tiny"], left_right=2, lateral_offset=24.6)["3d_tiny"]["patch_size"] \
+        == [8, 48, 80]                                                # parotids 24.6 mm out: whole edge
+    assert add_tiny_configurations(f, ["3d_tiny"], left_right=2, lateral_offset=19.0)["3d_tiny"]["patch_size"] \
+        == [16, 40, 40]                                               # within reach: the uniform patch
+    assert add_tiny_configurations(f, ["3d_tiny"], left_right=2)["3d_tiny"]["patch_size"] == [8, 48, 80]  # unknown
+    assert json.loads(f.read_text())["configurations"]["3d_tiny"]["patch_size"] == [8, 48, 80]
