@@ -152,11 +152,14 @@ def test_han_verdict_reproduced_only_when_v2_best_and_snet_worst(conv):
     small = {"nnunet": 0.3, "snet": 0.1, "focusnetv1": 0.35, "focusnetv2": 0.5}
     runs = {("han", m, 0): _record("han", m, 0, {"Chiasm": v, "Mandible": 0.9}) for m, v in small.items()}
     assert han.verdict(runs).startswith("reproduced: small-organ Dice nnunet 0.300, snet 0.100")
-    assert han.verdict(runs).endswith("(means over 1 seed).")
+    assert "(means over 1 seed). FocusNetv2, S-Net phase 2300 it: not run yet." in han.verdict(runs)
+    runs[("han", "focusnetv2_matched", 0)] = _record("han", "focusnetv2_matched", 0, {"Chiasm": 0.2, "Mandible": 0.9})
+    assert han.verdict(runs).endswith("(means over 1 seed). FocusNetv2, S-Net phase 2300 it (seed 0): small-organ "
+                                      "Dice 0.200 against S-Net alone's 0.100 at the same seed.")
     runs[("han", "focusnetv1", 0)] = _record("han", "focusnetv1", 0, {"Chiasm": 0.6, "Mandible": 0.9})
     assert han.verdict(runs).startswith("not reproduced")
     runs[("han", "nnunet", 1)] = _record("han", "nnunet", 1, {"Chiasm": 0.3, "Mandible": 0.9})
-    assert han.verdict(runs).endswith("(means over 1-2 seeds).")
+    assert "(means over 1-2 seeds)." in han.verdict(runs)
 
 
 def test_spine_verdict_compares_hmrnet_to_mask_rcnn_and_lists_each_ablation(conv):
@@ -275,3 +278,14 @@ def test_nnunet_runs_are_told_their_thread_count(conv, tmp_path, monkeypatch):
     assert env[THREADS_VARIABLE] == "1" == env["OMP_NUM_THREADS"] and env["nnUNet_n_proc_DA"] == "0"
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     assert conv.nnunet_env(tmp_path)[THREADS_VARIABLE] == "2"
+
+
+def test_a_method_can_run_at_fewer_seeds_than_its_study(conv):
+    han = conv.study("han")
+    matched = han.method("focusnetv2_matched")
+    assert han.seeds_of(matched) == (0,) and han.seeds_of(han.method("snet")) == (0, 1)
+    assert ("han", "focusnetv2_matched", 0) in conv.PLAN and ("han", "focusnetv2_matched", 1) not in conv.PLAN
+    assert "snet=92," in matched.budget["ORGANMTL_FOCUSNET_PHASE_EPOCHS"]
+    assert int(matched.budget["ORGANMTL_EPOCHS"]) == 92 + 6 + 6 + 12 + 12
+    with pytest.raises(SystemExit, match="plans seeds"):
+        conv.run_one("han", "focusnetv2_matched", 1, Path("/nonexistent"), Path("/nonexistent"))
