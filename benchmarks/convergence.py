@@ -257,6 +257,9 @@ NNUNET_CAP_S, DET_CAP_S, MULTITASK_CAP_S, ABDOMEN_CAP_S = 800.0, 250.0, 150.0, 2
 #: FocusNetv2 with S-Net alone's iterations in its S-Net phase (S-Net alone: 2300-2450 within the 800 CPU-s
 #: cap, seeds 0 and 1), then sol/ae/sos/joint 6/6/12/12 epochs as in the 60-epoch schedule; one seed (~25 CPU-min)
 MATCHED_SNET_EPOCHS, MATCHED_CAP_S = 92, 1800.0
+MATCHED_PHASES = (("snet", MATCHED_SNET_EPOCHS), ("sol", 6), ("ae", 6), ("sos", 12), ("joint", 12))
+MATCHED_BUDGET = {**NNUNET_BUDGET, "ORGANMTL_EPOCHS": str(sum(n for _, n in MATCHED_PHASES)),
+                  "ORGANMTL_FOCUSNET_PHASE_EPOCHS": ",".join(f"{p}={n}" for p, n in MATCHED_PHASES)}
 
 
 def _nn(key, label, trainer, cap=NNUNET_CAP_S, patience=NNUNET_PATIENCE, budget=None, subset=None, seeds=None):
@@ -368,10 +371,10 @@ STUDIES = (
                # 24 epochs (600 iterations) against S-Net alone's ~2300 within the cap, so this variant gives
                # the S-Net phase S-Net alone's iterations and the other phases their 60-epoch share, under a
                # cap that lets it finish: it asks whether the small-organ parts add to a trained S-Net.
-               _nn("focusnetv2_matched", f"FocusNetv2, S-Net phase {MATCHED_SNET_EPOCHS * 25} it",
+               _nn("focusnetv2_matched",
+                   f"FocusNetv2, S-Net phase {MATCHED_SNET_EPOCHS * int(NNUNET_BUDGET['ORGANMTL_ITERS_PER_EPOCH'])} it",
                    "nnUNetTrainerOMTLFocusNetV2_Tiny", patience=None, cap=MATCHED_CAP_S, seeds=(0,),
-                   budget={**NNUNET_BUDGET, "ORGANMTL_EPOCHS": str(MATCHED_SNET_EPOCHS + 36),
-                           "ORGANMTL_FOCUSNET_PHASE_EPOCHS": f"snet={MATCHED_SNET_EPOCHS},sol=6,ae=6,sos=12,joint=12"})),
+                   budget=MATCHED_BUDGET)),
               (0, 1), (("Dice", "small"), ("Dice", "large"), ("HD95 mm", "small")), "Dice", "convergence_han.png"),
 )
 #: run order of ``--next``: spine and multitask first, HaN last; seed 0 of every method before seed 1
@@ -476,14 +479,13 @@ def _verdict_han(spec, runs):
     for m in spec.methods:
         if m.seeds is None:
             continue
-        mine = [(seed, r) for (st, key, seed), r in sorted(runs.items()) if st == spec.key and key == m.key]
-        if not mine:
+        seeds = [seed for st, key, seed in sorted(runs) if st == spec.key and key == m.key]
+        if not seeds:
             text += f" {m.label}: not run yet."
             continue
-        seeds = [seed for seed, _ in mine]
-        snet = [summary_value(runs[(spec.key, "snet", seed)], "Dice", spec.structure_set(r, "small"))
-                for seed, r in mine if (spec.key, "snet", seed) in runs]
-        vals = _avg([summary_value(r, "Dice", spec.structure_set(r, "small")) for _, r in mine])
+        vals = _avg(_means(spec, runs, m.key, "Dice", "small"))
+        snet = [summary_value(r, "Dice", spec.structure_set(r, "small"))
+                for r in (runs.get((spec.key, "snet", seed)) for seed in seeds) if r is not None]
         against = f" against S-Net alone's {_avg(snet):.3f} at the same seed{'s' if len(seeds) > 1 else ''}" if snet else ""
         text += (f" {m.label} (seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}): small-organ Dice "
                  f"{vals:.3f}{against}.")
