@@ -73,9 +73,16 @@ def add_common_arguments(parser: argparse.ArgumentParser, converter: SourceConve
 
 def _report(summary: dict) -> list[str]:
     lines = []
-    for r in summary.get("cases", []):
-        if r.get("action") not in (None, "kept"):
-            lines.append(f"  {r['case']}: {r['action']} (missing: {', '.join(r.get('missing', [])) or '-'})")
+    cases = summary.get("cases", [])
+    dropped = [r for r in cases if r.get("action") == "dropped"]
+    if dropped:
+        lines.append(f"  {len(dropped)} of {len(cases)} cases dropped (not written):")
+    for r in cases:
+        test = " (test)" if r.get("split") == "test" else ""
+        if r.get("action") == "dropped":
+            lines.append(f"  {r['case']}{test}: dropped: {r.get('reason') or _dropped_reason(r)}")
+        elif r.get("action") not in (None, "kept"):
+            lines.append(f"  {r['case']}{test}: {r['action']} (missing: {', '.join(r.get('missing', [])) or '-'})")
         for d in r.get("landmarks_dropped", []):
             lines.append(f"  {r['case']}: landmark {d['name']!r} dropped ({d['reason']})")
         if r.get("overlap_voxels"):
@@ -112,6 +119,35 @@ def _merge_test_split(tmp: Path, test_tmp: Path) -> None:
     shutil.rmtree(test_tmp)
 
 
+def _convert_test_split(converter: SourceConverter, args, tmp: Path, runner: CaseRunner) -> dict | None:
+    """Convert ``--test`` into ``tmp``'s imagesTs/labelsTs; the test summary, or None when every test
+    case failed (their failures are in ``runner``: the training cases are still written, exit 1)."""
+    runner.out, runner.split = tmp / ".test", "test"
+    before = len(runner.failures)
+    try:
+        test_summary = converter.convert(args.test, tmp / ".test", args, runner)
+    except ConversionError:
+        if len(runner.failures) == before:        # not a case's bad input (no test folder, a bad option): stop
+            raise
+        shutil.rmtree(tmp / ".test", ignore_errors=True)
+        return None
+    finally:
+        runner.out, runner.split = tmp, "train"
+    _merge_test_split(tmp, tmp / ".test")
+    return test_summary
+
+
+def _dropped_reason(record: dict) -> str:
+    missing = ", ".join(record.get("missing", [])) or "a structure"
+    return f"lacks {missing} (--missing drop, the default; --missing ignore keeps such cases)"
+
+
+def _with_reasons(records: list[dict], split: str) -> list[dict]:
+    """The case records with their split, and a one-line ``reason`` on each dropped one."""
+    return [{**r, "split": split, **({"reason": _dropped_reason(r)} if r.get("action") == "dropped"
+                                     and "reason" not in r else {})} for r in records]
+
+
 def _source_text(src):
     return str(src) if isinstance(src, Path) else [str(s) for s in src]
 
@@ -136,19 +172,17 @@ def _to_nnunet(converter: SourceConverter, args, root: Path | None) -> tuple[Pat
         with atomic_output_dir(target, args.overwrite) as tmp:
             runner.out = tmp
             summary = converter.convert(args.src, tmp, args, runner)
-            summary["cases"] = [{**r, "split": "train"} for r in summary["cases"]]
-            if getattr(args, "test", None) is not None:
-                runner.out, runner.split = tmp / ".test", "test"
-                test_summary = converter.convert(args.test, tmp / ".test", args, runner)
-                runner.out, runner.split = tmp, "train"
-                _merge_test_split(tmp, tmp / ".test")
+            summary["cases"] = _with_reasons(summary["cases"], "train")
+            test_summary = None if getattr(args, "test", None) is None else \
+                _convert_test_split(converter, args, tmp, runner)
+            if test_summary is not None:
                 if test_summary["labels"] != summary["labels"]:
                     raise ConversionError(f"{args.test}: test cases have labels {test_summary['labels']}, "
                                           f"training cases {summary['labels']}")
                 clash = {r["case"] for r in summary["cases"]} & {r["case"] for r in test_summary["cases"]}
                 if clash:
                     raise ConversionError(f"{args.test}: case id {sorted(clash)[0]!r} is also a training case")
-                summary["cases"] += [{**r, "split": "test"} for r in test_summary["cases"]]
+                summary["cases"] += _with_reasons(test_summary["cases"], "test")
             write_dataset_json(tmp, summary["channel_names"], summary["labels"], summary["num_training"],
                                args.file_ending, name, f"converted by organmtl from {converter.name}",
                                **summary.get("dataset_json_extra", {}))
@@ -171,7 +205,9 @@ def convert_with_status(converter: SourceConverter, args) -> tuple[Path, int]:
         return args.out, EXIT_OK
     if args.to == "nnunet":
         target, summary, case_runner = _to_nnunet(converter, args, args.out)
-        print(f"nnU-Net dataset written to {target}: {summary['num_training']} training cases, "
+        n_test = sum(1 for r in summary["cases"] if r.get("split") == "test" and r.get("action") != "dropped")
+        print(f"nnU-Net dataset written to {target}: {summary['num_training']} training cases"
+              f"{f', {n_test} test cases' if getattr(args, 'test', None) is not None else ''}, "
               f"labels {summary['labels']}")
         out = target
     else:

@@ -308,6 +308,49 @@ def test_dicom_rt_bad_test_case(rt_pair, tmp_path, capsys):
     assert sorted(os.listdir(ds / "labelsTs")) == ["rt004.nii.gz"]
 
 
+def test_dicom_rt_every_test_case_bad_is_partial(rt_pair, tmp_path, capsys):
+    """A --test folder whose cases all fail costs only those cases: the training cases are written
+    (no imagesTs/labelsTs), each test case has its stderr line and report entry, exit 1."""
+    test_src = tmp_path / "test"
+    for i in (4, 5):
+        write_case(test_src / f"rt{i:03d}", make_case(i, 0))
+    culprits = [_corrupt("truncated slice", test_src / case) for case in ("rt004", "rt005")]
+    assert _convert(rt_pair, tmp_path / "raw", "--test", test_src) == 1
+    err = _stderr_lines(capsys, "not converted")
+    assert len(err) == 2 and all(f"case {c} (test) not converted" in e and f in e
+                                 for c, f, e in zip(("rt004", "rt005"), culprits, err)), err
+    ds = tmp_path / "raw" / DATASET
+    report = json.loads((ds / "conversion_report.json").read_text())
+    assert report["status"] == "partial" and report["counts"]["failed"] == 2
+    assert [(f["case"], f["split"]) for f in report["failed"]] == [("rt004", "test"), ("rt005", "test")]
+    assert [(r["case"], r["split"]) for r in report["cases"]] == [("rt000", "train"), ("rt001", "train")]
+    assert sorted(os.listdir(ds / "imagesTr")) == ["rt000_0000.nii.gz", "rt001_0000.nii.gz"]
+    assert not (ds / "imagesTs").exists() and not (ds / "labelsTs").exists() and not (ds / ".test").exists()
+    assert _convert(rt_pair, tmp_path / "strict", "--test", test_src, "--strict") == 2   # --strict: first bad stops
+    _assert_nothing_written(tmp_path / "strict")
+
+
+def test_missing_drop_says_which_cases_and_why(tmp_path, capsys):
+    """--missing drop (the default) names each dropped case and the structures it lacks, on stdout
+    and as its ``reason`` in conversion_report.json; the run is complete (exit 0)."""
+    from organmtl.demo_data.han import missing_structures, write_han
+
+    ids = write_han(tmp_path / "src", 4, seed=0)
+    lacking = {case: sorted(missing_structures(int(case[-4:]))) for case in ids}
+    dropped = {case: names for case, names in lacking.items() if names}
+    assert dropped and len(dropped) < len(ids), lacking        # the phantoms lack structures in some cases
+    assert _convert(tmp_path / "src", tmp_path / "raw", converter="pddca", dataset_id="7") == 0
+    out = capsys.readouterr().out.splitlines()
+    assert f"  {len(dropped)} of {len(ids)} cases dropped (not written):" in out, out
+    for case, names in dropped.items():
+        line = [x for x in out if x.startswith(f"  {case}: dropped: ")]
+        assert len(line) == 1 and all(n in line[0] for n in names) and "--missing drop" in line[0], out
+    report = json.loads((tmp_path / "raw" / "Dataset007_T" / "conversion_report.json").read_text())
+    reasons = {r["case"]: r.get("reason") for r in report["cases"] if r["action"] == "dropped"}
+    assert sorted(reasons) == sorted(dropped)
+    assert all(all(n in reasons[c] for n in names) and "--missing drop" in reasons[c] for c, names in dropped.items())
+
+
 # ------------------------------------------------------------------ DICOM: bad options and sources (exit 2)
 
 def _global(kind: str, src: Path, tmp: Path) -> tuple[list, list, str, str]:
