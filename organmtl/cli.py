@@ -31,6 +31,8 @@ USER_ERRORS = (
     ("organmtl.nnunet_trainers.focusnet.centres", "CentresError"),
     ("organmtl.workflows.multitask_experiments", "ExperimentError"),
     ("organmtl.workflows.demo", "DemoError"),
+    ("organmtl.nnunet_plans", "PlanError"),
+    ("organmtl.devices", "DeviceError"),
 )
 
 
@@ -186,8 +188,10 @@ def add_plan_tiny_parser(sub) -> None:
 # ---------------------------------------------------------------- prediction beside nnUNetv2_predict
 
 def cmd_predict_landmarks(args) -> int:
+    from organmtl.devices import resolve_device
     from organmtl.nnunet_trainers.landmarks.predict import run
 
+    args.device = resolve_device(args.device)
     run(args)
     return EXIT_OK
 
@@ -207,14 +211,16 @@ def add_predict_landmarks_parser(sub) -> None:
     p.add_argument("--disable_tta", action="store_true", help="no mirroring test-time augmentation")
     p.add_argument("-npp", type=positive_int, default=1, help="preprocessing processes (default 1)")
     p.add_argument("-nps", type=positive_int, default=1, help="export processes (default 1)")
-    p.add_argument("-device", default="cuda", choices=("cuda", "cpu", "mps"), help="device (default cuda)")
+    p.add_argument("-device", default="auto", choices=("auto", "cuda", "cpu", "mps"),
+                   help="device (default auto: cuda if available, else cpu)")
     p.set_defaults(func=cmd_predict_landmarks)
 
 
 def cmd_predict_centres(args) -> int:
+    from organmtl.devices import resolve_device
     from organmtl.nnunet_trainers.focusnet.centres import export_folder
 
-    for path in export_folder(args.i, args.o, args.m, args.f, args.chk, args.device):
+    for path in export_folder(args.i, args.o, args.m, args.f, args.chk, resolve_device(args.device)):
         print(path)
     return EXIT_OK
 
@@ -227,7 +233,8 @@ def add_predict_centres_parser(sub) -> None:
     p.add_argument("-m", required=True, type=Path, help="trained model folder (<trainer>__<plans>__<config>)")
     p.add_argument("-f", default="0", help="fold (default 0)")
     p.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint file name (default %(default)s)")
-    p.add_argument("-device", default="cpu", choices=("cpu", "cuda", "mps"), help="device (default cpu)")
+    p.add_argument("-device", default="auto", choices=("auto", "cuda", "cpu", "mps"),
+                   help="device (default auto: cuda if available, else cpu)")
     p.set_defaults(func=cmd_predict_centres)
 
 

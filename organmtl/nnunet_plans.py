@@ -32,6 +32,29 @@ import numpy as np
 TINY = {"3d_tiny": ("3d_fullres", 32 ** 3), "2d_tiny": ("2d", 64 ** 2)}
 
 
+class PlanError(ValueError):
+    """Bad input to ``organmtl plan-tiny``: one line naming the problem (CLI exit code 2)."""
+
+
+def check_dataset(dataset_id: int) -> Path:
+    """The raw dataset folder of ``dataset_id``; PlanError when ``nnUNet_raw``/``nnUNet_preprocessed`` are
+    unset or no ``DatasetXXX_*`` folder of that id is in ``nnUNet_raw``."""
+    unset = [v for v in ("nnUNet_raw", "nnUNet_preprocessed") if not os.environ.get(v)]
+    if unset:
+        raise PlanError(f"{' and '.join(unset)} {'is' if len(unset) == 1 else 'are'} not set: export "
+                        "nnUNet_raw, nnUNet_preprocessed and nnUNet_results (organmtl doctor shows them)")
+    raw = Path(os.environ["nnUNet_raw"])
+    found = sorted(p for p in raw.glob(f"Dataset{dataset_id:03d}_*") if p.is_dir()) if raw.is_dir() else []
+    if not found:
+        raise PlanError(f"{raw}: no dataset with id {dataset_id} (no Dataset{dataset_id:03d}_* folder; "
+                        "organmtl convert writes one)")
+    if len(found) > 1:
+        raise PlanError(f"{raw}: dataset id {dataset_id} is used by {found[0].name} and {found[1].name}")
+    if not (found[0] / "dataset.json").is_file():
+        raise PlanError(f"{found[0]}: no dataset.json")
+    return found[0]
+
+
 def shrink_patch(patch, max_voxels: int, multiple: int = 8, keep_axis: int | None = None,
                  spacing=None) -> list[int]:
     """Scale ``patch`` uniformly to at most ``max_voxels`` voxels, keeping its aspect ratio, each
@@ -104,7 +127,7 @@ def left_right_axis(image_file: Path, transpose_forward) -> int:
     except RuntimeError as e:
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         reason = lines[-1].removeprefix("sitk::ERROR: ") if lines else "unreadable"
-        raise ValueError(f"{image_file}: cannot read the image header to find its left-right axis ({reason})") from None
+        raise PlanError(f"{image_file}: cannot read the image header to find its left-right axis ({reason})") from None
     dim = reader.GetDimension()
     direction = np.array(reader.GetDirection()).reshape(dim, dim)
     image_axis = int(np.argmax(np.abs(direction[0])))            # column j = direction of image index axis j
@@ -180,6 +203,7 @@ def add_tiny_configurations(plans_file: Path, configurations=("3d_tiny",), max_f
 def plan_tiny(dataset_id: int, configurations=("3d_tiny",), num_processes: int = 2, max_features: int = 64,
               batch_size: int = 2, verify: bool = True) -> Path:
     """Fingerprint, plan and preprocess ``dataset_id`` with tiny configurations; return the plans file."""
+    check_dataset(dataset_id)
     from nnunetv2.experiment_planning.plan_and_preprocess_api import (extract_fingerprints, plan_experiments,
                                                                       preprocess)
     from nnunetv2.paths import nnUNet_preprocessed

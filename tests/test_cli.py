@@ -122,3 +122,41 @@ def test_startup_hook_sets_ext_trainer_without_importing_organmtl():
     env = {k: v for k, v in __import__("os").environ.items() if k != "nnUNet_extTrainer"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env).stdout.split()
     assert out[0].endswith("ext_shim") and out[1] == "False"
+
+
+@pytest.mark.parametrize("cuda", [False, True])
+def test_prediction_commands_share_one_device_rule(cuda, monkeypatch, tmp_path):
+    """predict-centres and predict-landmarks default to ``auto`` and resolve it with the same helper:
+    cuda where torch sees a GPU, else cpu (the predictors themselves are replaced by recorders)."""
+    import torch
+
+    import organmtl.nnunet_trainers.focusnet.centres as centres
+    import organmtl.nnunet_trainers.landmarks.predict as landmarks
+    from organmtl.cli import main
+    from organmtl.devices import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    seen = {}
+    monkeypatch.setattr(centres, "export_folder", lambda i, o, m, f, chk, device: seen.setdefault("centres", device)
+                        and [])
+    monkeypatch.setattr(landmarks, "run", lambda args: seen.setdefault("landmarks", args.device))
+    assert main(["predict-centres", "-i", str(tmp_path), "-o", str(tmp_path), "-m", str(tmp_path)]) == 0
+    assert main(["predict-landmarks", "-i", "a", "-o", "b", "-d", "1", "-c", "3d_tiny"]) == 0
+    expected = "cuda" if cuda else "cpu"
+    assert seen == {"centres": expected, "landmarks": expected} and resolve_device("auto") == expected
+    assert resolve_device("cpu") == "cpu"
+
+
+def test_unavailable_device_is_one_line_exit_2(monkeypatch, capsys, tmp_path):
+    import torch
+
+    from organmtl.cli import main
+    from organmtl.devices import DeviceError, resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(DeviceError, match="no CUDA device"):
+        resolve_device("cuda")
+    assert main(["predict-centres", "-i", str(tmp_path), "-o", str(tmp_path), "-m", str(tmp_path),
+                 "-device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("organmtl predict-centres: error: -device cuda: no CUDA"), err

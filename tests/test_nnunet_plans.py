@@ -132,3 +132,24 @@ def test_the_left_right_edge_is_kept_only_where_the_uniform_patch_misses_the_mid
         == [16, 40, 40]                                               # within reach: the uniform patch
     assert add_tiny_configurations(f, ["3d_tiny"], left_right=2)["3d_tiny"]["patch_size"] == [8, 48, 80]  # unknown
     assert json.loads(f.read_text())["configurations"]["3d_tiny"]["patch_size"] == [8, 48, 80]
+
+
+
+def test_plan_tiny_bad_dataset_or_unset_paths_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
+    """``plan-tiny -d 777`` (no such dataset) and ``plan-tiny`` without the nnU-Net paths: one line, exit 2
+    (a traceback would fail the test: main() re-raises anything but bad input), nothing written."""
+    from organmtl.cli import main
+
+    for var, sub in (("nnUNet_raw", "raw"), ("nnUNet_preprocessed", "pre"), ("nnUNet_results", "res")):
+        monkeypatch.setenv(var, str(tmp_path / sub))
+    (tmp_path / "raw" / "Dataset501_X").mkdir(parents=True)         # another id: 777 is still not found
+    assert main(["plan-tiny", "-d", "777"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("organmtl plan-tiny: error: "), err
+    assert "no dataset with id 777" in err and str(tmp_path / "raw") in err
+    monkeypatch.delenv("nnUNet_raw")
+    monkeypatch.delenv("nnUNet_preprocessed")
+    assert main(["plan-tiny", "-d", "501"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "nnUNet_raw and nnUNet_preprocessed are not set" in err, err
+    assert not (tmp_path / "pre").exists()
