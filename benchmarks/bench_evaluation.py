@@ -16,7 +16,7 @@ excluded), ``--repeats`` times alternating, fastest kept:
   adds its start-up (interpreter + nnU-Net imports) to every call;
 - **organmtl**: ``organmtl.evaluation.volumes.evaluate_volume_folders`` (the same counts plus HD,
   HD95 in both variants, ASD, surface Dice, volumes; MONAI border distances) and the writing of
-  per_case.csv / summary.json / summary.md.
+  per_case.csv / organmtl_summary.json / summary.md.
 
 The evaluation runs on the CPU; ``--device cuda`` is accepted for the suite and changes nothing.
 """

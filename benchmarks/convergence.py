@@ -804,13 +804,14 @@ def _predict(env, dataset_id, configuration, fold, trainer, images: Path, out: P
 
 def _score(pred: Path, gt: Path, dataset_json: Path, eval_dir: Path) -> dict:
     """Dice (nnU-Net's evaluation) and HD95 mm (organmtl's) per structure."""
+    from organmtl.evaluation.results import SUMMARY_JSON
     from organmtl.evaluation.segmentation import evaluate_folders
 
     if eval_dir.exists():
         shutil.rmtree(eval_dir)
     dice = evaluate_folders(pred, gt, dataset_json, output_file=eval_dir / "nnunet" / "summary.json",
                             full_output_dir=eval_dir / "organmtl")
-    full = json.loads((eval_dir / "organmtl" / "summary.json").read_text())
+    full = json.loads((eval_dir / "organmtl" / SUMMARY_JSON).read_text())
     out = {}
     for name, d in dice.items():
         hd = full["segmentation"]["per_structure"].get(name, {}).get("hd95_mm")

@@ -274,7 +274,8 @@ def add_evaluate_parser(sub) -> None:
     p.add_argument("--dataset-json", type=Path, default=None,
                    help="nnU-Net dataset.json (default PRED/dataset.json, then GT/../dataset.json)")
     p.add_argument("-o", "--output", type=Path, default=None,
-                   help="output folder for per_case.csv, summary.json, summary.md (default PRED, or "
+                   help="output folder for per_case.csv, organmtl_summary.json, summary.md (default PRED, beside "
+                   "nnU-Net's own summary.json, which is left untouched; or "
                    "RESULTS_evaluation/ beside a COCO results file)")
     p.add_argument("--tolerance-mm", type=float, default=2.0, help="surface Dice tolerance in mm (default 2)")
     p.add_argument("--score-threshold", type=float, default=0.5, help="COCO: minimum instance score for the masks")

@@ -98,7 +98,7 @@ def test_organmtl_evaluate_reports_centres(han, tmp_path):
     out = tmp_path / "eval"
     r = run_cli("evaluate", pred, ds / "labelsTs", "-o", out)
     assert r.returncode == 0, r.stderr
-    s = json.loads((out / "summary.json").read_text())["centres"]
+    s = json.loads((out / "organmtl_summary.json").read_text())["centres"]
     assert s["identification_rates"] == pytest.approx({"3mm": 0.2, "4mm": 0.4, "5mm": 0.8})
     assert s["per_organ"]["optic_nerve_L"]["error_mm"]["mean"] == pytest.approx(5.0)
     md = (out / "summary.md").read_text()
@@ -113,7 +113,7 @@ def test_organmtl_evaluate_reports_centres(han, tmp_path):
     (other / "c0_centres.json").write_text((pred / "c0_centres.json").read_text())
     r = run_cli("evaluate", pred, ds / "labelsTs", "-o", tmp_path / "e2", "--centres", other)
     assert r.returncode == 0, r.stderr
-    s = json.loads((tmp_path / "e2" / "summary.json").read_text())["centres"]
+    s = json.loads((tmp_path / "e2" / "organmtl_summary.json").read_text())["centres"]
     assert s["n_missing"] == 3 and s["identification_rates"]["5mm"] == pytest.approx(2 / 5)
     (other / "c0_centres.json").write_text("{\"centres\": 3}")
     r = run_cli("evaluate", pred, ds / "labelsTs", "-o", tmp_path / "e3", "--centres", other)

@@ -70,7 +70,7 @@ def test_evaluate_nnunet_folder(volume_folders, tmp_path):
     assert rows["c1", "A"]["status"] == "pred_empty" and rows["c1", "A"]["dice"] == "0.0"
     assert rows["c1", "A"]["hd_mm"] == "" and rows["c1", "A"]["surface_dice"] == "0.0"
     assert rows["c2", "B"]["status"] == "both_empty" and float(rows["c2", "B"]["dice"]) == 1.0
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "organmtl_summary.json").read_text())
     a = summary["segmentation"]["per_structure"]["A"]
     assert a["hd_mm"]["n"] == 2 and a["hd_mm"]["n_undefined"] == 1          # not averaged in as nan
     assert a["hd_mm"]["mean"] == pytest.approx(0.4, abs=1e-5)
@@ -99,6 +99,73 @@ def test_evaluate_folders_keeps_demo_signature(volume_folders, tmp_path):
     assert scores["B"] == pytest.approx(1.0)   # nnU-Net leaves the both-empty case (nan) out of its mean
     assert (tmp_path / "nn" / "summary.json").is_file() and (tmp_path / "full" / "per_case.csv").is_file()
     assert "| A |" in format_table({"run": scores})
+
+
+def _nnunet_summary(pred, gt):
+    """nnU-Net's own evaluation of ``pred`` into ``pred/summary.json`` (as its validation and
+    ``nnUNetv2_evaluate_folder`` write it)."""
+    from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+
+    compute_metrics_on_folder(str(gt), str(pred), str(pred / "summary.json"), SimpleITKIO(), ".nii.gz", [1, 2],
+                              None, 1)
+    return pred / "summary.json"
+
+
+def test_evaluate_leaves_nnunet_summary_byte_identical_and_loadable(volume_folders, tmp_path):
+    """``organmtl evaluate PRED`` (default output: PRED) beside nnU-Net's ``summary.json``: nnU-Net's file
+    keeps every byte and nnU-Net's ``load_summary_json`` (what find_best_configuration and
+    determine_postprocessing call) still reads it; ours is ``organmtl_summary.json``."""
+    import shutil
+
+    from nnunetv2.evaluation.evaluate_predictions import load_summary_json
+
+    src, ds = volume_folders
+    pred = tmp_path / "validation"
+    shutil.copytree(src, pred, ignore=shutil.ignore_patterns("landmarks"))
+    nnunet = _nnunet_summary(pred, ds / "labelsTs")
+    before = nnunet.read_bytes()
+    r = run_cli("evaluate", pred, ds / "labelsTs", "--dataset-json", ds / "dataset.json")
+    assert r.returncode == 0, r.stderr
+    assert nnunet.read_bytes() == before
+    loaded = load_summary_json(str(nnunet))
+    assert loaded["mean"][1]["Dice"] == pytest.approx((240 / 288 + 0 + 1) / 3)     # nnU-Net's keys, as ints
+    ours = json.loads((pred / "organmtl_summary.json").read_text())
+    assert ours["segmentation"]["per_structure"]["A"]["dice"]["mean"] == pytest.approx((240 / 288 + 0 + 1) / 3)
+    assert f"summary_json: {pred / 'organmtl_summary.json'}" in r.stdout
+
+
+def test_evaluate_writes_no_summary_json_of_nnunet_name(volume_folders, tmp_path):
+    """In a folder without nnU-Net's summary, ``organmtl evaluate`` writes none either: nnU-Net's tools
+    never find a foreign file under their name."""
+    import shutil
+
+    from organmtl.evaluation.evaluate import run_evaluation
+
+    src, ds = volume_folders
+    pred = tmp_path / "pred"
+    shutil.copytree(src, pred, ignore=shutil.ignore_patterns("landmarks"))
+    _, paths = run_evaluation(pred, ds / "labelsTs", dataset_json=ds / "dataset.json")     # default output: PRED
+    assert paths["summary_json"] == pred / "organmtl_summary.json"
+    assert not (pred / "summary.json").exists()
+    assert {p.name for p in pred.iterdir()} - {f"c{i}.nii.gz" for i in range(3)} == \
+        {"per_case.csv", "organmtl_summary.json", "summary.md"}
+
+
+def test_evaluate_folders_both_summaries_in_one_folder(volume_folders, tmp_path):
+    """``evaluate_folders`` with nnU-Net's summary and ours in the same folder: both kept."""
+    import shutil
+
+    from nnunetv2.evaluation.evaluate_predictions import load_summary_json
+
+    from organmtl.evaluation.segmentation import evaluate_folders
+
+    src, ds = volume_folders
+    pred = tmp_path / "pred"
+    shutil.copytree(src, pred, ignore=shutil.ignore_patterns("landmarks"))
+    scores = evaluate_folders(pred, ds / "labelsTs", ds / "dataset.json", full_output_dir=pred)
+    assert load_summary_json(str(pred / "summary.json"))["mean"][1]["Dice"] == pytest.approx(scores["A"])
+    assert "segmentation" in json.loads((pred / "organmtl_summary.json").read_text())
 
 
 def test_evaluate_bad_input_is_one_line_exit_2(volume_folders, tmp_path):
@@ -160,7 +227,7 @@ def test_evaluate_coco_pair(tmp_path):
     assert float(rows["b", "kidney"]["dice"]) == pytest.approx(0.5)
     assert float(rows["b", "kidney"]["hd_mm"]) == pytest.approx(4.0)
     assert float(rows["b", "kidney"]["vol_ref_mm3"]) == pytest.approx(16 * 0.5 * 2.0)   # area in mm^2
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "organmtl_summary.json").read_text())
     segm = summary["detection"]["segm"]
     assert segm["per_category"]["liver"] == pytest.approx(1.0)
     assert 0 < segm["per_category"]["kidney"] < 1 and 0 < segm["mAP"] < 1
@@ -202,7 +269,7 @@ def test_landmarks_beside_the_volumes(volume_folders, tmp_path):
 
     pred, ds = volume_folders
     flat = tmp_path / "pred"
-    shutil.copytree(pred, flat, ignore=shutil.ignore_patterns("landmarks", "*.csv", "summary.*"))
+    shutil.copytree(pred, flat, ignore=shutil.ignore_patterns("landmarks", "*.csv", "organmtl_summary.json", "summary.*"))
     for f in (pred / "landmarks").glob("*.json"):
         shutil.copy(f, flat / f.name)
     summary, paths = run_evaluation(flat, ds / "labelsTs", out_dir=tmp_path / "out")

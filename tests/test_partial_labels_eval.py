@@ -49,7 +49,7 @@ def folders(tmp_path):
 
 
 def _summary(out):
-    return json.loads((out / "summary.json").read_text())
+    return json.loads((out / "organmtl_summary.json").read_text())
 
 
 def test_annotated_only_scores_each_case_on_its_sources_classes(folders, capsys):

@@ -110,7 +110,7 @@ def test_report_nnunet_results_folder(nnunet_run, tmp_path):
     assert r.returncode == 0, r.stderr
     page = (out / "report.md").read_text()
     for f in ["fold_0/nnunet_curves.png", "fold_0/nnunet_aux.png", "fold_0/nnunet_extra.png", "fold_1/nnunet_curves.png",
-              "fold_0/evaluation/summary.json", "fold_0/evaluation/per_case.csv"]:
+              "fold_0/evaluation/organmtl_summary.json", "fold_0/evaluation/per_case.csv"]:
         assert (out / f).is_file(), f
         assert f.split("/")[-1] in page or f.endswith(".json") or f.endswith(".csv")
     overlays = list((out / "fold_0" / "overlays").glob("*.png"))

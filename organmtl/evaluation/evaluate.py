@@ -1,6 +1,6 @@
 """``organmtl evaluate PRED GT``: picks the volume (nnU-Net folder) or the COCO (results JSON)
 evaluation from what PRED is, adds landmarks when landmark folders are found, and writes the
-per-case CSV, summary JSON and Markdown table."""
+per-case CSV, summary JSON (``organmtl_summary.json``, never nnU-Net's ``summary.json``) and Markdown table."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,8 +10,8 @@ from organmtl.evaluation.volumes import EvaluationError
 
 
 def default_out_dir(pred: Path) -> Path:
-    """PRED itself for a prediction folder (like nnU-Net's ``PRED/summary.json``); for a COCO results
-    file, ``<results stem>_evaluation`` beside it."""
+    """PRED itself for a prediction folder (beside nnU-Net's ``PRED/summary.json``, which is left as it
+    is: ours is ``organmtl_summary.json``); for a COCO results file, ``<results stem>_evaluation`` beside it."""
     pred = Path(pred)
     return pred if pred.is_dir() else pred.parent / f"{pred.stem}_evaluation"
 

@@ -174,10 +174,16 @@ def _rate(v) -> str:
     return "-" if v is None or not math.isfinite(v) else f"{v * 100:.1f}%"
 
 
+#: our summary's file name: never nnU-Net's ``summary.json``, which ``load_summary_json`` (and with it
+#: ``nnUNetv2_find_best_configuration`` / ``nnUNetv2_determine_postprocessing``) reads in the same folders
+SUMMARY_JSON = "organmtl_summary.json"
+
+
 def write_outputs(rows: list[dict], summary: dict, out_dir: Path, landmark_rows: list[dict] | None = None,
                   centre_rows: list[dict] | None = None) -> dict:
-    """``per_case.csv`` (+ ``landmarks_per_case.csv``, ``centres_per_case.csv``), ``summary.json``,
-    ``summary.md`` in ``out_dir``; returns their paths."""
+    """``per_case.csv`` (+ ``landmarks_per_case.csv``, ``centres_per_case.csv``), ``organmtl_summary.json``
+    (:data:`SUMMARY_JSON`), ``summary.md`` in ``out_dir``; returns their paths. None of these names is
+    one nnU-Net writes, so an nnU-Net prediction or validation folder keeps its own files."""
     out_dir = Path(out_dir)
     paths = {}
     if rows:
@@ -186,7 +192,7 @@ def write_outputs(rows: list[dict], summary: dict, out_dir: Path, landmark_rows:
         paths["landmarks_csv"] = write_csv(landmark_rows, out_dir / "landmarks_per_case.csv")
     if centre_rows:
         paths["centres_csv"] = write_csv(centre_rows, out_dir / "centres_per_case.csv")
-    paths["summary_json"] = write_json(summary, out_dir / "summary.json")
+    paths["summary_json"] = write_json(summary, out_dir / SUMMARY_JSON)
     md = out_dir / "summary.md"
     md.write_text(f"# Evaluation of {summary.get('pred')}\n\nreference: {summary.get('gt')}\n\n"
                   + markdown_table(summary) + "\n")

@@ -11,10 +11,9 @@ def evaluate_folders(pred: Path, gt: Path, dataset_json: Path, output_file: Path
     """nnU-Net's metrics of ``pred`` against ``gt``; returns ``{label_name: mean Dice, ...}`` and
     writes nnU-Net's full summary JSON to ``output_file`` (default ``pred/summary.json``).
 
-    With ``full_output_dir`` (a folder other than ``pred``, whose summary.json is nnU-Net's), also
-    runs organmtl's evaluation (``organmtl.evaluation.evaluate.run_evaluation``: HD/HD95 in mm,
-    surface Dice at ``tolerance_mm``, volumes, landmarks) and writes per_case.csv, summary.json and
-    summary.md there."""
+    With ``full_output_dir`` (may be the folder of ``output_file``), also runs organmtl's evaluation
+    (``organmtl.evaluation.evaluate.run_evaluation``: HD/HD95 in mm, surface Dice at ``tolerance_mm``,
+    volumes, landmarks) and writes per_case.csv, organmtl_summary.json and summary.md there."""
     from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
     from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
     from nnunetv2.utilities.label_handling.label_handling import LabelManager
@@ -34,8 +33,6 @@ def evaluate_folders(pred: Path, gt: Path, dataset_json: Path, output_file: Path
     if full_output_dir is not None:
         from organmtl.evaluation.evaluate import run_evaluation
 
-        if Path(full_output_dir).resolve() == output_file.parent.resolve():
-            raise ValueError(f"{full_output_dir}: full_output_dir must differ from the folder of {output_file}")
         run_evaluation(pred, gt, out_dir=full_output_dir, dataset_json=dataset_json, tolerance_mm=tolerance_mm)
     return {names[label]: float(m["Dice"]) for label, m in result["mean"].items()}
 

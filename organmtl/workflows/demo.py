@@ -517,10 +517,11 @@ def _train_and_score(study: Study, label: str, budget: Budget, out: Path, raw: P
 
 def _evaluate_test_set(raw: Path, pred: Path, eval_dir: Path) -> dict:
     """Dice (nnU-Net's evaluation) and HD95 in mm (organmtl's) per structure of the test predictions."""
+    from organmtl.evaluation.results import SUMMARY_JSON
     from organmtl.evaluation.segmentation import evaluate_folders
 
     dice = evaluate_folders(pred, raw / "labelsTs", raw / "dataset.json", full_output_dir=eval_dir)
-    full = json.loads((eval_dir / "summary.json").read_text())
+    full = json.loads((eval_dir / SUMMARY_JSON).read_text())
     hd95 = {}
     for name, stats in full["segmentation"]["per_structure"].items():
         value = stats.get("hd95_mm")

@@ -45,4 +45,4 @@ def test_train_and_predict_with_stock_commands(han_dataset, tmp_path):
 
     r = run_cli("evaluate", out, ds.raw / "labelsTr", "--dataset-json", ds.raw / "dataset.json", env=env)
     assert r.returncode == 0, r.stderr
-    assert "| Chiasm |" in r.stdout and (out / "summary.json").is_file()
+    assert "| Chiasm |" in r.stdout and (out / "organmtl_summary.json").is_file()

@@ -80,7 +80,7 @@ def test_stock_train_predict_evaluate(partial, formulation, other, tmp_path):
 
     r = _ok(run_cli("evaluate", pred, partial["truth"] / "labels", "--dataset-json", partial["raw"] / "dataset.json",
                     "--never-together", env=env))
-    nt = json.loads((pred / "summary.json").read_text())["never_annotated_together"]
+    nt = json.loads((pred / "organmtl_summary.json").read_text())["never_annotated_together"]
     assert len(nt["pairs"]) == 9 and sorted(nt["structures"]) == sorted(o for o in MERGED_LABELS if o != "background")
     assert nt["mean_dice"] is not None and "never annotated together: 9 pair(s)" in r.stdout
 
@@ -91,5 +91,5 @@ def test_stock_train_predict_evaluate(partial, formulation, other, tmp_path):
     rows = (out / "per_case.csv").read_text().splitlines()
     lk = [r for r in rows[1:] if r.startswith("liver_kidneys_")]
     assert len(lk) == 3 and all(any(f",{o}," in r for o in ANNOTATORS["liver_kidneys"]) for r in lk)
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "organmtl_summary.json").read_text())
     assert set(summary["per_source"]) == set(ANNOTATORS)
