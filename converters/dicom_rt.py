@@ -222,7 +222,8 @@ def choose_rtstruct(files: CaseFiles, rule: str) -> None:
         seen[sop] = path
         unique.append((path, ds))
     present = set(files.ct)
-    candidates = [(p, ds) for p, ds in unique if not (referenced_series(ds) - {""}) or referenced_series(ds) & present]
+    candidates = [(p, ds) for p, ds in unique if not (referenced_series(ds) - {""})
+                  or (referenced_series(ds) - {""}) & present]            # an empty UID matches nothing
     if not candidates:
         candidates = unique                       # check_references names the mismatch
     candidate_ids = {id(ds) for _, ds in candidates}
@@ -269,7 +270,7 @@ def select_series(files: CaseFiles, policy: str) -> str:
         return next(iter(files.ct))
     uids = sorted(files.ct)
     if policy == "referenced":
-        chosen = [u for u in uids if u in referenced_series(files.rtstruct[1])]
+        chosen = [u for u in uids if u and u in referenced_series(files.rtstruct[1])]   # empty matches nothing
         if len(chosen) == 1:
             return chosen[0]
         raise ConversionError(f"{files.rtstruct[0]}: RTSTRUCT references none of the {len(uids)} CT series "

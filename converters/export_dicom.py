@@ -130,6 +130,28 @@ class CtSeries:
                 + xy[:, 1:2] * (self.spacing[1] * self.col))
 
 
+CT_UIDS = ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "FrameOfReferenceUID")
+
+
+def check_uids(slices: list[tuple[Path, pydicom.Dataset]]) -> None:
+    """Refuse CT slices without the UIDs an RTSTRUCT or SEG must reference (``CT_UIDS``: empty, as
+    anonymisers that blank UIDs leave them, or absent) or sharing a SOPInstanceUID: new UIDs
+    written in their place would reference no image a planning system or PACS holds."""
+    seen: dict[str, Path] = {}
+    for path, ds in slices:
+        for keyword in CT_UIDS:
+            if not str(ds.get(keyword, "") or "").strip():
+                raise ConversionError(
+                    f"{path}: CT slice with {'an empty' if keyword in ds else 'no'} {keyword} (blanked by "
+                    "de-identification?); the export must reference the CT's own UIDs: give the series UIDs "
+                    "(de-identify by replacing them, not blanking) and export again")
+        sop = str(ds.SOPInstanceUID)
+        if sop in seen:
+            raise ConversionError(f"{path}: SOPInstanceUID {sop} is also that of {seen[sop]} (one slice copied "
+                                  "twice, or UIDs replaced by one value?)")
+        seen[sop] = path
+
+
 def load_ct(folder: Path, series_uid: str | None = None) -> CtSeries:
     """The CT series below ``folder`` (``series_uid`` picks one of several)."""
     folder = Path(folder)
@@ -152,11 +174,12 @@ def load_ct(folder: Path, series_uid: str | None = None) -> CtSeries:
                               "pick one with --series-uid")
     else:
         slices = next(iter(series.values()))
+    check_uids(slices)
     order = {p: ds for p, ds in slices}
     headers = [order[p] for p in sort_slices(slices)]
-    frames = {str(ds.get("FrameOfReferenceUID", "")) for ds in headers}
-    if len(frames) != 1 or "" in frames:
-        raise ConversionError(f"{folder}: CT slices without one common FrameOfReferenceUID")
+    for keyword in ("FrameOfReferenceUID", "StudyInstanceUID"):
+        if len({str(ds.get(keyword, "")) for ds in headers}) != 1:
+            raise ConversionError(f"{folder}: CT slices without one common {keyword}")
     iop = np.asarray([float(v) for v in headers[0].ImageOrientationPatient])
     positions = np.asarray([[float(v) for v in ds.ImagePositionPatient] for ds in headers])
     row, col = iop[:3], iop[3:]
@@ -381,6 +404,8 @@ def build_rtstruct(ct: CtSeries, seg: np.ndarray, labels: dict[int, str]) -> tup
     ds.StructureSetLabel = "organmtl"
     ds.StructureSetName = "prediction"
     ds.StructureSetDate, ds.StructureSetTime = date, time
+    ds.FrameOfReferenceUID = ct.frame_uid                     # Frame of Reference module (PS3.3 C.7.4.1)
+    ds.PositionReferenceIndicator = first.get("PositionReferenceIndicator", "")
     ds.ReferencedFrameOfReferenceSequence = Sequence([_referenced_frame(ct)])
     structure_set, roi_contours, observations, counts = [], [], [], {}
     boxes, voxels = label_boxes(seg)
@@ -468,6 +493,68 @@ def build_seg(ct: CtSeries, seg: np.ndarray, labels: dict[int, str]) -> tuple[Da
     return out, counts
 
 
+# ------------------------------------------------------------------------------ references
+
+def verify_references(ds: Dataset, ct: CtSeries) -> None:
+    """Refuse (:class:`ConversionError` naming the CT folder) an RTSTRUCT or SEG that does not tie
+    itself to ``ct``: an empty UID anywhere in it; a ReferencedSOPInstanceUID that is not one of
+    the CT's slices (or not of that slice's SOP class; a study component reference must name the
+    CT's study); a (Referenced)FrameOfReferenceUID, StudyInstanceUID or referenced
+    SeriesInstanceUID other than the CT's; no top-level FrameOfReferenceUID. Run on the built data
+    set before it is written; raw elements (ContourData) are not decoded."""
+    slices = {str(s.SOPInstanceUID): str(s.SOPClassUID) for s in ct.slices if s.get("SOPInstanceUID")}
+    study = str(ct.slices[0].StudyInstanceUID)
+    expected = {"FrameOfReferenceUID": ct.frame_uid, "ReferencedFrameOfReferenceUID": ct.frame_uid,
+                "StudyInstanceUID": study}
+    what = str(ds.get("Modality", "") or "file")
+
+    def fail(where: str, problem: str):
+        raise ConversionError(f"{ct.folder}: the {what} built on this CT {problem} ({where}); not written")
+
+    def visit(item: Dataset, where: str) -> int:
+        refs = 0
+        if "ReferencedSOPInstanceUID" in item:
+            uid, sop_class = str(item.ReferencedSOPInstanceUID or ""), str(item.get("ReferencedSOPClassUID", ""))
+            if sop_class == STUDY_COMPONENT_SOP:
+                if uid != study:
+                    fail(where + "ReferencedSOPInstanceUID", f"references study {uid!r}, not the CT's {study}")
+            elif uid not in slices:
+                fail(where + "ReferencedSOPInstanceUID", f"references image {uid!r}, not a slice of the CT series")
+            elif sop_class and sop_class != slices[uid]:
+                fail(where + "ReferencedSOPClassUID", f"gives slice {uid} SOP class {sop_class}, not {slices[uid]}")
+            else:
+                refs += 1
+        for tag in item.keys():
+            vr = item.get_item(tag).VR
+            if vr is not None and vr not in ("SQ", "UI"):
+                continue
+            element = item[tag]
+            name = where + (element.keyword or str(element.tag))
+            if element.VR == "SQ":
+                for i, sub in enumerate(element.value):
+                    refs += visit(sub, f"{name}[{i}].")
+                continue
+            if element.VR != "UI":
+                continue
+            values = list(element.value) if element.VM > 1 else [element.value]
+            if any(not str(v or "").strip() for v in values):
+                fail(name, "has an empty UID")
+            want = expected.get(element.keyword)
+            if element.keyword == "SeriesInstanceUID" and where:          # a referenced series (nested)
+                want = ct.series_uid
+            if want is not None and str(element.value) != want:
+                fail(name, f"names {element.keyword} {element.value}, not the CT's {want}")
+        return refs
+
+    if str(ds.get("FrameOfReferenceUID", "") or "") != ct.frame_uid:
+        fail("FrameOfReferenceUID", "has no top-level FrameOfReferenceUID equal to the CT's")
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and str(meta.get("MediaStorageSOPInstanceUID", "")) != str(ds.SOPInstanceUID):
+        fail("MediaStorageSOPInstanceUID", "has file meta naming another SOPInstanceUID")
+    if not visit(ds, ""):
+        fail("ReferencedSOPInstanceUID", "references no CT slice")
+
+
 # ------------------------------------------------------------------------------ writing
 
 def _version() -> str:
@@ -505,6 +592,7 @@ def export_case(kind: str, pred: Path, ct_folder: Path, out: Path, labels: dict[
     if not present:
         raise ConversionError(f"{pred}: no foreground voxel; nothing to export")
     ds, counts = (build_rtstruct if kind == "rtstruct" else build_seg)(ct, seg, present)
+    verify_references(ds, ct)
     write_atomic(ds, out)
     record = {"prediction": str(pred), "ct": str(ct_folder), "ct_series": ct.series_uid, "file": str(out),
               "resampled": resampled, "rois": counts}

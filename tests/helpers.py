@@ -190,3 +190,22 @@ def run_spawned_ranks(target, args_per_rank: list[tuple], timeout_s: float) -> f
     codes = [p.exitcode for p in procs]
     assert codes == [0] * len(procs), f"rank exit codes {codes} (a collective failed or timed out, see the output)"
     return time.monotonic() - t0
+
+
+# ------------------------------------------------------------------ DICOM conformance
+
+def dciodvfy(path) -> tuple[list[str], list[str]]:
+    """``(errors, warnings)``: the "Error" and "Warning" lines of dciodvfy (dicom3tools, an
+    independent validator of DICOM objects against the standard's IOD and module tables) for one
+    file. dciodvfy missing fails the test (scripts/setup.sh installs it); a non-zero exit without
+    an "Error" line counts as an error."""
+    import shutil
+
+    exe = shutil.which("dciodvfy")
+    assert exe, "dciodvfy not found: scripts/setup.sh installs it (Debian package dicom3tools)"
+    r = subprocess.run([exe, str(path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+    lines = [line.strip() for line in r.stdout.splitlines()]
+    errors = [line for line in lines if line.startswith("Error")]
+    if r.returncode != 0 and not errors:
+        errors.append(f"dciodvfy exit code {r.returncode}: {r.stdout.strip()[-300:]}")
+    return errors, [line for line in lines if line.startswith("Warning")]

@@ -24,9 +24,10 @@ import pytest
 import SimpleITK as sitk
 
 from organmtl.cli import main
-from organmtl.converters.export_dicom import colours, slice_contours
+from organmtl.converters.common import ConversionError
+from organmtl.converters.export_dicom import colours, load_ct, slice_contours, verify_references
 from organmtl.demo_data.dicom_rt import write_dicom_rt
-from tests.helpers import ONE_THREAD, run_cli
+from tests.helpers import ONE_THREAD, dciodvfy, run_cli
 
 CASES = ("rt000", "rt001", "rt003")          # head first, body wider than the field of view, feet first
 RT_UTILS = "rt-utils==1.2.7"                  # the independent reader (pydicom 3 compatible)
@@ -257,6 +258,7 @@ def test_hard_shapes_come_back_voxel_for_voxel(converted, tmp_path):
         r = run_cli("export", "rtstruct", pred, "--dicom", src / case / "CT", "--out", tmp_path / f"{case}.dcm",
                     env=ONE_THREAD)
         assert r.returncode == 0, r.stderr
+        _no_dciodvfy_error(tmp_path / f"{case}.dcm")
         _case_with_rtstruct(src / case / "CT", tmp_path / f"{case}.dcm", tmp_path / "src2" / case)
     again = _convert(tmp_path / "src2", tmp_path / "raw2", 33)
     names = _labels(again)
@@ -459,3 +461,167 @@ def test_bad_input_one_line(converted, tmp_path, capsys, what):
     assert len(err.splitlines()) == 1 and phrase in err and str(named) in err, err
     assert out.read_bytes() == b"keep me" if what == "exists" else not out.exists()
     assert not [p for p in tmp_path.rglob(".*.tmp")]
+
+
+# ------------------------------------------------------------------ the standard, references, de-identified CTs
+
+def _no_dciodvfy_error(path: Path) -> list[str]:
+    errors, warnings = dciodvfy(path)
+    assert errors == [], (path, errors)
+    return warnings
+
+
+def test_dciodvfy_finds_no_error_in_rtstruct_and_seg(converted, exported, tmp_path):
+    """dciodvfy (dicom3tools: its own data dictionary and IOD/module tables, no code shared with
+    pydicom or highdicom) reports no error in the exported RTSTRUCTs and SEGs (its warnings: the
+    demo CT's patient name form and missing study date/time, copied from the CT)."""
+    src, dataset = converted
+    warnings = set()
+    for case in CASES:
+        warnings |= set(_no_dciodvfy_error(exported / f"{case}.dcm"))
+        out = tmp_path / f"{case}_seg.dcm"
+        assert main(["export", "seg", str(dataset / "labelsTr" / f"{case}.nii.gz"), "--dicom", str(src / case / "CT"),
+                     "--dataset-json", str(dataset / "dataset.json"), "--out", str(out)]) == 0
+        warnings |= set(_no_dciodvfy_error(out))
+    print("dciodvfy warnings:", *sorted(warnings), sep="\n  ")
+
+
+def _uid_refs(ds) -> list:
+    """Every (nested) data set holding a ReferencedSOPInstanceUID."""
+    out = [ds] if "ReferencedSOPInstanceUID" in ds else []
+    for element in ds:
+        if element.VR == "SQ":
+            for item in element.value:
+                out += _uid_refs(item)
+    return out
+
+
+def test_references_resolve_and_the_check_catches_broken_ones(converted, exported, tmp_path):
+    """verify_references (run by export before writing) accepts the written files: every
+    referenced slice is one of the CT's, frame of reference, study and series the CT's. A file with
+    one contour or one SEG frame pointing at another image, an empty reference, or another frame
+    of reference is refused naming the CT folder."""
+    import copy
+
+    src, dataset = converted
+    ct = load_ct(src / "rt000" / "CT")
+    out = tmp_path / "seg.dcm"
+    assert main(["export", "seg", str(dataset / "labelsTr" / "rt000.nii.gz"), "--dicom", str(src / "rt000" / "CT"),
+                 "--out", str(out)]) == 0
+    for path in (exported / "rt000.dcm", out):
+        good = pydicom.dcmread(str(path))
+        verify_references(good, ct)
+        refs = _uid_refs(good)
+        assert len(refs) > len(ct.slices)               # contours / frames and the series' slice list
+        for breakage in ("other image", "empty", "frame"):
+            bad = copy.deepcopy(good)
+            if breakage == "frame":
+                bad.FrameOfReferenceUID = pydicom.uid.generate_uid()
+            else:
+                _uid_refs(bad)[-1].ReferencedSOPInstanceUID = (pydicom.uid.generate_uid()
+                                                               if breakage == "other image" else "")
+            with pytest.raises(ConversionError, match=str(ct.folder)):
+                verify_references(bad, ct)
+
+
+BLANKED = ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+
+
+def _deidentify(ct_dir: Path, dest: Path, how: str) -> Path:
+    """A copy of a CT series whose SOP, Study and Series Instance UIDs an anonymiser blanked
+    (``how="blank"``: empty values, file meta too) or removed (``"absent"``)."""
+    dest.mkdir(parents=True)
+    for path in sorted(ct_dir.iterdir()):
+        ds = pydicom.dcmread(str(path))
+        for keyword in BLANKED:
+            if how == "blank":
+                setattr(ds, keyword, "")
+            else:
+                delattr(ds, keyword)
+        ds.file_meta.MediaStorageSOPInstanceUID = ""
+        ds.save_as(str(dest / path.name))
+    return dest
+
+
+@pytest.mark.parametrize("how", ("blank", "absent"))
+@pytest.mark.parametrize("kind", ("rtstruct", "seg"))
+def test_deidentified_ct_without_uids_is_refused(converted, tmp_path, capsys, kind, how):
+    """A CT whose SOP/Study/Series Instance UIDs were blanked (or removed): one line naming a CT
+    file and the missing UID, exit 2, nothing written (new UIDs would reference no image the
+    planning system holds)."""
+    src, dataset = converted
+    ct = _deidentify(src / "rt000" / "CT", tmp_path / "CT", how)
+    out = tmp_path / "out.dcm"
+    code = main(["export", kind, str(dataset / "labelsTr" / "rt000.nii.gz"), "--dicom", str(ct), "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and "SOPInstanceUID" in err, err
+    assert any(str(p) in err for p in ct.iterdir()), err
+    assert not out.exists() and not list(tmp_path.rglob(".*.tmp"))
+
+
+def test_deidentified_case_costs_only_itself_in_folder_mode(converted, tmp_path, capsys):
+    """export seg of a folder whose rt000 CT lost its UIDs: rt000 is listed as failed (the missing
+    UID named), rt003 is written, exit 1."""
+    src, dataset = converted
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    for case in ("rt000", "rt003"):
+        shutil.copy(dataset / "labelsTr" / f"{case}.nii.gz", pred / f"{case}.nii.gz")
+    _deidentify(src / "rt000" / "CT", tmp_path / "dicom" / "rt000", "blank")
+    shutil.copytree(src / "rt003" / "CT", tmp_path / "dicom" / "rt003")
+    code = main(["export", "seg", str(pred), "--dicom", str(tmp_path / "dicom"), "--out", str(tmp_path / "out")])
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert code == 1
+    assert len(err) == 1 and "rt000" in err[0] and "SOPInstanceUID" in err[0], err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["export_report.json", "rt003.dcm"]
+
+
+def _blank_references(rtstruct: Path, dest: Path, series_only: bool = False) -> None:
+    """A copy of an RTSTRUCT whose references to the CT were blanked: the referenced series, and
+    (unless ``series_only``) every ReferencedSOPInstanceUID of its contours and slice list."""
+    ds = pydicom.dcmread(str(rtstruct))
+    for frame in ds.ReferencedFrameOfReferenceSequence:
+        for study in frame.RTReferencedStudySequence:
+            for series in study.RTReferencedSeriesSequence:
+                series.SeriesInstanceUID = ""
+                if not series_only:
+                    for ref in series.ContourImageSequence:
+                        ref.ReferencedSOPInstanceUID = ""
+    if not series_only:
+        for roi in ds.ROIContourSequence:
+            for contour in roi.ContourSequence:
+                for ref in contour.get("ContourImageSequence", []):
+                    ref.ReferencedSOPInstanceUID = ""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(str(dest))
+
+
+def test_convert_an_empty_series_reference_picks_no_blank_series(converted, tmp_path):
+    """convert dicom-rt --ct-series referenced, a case with the CT and a de-identified copy whose
+    SeriesInstanceUID is empty, and an RTSTRUCT whose referenced SeriesInstanceUID is empty too:
+    the empty reference matches neither series (refused, naming the RTSTRUCT)."""
+    src, _ = converted
+    case = tmp_path / "src" / "rt000"
+    shutil.copytree(src / "rt000" / "CT", case / "CT")
+    _deidentify(src / "rt000" / "CT", case / "CT_deid", "blank")
+    _blank_references(src / "rt000" / "RTSTRUCT" / "RS.dcm", case / "RTSTRUCT" / "RS.dcm", series_only=True)
+    r = run_cli("convert", "dicom-rt", tmp_path / "src", "--dataset-id", 36, "--name", "RT", "--ct-series",
+                "referenced", "--out", tmp_path / "raw", env=ONE_THREAD)
+    assert r.returncode == 2, r.stderr
+    assert "references none of the 2 CT series" in r.stderr and str(case / "RTSTRUCT" / "RS.dcm") in r.stderr, r.stderr
+
+
+def test_convert_places_contours_by_geometry_when_references_are_blank(converted, tmp_path):
+    """A de-identified pair (CT UIDs and every RTSTRUCT reference blanked): no contour is matched
+    to a slice through an empty UID (a reader doing so puts every contour on every slice); each
+    is placed on its own slice plane, and the labels equal those of the original pair."""
+    src, dataset = converted
+    case = tmp_path / "src" / "rt000"
+    _deidentify(src / "rt000" / "CT", case / "CT", "blank")
+    _blank_references(src / "rt000" / "RTSTRUCT" / "RS.dcm", case / "RTSTRUCT" / "RS.dcm")
+    again = _convert(tmp_path / "src", tmp_path / "raw", 37)
+    a, b = _read(dataset / "labelsTr" / "rt000.nii.gz"), _read(again / "labelsTr" / "rt000.nii.gz")
+    names2 = _labels(again)
+    for name, value in _labels(dataset).items():
+        assert np.array_equal(a == value, b == names2[name]), name
