@@ -12,6 +12,20 @@ D2=${ORGANMTL_DETECTRON2:-sal}
 PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null || PY=python3
 
+# dciodvfy (Debian package dicom3tools), the DICOM validator the export tests run; its own check
+# (on PATH or not), apart from the venv's stamp. Installed with apt-get as root (or sudo -n).
+if ! command -v dciodvfy >/dev/null; then
+  echo "[setup] dicom3tools (dciodvfy, for the export tests)"
+  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo -n"; fi
+  if ! { command -v apt-get >/dev/null && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null &&
+         $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends dicom3tools \
+           >/dev/null && command -v dciodvfy >/dev/null; }; then
+    echo "[setup] error: dciodvfy missing and dicom3tools could not be installed (needs apt-get as root);" \
+         "install dicom3tools and rerun" >&2
+    exit 1
+  fi
+fi
+
 stamp_inputs() { cat pyproject.toml requirements/*.txt scripts/setup.sh; echo "$D2"; }
 want=$(stamp_inputs | sha256sum | cut -c1-16)
 if [ -f "$VENV/.organmtl-setup" ] && [ "$(cat "$VENV/.organmtl-setup")" = "$want" ]; then
