@@ -12,6 +12,10 @@ organmtl trainer run a handful of epochs, read from environment variables so the
 Inference of these trainers skips mirroring test-time augmentation (8x cheaper on a CPU). That is
 all ``_Tiny`` changes in every family; network sizes follow the plan configuration (docs/trainers.md).
 
+A full (non-``_Tiny``) trainer whose schedule one of them changes writes a ``WARNING`` line saying so into
+its training log (a leftover variable would otherwise cut a real training short); ``organmtl doctor`` warns
+about them too.
+
 The budget is a run length, not a model setting, so it is not stored with the model: ``--c`` from a
 shell with a larger ``ORGANMTL_EPOCHS`` trains on, as stock nnU-Net does with ``num_epochs``
 (FocusNet stores the phase schedule it derived from the budget, see docs/focusnetv2.md).
@@ -28,13 +32,27 @@ SCHEDULE_VARIABLES = (("ORGANMTL_EPOCHS", "num_epochs"), ("ORGANMTL_ITERS_PER_EP
                       ("ORGANMTL_VAL_ITERS", "num_val_iterations_per_epoch"))
 
 
-def apply_schedule(trainer, defaults: dict[str, int] | None = None) -> None:
+def apply_schedule(trainer, defaults: dict[str, int] | None = None) -> list[str]:
     """Set the trainer's epochs / iterations from :data:`SCHEDULE_VARIABLES` where set, else from
-    ``defaults`` (attribute -> value), else leave nnU-Net's value; checkpoints at most every epoch count."""
+    ``defaults`` (attribute -> value), else leave nnU-Net's value; checkpoints at most every epoch count.
+
+    A full (non-``_Tiny``) trainer whose schedule a variable changes says so in its log (and on the console),
+    one line per variable, since a leftover ``ORGANMTL_EPOCHS`` would otherwise silently cut a real training
+    short; returns those lines."""
     defaults = defaults or {}
+    notices = []
     for name, attr in SCHEDULE_VARIABLES:
-        setattr(trainer, attr, env_int(name, defaults.get(attr, getattr(trainer, attr)), minimum=1))
+        own = defaults.get(attr, getattr(trainer, attr))
+        value = env_int(name, own, minimum=1)
+        if value != own and not isinstance(trainer, CPUBudgetMixin):
+            notices.append(f"WARNING: {name}={value} is set: {type(trainer).__name__}'s {attr} is {value} instead "
+                           f"of {own} (unset {name} for the trainer's own schedule)")
+        setattr(trainer, attr, value)
     trainer.save_every = max(1, min(trainer.save_every, trainer.num_epochs))
+    log = getattr(trainer, "print_to_log_file", print)
+    for line in notices:
+        log(line)
+    return notices
 
 
 #: seeds torch, numpy and random when set (benchmarks/convergence.py's repeats); unset: nnU-Net's own

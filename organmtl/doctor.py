@@ -53,6 +53,30 @@ def trainer_visible_to_nnunet(trainer: str = PROBE_TRAINER) -> tuple[bool, str]:
     return True, proc.stdout.strip().splitlines()[-1]
 
 
+def gpu_status() -> str:
+    """What torch sees: the CUDA devices (name, memory) or why there is none."""
+    try:
+        import torch
+    except Exception as e:  # noqa: BLE001 - reported by the version lines already
+        return f"unknown (torch: {type(e).__name__})"
+    if torch.cuda.is_available():
+        names = []
+        for i in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(i)
+            names.append(f"cuda:{i} {props.name} ({props.total_memory / 2 ** 30:.0f} GiB)")
+        return f"{len(names)} CUDA device(s): {', '.join(names)}"
+    why = ("torch built without CUDA" if torch.version.cuda is None
+           else f"torch built for CUDA {torch.version.cuda}, no device visible")
+    return f"none ({why}): -device auto runs on the CPU; train _Tiny trainers with -device cpu"
+
+
+def schedule_overrides() -> dict[str, str]:
+    """``ORGANMTL_EPOCHS`` / ``ORGANMTL_ITERS_PER_EPOCH`` / ``ORGANMTL_VAL_ITERS`` that are set (they shorten
+    the full trainers too: :mod:`organmtl.nnunet_trainers.budget`)."""
+    names = ("ORGANMTL_EPOCHS", "ORGANMTL_ITERS_PER_EPOCH", "ORGANMTL_VAL_ITERS")
+    return {n: os.environ[n] for n in names if os.environ.get(n)}
+
+
 def run_doctor(verbose: bool = False) -> int:
     from organmtl.env import EXT_TRAINER_VAR, ext_trainer_dir, startup_hook_path
 
@@ -71,8 +95,16 @@ def run_doctor(verbose: bool = False) -> int:
         print(f"detectron2._C: {'present' if d2['compiled_C'] else 'absent (organmtl needs none of it)'}")
         if verbose:
             print(f"               {d2['path']}")
+    print(f"GPU          : {gpu_status()}")
     for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        print(f"{var:<20}: {os.environ.get(var, '<unset: set it before using nnU-Net commands>')}")
+        value = os.environ.get(var)
+        ok &= bool(value)
+        print(f"{var:<20}: {value or 'NOT SET: export it (nnU-Net commands, organmtl convert and plan-tiny need it)'}")
+    warnings = 0
+    for var, value in schedule_overrides().items():
+        warnings += 1
+        print(f"WARNING: {var}={value} is set: it shortens the schedule of every organmtl trainer, the full "
+              "(non-_Tiny) ones included; unset it for a real training")
     hook = startup_hook_path()
     print(f"{EXT_TRAINER_VAR:<20}: {os.environ.get(EXT_TRAINER_VAR, '<unset>')}")
     print(f"start-up hook       : {hook or 'MISSING (run: organmtl install-hooks)'}")
@@ -80,5 +112,10 @@ def run_doctor(verbose: bool = False) -> int:
     visible, detail = trainer_visible_to_nnunet()
     print(f"nnUNetv2_train -tr {PROBE_TRAINER}: {'found ' + detail if visible else 'NOT FOUND: ' + detail}")
     ok &= visible
-    print("doctor: all good" if ok else "doctor: problems found (see above)")
+    if not ok:
+        print("doctor: problems found (see above)")
+    elif warnings:
+        print(f"doctor: no problems, {warnings} warning(s) (see above)")
+    else:
+        print("doctor: all good")
     return 0 if ok else 1

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from organmtl.cli import COMMANDS, build_parser
-from tests.helpers import run_cli
+from tests.helpers import nnunet_env_vars, run_cli
 
 SUBCOMMANDS = ["list", "doctor", "install-hooks", "demo-data", "convert", "plan-tiny", "predict-landmarks",
                "predict-centres", "evaluate", "report", "multitask-experiments", "demo"]
@@ -109,12 +109,44 @@ def test_module_entry_points_are_the_commands(module, command):
     assert r.returncode == 2 and "required" in r.stderr
 
 
-def test_doctor_reports_everything_and_exits_0():
-    r = run_cli("doctor")
+def test_doctor_reports_everything_and_exits_0(tmp_path):
+    r = run_cli("doctor", env=nnunet_env_vars(tmp_path))
     assert r.returncode == 0, r.stdout + r.stderr
-    for key in ("torch", "nnunetv2", "detectron2", "detectron2._C", "nnUNet_extTrainer", "start-up hook"):
+    for key in ("torch", "nnunetv2", "detectron2", "detectron2._C", "GPU", "nnUNet_extTrainer", "start-up hook"):
         assert key in r.stdout
     assert "found organmtl.nnunet_trainers" in r.stdout
+
+
+@pytest.mark.parametrize("cuda", [False, True])
+def test_doctor_flags_unset_nnunet_paths_a_leftover_epochs_and_reports_the_gpu(cuda, tmp_path, monkeypatch, capsys):
+    """No nnU-Net paths: a problem (exit 1, not "all good"); ORGANMTL_EPOCHS set: a warning naming it (not
+    "all good"); the GPU line says what torch sees (the trainer probe and torch's CUDA query are replaced)."""
+    import torch
+
+    import organmtl.doctor as doctor
+
+    monkeypatch.setattr(doctor, "trainer_visible_to_nnunet", lambda: (True, "organmtl.probe"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda i: type("P", (), {"name": "Test GPU", "total_memory": 80 * 2 ** 30})())
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "ORGANMTL_EPOCHS",
+                "ORGANMTL_ITERS_PER_EPOCH", "ORGANMTL_VAL_ITERS"):
+        monkeypatch.delenv(var, raising=False)
+    assert doctor.run_doctor() == 1
+    out = capsys.readouterr().out
+    assert "all good" not in out and out.count("NOT SET") == 3 and "problems found" in out
+    gpu = [line for line in out.splitlines() if line.startswith("GPU")]
+    assert gpu == ["GPU          : 1 CUDA device(s): cuda:0 Test GPU (80 GiB)"] if cuda else \
+        len(gpu) == 1 and gpu[0].startswith("GPU          : none ("), gpu
+    for var, value in nnunet_env_vars(tmp_path).items():
+        monkeypatch.setenv(var, value)
+    assert doctor.run_doctor() == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "doctor: all good"
+    monkeypatch.setenv("ORGANMTL_EPOCHS", "3")
+    assert doctor.run_doctor() == 0
+    out = capsys.readouterr().out
+    assert "WARNING: ORGANMTL_EPOCHS=3 is set" in out and "non-_Tiny" in out and "all good" not in out
 
 
 def test_startup_hook_sets_ext_trainer_without_importing_organmtl():
