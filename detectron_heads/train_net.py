@@ -7,6 +7,10 @@
     python -m organmtl.detectron_heads.train_net --num-gpus 8 --config-file CONFIG.yaml \
         SOLVER.REFERENCE_WORLD_SIZE 1 ...                                             # multi-GPU
 
+``--config-file`` takes a path or a config id as ``organmtl list`` prints it
+(``organmtl.detectron_heads:configs/tiny/mask_rcnn_R_18_FPN_baseline_tiny.yaml``, a file inside an installed
+package): :func:`resolve_config_file`.
+
 Multi-GPU: ``SOLVER.IMS_PER_BATCH`` is the total batch over all GPUs and must be divisible by
 ``--num-gpus`` (Detectron2 refuses it otherwise). The paper configs use 3 images on one GPU, so
 for N GPUs scale the batch with the GPUs: ``SOLVER.REFERENCE_WORLD_SIZE 1`` makes Detectron2's
@@ -22,6 +26,8 @@ segmentation config (the Mask R-CNN baselines included).
 import json
 import logging
 import os
+import sys
+from importlib import resources
 
 import torch
 
@@ -73,10 +79,34 @@ class Trainer(DefaultTrainer):
         return results
 
 
+class ConfigFileError(ValueError):
+    """``--config-file`` names neither a file nor a config id (one line, exit code 2)."""
+
+
+def resolve_config_file(name: str) -> str:
+    """A path to the config file named by ``name``: an existing file as given, else a config id
+    ``package:relative/path.yaml`` (as ``organmtl list`` prints them) resolved inside the installed package."""
+    if not name or os.path.isfile(name):
+        return name
+    package, sep, rel = name.partition(":")
+    if sep and rel and not os.path.isabs(name) and "/" not in package and "\\" not in package:
+        try:
+            path = resources.files(package).joinpath(rel)
+        except (ModuleNotFoundError, TypeError, ValueError):
+            raise ConfigFileError(f"--config-file {name}: no installed package {package!r}") from None
+        if path.is_file():
+            return str(path)
+        raise ConfigFileError(f"--config-file {name}: package {package!r} has no file {rel!r} "
+                              "(organmtl list shows the config ids)")
+    raise ConfigFileError(f"--config-file {name}: no such file, nor a config id 'package:path.yaml' "
+                          "(organmtl list shows the config ids)")
+
+
 def setup(args):
     cfg = get_cfg()
     add_organmtl_config(cfg)
     add_hmrnet_config(cfg)
+    args.config_file = resolve_config_file(args.config_file)       # default_setup reads it again
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
     register_from_cfg(cfg)
@@ -104,6 +134,11 @@ def main(args):
 
 def cli():
     args = default_argument_parser().parse_args()
+    try:
+        args.config_file = resolve_config_file(args.config_file)
+    except ConfigFileError as e:
+        print(f"train_net.py: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     print("Command Line Args:", args)
     launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
            dist_url=args.dist_url, args=(args,))

@@ -73,6 +73,7 @@ def cmd_list(args) -> int:
             print(f"  nnU-Net trainers : {', '.join(p.trainer_names)}")
         if p.detectron_configs:
             print(f"  Detectron2 configs: {', '.join(p.config_paths() if args.paths else p.detectron_configs)}")
+            print("  (train one: python -m organmtl.detectron_heads.train_net --config-file <config as listed>)")
         if p.converters:
             print(f"  converters       : {', '.join(sorted(p.converters))}")
         if p.docs:

@@ -111,3 +111,29 @@ def test_third_party_plugin_is_listed(third_party_installed):
     assert "nnUNetTrainerExampleThirdParty" in r.stdout
     for name in BUILTIN:
         assert f"{name}:" in r.stdout
+
+
+def test_listed_config_ids_work_as_train_net_config_file(tmp_path, capsys):
+    """Every Detectron2 config id that ``organmtl list`` prints is accepted by ``train_net.py --config-file``
+    (resolved inside the installed package: the same file as ``--paths`` prints); a bad id is one line."""
+    from organmtl.cli import main
+    from organmtl.detectron_heads.train_net import (ConfigFileError, default_argument_parser, resolve_config_file,
+                                                    setup)
+
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    ids = [i for line in out.splitlines() if "Detectron2 configs:" in line for i in line.split(": ", 1)[1].split(", ")]
+    assert main(["list", "--paths"]) == 0
+    paths = [i for line in capsys.readouterr().out.splitlines() if "Detectron2 configs:" in line
+             for i in line.split(": ", 1)[1].split(", ")]
+    assert len(ids) == len(paths) >= 12 and "--config-file" in out
+    assert [resolve_config_file(i) for i in ids] == paths and all(Path(p).is_file() for p in paths)
+    tiny = next(i for i in ids if i.endswith("mask_rcnn_R_18_FPN_baseline_tiny.yaml"))
+    args = default_argument_parser().parse_args(["--config-file", tiny, "OUTPUT_DIR", str(tmp_path)])
+    cfg = setup(args)
+    assert cfg.MODEL.RESNETS.DEPTH == 18 and cfg.MODEL.FPN.OUT_CHANNELS == 64      # the tiny file and its _BASE_
+    assert (tmp_path / "config.yaml").is_file()
+    for bad, why in (("organmtl.detectron_heads:configs/nope.yaml", "has no file"),
+                     ("no_such_package:x.yaml", "no installed package"), ("missing.yaml", "no such file")):
+        with pytest.raises(ConfigFileError, match=why):
+            resolve_config_file(bad)
