@@ -34,6 +34,12 @@ SEG (built with highdicom): one BINARY segment per label present, label names as
 category "Anatomical Structure" and type "Organ" (SNOMED CT) for every segment, algorithm type
 AUTOMATIC; frames reference their CT slices.
 
+UIDs: the export references the CT only through its own UIDs, so CT slices with an empty or absent
+SOP/Study/Series Instance UID or FrameOfReferenceUID (anonymisers that blank UIDs) are refused
+(:func:`check_uids`): new UIDs would reference no image a planning system holds. Before writing,
+:func:`verify_references` checks the built file: no empty UID, every referenced image a slice of
+the CT, frame of reference, study and referenced series the CT's.
+
 Folder mode (PRED a folder, e.g. an ``nnUNetv2_predict`` output): one ``OUT/<case>.dcm`` per
 prediction file; each case's CT folder comes from the conversion report (``--conversion-report``,
 by default found through PRED/predict_from_raw_data_args.json: the input folder's dataset's

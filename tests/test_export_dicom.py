@@ -7,7 +7,9 @@ opencv-python dependency into a private folder: the headless OpenCV here provide
 reads the files; SEG is read back with highdicom. Hard shapes (holes with islands, single
 voxels, corner-touching voxels, the image border, random blobs) come back voxel for voxel; a
 prediction stored in another orientation comes back only with --resample; bad inputs give one
-line naming the file; a folder with one bad case exports the others (exit 1).
+line naming the file; a folder with one bad case exports the others (exit 1). dciodvfy
+(dicom3tools) finds no error in the files; references resolve to the CT's slices; a CT whose
+UIDs an anonymiser blanked is refused, and on import an empty UID matches nothing.
 """
 from __future__ import annotations
 
