@@ -21,7 +21,9 @@ per voxel in fp32: ~150 GB at 2 x 128^3), so they adjust the plan before the dat
    ``plans.json``, which ``nnUNetv2_predict`` reads) together with the rule's record under
    :data:`PLANS_KEY`; the training log says what was chosen and what it predicts.
 
-The target (``ORGANMTL_GPU_MEMORY_GB``, default 24) and the precision (``ORGANMTL_GPU_MEMORY_AMP``:
+The target (``ORGANMTL_GPU_MEMORY_GB``; unset: the memory of the CUDA device the trainer runs on, or of
+the current CUDA device when it trains elsewhere, and 24 GiB when no CUDA device is visible:
+:func:`organmtl.memory.default_gpu_gib`) and the precision (``ORGANMTL_GPU_MEMORY_AMP``:
 ``fp16``, ``bf16`` or ``none``) are settings stored with the model: a later ``--c``/``--val`` or a new
 fold of the same model folder reads them (and the chosen patch/batch) back from its ``plans.json``.
 Under DDP nnU-Net splits the batch over the GPUs, so each rank holds at most the single-GPU batch.
@@ -32,12 +34,13 @@ keeps nnU-Net's 1000 x 250 x 50. It changes no network, patch or batch.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 import torch
 
-from organmtl.memory import GIB, GPU_OVERHEAD_GIB, AMP_DTYPES, measure_network_step
+from organmtl.memory import GIB, GPU_OVERHEAD_GIB, AMP_DTYPES, default_gpu_gib, measure_network_step
 from organmtl.nnunet_trainers.budget import apply_schedule, cpu_threads_from_env
 from organmtl.nnunet_trainers.settings import (parse_choice, parse_float, resolve, set_plans_value, setting,
                                                stored_plans_entry, to_stored)
@@ -62,8 +65,9 @@ def _parse_amp(name: str, raw: str) -> str:
 class GPUMemoryOptions:
     """The GPU the plan must fit: memory in GiB and the precision of training."""
 
-    gpu_memory_gib: float = setting(24.0, "ORGANMTL_GPU_MEMORY_GB", lambda n, v: parse_float(n, v, minimum=1.0),
-                                    float, "GPU memory the training must fit, GiB")
+    gpu_memory_gib: float | None = setting(None, "ORGANMTL_GPU_MEMORY_GB", lambda n, v: parse_float(n, v, minimum=1.0),
+                                           float, "GPU memory the training must fit, GiB (unset: the CUDA "
+                                           "device's own memory, 24 without CUDA)")
     amp: str = setting("fp16", "ORGANMTL_GPU_MEMORY_AMP", _parse_amp, str,
                        "precision of the GPU training (nnU-Net: fp16 autocast)")
 
@@ -180,6 +184,10 @@ class GPUMemoryPlanMixin(EnvScheduleMixin):
             patch, batch = tuple(record["patch_size"]), int(record["batch_size"])
         else:
             opts = resolve(GPUMemoryOptions).options
+            if opts.gpu_memory_gib is None:
+                gib, where = default_gpu_gib(self.device)
+                opts = dataclasses.replace(opts, gpu_memory_gib=gib)
+                self.print_to_log_file(f"GPU memory target {gib:g} GiB: {where} (ORGANMTL_GPU_MEMORY_GB overrides)")
             planned_patch, planned_batch = tuple(int(p) for p in cm.patch_size), int(cm.batch_size)
             steps, minimum = pooling_steps(cm), self.gpu_memory_min_patch()
             small = probe_patch(planned_patch, steps)

@@ -390,13 +390,14 @@ def cmd_memory_check(args) -> int:
 
     # the trainer writes its log into nnUNet_results, read when nnunetv2 is imported: a scratch folder
     os.environ["nnUNet_results"] = tempfile.mkdtemp(prefix="organmtl-memory-check.")
-    from organmtl.memory import check_trainer, format_report
+    from organmtl.memory import check_trainer, default_gpu_gib, format_report
 
+    gpu_gb = args.gpu_gb if args.gpu_gb is not None else default_gpu_gib()[0]
     trainer, memory = check_trainer(args.dataset_id, args.configuration, args.trainer, args.fold, args.plans,
-                                    args.amp, args.gpu_gb)
+                                    args.amp, gpu_gb)
     cm = trainer.configuration_manager
-    print(format_report(args.trainer, cm.patch_size, trainer.batch_size, memory, args.gpu_gb))
-    return EXIT_OK if memory.fits(args.gpu_gb) else 1
+    print(format_report(args.trainer, cm.patch_size, trainer.batch_size, memory, gpu_gb))
+    return EXIT_OK if memory.fits(gpu_gb) else 1
 
 
 def add_memory_check_parser(sub) -> None:
@@ -407,7 +408,8 @@ def add_memory_check_parser(sub) -> None:
     p.add_argument("-tr", "--trainer", default="nnUNetTrainer", help="trainer class (default nnUNetTrainer)")
     p.add_argument("-f", "--fold", type=int, default=0, help="fold (default 0)")
     p.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
-    p.add_argument("--gpu-gb", type=float, default=24.0, help="GPU memory in GiB (default 24)")
+    p.add_argument("--gpu-gb", type=float, default=None,
+                   help="GPU memory in GiB (default: the CUDA device's memory; 24 when no CUDA device is visible)")
     p.add_argument("--amp", choices=["fp16", "bf16", "none"], default="fp16",
                    help="measure under CPU autocast of this dtype, as nnU-Net trains on CUDA (default fp16)")
     p.set_defaults(func=cmd_memory_check)

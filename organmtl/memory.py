@@ -37,6 +37,22 @@ GIB = 1024 ** 3
 # cuDNN workspaces and the caching allocator's block rounding/fragmentation.
 GPU_OVERHEAD_GIB = 1.5
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "none": None}
+#: GPU memory target (GiB) when no CUDA device is visible: a plan made on a CPU for a GPU elsewhere
+#: (override with ``ORGANMTL_GPU_MEMORY_GB`` / ``--gpu-gb``)
+FALLBACK_GPU_GIB = 24.0
+
+
+def default_gpu_gib(device=None) -> tuple[float, str]:
+    """The GPU memory target when none is given, and where it comes from: the total memory of the CUDA
+    device ``device`` (a CUDA ``torch.device`` or name; anything else: the current CUDA device) when CUDA
+    is available, else :data:`FALLBACK_GPU_GIB`."""
+    if not torch.cuda.is_available():
+        return FALLBACK_GPU_GIB, f"no CUDA device visible: {FALLBACK_GPU_GIB:g} GiB"
+    device = torch.device(device) if device is not None else None
+    index = device.index if device is not None and device.type == "cuda" and device.index is not None \
+        else torch.cuda.current_device()
+    props = torch.cuda.get_device_properties(index)
+    return round(props.total_memory / GIB, 2), f"the memory of CUDA device {index} ({props.name})"
 
 
 class StorageCounter(TorchDispatchMode):
@@ -233,7 +249,7 @@ def format_report(name: str, patch, batch_size: int, memory: StepMemory, gpu_gib
 
 
 def check_trainer(dataset: str, configuration: str, trainer_name: str, fold: int = 0,
-                  plans_identifier: str = "nnUNetPlans", amp: str = "fp16", gpu_gib: float = 24.0):
+                  plans_identifier: str = "nnUNetPlans", amp: str = "fp16", gpu_gib: float | None = None):
     """``organmtl memory-check``: build ``trainer_name`` as ``nnUNetv2_train`` does (on the CPU),
     ``initialize`` it (its own plan adjustment runs, e.g. the GPU memory plan of the full trainers),
     take one batch from its own training dataloader and measure :func:`measure_trainer_step`.

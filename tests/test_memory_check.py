@@ -107,3 +107,31 @@ def test_gpu_memory_rule_lowers_batch_then_patch_and_respects_the_minimum():
         network_arch_init_kwargs = {"strides": [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2]]}
     assert pooling_steps(CM) == (8, 16, 16)
     assert probe_patch((32, 80, 80), (8, 16, 16)) == (24, 48, 48)
+
+
+def test_gpu_memory_target_defaults_to_the_cuda_devices_own_memory(monkeypatch):
+    """No fixed 24 GiB: the card's total memory when CUDA is available (the device asked for, else the current
+    one), 24 GiB only without CUDA; ORGANMTL_GPU_MEMORY_GB overrides (GPUMemoryOptions)."""
+    import organmtl.memory as M
+    from organmtl.nnunet_trainers.gpu_memory import GPUMemoryOptions
+    from organmtl.nnunet_trainers.settings import resolve
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert M.default_gpu_gib(torch.device("cuda", 0))[0] == M.FALLBACK_GPU_GIB == 24.0
+
+    class H100:
+        name, total_memory = "NVIDIA H100 80GB HBM3", 81559 * 1024 ** 2
+
+    asked = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: asked.append(i) or H100)
+    gib, where = M.default_gpu_gib(torch.device("cuda", 1))
+    assert gib == 79.65 and asked == [1] and "H100" in where          # 81559 MiB / 1024
+    assert M.default_gpu_gib("cpu")[0] == 79.65 and asked[-1] == 3       # CPU trainer: the current CUDA device
+    assert M.default_gpu_gib()[0] == 79.65 and asked[-1] == 3
+
+    monkeypatch.delenv("ORGANMTL_GPU_MEMORY_GB", raising=False)
+    assert resolve(GPUMemoryOptions).options.gpu_memory_gib is None    # -> default_gpu_gib at plan time
+    monkeypatch.setenv("ORGANMTL_GPU_MEMORY_GB", "40")
+    assert resolve(GPUMemoryOptions).options.gpu_memory_gib == 40.0
