@@ -163,6 +163,9 @@ def add_convert_parser(sub) -> None:
         sp = sources.add_parser(name, help=converter.help, description=converter.help)
         add_common_arguments(sp, converter)
         sp.set_defaults(func=cmd_convert, converter=converter)
+    from organmtl.converters.dicom_ct import add_parser as add_dicom_ct
+
+    add_dicom_ct(sources)     # convert dicom-ct: CT series without contours -> imagesTs (docs/predict.md)
 
 
 def cmd_plan_tiny(args) -> int:
@@ -237,6 +240,21 @@ def add_predict_centres_parser(sub) -> None:
     p.add_argument("-device", default="auto", choices=("auto", "cuda", "cpu", "mps"),
                    help="device (default auto: cuda if available, else cpu)")
     p.set_defaults(func=cmd_predict_centres)
+
+
+def cmd_predict(args) -> int:
+    from organmtl.workflows.predict import run_predict
+
+    return run_predict(args)
+
+
+def add_predict_parser(sub) -> None:
+    from organmtl.workflows.predict import add_arguments
+
+    p = sub.add_parser("predict", help="new patients' CT series (DICOM) -> RTSTRUCT / SEG / NIfTI with a trained "
+                       "nnU-Net or Detectron2 model, in one command (docs/predict.md)")
+    add_arguments(p)
+    p.set_defaults(func=cmd_predict)
 
 
 def add_export_parser(sub) -> None:
@@ -427,6 +445,7 @@ COMMANDS = [
     add_plan_tiny_parser,
     add_predict_landmarks_parser,
     add_predict_centres_parser,
+    add_predict_parser,
     add_export_parser,
     add_evaluate_parser,
     add_report_parser,

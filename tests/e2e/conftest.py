@@ -60,3 +60,31 @@ def multitask_dataset(demo_root, tmp_path_factory) -> PlannedDataset:
     cases = sorted(p.name[: -len("_0000.nii.gz")] for p in (ds.raw / "imagesTr").glob("*_0000.nii.gz"))
     (ds.preprocessed / "splits_final.json").write_text(json.dumps([{"train": cases[1:], "val": cases[:1]}]))
     return ds
+
+
+DICOM_RT_ID = 452
+DICOM_RT_TRAINER = "nnUNetTrainerOMTLBaseline_Tiny"
+
+
+@pytest.fixture(scope="session")
+def dicom_rt_model(tmp_path_factory) -> tuple[PlannedDataset, Path]:
+    """A tiny nnU-Net model of the demo DICOM-RT phantoms: cases rt000-rt003 (``write_dicom_rt``,
+    seed 0; rt002 lacks ``Parotid R`` and is dropped) converted by ``organmtl convert dicom-rt``,
+    planned ``3d_tiny`` (rt000 validates), trained by ``nnUNetv2_train`` fold 0 with
+    ``nnUNetTrainerOMTLBaseline_Tiny`` for 2 x 6 iterations (enough to find the body).
+    Returns (dataset, DICOM root): ``ROOT/train/<case>/`` the training cases (CT + RTSTRUCT),
+    ``ROOT/new/rt004/`` a fifth phantom never trained on."""
+    from organmtl.demo_data.dicom_rt import write_dicom_rt
+    from organmtl.procs import run_in_group, venv_bin
+
+    root = tmp_path_factory.mktemp("dicom_rt_model")
+    write_dicom_rt(root / "new", 5, seed=0)
+    (root / "train").mkdir()
+    for case in ("rt000", "rt001", "rt002", "rt003"):
+        (root / "new" / case).rename(root / "train" / case)
+    ds = plan_dataset(root, "dicom-rt", root / "train", DICOM_RT_ID, "RT", one_validation_case=True)
+    env = {**ds.env, "ORGANMTL_EPOCHS": "2", "ORGANMTL_ITERS_PER_EPOCH": "6", "ORGANMTL_VAL_ITERS": "1",
+           "ORGANMTL_SEED": "0"}
+    run_in_group([venv_bin("nnUNetv2_train"), str(DICOM_RT_ID), ds.configuration, "0", "-tr", DICOM_RT_TRAINER,
+                  "-device", "cpu"], env=env, log_file=root / "train.log", timeout=900)
+    return ds, root
