@@ -27,14 +27,18 @@ from organmtl.converters.landmarks import read_fcsv, write_case
 
 LABELS = {"background": 0, "BrainStem": 1, "Chiasm": 2, "Mandible": 3, "OpticNerve_L": 4,
           "OpticNerve_R": 5, "Parotid_L": 6, "Parotid_R": 7, "Submandibular_L": 8, "Submandibular_R": 9}
-SMALL_ORGANS = ["Chiasm", "OpticNerve_L", "OpticNerve_R"]
+#: structures ``--structures`` also accepts (not in PDDCA; the real-anatomy demo data has them:
+#: ``organmtl demo-data --han-source atlas``, docs/han_atlas.md)
+EXTRA_STRUCTURES = ("Lens_L", "Lens_R", "Cochlea_L", "Cochlea_R")
+SMALL_ORGANS = ["Chiasm", "OpticNerve_L", "OpticNerve_R", *EXTRA_STRUCTURES]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--missing", choices=("drop", "ignore", "background"), default="drop",
                         help="what to do with cases lacking a structure file (default: drop)")
     parser.add_argument("--structures", nargs="+", metavar="NAME",
-                        help=f"subset of structures to keep (default: all of {', '.join(list(LABELS)[1:])})")
+                        help=f"subset of structures to keep (default: all of {', '.join(list(LABELS)[1:])}; "
+                        f"also {', '.join(EXTRA_STRUCTURES)})")
 
 
 def _is_case(folder: Path) -> bool:
@@ -110,7 +114,7 @@ def convert(src: Path, out: Path, args, run_cases) -> dict:
     """Write the nnU-Net raw dataset into ``out`` (a temporary folder the caller moves into place)."""
     labels = dict(LABELS)
     if args.structures:
-        unknown = [s for s in args.structures if s not in LABELS]
+        unknown = [s for s in args.structures if s not in LABELS and s not in EXTRA_STRUCTURES]
         if unknown:
             raise ConversionError(f"--structures: unknown structure {unknown[0]!r}")
         labels = {"background": 0, **{n: i for i, n in enumerate(args.structures, start=1)}}

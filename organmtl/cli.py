@@ -123,7 +123,7 @@ def cmd_demo_data(args) -> int:
     from organmtl.demo_data import write_demo_data
 
     index = write_demo_data(args.out, seed=args.seed, families=args.families, n_cases=args.n_cases,
-                            overwrite=args.overwrite, han_size=args.size)
+                            overwrite=args.overwrite, han_size=args.size, han_source=args.han_source)
     for family, ids in index["families"].items():
         n = sum(len(v) for v in ids.values()) if isinstance(ids, dict) else len(ids)
         print(f"{family}: {n} cases -> {args.out / family}")
@@ -143,6 +143,9 @@ def add_demo_data_parser(sub) -> None:
     p.add_argument("--size", choices=list(HAN_SIZES), default="demo",
                    help="head-and-neck phantom volume: demo (32 x 80 x 80) or pddca (100 x 256 x 256, a real "
                         "PDDCA grid at 1 x 1 x 2.5 mm, for benchmarks)")
+    p.add_argument("--han-source", choices=("phantom", "atlas"), default="phantom",
+                   help="head-and-neck data: phantom (default) or atlas (30 real expert-contoured scans, CT "
+                        "rendered from the contours, 2 x 2 x 2.5 mm; train/test/reference folders; docs/han_atlas.md)")
     p.set_defaults(func=cmd_demo_data)
 
 
@@ -273,7 +276,8 @@ def cmd_evaluate(args) -> int:
                                     tolerance_mm=args.tolerance_mm, score_threshold=args.score_threshold,
                                     small_organs=args.small_organs, landmarks_pred=args.landmarks_pred,
                                     landmarks_gt=args.landmarks_gt, centres=args.centres,
-                                    annotated_only=args.annotated_only, never_together=args.never_together)
+                                    annotated_only=args.annotated_only, never_together=args.never_together,
+                                    reference_labels=args.reference_labels)
     print(markdown_table(summary))
     for task, block in summary.get("per_source", {}).items():
         print(f"source {task}: mean Dice {block['mean']['dice']} over its own classes")
@@ -308,6 +312,9 @@ def add_evaluate_parser(sub) -> None:
                    "each case only on the classes its source annotated, and per source (docs/partial_labels.md)")
     p.add_argument("--never-together", action="store_true", help="full-truth reference: mean Dice of the classes "
                    "no training case annotated together with another (docs/partial_labels.md)")
+    p.add_argument("--reference-labels", type=Path, default=None, metavar="DIR",
+                   help="a second annotator's labels (PDDCA layout DIR/<case>/structures/<Name>.nrrd, or label maps "
+                   "like GT): scored against GT on the same cases and printed as the 'human reference' rows")
     p.set_defaults(func=cmd_evaluate)
 
 

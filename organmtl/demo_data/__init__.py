@@ -6,6 +6,8 @@
 folder          what                                                 layout of the real data
 ===============  ==================================================  =========================
 han_pddca       head-and-neck CT, 9 OARs incl. chiasm/optic nerves   PDDCA 1.4.1 (NRRD, .fcsv)
+                (``han_source="atlas"``: real contours, rendered CT;
+                docs/han_atlas.md)
 spine           2D sagittal MR-like / axial CT-like spine slices     generic ``volumes`` folder
 abdomen_mr      two-channel fat/water MR, 6 organs, hip joints       landmark-input thesis
 visceral_ct     CT with kidneys and renal-pelvis landmarks           VISCERAL Anatomy3
@@ -43,10 +45,17 @@ FAMILIES = {
 }
 
 
+#: what the ``han_pddca`` family is made of: ``phantom`` (:mod:`organmtl.demo_data.han`, the default) or
+#: ``atlas`` (real expert contours with a rendered CT, :mod:`organmtl.demo_data.han_atlas`)
+HAN_SOURCES = ("phantom", "atlas")
+
+
 def write_demo_data(out: Path, seed: int = 0, families=None, n_cases: int | None = None,
-                    overwrite: bool = False, han_size: str = "demo") -> dict:
+                    overwrite: bool = False, han_size: str = "demo", han_source: str = "phantom") -> dict:
     """Write the demo phantoms under ``out`` (built in a temporary folder, moved into place).
     ``han_size``: volume size of the head-and-neck phantoms (``han.SIZES``: ``demo``, ``pddca``).
+    ``han_source``: :data:`HAN_SOURCES`; ``atlas`` writes ``han_pddca/train``, ``test`` and
+    ``reference`` (all scans unless ``n_cases`` limits each split) at its own grid (``han_size`` demo only).
 
     Returns the index ``{family: case ids}`` that is also written to ``out/index.json``.
     """
@@ -55,6 +64,10 @@ def write_demo_data(out: Path, seed: int = 0, families=None, n_cases: int | None
     unknown = [f for f in families if f not in FAMILIES]
     if unknown:
         raise ValueError(f"unknown demo family {unknown[0]!r}; choose from {', '.join(FAMILIES)}")
+    if han_source not in HAN_SOURCES:
+        raise ValueError(f"unknown head-and-neck source {han_source!r}; choose from {', '.join(HAN_SOURCES)}")
+    if han_source == "atlas" and han_size != "demo":
+        raise ValueError("the atlas head-and-neck data has one grid (2 x 2 x 2.5 mm); --size applies to the phantom")
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise FileExistsError(f"{out}: exists and is not empty (use --overwrite)")
@@ -64,6 +77,12 @@ def write_demo_data(out: Path, seed: int = 0, families=None, n_cases: int | None
         index = {"seed": seed, "families": {}}
         for family in families:
             writer, default_n = FAMILIES[family]
+            if family == "han_pddca" and han_source == "atlas":
+                from organmtl.demo_data.han_atlas import write_han_atlas
+
+                index["families"][family] = write_han_atlas(tmp / family, n_cases, seed)
+                index["han_source"] = han_source
+                continue
             extra = {"size": han_size} if family == "han_pddca" else {}
             index["families"][family] = writer(tmp / family, n_cases or default_n, seed, **extra)
         (tmp / "index.json").write_text(json.dumps(index, indent=2) + "\n")

@@ -20,7 +20,7 @@ def run_evaluation(pred: Path, gt: Path, out_dir: Path | None = None, dataset_js
                    tolerance_mm: float = 2.0, score_threshold: float = 0.5, small_organs: list[str] | None = None,
                    landmarks_pred: Path | None = None, landmarks_gt: Path | None = None,
                    centres: Path | None = None, annotated_only: bool = False,
-                   never_together: bool = False) -> tuple[dict, dict]:
+                   never_together: bool = False, reference_labels: Path | None = None) -> tuple[dict, dict]:
     """Evaluate and write the outputs; returns ``(summary, {output: path})``.
 
     PRED a folder -> nnU-Net volumes (GT: reference folder); PRED a ``.json`` file -> COCO instance
@@ -29,7 +29,9 @@ def run_evaluation(pred: Path, gt: Path, out_dir: Path | None = None, dataset_js
     volumes) and ``GT/../landmarks/`` when both exist. SOL-Net centres (FocusNet): ``centres``, a
     folder of ``<case>_centres.json``, by default PRED when it holds one for an evaluated case,
     against the organs' centres of mass in GT (:mod:`organmtl.evaluation.centres`).
-    ``annotated_only``/``never_together``: partially labelled datasets (:mod:`organmtl.evaluation.partial`)."""
+    ``annotated_only``/``never_together``: partially labelled datasets (:mod:`organmtl.evaluation.partial`).
+    ``reference_labels``: a second annotator's labels, scored against GT on the same cases as the
+    "human reference" (:mod:`organmtl.evaluation.human_reference`)."""
     from organmtl.evaluation.centres import SUFFIX, evaluate_centre_folder
     from organmtl.evaluation.landmarks import evaluate_landmark_folders
 
@@ -79,5 +81,9 @@ def run_evaluation(pred: Path, gt: Path, out_dir: Path | None = None, dataset_js
             centre_rows, summary["centres"] = evaluate_centre_folder(centres, gt, ending, cases=cases)
         except ValueError as e:
             raise EvaluationError(str(e)) from None
+    if reference_labels is not None:     # a second annotator scored like a method (human_reference.py)
+        from organmtl.evaluation.human_reference import add_human_reference
+
+        add_human_reference(summary, rows, reference_labels, small_organs)
     paths = write_outputs(rows, summary, Path(out_dir) if out_dir else default_out_dir(pred), lm_rows, centre_rows)
     return summary, paths

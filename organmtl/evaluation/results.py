@@ -144,6 +144,10 @@ def markdown_table(summary: dict) -> str:
             if block:
                 lines.append(f"| {title} | " + " | ".join(_cell(block[k]) for k, _ in METRICS)
                              + f" | {_cell(block['volume_correlation'])} |")
+        if summary.get("human_reference"):
+            from organmtl.evaluation.human_reference import markdown_rows, per_structure_dice
+
+            lines += markdown_rows(summary["human_reference"]) + ["", per_structure_dice(summary)]
     det = summary.get("detection")
     if det:
         lines += ["", "| detection | mAP@[.5:.95] | AP50 | AP75 |", "|---|---|---|---|"]
