@@ -66,7 +66,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.tag import Tag
 from pydicom.sequence import Sequence
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import ImplicitVRLittleEndian, generate_uid
 
 from organmtl.converters.common import IMAGE_SUFFIXES, ConversionError, read_image, strip_image_suffix
 from organmtl.converters.dicom_rt import classify, read_dicom, sort_slices
@@ -379,7 +379,7 @@ def ds_element(tag: int, values: np.ndarray) -> RawDataElement:
     text = "\\".join([f"%.{COORD_DECIMALS}f"] * len(values)) % tuple(values)
     raw = TRAILING_ZEROS.sub("", text).encode("ascii")
     raw += b" " * (len(raw) % 2)                          # even length, padded with a space (PS3.5 6.2)
-    return RawDataElement(Tag(tag), "DS", len(raw), raw, 0, False, True)
+    return RawDataElement(Tag(tag), "DS", len(raw), raw, 0, True, True)
 
 
 def build_rtstruct(ct: CtSeries, seg: np.ndarray, labels: dict[int, str]) -> tuple[Dataset, dict]:
@@ -389,7 +389,7 @@ def build_rtstruct(ct: CtSeries, seg: np.ndarray, labels: dict[int, str]) -> tup
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = RT_STRUCTURE_SET_STORAGE
     meta.MediaStorageSOPInstanceUID = sop_uid
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.TransferSyntaxUID = ImplicitVRLittleEndian     # 32-bit lengths: a long contour's ContourData stays DS
     ds = Dataset()
     ds.file_meta = meta
     ds.preamble = b"\0" * 128
@@ -446,14 +446,14 @@ def build_rtstruct(ct: CtSeries, seg: np.ndarray, labels: dict[int, str]) -> tup
 
 
 def _mark_encoded(ds: Dataset) -> None:
-    """Declare every (nested) dataset as already in the written encoding (explicit VR little
+    """Declare every (nested) dataset as already in the written encoding (implicit VR little
     endian, its character set): :func:`pydicom.dcmwrite` then writes the raw ContourData values
     as they are instead of decoding them (``Dataset.set_original_encoding``). The datasets hold
     no element of ambiguous VR, whose correction this skips."""
     charset = getattr(ds, "_character_set", None)
     if charset is None:                   # another pydicom: keep its default (slower) write path
         return
-    ds.set_original_encoding(False, True, charset)
+    ds.set_original_encoding(True, True, charset)
     for tag in list(ds.keys()):
         element = ds.get_item(tag)
         if not element.is_raw and element.VR == "SQ":

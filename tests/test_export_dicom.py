@@ -627,3 +627,36 @@ def test_convert_places_contours_by_geometry_when_references_are_blank(converted
     names2 = _labels(again)
     for name, value in _labels(dataset).items():
         assert np.array_equal(a == value, b == names2[name]), name
+
+
+def test_long_contour_keeps_its_vr(tmp_path, capsys):
+    """A noisy body outline on a 512 x 512 CT: one contour of ~3000 vertices, ContourData over
+    64 KiB, more than an explicit-VR DS element's 16-bit length can hold (pydicom would silently
+    write it as UN, which readers cannot decode). The RTSTRUCT (implicit VR little endian) keeps it
+    DS: dciodvfy finds no error and the vertices read back."""
+    from scipy import ndimage
+
+    from organmtl.demo_data.dicom_rt import Case, SeriesGeometry, write_ct_series
+
+    g = SeriesGeometry.centred((0.0, 0.0, 100.0), shape_zyx=(2, 512, 512), spacing_xyz=(0.977, 0.977, 2.5))
+    write_ct_series(tmp_path / "CT", Case("big", g, np.zeros((2, 512, 512), np.int16), [], 0))
+    ct = load_ct(tmp_path / "CT")
+    yy, xx = np.mgrid[:512, :512]
+    noise = ndimage.gaussian_filter(np.random.default_rng(0).standard_normal((512, 512)), 1.0)
+    body = ((xx - 256.3) / 250) ** 2 + ((yy - 250.7) / 250) ** 2 + 0.08 * noise / noise.std() < 1
+    parts, n = ndimage.label(body)
+    body = ndimage.binary_fill_holes(parts == 1 + np.argmax(ndimage.sum(body, parts, range(1, n + 1))))
+    seg = np.zeros((2, 512, 512), np.uint8)
+    seg[1] = body
+    pred = sitk.GetImageFromArray(seg)
+    pred.CopyInformation(ct.reference_image())
+    sitk.WriteImage(pred, str(tmp_path / "pred.nii.gz"))
+    out = tmp_path / "rs.dcm"
+    assert main(["export", "rtstruct", str(tmp_path / "pred.nii.gz"), "--dicom", str(tmp_path / "CT"),
+                 "--out", str(out)]) == 0, capsys.readouterr().err
+    _no_dciodvfy_error(out)
+    contour = pydicom.dcmread(str(out)).ROIContourSequence[0].ContourSequence[0]
+    assert contour[0x30060050].VR == "DS"
+    points = np.asarray(contour.ContourData, float).reshape(-1, 3)
+    assert len(points) == contour.NumberOfContourPoints > 2500
+    assert np.allclose(points[:, 2], ct.positions[1][2])
