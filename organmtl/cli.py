@@ -122,6 +122,10 @@ def add_install_hooks_parser(sub) -> None:
 def cmd_demo_data(args) -> int:
     from organmtl.demo_data import write_demo_data
 
+    if args.han_source == "atlas" and args.size != "demo":
+        print("organmtl demo-data: error: --size applies to the phantom; the atlas data has one grid "
+              "(2 x 2 x 2.5 mm)", file=sys.stderr)
+        return EXIT_USAGE
     index = write_demo_data(args.out, seed=args.seed, families=args.families, n_cases=args.n_cases,
                             overwrite=args.overwrite, han_size=args.size, han_source=args.han_source)
     for family, ids in index["families"].items():
