@@ -213,6 +213,9 @@ def read_labels(dataset_json: Path | None) -> dict[int, str] | None:
         if not isinstance(value, int) or value < 0:
             raise ConversionError(f"{dataset_json}: label {name!r} has value {value!r}, not a non-negative integer")
         if name.lower() not in NOT_EXPORTED:
+            if len(name) > 64 or re.search(r"[\\\x00-\x1f]", name):
+                raise ConversionError(f"{dataset_json}: label name {name!r} cannot be a DICOM ROIName / segment "
+                                      "label (LO: at most 64 characters, no backslash or control character)")
             out[value] = name
     return out
 

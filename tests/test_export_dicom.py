@@ -427,6 +427,10 @@ def _bad(tmp: Path, src: Path, dataset: Path, what: str) -> tuple[list, str, Pat
         j = tmp / "dataset.json"
         j.write_text(json.dumps({"labels": {"background": 0, "whole": [1, 2], "core": 2}}))
         return [pred, "--dicom", ct, "--dataset-json", j], "region", j
+    if what in ("label name too long", "backslash in a label name"):
+        j = tmp / "dataset.json"
+        j.write_text(json.dumps({"labels": {"background": 0, "x" * 65 if what == "label name too long" else "b\\c": 1}}))
+        return [pred, "--dicom", ct, "--dataset-json", j], "cannot be a DICOM ROIName", j
     if what == "broken dataset.json":
         j = tmp / "dataset.json"
         j.write_text("{not json")
@@ -448,8 +452,9 @@ def _bad(tmp: Path, src: Path, dataset: Path, what: str) -> tuple[list, str, Pat
     raise AssertionError(what)
 
 
-BAD = ("shifted", "size", "float", "unknown label", "empty", "not an image", "region labels", "broken dataset.json",
-       "no CT", "CT folder missing", "unknown series", "no --dicom", "exists", "empty prediction folder")
+BAD = ("shifted", "size", "float", "unknown label", "empty", "not an image", "region labels", "label name too long",
+       "backslash in a label name", "broken dataset.json", "no CT", "CT folder missing", "unknown series", "no --dicom",
+       "exists", "empty prediction folder")
 
 
 @pytest.mark.parametrize("what", BAD)
