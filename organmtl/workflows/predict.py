@@ -179,10 +179,17 @@ def detectron_backend(config: Path, weights: Path, device: str, opts: list[str] 
         raise ConversionError(f"{config}: Detectron2 volume prediction is not available ({e})") from None
     t0 = time.perf_counter()
     device = str(resolve_device(device))
-    labels = {int(k): str(v) for k, v in label_names(config, opts).items()}
+    try:                                  # the volume predictor says what a config lacks with ValueError
+        labels = {int(k): str(v) for k, v in label_names(config, opts).items()}
+    except (ValueError, FileNotFoundError) as e:
+        message = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+        raise ConversionError(message if str(config) in message else f"{config}: {message}") from None
 
     def predict(image: sitk.Image) -> sitk.Image:
-        return predict_volume(config, weights, image, device=device, opts=opts)
+        try:
+            return predict_volume(config, weights, image, device=device, opts=opts)
+        except ValueError as e:
+            raise ConversionError(f"{weights}: {str(e).strip().splitlines()[0]}") from None
 
     description = {"backend": "Detectron2", "config": str(Path(config).resolve()),
                    "weights": str(Path(weights).resolve()), "opts": list(opts or []), "device": device}
