@@ -34,6 +34,7 @@ keeps nnU-Net's 1000 x 250 x 50. It changes no network, patch or batch.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -109,9 +110,27 @@ def probe_patch(patch, steps) -> tuple[int, ...]:
     return tuple(min(p, max(s, int(round(p * scale / s)) * s)) for p, s in zip(patch, steps))
 
 
+def cpu_network(network: torch.nn.Module, force: bool = False) -> torch.nn.Module:
+    """``network`` itself when its parameters and buffers are on the CPU (and not ``force``), else a CPU copy
+    made without a second copy on the GPU (``deepcopy`` with every parameter and buffer pre-mapped to its CPU
+    clone): the probes count CPU tensor storage, and a CUDA trainer's network lives on the GPU."""
+    tensors = [*network.parameters(), *network.buffers()]
+    if not force and all(t.device.type == "cpu" for t in tensors):
+        return network
+    memo = {}
+    for p in network.parameters():
+        memo[id(p)] = torch.nn.Parameter(p.detach().to("cpu", copy=True), requires_grad=p.requires_grad)
+    for b in network.buffers():
+        memo[id(b)] = b.detach().to("cpu", copy=True)
+    return copy.deepcopy(network, memo)
+
+
 def probe(network: torch.nn.Module, num_input_channels: int, patch, optimizer: torch.optim.Optimizer,
           amp: str) -> MemoryModel:
-    """Two measured steps of ``network`` (batch 1 and 2 at ``patch``) -> :class:`MemoryModel`."""
+    """Two measured steps of ``network`` (batch 1 and 2 at ``patch``, on the CPU: :func:`cpu_network`)
+    -> :class:`MemoryModel`."""
+    network = cpu_network(network)
+
     def factory(params):
         return type(optimizer)(params, **optimizer.defaults)
     one = measure_network_step(network, (1, num_input_channels, *patch), factory, amp=amp)

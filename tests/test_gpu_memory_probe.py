@@ -46,3 +46,22 @@ def test_probe_predicts_the_activations_a_larger_patch_needs():
     assert model.predicted_gib(large, 2) - GPU_OVERHEAD_GIB == pytest.approx(actual.peak_gib, rel=0.1)
     # below the optimizer step's peak the prediction never drops under it
     assert model.predicted_gib(small, 1) - GPU_OVERHEAD_GIB == pytest.approx(model.floor_bytes / 1024 ** 3)
+
+
+def test_probe_measures_a_cpu_copy_of_a_network_on_another_device():
+    """A CUDA trainer's network lives on the GPU; the probes count CPU storage, so they step a CPU copy made
+    by mapping every parameter and buffer to a CPU clone (forced here: this machine has no GPU)."""
+    from organmtl.nnunet_trainers.gpu_memory import cpu_network
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.BatchNorm3d(4), nn.ReLU(), nn.Conv3d(4, 2, 1))
+    assert cpu_network(net) is net
+    copy = cpu_network(net, force=True)
+    originals = {t.data_ptr() for t in (*net.parameters(), *net.buffers())}
+    assert copy is not net and not originals & {t.data_ptr() for t in (*copy.parameters(), *copy.buffers())}
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), copy.state_dict().values()))
+    assert all(p.requires_grad for p in copy.parameters())
+    patch = (4, 8, 8)
+    a = probe(net, 1, patch, _sgd(net.parameters()), "none")
+    b = probe(copy, 1, patch, _sgd(copy.parameters()), "none")
+    assert (a.fixed_bytes, a.per_voxel_bytes, a.floor_bytes) == (b.fixed_bytes, b.per_voxel_bytes, b.floor_bytes)
