@@ -152,3 +152,64 @@ def test_eleven_point_map_perfect_and_empty(spine_coco):
                for a in gt.dataset["annotations"]]
     assert eleven_point_map(gt, perfect, "bbox")["AP11"] == pytest.approx(100.0)
     assert eleven_point_map(gt, [], "bbox")["AP11"] == 0.0
+
+
+class _FixedCrop(T.Augmentation):
+    """Detectron2's crop of the columns ``x0 .. x0 + w`` (all rows): a deterministic RandomCrop."""
+
+    def __init__(self, x0: int, w: int):
+        super().__init__()
+        self._init(locals())
+
+    def get_transform(self, image):
+        return T.CropTransform(self.x0, 0, self.w, image.shape[0])
+
+
+def test_crop_that_truncates_an_instance_gives_points_of_the_visible_part(monkeypatch):
+    """The 8 x 8 square at x 10..18, y 20..28 cropped at x = 14: the visible part is x 0..4 (crop
+    coordinates), y 20..28, a 4 x 8 rectangle of perimeter 24, so 8 points every 3 px clockwise from
+    its top centre (2, 20). Mask and box are cropped by Detectron2; the points must be too (issue 26)."""
+    monkeypatch.setattr("detectron2.data.detection_utils.read_image", lambda *a, **k: _record()["image"])
+    mapper = HMRNetDatasetMapper(_cfg(**{"INPUT.MASK_FORMAT": "bitmask"}), True)
+    mapper.use_instance_mask = True
+    mapper.augmentations = T.AugmentationList([_FixedCrop(14, 50)])
+    inst = mapper(_record())["instances"]
+    assert inst.image_size == (64, 50)
+    assert torch.allclose(inst.gt_boxes.tensor, torch.tensor([[0.0, 20.0, 4.0, 28.0]]))
+    assert inst.gt_masks.tensor[0].sum() == 4 * 8                     # Detectron2 cropped the mask
+    expected = [[2, 20], [4, 21], [4, 24], [4, 27], [2, 28], [0, 27], [0, 24], [0, 21]]
+    assert np.allclose(inst.gt_points[0].numpy(), expected, atol=1e-6)
+
+
+def test_crop_that_hides_an_instance_drops_it_with_its_points(monkeypatch):
+    monkeypatch.setattr("detectron2.data.detection_utils.read_image", lambda *a, **k: _record()["image"])
+    mapper = HMRNetDatasetMapper(_cfg(), True)
+    mapper.augmentations = T.AugmentationList([_FixedCrop(30, 34)])   # columns 30..64: the square is gone
+    inst = mapper(_record())["instances"]
+    assert len(inst) == 0 and tuple(inst.gt_points.shape) == (0, 8, 2)
+
+
+def test_paper_crop_on_keeps_every_point_target_on_its_cropped_mask(monkeypatch):
+    """INPUT.HMRNET_AUG crop on (relative size 0.5-1 of the 64 x 64 slice, at integer offsets): over
+    40 random crops, every instance's points lie in the image, span its (cropped) box and enclose
+    the area of its (cropped) mask (exactly, up to the corners the 400 resampled points cut: the
+    square's corners and the crop are on the pixel grid)."""
+    monkeypatch.setattr("detectron2.data.detection_utils.read_image", lambda *a, **k: _record()["image"])
+    cfg = _cfg(**{"INPUT.HMRNET_AUG.NAMES": "['crop']", "INPUT.HMRNET_AUG.CROP": "(0.5, 0.5)",
+                  "INPUT.MASK_FORMAT": "bitmask", "MODEL.HMRNET.NUM_POINTS": "400"})
+    mapper = HMRNetDatasetMapper(cfg, True)
+    mapper.use_instance_mask = True
+    truncated = 0
+    for seed in range(40):
+        np.random.seed(seed)
+        inst = mapper(_record())["instances"]
+        if not len(inst):                      # the window missed the square
+            continue
+        h, w = inst.image_size
+        for pts, mask, box in zip(inst.gt_points.numpy().astype(float), inst.gt_masks.tensor.numpy(),
+                                  inst.gt_boxes.tensor.numpy()):
+            assert (pts >= -1e-6).all() and (pts[:, 0] <= w + 1e-6).all() and (pts[:, 1] <= h + 1e-6).all()
+            assert np.allclose([*pts.min(0), *pts.max(0)], box, atol=0.35)      # point spacing <= 0.32 px
+            assert signed_area(pts) == pytest.approx(mask.sum(), abs=0.5)
+            truncated += int(mask.sum() < 64)
+    assert truncated >= 3                      # the crops did cut the square

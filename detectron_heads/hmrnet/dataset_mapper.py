@@ -16,9 +16,11 @@ from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from fvcore.transforms.transform import NoOpTransform, Transform
 
-from organmtl.geometry import canonical_contour, resample_closed
+from organmtl.geometry import canonical_contour, resample_closed, signed_area
 
 AUGMENTATIONS = ("flip", "rotate", "translate_scale", "crop", "blur")
+# An instance whose contour keeps less area than this (px^2) inside the augmented image is dropped.
+MIN_VISIBLE_AREA = 1e-3
 
 
 class GaussianBlurTransform(Transform):
@@ -83,17 +85,54 @@ def build_hmrnet_augmentation(cfg, is_train: bool) -> list:
     return augs
 
 
-def transform_contour_points(points, transforms: T.TransformList, num_points: int = 0) -> np.ndarray:
+def clip_to_window(xy: np.ndarray, width: float, height: float) -> np.ndarray:
+    """The closed polygon ``xy`` (N, 2) clipped to the image window [0, width] x [0, height]
+    (Sutherland-Hodgman, one window edge at a time), so it describes the part the image still
+    shows, the part Detectron2 keeps of the instance's mask and box after a crop, rotation or shift
+    pushed the rest outside. A polygon the window cuts into several pieces comes back as one
+    polygon whose pieces are joined by zero-area runs along the window edge. -> (M, 2), M = 0 when
+    nothing is inside."""
+    poly = np.asarray(xy, dtype=np.float64)
+    for axis, bound, keep_below in ((0, 0.0, False), (0, float(width), True),
+                                    (1, 0.0, False), (1, float(height), True)):
+        if not len(poly):
+            break
+        d = poly[:, axis] - bound
+        inside = d <= 0 if keep_below else d >= 0
+        out = []
+        for i in range(len(poly)):
+            j = (i + 1) % len(poly)
+            if inside[i]:
+                out.append(poly[i])
+            if inside[i] != inside[j]:                      # the edge i -> j crosses the window edge
+                t = d[i] / (d[i] - d[j])
+                out.append(poly[i] + t * (poly[j] - poly[i]))
+        poly = np.asarray(out).reshape(-1, 2)
+    if len(poly):
+        keep = np.any(np.abs(poly - np.roll(poly, 1, axis=0)) > 1e-9, axis=1)   # repeated vertices
+        poly = poly[keep] if keep.any() else poly[:1]
+    return poly
+
+
+def transform_contour_points(points, transforms: T.TransformList, num_points: int = 0,
+                             image_size: tuple[int, int] | None = None) -> np.ndarray | None:
     """Apply ``transforms`` to flat ``[x0, y0, ...]`` contour points and restore the canonical order
     of organmtl's COCO files (:func:`organmtl.geometry.canonical_contour`: clockwise on screen, start
     at the top crossing of the vertical line through the box centre): a horizontal flip reverses the
-    orientation, which is undone here, and rotations move the start, which is re-found. The contour
-    is then resampled from that start to ``num_points`` evenly spaced points (> 0) or to as many as
-    it had. -> (p, 2)."""
+    orientation, which is undone here, and rotations move the start, which is re-found. With
+    ``image_size`` (h, w) of the transformed image the contour is first clipped to it
+    (:func:`clip_to_window`): an instance that a crop, rotation or shift truncated gets the contour of
+    its visible part, as its mask and box do, and ``None`` is returned when no area of it is left.
+    The contour is then resampled from its start to ``num_points`` evenly spaced points (> 0) or to
+    as many as it had. -> (p, 2) or None."""
     xy = np.asarray(points, dtype=np.float64).reshape(-1, 2)
     n = len(xy)
-    xy = canonical_contour(transforms.apply_coords(xy.copy()))
-    return resample_closed(xy, num_points or n)
+    xy = transforms.apply_coords(xy.copy())
+    if image_size is not None:
+        xy = clip_to_window(xy, image_size[1], image_size[0])
+        if len(xy) < 3 or abs(signed_area(xy)) < MIN_VISIBLE_AREA:
+            return None
+    return resample_closed(canonical_contour(xy), num_points or n)
 
 
 def _has_shape_head(cfg) -> bool:
@@ -106,7 +145,8 @@ def _has_shape_head(cfg) -> bool:
 
 class HMRNetDatasetMapper(DatasetMapper):
     """Detectron2's DatasetMapper plus ``instances.gt_points`` (R, p, 2): each annotation's
-    ``contour_points`` transformed with the image (:func:`transform_contour_points`). Augmentations
+    ``contour_points`` transformed with the image and clipped to it (:func:`transform_contour_points`;
+    an instance with no area left in the image is dropped). Augmentations
     come from :func:`build_hmrnet_augmentation`; boxes are recomputed from the polygons after a
     rotation (Detectron2 would otherwise enlarge them)."""
 
@@ -136,7 +176,10 @@ class HMRNetDatasetMapper(DatasetMapper):
                 if "contour_points" not in obj:
                     raise ValueError(f"{dataset_dict.get('file_name')}: annotation without contour_points "
                                      "(write the COCO folder with 'organmtl convert ... --to coco')")
-                points.append(transform_contour_points(obj["contour_points"], transforms, self.num_points))
+                pts = transform_contour_points(obj["contour_points"], transforms, self.num_points, image_shape)
+                if pts is None:                     # augmented out of the image: no shape to learn
+                    continue
+                points.append(pts)
             if not self.use_instance_mask:
                 obj.pop("segmentation", None)
             elif self.instance_mask_format == "bitmask" and isinstance(obj.get("segmentation"), list):
