@@ -316,6 +316,13 @@ def render_fine(m: dict[str, np.ndarray], sp_zyx, rng: np.random.Generator) -> t
     core = organs | vert | disc
     for k, (cy, cx) in canal_c.items():
         core[k] |= _ellipse(shape[1:], cy + 45.0 / sp[1], cx, 12.0 / sp[1], 40.0 / sp[2])
+    # the midface (maxilla, teeth, lips) between the orbits and the chin, as far forward as the globes
+    if have_orbits:
+        mand = np.argwhere(mandible)
+        z_low = int(mand[:, 0].min()) if len(mand) else 0
+        y_front = min(c_orb["Lt"][1], c_orb["Rt"][1])
+        for k in range(z_low, int(z_orbit)):
+            core[k] |= _ellipse(shape[1:], y_front + 6.0 / sp[1], mid_x, 10.0 / sp[1], 24.0 / sp[2])
     cc = _coarse_any(core)
     csp = (sp[0], sp[1] * FINE, sp[2] * FINE)
     hull = _convex_hull_slices(cc)
@@ -335,8 +342,8 @@ def render_fine(m: dict[str, np.ndarray], sp_zyx, rng: np.random.Generator) -> t
     tex = _smooth_field(rng, shape, (2.0, 6.0 / sp[1], 6.0 / sp[2]))
     img[body] = hu["muscle"]
     img[body & (tex > 0.6)] = hu["fat"]                          # fat planes between the muscles
-    img[body & (d_skin <= fat_t + 1.5 * FINE)] = hu["fat"]       # subcutaneous fat
-    img[body & (d_skin <= 1.5 * FINE)] = hu["skin"]
+    img[body & (d_skin <= fat_t + 1.5)] = hu["fat"]              # subcutaneous fat (d_skin in mm)
+    img[body & (d_skin <= 1.5)] = hu["skin"]
     info["body"] = body
 
     # --- skull: a shell around the brain (inner table, diploe, outer table), a CSF layer inside it;
