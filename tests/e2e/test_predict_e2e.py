@@ -3,7 +3,8 @@ nnU-Net model (session fixture ``dicom_rt_model``) to RTSTRUCT + SEG + NIfTI, re
 independent readers: rt-utils (OpenCV fill of the contours; installed from the pinned version in
 requirements/constraints.txt into a private folder without its opencv-python requirement, the
 headless OpenCV here provides the same ``cv2``) and highdicom, each at Dice >= 0.98 per ROI
-against the predicted label map (``--format nifti``), which must hold foreground.
+against the predicted label map (``--format nifti``), which must hold foreground; a second,
+broken series in the same run fails alone (exit 1).
 """
 from __future__ import annotations
 
@@ -119,3 +120,4 @@ def test_ct_only_folder_to_rtstruct_and_seg_read_by_independent_readers(dicom_rt
         pixels = seg.get_pixels_by_source_instance([s.SOPInstanceUID for s in ct], combine_segments=True)
         for value, name in present.items():
             assert _dice(label == value, pixels == numbers[name]) >= 0.98, (case, name)
+
