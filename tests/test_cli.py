@@ -192,3 +192,38 @@ def test_unavailable_device_is_one_line_exit_2(monkeypatch, capsys, tmp_path):
                  "-device", "cuda"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("organmtl predict-centres: error: -device cuda: no CUDA"), err
+
+
+def test_readme_quick_start_writes_what_it_predicts_and_evaluates(tmp_path):
+    """The README's "Using it" data commands (demo-data restricted to the head-and-neck family, for time)
+    write the imagesTs that its nnUNetv2_predict reads and the labelsTs that its evaluate compares with,
+    the same cases in both."""
+    import os
+    import shlex
+    import string
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = readme.split("## Using it", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    lines = [line.split("  #", 1)[0].strip() for line in block.splitlines() if line.strip() and
+             not line.lstrip().startswith("#")]
+    data = [line for line in lines if line.startswith(("organmtl demo-data", "mkdir", "mv", "organmtl convert pddca"))]
+    assert len(data) >= 3 and any("--test" in line for line in data), data
+    data = [f"{line} --families han_pddca" if line.startswith("organmtl demo-data") else line for line in data]
+    env = {**os.environ, **nnunet_env_vars(tmp_path / "nnunet"),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    r = subprocess.run(["bash", "-ec", "\n".join(data)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+    def argument(command: str, option: str | None, position: int | None = None) -> Path:
+        line = next(line for line in lines if line.startswith(command))
+        words = [string.Template(w).safe_substitute(env) for w in shlex.split(line)]
+        text = words[words.index(option) + 1] if option else words[position]
+        return Path(text) if os.path.isabs(text) else tmp_path / text
+
+    images = argument("nnUNetv2_predict", "-i")
+    labels = argument("organmtl evaluate", None, 3)
+    assert images.name == "imagesTs" and labels.name == "labelsTs"
+    cases = sorted(p.name.split("_0000")[0] for p in images.iterdir())
+    assert cases and cases == sorted(p.name.split(".")[0] for p in labels.iterdir())
