@@ -325,6 +325,112 @@ def focal_study(env: dict, n_steps: int, n_val: int = 20) -> str:
     return "\n".join(lines)
 
 
+#: the code before the one-paste-per-case rule (per-window paste, floor 0.0): its network is loaded from git
+PER_WINDOW_REVISION = "81fa3b8"
+
+
+def _old_focusnet_class():
+    """``FocusNet`` of :data:`PER_WINDOW_REVISION` (per-window paste), from ``git show`` (its other modules are
+    unchanged since), for the before/after inference timing."""
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[1]
+    text = subprocess.run(["git", "-C", str(root), "show", f"{PER_WINDOW_REVISION}:nnunet_trainers/focusnet/network.py"],
+                          check=True, capture_output=True, text=True).stdout
+    path = Path(tempfile.mkdtemp(prefix="focusnet_old_")) / "old_network.py"
+    path.write_text(text)
+    spec = importlib.util.spec_from_file_location("focusnet_old_network", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.FocusNet
+
+
+def _infer_child(device: str, n_runs: int, queue) -> None:
+    """``--infer-only``: seconds per volume of 2x the patch per axis (median of ``n_runs`` after a warm-up, mirroring
+    off), freshly initialised trainers (the cost does not depend on the weights, only on how many pastes run):
+    stock nnU-Net, S-Net and FocusNetv2 through nnU-Net's predictor; FocusNetv2 with every small organ pasted,
+    (a) before: the per-window rule of :data:`PER_WINDOW_REVISION` with every window pasting (floor 0, no relative
+    test: its worst case; trained models pasted in 1-9 of 27 windows, docs/focusnetv2.md), (b) now: one paste per
+    organ and case (:class:`FocusNetPredictor`, floor 0: its worst case)."""
+    import torch
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    import organmtl.nnunet_trainers as trainers
+    from organmtl.nnunet_trainers.focusnet.predict import FocusNetPredictor
+    from trainer_timing import initialized_trainer
+
+    pre = Path(os.environ["nnUNet_preprocessed"]) / f"Dataset{DATASET}_BenchHaN"
+    plans = json.loads((pre / "nnUNetPlans.json").read_text())
+    dataset_json = json.loads((pre / "dataset.json").read_text())
+    dev = torch.device(device)
+
+    def seconds(predictor_cls, network, trainer, name):
+        pred = predictor_cls(tile_step_size=0.5, use_gaussian=True, use_mirroring=False,
+                             perform_everything_on_device=dev.type == "cuda", device=dev, allow_tqdm=False)
+        if hasattr(pred, "quiet"):
+            pred.quiet = True
+        pred.manual_initialization(network, trainer.plans_manager, trainer.configuration_manager, None,
+                                   trainer.dataset_json, name, None)
+        torch.manual_seed(0)
+        vol = torch.randn(1, *[int(s * 2) for s in trainer.configuration_manager.patch_size])
+        times = []
+        for i in range(n_runs + 1):
+            t0 = time.perf_counter()
+            pred.predict_sliding_window_return_logits(vol)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            if i:
+                times.append(time.perf_counter() - t0)
+        return float(np.median(times))
+
+    out = {}
+    torch.manual_seed(0)
+    for key, name in (("stock", TRAINERS[0]), ("snet", TRAINERS[1]), ("focusnetv2", TRAINERS[3])):
+        tr = initialized_trainer(getattr(trainers, name), plans, "3d_tiny", dataset_json, device)
+        net = tr._module().eval()
+        if key != "focusnetv2":
+            out[key] = seconds(nnUNetPredictor, net, tr, name)
+            continue
+        net.sos_trained.fill_(True)
+        net.heat_floor.fill_(0.0)
+        out["focusnetv2_once_per_case"] = seconds(FocusNetPredictor, net, tr, name)
+        old_cls = _old_focusnet_class()
+        s = tr.focus_settings
+        old = old_cls(net.in_channels, net.num_classes, s["small_labels"], s["roi_size"], use_sos=s["use_sos"],
+                      concat_image=s["concat_image"], use_ae=s["use_ae"], heat_threshold=0.0, heat_relative=None,
+                      width=s["width"]).to(dev)
+        old.load_state_dict({k: v for k, v in net.state_dict().items() if k != "heat_floor"})
+        old.eval()
+        out["focusnetv2_per_window"] = seconds(nnUNetPredictor, old, tr, name)
+        out["per_window_pastes"] = old.paste_tally["pasted"]
+        out["windows"] = old.paste_tally["windows"]
+    queue.put(out)
+
+
+def infer_only(env: dict, device: str, n_runs: int) -> str:
+    """Inference seconds per volume, before/after the one-paste-per-case rule, in one fresh process."""
+    ctx = mp.get_context("spawn")
+    old = dict(os.environ)
+    os.environ.update(env)
+    try:
+        q = ctx.Queue()
+        p = ctx.Process(target=_infer_child, args=(device, n_runs, q))
+        p.start()
+        r = q.get(timeout=3600)
+        p.join()
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
+    print(json.dumps(r, indent=1))
+    ref = r["stock"]
+    rows = [("stock nnU-Net", r["stock"]), ("S-Net", r["snet"]),
+            ("FocusNetv2, per-window paste (before; every window pasting)", r["focusnetv2_per_window"]),
+            ("FocusNetv2, one paste per organ and case (now; every organ pasted)", r["focusnetv2_once_per_case"])]
+    lines = ["| predictor | s / volume | vs stock | vs S-Net |", "|---|---|---|---|"]
+    lines += [f"| {n} | {v:.3f} | {v / ref:.2f}x | {v / r['snet']:.2f}x |" for n, v in rows]
+    return "\n".join(lines)
+
+
 #: phase columns of the ``--steps-only`` table
 O_PHASES = ("snet", "sol", "ae", "sos", "joint")
 
@@ -407,6 +513,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps-only", action="store_true",
                     help="only the train-step times per phase of freshly initialised trainers (no training): "
                          "median of --steps steps on one batch holding every small organ, ratios to stock")
+    ap.add_argument("--infer-only", action="store_true",
+                    help="only inference seconds per volume (fresh weights, every paste permitted): stock, S-Net, "
+                         "FocusNetv2 per-window paste (the code before the one-paste rule) and one paste per case")
     ap.add_argument("--focal-study", type=int, default=None, metavar="STEPS",
                     help="S-Net trained STEPS steps with three scales of the focal weights (no other output)")
     a = ap.parse_args(argv)
@@ -422,6 +531,10 @@ def main(argv=None) -> dict:
     raw = prepare(work, 8 if a.quick else 16, env)
     if a.focal_study:
         md = focal_study(env, a.focal_study)
+        print(md)
+        return {"markdown": md, "work": str(work)}
+    if a.infer_only:
+        md = infer_only(env, a.device, a.steps or 3)
         print(md)
         return {"markdown": md, "work": str(work)}
     if a.steps_only:

@@ -29,6 +29,7 @@ USER_ERRORS = (
     ("organmtl.evaluation.report", "ReportError"),
     ("organmtl.nnunet_trainers.landmarks.predict", "LandmarkPredictionError"),
     ("organmtl.nnunet_trainers.focusnet.centres", "CentresError"),
+    ("organmtl.nnunet_trainers.focusnet.predict", "FocusNetPredictionError"),
     ("organmtl.workflows.multitask_experiments", "ExperimentError"),
     ("organmtl.workflows.demo", "DemoError"),
     ("organmtl.nnunet_plans", "PlanError"),
@@ -225,6 +226,33 @@ def add_predict_landmarks_parser(sub) -> None:
     p.add_argument("-device", default="auto", choices=("auto", "cuda", "cpu", "mps"),
                    help="device (default auto: cuda if available, else cpu)")
     p.set_defaults(func=cmd_predict_landmarks)
+
+
+def cmd_predict_focusnet(args) -> int:
+    from organmtl.nnunet_trainers.focusnet.predict import run
+
+    run(args)
+    return EXIT_OK
+
+
+def add_predict_focusnet_parser(sub) -> None:
+    p = sub.add_parser("predict-focusnet", help="segmentations of a FocusNet model with its small organs pasted once "
+                       "per case at the SOL-Net peak (the paper's rule); nnUNetv2_predict's options (docs/focusnetv2.md)")
+    p.add_argument("-i", required=True, help="input folder (image channels _0000...)")
+    p.add_argument("-o", required=True, help="output folder")
+    add_dataset_option(p, "dataset name or id", type=str, required=True)
+    p.add_argument("-c", required=True, help="configuration")
+    p.add_argument("-f", nargs="+", default=["0", "1", "2", "3", "4"], help="folds (default 0 1 2 3 4)")
+    p.add_argument("-tr", default="nnUNetTrainerOMTLFocusNetV2", help="trainer (default %(default)s)")
+    p.add_argument("-p", default="nnUNetPlans", help="plans identifier (default %(default)s)")
+    p.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint file name (default %(default)s)")
+    p.add_argument("-step_size", type=float, default=0.5, help="sliding-window step, fraction of the patch (default 0.5)")
+    p.add_argument("--disable_tta", action="store_true", help="no mirroring test-time augmentation")
+    p.add_argument("--save_probabilities", action="store_true", help="also write the class probabilities (.npz)")
+    p.add_argument("-npp", type=positive_int, default=1, help="preprocessing processes (default 1)")
+    p.add_argument("-nps", type=positive_int, default=1, help="export processes (default 1)")
+    p.add_argument("-device", default="cuda", choices=("cuda", "cpu", "mps"), help="device (default cuda)")
+    p.set_defaults(func=cmd_predict_focusnet)
 
 
 def cmd_predict_centres(args) -> int:
@@ -456,6 +484,7 @@ COMMANDS = [
     add_plan_tiny_parser,
     add_predict_landmarks_parser,
     add_predict_centres_parser,
+    add_predict_focusnet_parser,
     add_predict_parser,
     add_export_parser,
     add_evaluate_parser,

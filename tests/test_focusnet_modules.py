@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from organmtl.nnunet_trainers.focusnet.blocks import DenseASPP3d, SEResBlock, SqueezeExcitation3d
-from organmtl.nnunet_trainers.focusnet import options as O
 from organmtl.nnunet_trainers.focusnet.network import FocusNet, SNet, overlay_probability
 from organmtl.nnunet_trainers.focusnet.roi import (crop_roi, gaussian_heatmap, heatmap_peak, mask_centre, paste_roi,
                                                    roi_start)
@@ -163,9 +162,9 @@ def test_overlay_probability_sets_softmax_of_the_small_organ():
     torch.testing.assert_close(sm[[0, 1, 3, 4]] / (1 - p), rest, atol=1e-5, rtol=1e-4)
 
 
-def test_inference_pastes_sos_mask_around_the_heatmap_peak():
+def test_case_paste_puts_the_sos_mask_around_the_heatmap_peak():
     torch.manual_seed(0)
-    net = FocusNet(1, 4, small_labels=[3], roi_size=(2, 4, 4), heat_threshold=0.0, width=0.25).eval()
+    net = FocusNet(1, 4, small_labels=[3], roi_size=(2, 4, 4), width=0.25).eval()
 
     class Peak(torch.nn.Module):
         def forward(self, feats):
@@ -180,13 +179,16 @@ def test_inference_pastes_sos_mask_around_the_heatmap_peak():
     net.sol = Peak()
     net.sos[0] = Certain()
     net.sos_trained.fill_(True)
-    seg = net(torch.randn(1, 1, 6, 12, 12)).argmax(1)[0]
+    net.heat_floor.fill_(0.5)
+    x = torch.randn(1, 1, 6, 12, 12)
+    seg = net(x, part="case").argmax(1)[0]
     box = torch.zeros_like(seg, dtype=torch.bool)
     box[2:4, 3:7, 4:8] = True
     assert (seg[box] == 3).all()
-    assert net.last_centres[0][3] == ((3, 5, 6), 1.0)
+    assert net.last_centres[0][3] == ((3, 5, 6), 1.0, True)
+    assert torch.equal(net(x, part="case")[0][:, ~box], net.segment(x)[0][0][:, ~box])   # nothing outside the ROI
     net.paste_small_organs = False
-    assert not (net(torch.randn(1, 1, 6, 12, 12)).argmax(1)[0][box] == 3).all()
+    assert not (net(x, part="case").argmax(1)[0][box] == 3).all()
 
 
 def test_channels_last_layout_gives_the_same_outputs_and_gradients():
@@ -221,7 +223,9 @@ def test_channels_last_layout_gives_the_same_outputs_and_gradients():
     fresh = FocusNet(1, 4, [2, 3], (4, 8, 8), width=0.25)
     fresh.load_state_dict(ref.state_dict())
     fresh.eval()
-    assert torch.allclose(fresh(x), cl(x), atol=1e-5) and fresh.channels_last
+    for net in (fresh, cl):
+        net.heat_floor.fill_(0.0)                              # every organ pasted at the sample's peak
+    assert torch.allclose(fresh(x, part="case"), cl(x, part="case"), atol=1e-5) and fresh.channels_last
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -238,14 +242,14 @@ def test_overlay_probability_is_finite_in_half_precision_and_argmax_equal_to_fp3
     assert (ref.argmax(0)[3:] == 2).all() and (ref.argmax(0)[:2] != 2).all()    # p ~ 1 wins, p ~ 0 loses
 
 
-def _pasting_net(heat_value, flat: bool, **kw):
-    """FocusNet whose SOL-Net returns a fixed heatmap (a peak of ``heat_value`` at (3, 5, 6) on zeros, or
-    ``heat_value`` everywhere) and whose SOS-Net is certain of its organ (label 3)."""
+def _pasting_net(heat_value, **kw):
+    """FocusNet whose SOL-Net returns a fixed heatmap (a peak of ``heat_value`` at (3, 5, 6) on zeros) and whose
+    SOS-Net is certain of its organ (label 3)."""
     net = FocusNet(1, 4, small_labels=[3], roi_size=(2, 4, 4), width=0.25, **kw).eval()
 
     class Heat(torch.nn.Module):
         def forward(self, feats):
-            h = torch.full((feats.shape[0], 1, *feats.shape[2:]), heat_value if flat else 0.0)
+            h = torch.zeros((feats.shape[0], 1, *feats.shape[2:]))
             h[:, 0, 3, 5, 6] = heat_value
             return h
 
@@ -258,32 +262,36 @@ def _pasting_net(heat_value, flat: bool, **kw):
     return net
 
 
-def test_low_but_clear_heatmap_peak_pastes_and_a_flat_map_does_not(capsys):
-    """The trained SOL-Net's peaks stay far below 0.5 (MSE over the whole patch): a window pastes a
-    small organ when its peak stands out, whatever its height; a flat map (no centre) pastes nothing."""
+def test_a_case_pastes_only_where_its_peak_reaches_the_calibrated_floor(capsys):
+    """The floor (``heat_floor``, saved with the weights) decides, not the window: uncalibrated weights paste
+    nothing, a peak below the floor pastes nothing, a peak above it pastes; ``heat_threshold`` is a lower
+    bound of the floor. nnU-Net's per-window call never pastes and says so once."""
     torch.manual_seed(0)
     x = torch.randn(1, 1, 6, 12, 12)
     box = torch.zeros(6, 12, 12, dtype=torch.bool)
     box[2:4, 3:7, 4:8] = True
-    options = O.FocusNetOptions()
-    peaked = _pasting_net(0.2, False, heat_threshold=options.heat_threshold, heat_relative=options.heat_relative)
-    assert (peaked(x).argmax(1)[0][box] == 3).all()
-    flat = _pasting_net(0.2, True, heat_threshold=options.heat_threshold, heat_relative=options.heat_relative)
-    assert torch.equal(flat(x), flat.segment(x)[0])                     # S-Net's logits, nothing pasted
-    old_rule = _pasting_net(0.2, False, heat_threshold=0.5)              # weights stored before heat_relative
-    assert torch.equal(old_rule(x), old_rule.segment(x)[0])
-    # the window's peak at its border: the neighbouring window (where it is central) pastes it instead
-    border = _pasting_net(0.2, False, heat_threshold=0.0, heat_relative=0.5)
-    assert not border.should_paste(torch.zeros(6, 12, 12), (3, 0, 6), 0.2)
-    assert border.should_paste(torch.zeros(6, 12, 12), (3, 5, 6), 0.2)
-    # per case (nnU-Net's predictor calls eval() before each case): how many small organs were pasted
-    peaked(x)
-    assert peaked.paste_tally == {"windows": 2, "pasted": {3: 2}}
-    peaked.eval()
-    assert "FocusNet: 1 of 1 small organs pasted in this case (2 window evaluations" in capsys.readouterr().out
-    assert peaked.paste_tally == {"windows": 0, "pasted": {3: 0}}
-    flat.eval()
-    assert "FocusNet: 0 of 1 small organs pasted in this case" in capsys.readouterr().out
+    net = _pasting_net(0.2)
+    snet = net.segment(x)[0]
+    assert torch.equal(net(x, part="case"), snet)                         # uncalibrated: +inf
+    net.heat_floor.fill_(0.3)
+    assert torch.equal(net(x, part="case"), snet) and net.last_centres[0][3] == ((3, 5, 6), pytest.approx(0.2), False)
+    net.heat_floor.fill_(0.1)
+    assert (net(x, part="case").argmax(1)[0][box] == 3).all() and net.last_centres[0][3][2]
+    assert net.floors() == [pytest.approx(0.1)]
+    bounded = _pasting_net(0.2, heat_threshold=0.25)
+    bounded.heat_floor.fill_(0.1)
+    assert bounded.floors() == [0.25] and torch.equal(bounded(x, part="case"), bounded.segment(x)[0])
+    # nnU-Net's sliding window calls the network per window: S-Net's logits, and one line naming the command
+    assert torch.equal(net(x), snet) and torch.equal(net(x), snet)
+    assert capsys.readouterr().out.count("organmtl predict-focusnet") == 1
+    # the floor travels with the weights; weights saved before it existed have none (+inf: nothing pasted)
+    again = _pasting_net(0.2)
+    again.load_state_dict(net.state_dict())
+    assert again.floors() == [pytest.approx(0.1)]
+    legacy = {k: v for k, v in net.state_dict().items() if k != "heat_floor"}
+    old = _pasting_net(0.2)
+    old.load_state_dict(legacy)
+    assert old.floors() == [float("inf")]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -292,6 +300,8 @@ def test_confident_network_predicts_finite_logits_under_autocast(dtype):
     torch.manual_seed(0)
     net = FocusNet(1, 4, small_labels=[2, 3], roi_size=(2, 4, 4), heat_threshold=0.5, width=0.125).eval()
     net.sos_trained.fill_(True)
+    net.heat_floor.fill_(0.5)
+    net.eval_call = "case"                       # the trainer's validation call (each input a case)
     with torch.no_grad():
         net.sol.out.bias.fill_(30.0)
         net.sos[0].out.bias.fill_(30.0)          # organ 2: probability 1 everywhere in its ROI
@@ -308,13 +318,14 @@ def test_confident_network_predicts_finite_logits_under_autocast(dtype):
 def test_untrained_sos_weights_are_not_pasted_and_old_weights_count_as_trained():
     torch.manual_seed(0)
     net = FocusNet(1, 4, small_labels=[2], roi_size=(2, 4, 4), heat_threshold=0.0, width=0.125).eval()
+    net.heat_floor.fill_(0.0)
     x = torch.randn(1, 1, 6, 12, 12)
     snet_only = net.segment(x)[0]
     assert not bool(net.sos_trained)
     with pytest.warns(UserWarning, match="untrained"):
-        assert torch.equal(net(x), snet_only)
+        assert torch.equal(net(x, part="case"), snet_only)
     net.sos_trained.fill_(True)
-    assert not torch.equal(net(x), snet_only)
+    assert not torch.equal(net(x, part="case"), snet_only)
     legacy = {k: v for k, v in net.state_dict().items() if k != "sos_trained"}
     fresh = FocusNet(1, 4, small_labels=[2], roi_size=(2, 4, 4), heat_threshold=0.0, width=0.125)
     fresh.load_state_dict(legacy)

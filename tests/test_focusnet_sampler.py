@@ -127,12 +127,18 @@ def test_whole_organ_sampler_only_in_the_ae_sos_joint_phases(tmp_path, monkeypat
                 tr.dataloader_train, tr.dataloader_val = tr.get_dataloaders()
             tr._switch_sampler()
             kinds[phase] = type(tr.dataloader_train.data_loader)
-            if phase in ("sos", "joint"):
+            if phase in ("ae", "sos", "joint"):
+                # ae: every sample holds the Chiasm; sos/joint: a third of the samples at nnU-Net's random positions
+                # (SOS-Net's negatives)
+                assert tr.dataloader_train.data_loader.random_fraction == (0.0 if phase == "ae" else pytest.approx(1 / 3))
+            if phase == "ae":
                 np.random.seed(0), torch.manual_seed(0)
                 batch = next(tr.dataloader_train)
                 target = batch["target"][0] if isinstance(batch["target"], list) else batch["target"]
                 assert all((target[b] == 2).any() for b in range(target.shape[0]))   # the Chiasm in every sample
-                out = tr.train_step(batch)
+            if phase in ("sos", "joint"):
+                np.random.seed(0), torch.manual_seed(0)
+                out = tr.train_step(next(tr.dataloader_train))
                 assert out["focusnet_trained"] and np.isfinite(out["loss"])
         assert type(tr.dataloader_val.data_loader) is nnUNetDataLoader
     assert kinds == {"snet": nnUNetDataLoader, "sol": nnUNetDataLoader, "ae": WholeSmallOrganDataLoader,

@@ -1,7 +1,7 @@
 """FocusNet train steps on nnU-Net's AMP path (docs/focusnetv2.md "Mixed precision and multi-GPU"):
 every phase's ``train_step`` of the real trainer: ``snet``/``sol``/``ae`` in fp32 bit-identical to the step
 logic before the AMP change (a saved copy below); ``sos``/``joint`` (one autoencoder forward, G and D
-gradients per parameter group, SOS-Net batched per organ, no SOL-Net in ``sos``) equal within float
+gradients per parameter group, SOS-Net batched per organ, ROIs where SOS-Net meets them) equal within float
 tolerance, losses and gradients, to the alternating two-pass formulation written out below; finite under
 CPU autocast fp16/bf16, NaN-free epoch logging when a batch has no small organ, "best" checkpoints from
 the last phase only."""
@@ -222,8 +222,8 @@ def _two_pass_sos_step(tr, data, target, joint):
     clip, step. Returns the G loss and the D loss."""
     net = tr._module()
     labels, roi = tr.focus_settings["small_labels"], tr.focus_settings["roi_size"]
-    centres = tr._small_centres(target, tr.centre_jitter)
     h = net.run_heatmap(data, train_snet=joint, train_sol=joint)
+    centres = tr._sos_centres(target, h.heatmaps.detach())          # SOL-Net's peak, offsets, negatives
     x = net._layout(data)
     records = []
     for b in range(x.shape[0]):
@@ -236,8 +236,10 @@ def _two_pass_sos_step(tr, data, target, joint):
         / len(records)
     if joint:
         loss = loss + tr.loss(h.logits, target) + L.heatmap_l2_loss(h.heatmaps, tr._heatmap_targets(target))
-    per_organ = [([g for r, g in zip(records, gts) if r[1] == k], [r[3] for r in records if r[1] == k])
+    shaped = [(r, g) for r, g in zip(records, gts) if bool(g.any())]     # the shape terms: ROIs holding their organ
+    per_organ = [([g for r, g in shaped if r[1] == k], [r[3] for r, _ in shaped if r[1] == k])
                  for k in range(len(labels))]
+    records = shaped
     masks = [torch.cat([torch.stack(g), torch.stack(p)]) if g else None for g, p in per_organ]
     for prm in net.shape_ae.parameters():
         prm.requires_grad_(False)
@@ -280,7 +282,8 @@ def test_fused_sos_step_equals_the_two_pass_g_and_d_steps(folders, phase, monkey
     """The fused step (one autoencoder forward over [GT; prediction], G gradients for the segmentation
     parameters and D gradients for the autoencoder from it, one optimizer step) against the alternating G and
     D steps: the same G loss, the same gradients per parameter (G step: SOS-Nets, + S-Net/SOL-Net in
-    ``joint``; D step: the autoencoder) handed to the optimizer; SOL-Net not run in ``sos``."""
+    ``joint``; D step: the autoencoder) handed to the optimizer; SOL-Net runs in both phases (SOS-Net's ROIs
+    may sit at its peak), frozen in ``sos``."""
     batch = make_batch(1)
     data, target = batch["data"], batch["target"][0]
     with one_thread():
@@ -304,7 +307,7 @@ def test_fused_sos_step_equals_the_two_pass_g_and_d_steps(folders, phase, monkey
     assert len(ref_steps) == 2 and len(new_steps) == 1
     assert float(out["loss"]) == pytest.approx(float(ref_g.detach()), rel=1e-5)
     assert len(d_losses) == 1 and float(d_losses[0].detach()) == pytest.approx(float(ref_d.detach()), rel=1e-5)
-    assert bool(sol_calls) == (phase == "joint")
+    assert sol_calls
     g_ref, d_ref = ref_steps
     assert set(d_ref) == {n for n in new_steps[0] if n.startswith("shape_ae.")} and d_ref
     assert set(g_ref) == {n for n in new_steps[0] if not n.startswith("shape_ae.")} and g_ref
@@ -343,11 +346,12 @@ def test_every_phase_trains_finite_under_cpu_autocast(folders, dtype):
         assert all(torch.isfinite(p).all() for p in tr._module().parameters())
         net = tr._module().eval()
         net.sos_trained.fill_(True)
+        net.heat_floor.fill_(0.5)
         with torch.no_grad():
-            net.sol.out.bias.fill_(30.0)                     # saturate SOL-Net: every window pastes
+            net.sol.out.bias.fill_(30.0)                     # saturate SOL-Net: the case's peak reaches the floor
             with torch.autocast("cpu", dtype=dtype):
-                pred = net(batch["data"][:1])
-        assert torch.isfinite(pred).all() and net.last_centres[0][2][1] == 1.0
+                pred = net(batch["data"][:1], part="case")
+        assert torch.isfinite(pred).all() and net.last_centres[0][2][1:] == (1.0, True)
 
 
 def test_epoch_loss_is_finite_when_an_ae_batch_has_no_small_organ(folders):
@@ -407,3 +411,46 @@ def test_checkpoint_best_comes_from_the_last_phase_and_records_what_is_trained(f
     with pytest.warns(UserWarning, match="untrained"):
         pred = net(x)
     assert torch.equal(pred, net.segment(x)[0])
+
+
+def test_sos_rois_sit_where_inference_puts_them_offsets_and_negatives(folders):
+    """SOS-Net's training ROIs (``_sos_centres``): an absent organ gets a negative ROI at SOL-Net's peak (its target
+    is empty); a present organ's ROI is at SOL-Net's peak or at the ground-truth centre moved by at most
+    max(centre_jitter, ROI // 4) per axis; both kinds occur."""
+    with one_thread():
+        tr = make_trainer()
+    batch = make_batch(3)
+    target = batch["target"][0].clone()
+    target[1][target[1] == 2] = 0                                   # sample 1 without the Chiasm
+    heat = torch.zeros(2, 1, *PATCH)
+    heat[:, 0, 6, 20, 3] = 0.9                                      # SOL-Net points far from the organ
+    truth = tuple(int(v) for v in torch.nonzero(target[0, 0] == 2).float().mean(0).round())
+    reach = [max(tr.centre_jitter, r // 4) for r in tr.focus_settings["roi_size"]]
+    kinds = set()
+    torch.manual_seed(0)
+    for _ in range(40):
+        c = tr._sos_centres(target, heat)
+        assert c[1][0] == (6, 20, 3)                                # negative ROI at the peak
+        if c[0][0] == (6, 20, 3):
+            kinds.add("predicted")
+        else:
+            assert all(abs(a - b) <= m for a, b, m in zip(c[0][0], truth, reach)), (c[0][0], truth)
+            kinds.add("offset")
+    assert kinds == {"predicted", "offset"}
+    start = roi_start((6, 20, 3), tr.focus_settings["roi_size"])
+    assert not crop_roi((target[1] == 2).float(), start, tr.focus_settings["roi_size"]).any()
+    # the step trains on them: finite loss with a sample whose organ is absent
+    set_phase(tr, "sos")
+    out = tr.train_step({"data": batch["data"], "target": [target], "keys": batch["keys"]})
+    assert out["focusnet_trained"] and np.isfinite(out["loss"])
+
+
+def test_trainer_log_warns_when_the_patch_cuts_the_papers_roi_and_gives_the_roi_organ_ratio(folders):
+    """The plan's patch (8 x 24 x 24 at 2.5 x 1 x 1 mm) cannot hold the paper's 24 x 64 x 64 mm (10 x 64 x 64
+    voxels): the log says so as a WARNING and gives ROI voxels per organ voxel (4 x 16 x 16 = 1024 over the
+    Chiasm's 30 mm^3 / 2.5 mm^3 = 12 voxels: 85.3)."""
+    with one_thread(), pytest.warns(UserWarning, match="cannot hold the paper's ROI"):
+        tr = make_trainer()
+    log = open(tr.log_file).read()
+    assert "FocusNet WARNING: the plan's patch [8, 24, 24] cannot hold the paper's ROI [10, 64, 64] voxels" in log
+    assert "ROI voxels per organ voxel: {'Chiasm': 85.3}" in log

@@ -3,14 +3,15 @@
 
 One ``nn.Module`` (:class:`FocusNet`) holds every part so that nnU-Net checkpoints, DDP and
 ``nnUNetv2_predict`` see a single network. ``FocusNet(x)`` in eval mode is what nnU-Net's sliding-
-window predictor calls: S-Net logits with the SOS-Net masks of the small organs pasted back
-(inside each window). Training phases call it with ``part=...``, which dispatches to one named
-method per part with one return type each (see :meth:`FocusNet.forward`).
+window predictor calls per window: S-Net's logits (a window is not the case, and the paper pastes each
+small organ once per case at the case's SOL-Net peak: :mod:`.predict` does that on the aggregated
+windows, :meth:`FocusNet.paste_case`). ``part="case"`` treats each input sample as a whole case (the
+trainer's validation patches). Training phases call it with ``part=...``, which dispatches to one
+named method per part with one return type each (see :meth:`FocusNet.forward`).
 """
 from __future__ import annotations
 
 import warnings
-import weakref
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -64,18 +65,6 @@ class SNet(nn.Module):
         d1 = self.dec1(torch.cat([F.interpolate(d2, size=s1.shape[2:], mode="trilinear", align_corners=False), s1], 1))
         return self.head(d1), d1
 
-
-def _report_pastes(tally: dict) -> str | None:
-    if not tally["windows"]:
-        return None
-    pasted = tally["pasted"]
-    line = (f"FocusNet: {sum(1 for n in pasted.values() if n)} of {len(pasted)} small organs pasted in this case "
-            f"({tally['windows']} window evaluations, test-time mirrors included; pasted per label: {pasted})")
-    print(line, flush=True)
-    tally["windows"] = 0
-    for k in pasted:
-        pasted[k] = 0
-    return line
 
 
 class SOLNet(nn.Module):
@@ -172,20 +161,21 @@ class FocusNet(nn.Module):
         use_sos: build SOL-Net and SOS-Nets (False: the "S-Net only" ablation).
         concat_image: feed the raw image into SOS-Net (False: the "no concat" ablation).
         use_ae: build the shape autoencoder (FocusNetv2 and its ablations).
-        heat_threshold: at inference a small organ is processed in a window only if its heatmap
-            peak reaches this value (an absolute floor; the only rule when ``heat_relative`` is None).
-        heat_relative: None (weights stored before the option existed): the absolute rule alone.
-            Else a window also needs its peak to stand out, ``peak - median >= heat_relative * peak``
-            over the window's heatmap, and to lie in the window's central region (a quarter of the
-            ROI from each face), so that the window holding the organ's centre pastes it whatever
-            the peak's absolute height (:meth:`should_paste`).
+        heat_threshold: lower bound of the paste floor (an absolute SOL-Net peak value; 0 by default).
+        heat_relative: ignored (the per-window rule of earlier versions; accepted so that their stored
+            entries still build).
         width: factor on every channel count of Tables 9-10 (1.0 = the paper; the CPU ``_Tiny``
             trainers use 0.25).
+
+    The paste floor is the buffer ``heat_floor`` (one value per small organ, saved with the weights in every
+    checkpoint): a small organ is pasted only where the case's SOL-Net peak reaches it. It is +inf until the
+    trainer calibrates it on validation (:mod:`.paste`), so untrained or uncalibrated weights paste nothing.
     """
 
     def __init__(self, in_channels: int, num_classes: int, small_labels: Sequence[int] = (),
                  roi_size: Sequence[int] = (8, 64, 64), use_sos: bool = True, concat_image: bool = True,
-                 use_ae: bool = True, heat_threshold: float = 0.5, heat_relative: float | None = None, aspp_rates=(3, 6, 12, 18), width: float = 1.0):
+                 use_ae: bool = True, heat_threshold: float = 0.0, heat_relative: float | None = None,
+                 aspp_rates=(3, 6, 12, 18), width: float = 1.0):
         super().__init__()
         self.in_channels = in_channels
         self.num_classes = num_classes
@@ -197,7 +187,7 @@ class FocusNet(nn.Module):
         self.use_sos = bool(use_sos) and len(self.small_labels) > 0
         self.concat_image = bool(concat_image)
         self.heat_threshold = float(heat_threshold)
-        self.heat_relative = None if heat_relative is None else float(heat_relative)
+
         def w(c):
             return max(4, int(round(c * width)))
 
@@ -210,46 +200,40 @@ class FocusNet(nn.Module):
         # one autoencoder shared by all small organs (its latent space holds all their shapes)
         self.shape_ae = (ShapeAutoencoder(self.roi_size, channels=(w(64), w(128), w(128), w(256)), latent=w(512))
                          if (use_ae and self.use_sos) else None)
-        #: whether eval-mode forward pastes SOS-Net masks (the trainer switches it off in its S-Net/SOL phases)
+        #: whether SOS-Net masks are pasted (the trainer switches it off before its ``sos`` phase)
         self.paste_small_organs = self.use_sos
         # whether SOL-Net and SOS-Net of these weights are trained: saved with the weights (every checkpoint),
-        # so a checkpoint written before the SOS phase predicts with S-Net only (see :meth:`infer`)
+        # so a checkpoint written before the SOS phase predicts with S-Net only (see :meth:`paste_case`)
         self.register_buffer("sos_trained", torch.tensor(False))
-        #: centres found by the last eval-mode forward: per sample, {label: (voxel, peak value)}
+        # per small organ: the SOL-Net peak a case needs for that organ to be pasted (calibrated on validation by
+        # the trainer, :mod:`.paste`); +inf = never (untrained, uncalibrated, or SOL-Net does not separate)
+        self.register_buffer("heat_floor", torch.full((len(self.small_labels),), float("inf")))
+        #: what an eval-mode call on a window returns: "logits" (nnU-Net's predictor) or "logits+heatmaps"
+        #: (S-Net logits then the SOL-Net maps, aggregated over the windows by :class:`.predict.FocusNetPredictor`)
+        self.window_output = "logits"
+        #: what an eval-mode call without ``part`` runs: "window" (:meth:`infer`) or "case" (:meth:`paste_case`:
+        #: the trainer's validation epochs, each patch a case)
+        self.eval_call = "window"
+        #: per sample of the last :meth:`paste_case` call: {label: (voxel, peak value, pasted)}
         self.last_centres: list[dict] = []
-        #: small-organ pastes since the last ``eval()`` (nnU-Net's predictor calls it once per case and
-        #: fold): windows seen and windows pasted per label; reported by :meth:`report_pastes`
-        self.paste_tally = {"windows": 0, "pasted": {v: 0 for v in self.small_labels}}
-        weakref.finalize(self, _report_pastes, self.paste_tally)
+        self._warned_per_window = False
         #: weights and activations in channels-last-3d layout (see :meth:`set_channels_last`)
         self.channels_last = False
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # weights saved before the flag existed came from finished trainings: trained
+        # weights saved before the flag existed came from finished trainings: trained; before the calibrated
+        # floor existed: no floor (those weights paste nothing, see docs/focusnetv2.md "Inference")
         state_dict.setdefault(prefix + "sos_trained", torch.tensor(True))
+        state_dict.setdefault(prefix + "heat_floor", torch.full((len(self.small_labels),), float("inf")))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def train(self, mode: bool = True) -> "FocusNet":
-        """nn.Module.train; ``eval()`` also closes the paste tally of the previous case (printed)."""
-        if not mode:
-            self.report_pastes()
-        return super().train(mode)
+    def floors(self) -> list[float]:
+        """The paste floor of each small organ: the calibrated ``heat_floor``, at least ``heat_threshold``."""
+        return [max(float(f), self.heat_threshold) for f in self.heat_floor.tolist()]
 
-    def report_pastes(self) -> str | None:
-        """Print (and return) how many small organs the windows since the last report pasted, and reset."""
-        return _report_pastes(self.paste_tally)
-
-    def should_paste(self, heat: torch.Tensor, peak, value: float) -> bool:
-        """Whether a window processes a small organ whose heatmap (``(*spatial)``, this window) peaks
-        at voxel ``peak`` with ``value`` (see the class docstring: ``heat_threshold``, ``heat_relative``)."""
-        if value < self.heat_threshold:
-            return False
-        if self.heat_relative is None:
-            return True
-        if value <= 0 or value - float(heat.float().median()) < self.heat_relative * value:
-            return False
-        margins = [min(r // 4, (n - 1) // 4) for r, n in zip(self.roi_size, heat.shape)]
-        return all(m <= p < n - m for p, n, m in zip(peak, heat.shape, margins))
+    def pastes_anything(self) -> bool:
+        """Whether this network may paste at all (SOL/SOS-Net present, trained, pasting switched on)."""
+        return self.use_sos and self.paste_small_organs and bool(self.sos_trained)
 
     def set_channels_last(self, enabled: bool = True) -> "FocusNet":
         """Put the weights (and, in :meth:`forward`, the inputs) in ``torch.channels_last_3d`` layout.
@@ -300,19 +284,23 @@ class FocusNet(nn.Module):
 
     # ----------------------------------------------------------------------------------- forward
     #: ``part`` of :meth:`forward` -> the method it runs
-    PARTS = {"snet": "run_snet", "heatmap": "run_heatmap", "sos": "run_sos", "ae": "run_autoencoder"}
+    PARTS = {"snet": "run_snet", "heatmap": "run_heatmap", "sos": "run_sos", "ae": "run_autoencoder",
+             "case": "paste_case"}
 
     def forward(self, x: torch.Tensor | None = None, part: str | None = None, **kwargs):
         """The one entry point that DDP and nnU-Net's predictor call.
 
-        ``part=None``: eval -> :meth:`infer` (logits with SOS-Net pasted), train -> S-Net logits; both
-        tensors. Otherwise the method of :attr:`PARTS` with ``kwargs``: ``"snet"`` -> :meth:`run_snet`,
-        ``"heatmap"`` -> :meth:`run_heatmap`, ``"sos"`` -> :meth:`run_sos`, ``"ae"`` ->
-        :meth:`run_autoencoder` (``masks=``, no ``x``). Training steps go through here so that DDP
-        sees every forward; code outside DDP may call the named methods directly.
+        ``part=None``: eval -> :meth:`infer` (one window of nnU-Net's predictor: S-Net logits, see
+        :attr:`window_output`), train -> S-Net logits; both tensors. Otherwise the method of :attr:`PARTS`
+        with ``kwargs``: ``"snet"`` -> :meth:`run_snet`, ``"heatmap"`` -> :meth:`run_heatmap`, ``"sos"`` ->
+        :meth:`run_sos`, ``"ae"`` -> :meth:`run_autoencoder` (``masks=``, no ``x``), ``"case"`` ->
+        :meth:`paste_case` (each sample a whole case: the trainer's validation patches). Training steps go
+        through here so that DDP sees every forward; code outside DDP may call the named methods directly.
         """
         if part is None:
-            return self.infer(x) if not self.training else self.segment(self._layout(x))[0]
+            if self.training:
+                return self.segment(self._layout(x))[0]
+            return self.paste_case(x) if self.eval_call == "case" else self.infer(x)
         if part not in self.PARTS:
             raise ValueError(f"FocusNet: unknown part {part!r} (one of {sorted(self.PARTS)})")
         method = getattr(self, self.PARTS[part])
@@ -346,7 +334,9 @@ class FocusNet(nn.Module):
         ``heatmaps`` of the output is None.
         ``placeholder``: when no centre is given at all, SOS-Net 0 still runs once, on the ROI at the
         centre of sample 0, as a record marked ``placeholder`` (DDP: the trainer gives it weight 0 so that
-        this rank runs the same backward as the others)."""
+        this rank runs the same backward as the others). ``centres`` may be a function of the SOL-Net maps
+        (detached; ``None`` without ``heatmaps``) that returns them: ROIs placed where SOL-Net points, in
+        the same forward."""
         if heatmaps:
             h = self.run_heatmap(x, train_snet, train_sol)
             logits, feats, heat = h.logits, h.features, h.heatmaps
@@ -354,6 +344,8 @@ class FocusNet(nn.Module):
             self._require_sos("run_sos")
             s = self.run_snet(x, train_snet)
             logits, feats, heat = s.logits, (s.features if train_snet else s.features.detach()), None
+        if callable(centres):
+            centres = centres(None if heat is None else heat.detach())
         x = self._layout(x)
         if placeholder and all(c is None for row in centres for c in row):
             start = roi_start([s // 2 for s in x.shape[2:]], self.roi_size)
@@ -405,36 +397,95 @@ class FocusNet(nn.Module):
             i += n
         return out
 
-    @torch.no_grad()
-    def infer(self, x: torch.Tensor) -> torch.Tensor:
-        """Eval-mode prediction of one window (§3.1, the decision documented in docs/focusnetv2.md):
-        S-Net logits; for every small organ whose SOL-Net peak passes :meth:`should_paste` the SOS-Net
-        probability on the ROI at the peak is pasted over the S-Net logits (:func:`overlay_probability`)."""
+    def _cpu_layout(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu" and not self.channels_last:
             self.set_channels_last(True)
-            x = self._layout(x)
+        return self._layout(x)
+
+    @torch.no_grad()
+    def infer(self, x: torch.Tensor) -> torch.Tensor:
+        """Eval-mode call on one window of nnU-Net's sliding window: S-Net logits, nothing pasted (a window
+        is not the case: the paper pastes each small organ once, at the case's SOL-Net peak, which
+        :class:`.predict.FocusNetPredictor` does after aggregating the windows). With :attr:`window_output`
+        ``"logits+heatmaps"`` the SOL-Net maps follow the logits as extra channels (for that aggregation)."""
+        x = self._cpu_layout(x)
+        logits, feats = self.segment(x)
+        if self.window_output == "logits+heatmaps":
+            return torch.cat([logits, self.sol(feats).to(logits.dtype)], 1)
+        if self.pastes_anything() and not self._warned_per_window:
+            self._warned_per_window = True
+            line = ("FocusNet: nnU-Net's per-window prediction (nnUNetv2_predict) gives S-Net's segmentation; the "
+                    "small organs are pasted once per case at the case's SOL-Net peak by `organmtl predict-focusnet` "
+                    "(nnUNetv2_predict's options; docs/focusnetv2.md \"Inference\")")
+            print(line, flush=True)
+        return logits
+
+    @torch.no_grad()
+    def paste_case(self, x: torch.Tensor) -> torch.Tensor:
+        """Each sample of ``x`` ``(B, C, *spatial)`` as a whole case: S-Net logits, SOL-Net maps, and per small
+        organ at most one paste, at the sample's SOL-Net peak when it reaches the organ's floor
+        (:meth:`paste_logits`). The trainer's validation calls it on its patches; ``last_heatmaps`` keeps the
+        maps (floor calibration, :mod:`.paste`)."""
+        x = self._cpu_layout(x)
         logits, feats = self.segment(x)
         self.last_centres = [{} for _ in range(x.shape[0])]
-        if not (self.use_sos and self.paste_small_organs):
-            return logits
-        if not bool(self.sos_trained):
-            warnings.warn("FocusNet: SOL-Net/SOS-Net of these weights are untrained (a checkpoint written before "
-                          "the sos phase): small organs are not pasted, the prediction is S-Net's")
+        self.last_heatmaps = None
+        if not self.use_sos:
             return logits
         heat = self.sol(feats)
+        self.last_heatmaps = heat
+        if not self.pastes_anything():
+            if self.use_sos and self.paste_small_organs and not bool(self.sos_trained):
+                warnings.warn("FocusNet: SOL-Net/SOS-Net of these weights are untrained (a checkpoint written before "
+                              "the sos phase): small organs are not pasted, the prediction is S-Net's")
+            return logits
         out = []
         for b in range(x.shape[0]):
-            lb = logits[b]
-            self.paste_tally["windows"] += 1
-            for k, label in enumerate(self.small_labels):
-                peak, value = heatmap_peak(heat[b, k])
-                self.last_centres[b][label] = (peak, value)
-                if not self.should_paste(heat[b, k], peak, value):
-                    continue
-                self.paste_tally["pasted"][label] += 1
-                start = roi_start(peak, self.roi_size)
-                prob = self._sos_batch(k, x, feats, [(b, start)])[0]
-                roi_logits = crop_roi(lb, start, self.roi_size)
-                lb = paste_roi(lb, overlay_probability(roi_logits, label, prob[0]), start)
+            lb, centres = self.paste_logits(logits[b], heat[b], x[b], features=feats[b])
+            self.last_centres[b] = centres
             out.append(lb)
         return torch.stack(out, 0)
+
+    @torch.no_grad()
+    def paste_logits(self, logits: torch.Tensor, heat: torch.Tensor, image: torch.Tensor,
+                     patch_size: Sequence[int] | None = None, features: torch.Tensor | None = None):
+        """One case's pasted logits (§3.1.3 "overlay"): for each small organ k, the voxel of the highest
+        value of its map ``heat[k]`` is its centre; if that value reaches the organ's floor (:meth:`floors`),
+        SOS-Net k runs once on the ROI centred there and its probability replaces the organ's
+        (:func:`overlay_probability`) inside that ROI only. ``logits`` ``(classes, *spatial)``, ``heat``
+        ``(n_small, *spatial)`` and ``image`` ``(C, *spatial)`` cover the same case. SOS-Net's input features
+        come from ``features`` (S-Net's decoder on the whole case) or, for a case larger than one window,
+        from S-Net run on a ``patch_size`` window centred on the peak (shared by organs whose ROI it holds).
+        Returns ``(logits, {label: (voxel, peak value, pasted)})``; voxels outside the pasted ROIs are
+        unchanged."""
+        out = logits
+        centres = {}
+        windows = []                                     # (start, x window, features)
+        floors = self.floors()
+        for k, label in enumerate(self.small_labels):
+            peak, value = heatmap_peak(heat[k])
+            pasted = bool(self.pastes_anything() and value >= floors[k])
+            centres[label] = (peak, value, pasted)
+            if not pasted:
+                continue
+            start = roi_start(peak, self.roi_size)
+            if features is not None:
+                xw, fw, wstart = image[None], features[None], (0,) * len(peak)
+            else:
+                xw = fw = wstart = None
+                for ws, wx, wf in windows:                 # a window already run that holds this ROI
+                    if all(w <= max(s, 0) and min(s + r, n) <= w + p
+                           for w, s, r, p, n in zip(ws, start, self.roi_size, patch_size, image.shape[1:])):
+                        wstart, xw, fw = ws, wx, wf
+                        break
+                if xw is None:
+                    wstart = tuple(min(max(int(c) - int(p) // 2, 0), max(int(n) - int(p), 0))
+                                   for c, p, n in zip(peak, patch_size, image.shape[1:]))
+                    xw = self._layout(crop_roi(image, wstart, patch_size)[None])
+                    fw = self.segment(xw)[1]
+                    windows.append((wstart, xw, fw))
+            local = tuple(s - w for s, w in zip(start, wstart))
+            prob = self._sos_batch(k, xw, fw, [(0, local)])[0]
+            roi_logits = crop_roi(out, start, self.roi_size)
+            out = paste_roi(out, overlay_probability(roi_logits, label, prob[0]), start)
+        return out, centres

@@ -58,11 +58,8 @@ class FocusNetOptions:
     centre_jitter: int = setting(2, "ORGANMTL_FOCUSNET_CENTRE_JITTER", lambda n, v: parse_int(n, v, minimum=0), int,
                                  "training ROIs: ground-truth centre moved by up to this many voxels")
     heat_threshold: float = setting(0.0, "ORGANMTL_FOCUSNET_HEAT_THRESHOLD", parse_float, float,
-                                    "inference: a window pastes a small organ only if its heatmap peak reaches this")
-    heat_relative: float | None = setting(0.5, "ORGANMTL_FOCUSNET_HEAT_RELATIVE",
-                                          lambda n, v: parse_float(n, v, minimum=0.0), float,
-                                          "inference: ... and only if the peak lies in the window's central region "
-                                          "and peak - median >= this x peak (models stored without it: the threshold alone)")
+                                    "inference: lower bound of the calibrated paste floor (a small organ is pasted "
+                                    "only where the case's SOL-Net peak reaches the floor)")
     width: float | None = setting(None, "ORGANMTL_FOCUSNET_WIDTH", lambda n, v: parse_float(n, v, minimum=0.0),
                                   float, "factor on the channels of Tables 9-10; None: the plan's first stage / 32")
     small_organs: tuple[str, ...] | None = setting(None, "ORGANMTL_FOCUSNET_SMALL_ORGANS", parse_list, tuple,
@@ -150,11 +147,17 @@ def choose_small_organs(labels: dict, dataset_json: dict, sizes_mm3: dict[int, f
 
 def roi_size(spacing: Sequence[float], patch_size: Sequence[int], roi: Sequence[int] | None = None) -> list[int]:
     """SOS-Net ROI in voxels: ``roi`` (``z,y,x``, :attr:`FocusNetOptions.roi`), else the paper's
-    24 x 64 x 64 mm at the configuration's spacing; either way at most the patch size (one window must hold it)."""
+    24 x 64 x 64 mm at the configuration's spacing; either way at most the patch size (SOS-Net trains on ROIs of
+    the training patch; the trainer warns when the patch cuts the paper's ROI)."""
     if roi is not None:
         if len(roi) != len(patch_size) or min(roi) < 1:
             raise ValueError(f"ORGANMTL_FOCUSNET_ROI={','.join(map(str, roi))!r} must be {len(patch_size)} positive integers")
         roi = list(roi)
     else:
-        roi = [max(2, int(round(mm / s))) for mm, s in zip(PAPER_ROI_MM[-len(spacing):], spacing)]
+        roi = paper_roi_voxels(spacing)
     return [int(min(r, p)) for r, p in zip(roi, patch_size)]
+
+
+def paper_roi_voxels(spacing: Sequence[float]) -> list[int]:
+    """The paper's ROI, 24 x 64 x 64 mm (§3.1.3, 8 x 64 x 64 voxels at 3 x 1 x 1 mm), at ``spacing``."""
+    return [max(2, int(round(mm / s))) for mm, s in zip(PAPER_ROI_MM[-len(spacing):], spacing)]

@@ -43,12 +43,14 @@ def small_organ_boxes(dataset, keys, small_labels) -> dict[str, tuple[np.ndarray
 class WholeSmallOrganDataLoader(nnUNetDataLoader):
     """nnU-Net data loader whose patches contain every small organ of the case whole (see the module).
 
-    ``small_labels``: label values of the small organs. Raises ``ValueError`` when no case of ``data``
-    holds any of them.
+    ``small_labels``: label values of the small organs. ``random_fraction``: the share of samples placed
+    by nnU-Net's own random draw instead (no forced foreground; the ``sos``/``joint`` phases' negatives:
+    patches that may miss an organ, where SOS-Net learns to predict nothing). Raises ``ValueError`` when no
+    case of ``data`` holds any of them.
     """
 
     def __init__(self, data, batch_size, patch_size, final_patch_size, label_manager, small_labels,
-                 transforms=None, **kwargs):
+                 transforms=None, random_fraction: float = 0.0, **kwargs):
         super().__init__(data, batch_size, patch_size, final_patch_size, label_manager,
                          oversample_foreground_percent=0.0, transforms=transforms, **kwargs)
         self.small_labels = [int(v) for v in small_labels]
@@ -62,8 +64,10 @@ class WholeSmallOrganDataLoader(nnUNetDataLoader):
         size = np.array(self.patch_size)
         self.offset = (size - self.final) // 2            # where nnU-Net's augmentation keeps the final patch
         self.cases_not_fitting = sorted(k for k, (lo, hi, _) in self.boxes.items() if ((hi - lo + 1) > self.final - 2).any())
+        self.random_fraction = float(random_fraction)
         self._keys: list[str] = []
         self._slot = 0
+        self._random = False
         self.get_do_oversample = self._remember_slot
 
     def get_indices(self):
@@ -73,10 +77,14 @@ class WholeSmallOrganDataLoader(nnUNetDataLoader):
 
     def _remember_slot(self, sample_idx: int) -> bool:
         self._slot = sample_idx
+        self._random = self.random_fraction > 0 and np.random.uniform() < self.random_fraction
         return False
 
     def get_bbox(self, data_shape, force_fg, class_locations, overwrite_class=None, verbose=False):
-        """The patch (``patch_size``) whose final region holds the case's small organs with a one-voxel margin."""
+        """The patch (``patch_size``) whose final region holds the case's small organs with a one-voxel margin
+        (nnU-Net's random patch for a ``random_fraction`` sample)."""
+        if self._random:
+            return super().get_bbox(data_shape, False, class_locations, overwrite_class, verbose)
         lo, hi, _ = self.boxes[self._keys[self._slot]]
         size = np.array(self.patch_size)
         start = []
