@@ -403,13 +403,14 @@ def test_checkpoint_best_comes_from_the_last_phase_and_records_what_is_trained(f
     assert early_record["phases_reached"] == ["snet"] and early_record["trained_parts"] == ["snet"]
     log = open(tr.log_file).read()
     assert log.count("New best EMA pseudo Dice") == 1 and "checkpoint_best.pth tracked from here on (phase joint)" in log
-    # prediction from the S-Net-phase checkpoint: no paste, and it says so
+    # prediction from the S-Net-phase checkpoint: no paste, and it says so; its floor was never calibrated
     net = tr.build_network_architecture(tr.plans_manager, tr.configuration_manager, 1, 3)
     net.load_state_dict(early["network_weights"])
     net.eval()
+    assert early["network_weights"]["heat_floor"].isinf().all()
     x = make_batch(6)["data"][:1]
     with pytest.warns(UserWarning, match="untrained"):
-        pred = net(x)
+        pred = net(x, part="case")
     assert torch.equal(pred, net.segment(x)[0])
 
 

@@ -138,7 +138,12 @@ def run(args) -> None:
     -chk -step_size --disable_tta -npp -nps -device``, as ``nnUNetv2_predict``)."""
     if args.npp < 1 or args.nps < 1:
         raise FocusNetPredictionError("-npp and -nps must be >= 1")
-    model = get_output_folder(maybe_convert_to_dataset_name(args.dataset_id), args.tr, args.p, args.c)
+    try:
+        dataset = maybe_convert_to_dataset_name(args.dataset_id)
+    except RuntimeError:
+        raise FocusNetPredictionError(f"dataset {args.dataset_id}: not found under nnUNet_raw/nnUNet_preprocessed/"
+                                      f"nnUNet_results") from None
+    model = get_output_folder(dataset, args.tr, args.p, args.c)
     if not os.path.isdir(model):
         raise FocusNetPredictionError(f"{model}: no trained model (train it with nnUNetv2_train first)")
     if args.device == "cpu":
