@@ -52,29 +52,35 @@ def _train_until(cmd, env, log, marker, timeout=1800):
 
 
 def _predict_and_check(ds, env, trainer, tmp_path):
+    """Stock ``nnUNetv2_predict`` (S-Net's segmentation, the note naming ``organmtl predict-focusnet`` once for
+    models with SOS-Net), then ``organmtl predict-focusnet`` (each small organ pasted at most once per case)."""
     case = sorted((ds.raw / "imagesTr").glob("*_0000.nii.gz"))[0]
     inp = tmp_path / "in"
     inp.mkdir()
     shutil.copy(case, inp)
-    out = tmp_path / "out"
-    run_in_group([venv_bin("nnUNetv2_predict"), "-i", str(inp), "-o", str(out), "-d", str(ds.dataset_id),
-                  "-c", ds.configuration, "-f", "0", "-tr", trainer, "-device", "cpu", "--disable_tta",
-                  "-npp", "1", "-nps", "1"],
-                 env=env, log_file=tmp_path / "predict.log", timeout=1800)
     name = case.name.replace("_0000.nii.gz", ".nii.gz")
-    pastes = re.findall(r"FocusNet: (\d+) of (\d+) small organs pasted in this case \((\d+) window evaluations",
-                        (tmp_path / "predict.log").read_text())
-    if trainer != "nnUNetTrainerOMTLSNet_Tiny":
-        # SOS-Net ran in the predictor's windows with trained weights (the tally exists only then), once per case
-        assert len(pastes) == 1, (tmp_path / "predict.log").read_text()[-2000:]
-        pasted, small, windows = (int(v) for v in pastes[0])
-        assert small == 3 and 0 <= pasted <= 3 and windows > 0
-    else:
-        assert not pastes
-    pred, ref = sitk.ReadImage(str(out / name)), sitk.ReadImage(str(case))
-    assert pred.GetSize() == ref.GetSize()
-    labels = set(np.unique(sitk.GetArrayFromImage(pred)).tolist())
-    assert labels <= set(json.loads((ds.raw / "dataset.json").read_text())["labels"].values())
+    args = ["-i", str(inp), "-d", str(ds.dataset_id), "-c", ds.configuration, "-f", "0", "-tr", trainer, "-device",
+            "cpu", "--disable_tta", "-npp", "1", "-nps", "1"]
+    with_sos = trainer != "nnUNetTrainerOMTLSNet_Tiny"
+    commands = {"stock": [venv_bin("nnUNetv2_predict")], "focusnet": [venv_bin("organmtl"), "predict-focusnet"]}
+    for kind, command in commands.items():
+        out = tmp_path / f"out_{kind}"
+        log = tmp_path / f"predict_{kind}.log"
+        run_in_group(command + args + ["-o", str(out)], env=env, log_file=log, timeout=1800)
+        text = log.read_text()
+        pastes = re.findall(r"FocusNet: (\d+) of (\d+) small organs pasted in this case \(once per case", text)
+        if kind == "stock":
+            assert text.count("organmtl predict-focusnet") == int(with_sos) and not pastes, text[-2000:]
+        elif with_sos:
+            assert len(pastes) == 1, text[-2000:]              # one case, one line: its pastes
+            pasted, small = (int(v) for v in pastes[0])
+            assert small == 3 and 0 <= pasted <= 3
+        else:
+            assert not pastes
+        pred, ref = sitk.ReadImage(str(out / name)), sitk.ReadImage(str(case))
+        assert pred.GetSize() == ref.GetSize()
+        labels = set(np.unique(sitk.GetArrayFromImage(pred)).tolist())
+        assert labels <= set(json.loads((ds.raw / "dataset.json").read_text())["labels"].values())
 
 
 @pytest.mark.parametrize("trainer", [t for t in PHASES if t != "nnUNetTrainerOMTLFocusNetV1_Tiny"])
@@ -102,6 +108,9 @@ def test_trainer_runs_every_phase_and_predicts(han, trainer, tmp_path):
     has_ae = any(k.startswith("shape_ae.") for k in ckpt["network_weights"])
     assert has_ae == ("FocusNetV2" in trainer)
     assert (fold / "validation" / "summary.json").is_file()
+    # the paste floor was calibrated on validation patches from the sol phase on and travels with the weights
+    assert (text.count("FocusNet paste floor (validation patches)") == 4) == with_sos
+    assert ckpt["network_weights"]["heat_floor"].shape == ((3,) if with_sos else (0,))
     centres = sorted((fold / "validation").glob("*_centres.json"))
     assert bool(centres) == with_sos
     for c in centres:
