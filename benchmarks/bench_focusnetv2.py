@@ -341,6 +341,7 @@ def _old_focusnet_class():
     path.write_text(text)
     spec = importlib.util.spec_from_file_location("focusnet_old_network", path)
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod                     # its dataclasses look their module up there
     spec.loader.exec_module(mod)
     return mod.FocusNet
 
