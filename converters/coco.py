@@ -16,7 +16,9 @@ Segmentation is a list of polygons (outer contours) unless a component has a hol
 compressed RLE so no pixel is lost. Slices are written as 8-bit RGB PNGs with a window
 (``CT``: level 40 / width 400 HU; other modalities: the volume's 0.5-99.5 percentiles), or with
 ``--png16`` as 16-bit grey PNGs of ``value + intensity_offset`` (offset in the image entry).
-Pixel spacing (row, column mm) is kept in each image entry.
+Pixel spacing (row, column mm) is kept in each image entry; the plane and the intensity rule in
+the top-level ``organmtl_slices`` (``axis``, ``intensity``: ct_window / percentiles / png16,
+``window``, ``percentiles``), which a model trained on the slices records in its config.
 
 Volumes are reoriented to LPS first (``sitk.DICOMOrient``: axes permuted and flipped, voxels
 never resampled), so "axial", "coronal" and "sagittal" are anatomical whatever order the file
@@ -40,6 +42,7 @@ from organmtl.geometry import contour_points, outer_contour
 
 AXES = ("axial", "coronal", "sagittal")
 CT_WINDOW = (-160.0, 240.0)
+PERCENTILES = (0.5, 99.5)        # 8-bit window of non-CT volumes: these percentiles of the volume
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -128,7 +131,7 @@ def _case_images(task):
     image, seg_img = to_lps(image), to_lps(seg_img)
     img = sitk.GetArrayFromImage(image)
     seg = sitk.GetArrayFromImage(seg_img)
-    window = CT_WINDOW if opts["modality"].upper() == "CT" else tuple(np.percentile(img, [0.5, 99.5]))
+    window = CT_WINDOW if opts["modality"].upper() == "CT" else tuple(np.percentile(img, PERCENTILES))
     offset = float(max(0.0, -float(img.min())))
     spacing = pixel_spacing(image.GetSpacing(), opts["axis"])
     entries = []
@@ -206,10 +209,14 @@ def to_coco(dataset: Path, out: Path, args, run_cases) -> dict:
                 ann_id += 1
                 splits[split]["annotations"].append({"id": ann_id, "image_id": image_id, **a})
     small = {"organmtl_small_organs": meta["organmtl_small_organs"]} if "organmtl_small_organs" in meta else {}
+    # how the slices were made, recorded with a model trained on them (ORGANMTL.SLICES) so that a new
+    # volume is sliced the same way (organmtl.detectron_heads.volume_predictor)
+    intensity = "png16" if args.png16 else ("ct_window" if opts["modality"].upper() == "CT" else "percentiles")
+    slicing = {"axis": args.axis, "intensity": intensity, "window": list(CT_WINDOW), "percentiles": list(PERCENTILES)}
     for split, content in splits.items():
         write_json(out / "annotations" / f"instances_{split}.json", {
             "info": {"description": f"{meta.get('name', dataset.name)} ({args.axis} slices) by organmtl",
                      "source_dataset": str(dataset.name)},
-            "licenses": [], "categories": categories, **small, **content})
+            "licenses": [], "categories": categories, "organmtl_slices": slicing, **small, **content})
     return {"images": image_id, "annotations": ann_id, "categories": len(categories),
             "train_images": len(splits["train"]["images"]), "val_images": len(splits["val"]["images"])}

@@ -8,6 +8,8 @@ from pathlib import Path
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
 
+from organmtl.detectron_heads.config import record_dataset
+
 EXTRA_ANNOTATION_KEYS = ["contour_points", "num_points"]
 
 
@@ -45,8 +47,10 @@ def _load(json_file: str, image_root: str, dataset: str) -> list[dict]:
 
 
 def register_from_cfg(cfg) -> None:
-    """Register ``cfg.ORGANMTL.DATASET_ROOT`` (if set), use its splits when DATASETS are empty and
-    set ``MODEL.ROI_HEADS.NUM_CLASSES`` to its number of structures (logged when it changes)."""
+    """Register ``cfg.ORGANMTL.DATASET_ROOT`` (if set), use its splits when DATASETS are empty,
+    set ``MODEL.ROI_HEADS.NUM_CLASSES`` to its number of structures (logged when it changes) and
+    record its slicing and structure names (``ORGANMTL.SLICES``, ``ORGANMTL.CLASS_NAMES``;
+    :func:`organmtl.detectron_heads.config.record_dataset`) so the saved config predicts volumes."""
     if not cfg.ORGANMTL.DATASET_ROOT:
         return
     train, val = register_coco_folder(cfg.ORGANMTL.DATASET_NAME, cfg.ORGANMTL.DATASET_ROOT)
@@ -56,6 +60,8 @@ def register_from_cfg(cfg) -> None:
         cfg.DATASETS.TRAIN = (train,)
     if not cfg.DATASETS.TEST:
         cfg.DATASETS.TEST = (val,)
+    train_json = Path(MetadataCatalog.get(train).json_file)
+    record_dataset(cfg, json.loads(train_json.read_text()), str(train_json))
     n_classes = len(MetadataCatalog.get(train).thing_classes)
     if cfg.MODEL.ROI_HEADS.NUM_CLASSES != n_classes:
         logging.getLogger("organmtl").info("MODEL.ROI_HEADS.NUM_CLASSES set to %d (structures of %s)",
