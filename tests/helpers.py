@@ -192,6 +192,42 @@ def run_spawned_ranks(target, args_per_rank: list[tuple], timeout_s: float) -> f
     return time.monotonic() - t0
 
 
+# ------------------------------------------------------------------ nnU-Net's cross-validation tools
+
+def assert_crossval_ready(fold: Path, val_cases=None, npz: bool = True) -> list[str]:
+    """Assert that a trained fold holds what nnU-Net's cross-validation tools read
+    (``nnUNetv2_find_best_configuration``, ``nnUNetv2_ensemble``, ``nnUNetv2_determine_postprocessing``):
+    ``validation/summary.json`` that nnU-Net's ``load_summary_json`` reads, with one class (or region)
+    per segmentation output of the model folder's dataset.json; one segmentation per validation case
+    (``val_cases`` when given); with ``npz`` (trained with ``--npz``) ``<case>.npz`` + ``<case>.pkl``
+    whose probabilities have one channel per segmentation output and the case's shape, and give back
+    the exported segmentation through the label manager (what the ensembling computes). Returns the cases."""
+    from nnunetv2.evaluation.evaluate_predictions import load_summary_json
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    fold, model = Path(fold), Path(fold).parent
+    meta = json.loads((model / "dataset.json").read_text())
+    plans = PlansManager(str(model / "plans.json"))
+    lm = plans.get_label_manager(meta)
+    val, ending = fold / "validation", meta["file_ending"]
+    summary = load_summary_json(str(val / "summary.json"))
+    classes = lm.foreground_regions if lm.has_regions else lm.foreground_labels
+    assert set(summary["mean"]) == {tuple(c) if isinstance(c, list) else c for c in classes}, summary["mean"].keys()
+    assert "Dice" in summary["foreground_mean"]
+    cases = sorted(p.name[: -len(ending)] for p in val.glob(f"*{ending}"))
+    assert cases == sorted(Path(c["prediction_file"]).name[: -len(ending)] for c in summary["metric_per_case"])
+    if val_cases is not None:
+        assert cases == sorted(val_cases)
+    rw = plans.image_reader_writer_class()
+    for case in cases if npz else ():
+        seg, _ = rw.read_seg(str(val / f"{case}{ending}"))
+        probs = np.load(val / f"{case}.npz")["probabilities"]
+        assert probs.shape == (lm.num_segmentation_heads, *seg.shape[1:]), (case, probs.shape, seg.shape)
+        assert (val / f"{case}.pkl").is_file()
+        np.testing.assert_array_equal(lm.convert_probabilities_to_segmentation(probs), seg[0])
+    return cases
+
+
 # ------------------------------------------------------------------ DICOM conformance
 
 def dciodvfy(path) -> tuple[list[str], list[str]]:

@@ -21,7 +21,7 @@ import SimpleITK as sitk
 import torch
 
 from organmtl.procs import run_in_group, venv_bin
-from tests.helpers import PlannedDataset, plan_dataset
+from tests.helpers import PlannedDataset, assert_crossval_ready, plan_dataset
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(2400)]
 BUDGET = {"ORGANMTL_EPOCHS": "1", "ORGANMTL_ITERS_PER_EPOCH": "2", "ORGANMTL_VAL_ITERS": "1"}
@@ -51,7 +51,7 @@ def work(abdomen_dataset, demo_root, tmp_path_factory):
 
     def train(key, dataset_id, config, trainer):
         ds = abdomen_dataset if dataset_id == ABDOMEN else visceral.result()    # queued after the conversion
-        return _train(ds, config, trainer, logs_dir / f"train_{key}.log")
+        return _train(ds, config, trainer, logs_dir / f"train_{key}.log", extra=("--npz",))
 
     with ThreadPoolExecutor(2) as pool:
         visceral = pool.submit(plan_dataset, tmp_path_factory.mktemp("visceral"), "visceral", demo_root / "visceral_ct",
@@ -93,6 +93,7 @@ def _check_training(work, key):
     ckpt = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert ckpt["trainer_name"] == trainer and ckpt["current_epoch"] == 1
     assert (fold / "progress.png").is_file()
+    assert_crossval_ready(fold)          # what nnUNetv2_find_best_configuration / ensembling read (--npz)
     return fold, ckpt, log
 
 

@@ -17,7 +17,7 @@ from organmtl.nnunet_trainers.multitask.evaluation import (argmax_labels, confus
                                                             load_probabilities, task_masked_labels)
 from organmtl.nnunet_trainers.multitask.tasks import TaskTable
 from organmtl.procs import run_in_group, venv_bin
-from tests.helpers import nnunet_env_vars, run_cli
+from tests.helpers import assert_crossval_ready, nnunet_env_vars, run_cli
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(2400)]
 TASKS = ("brain_mr", "breast_mr", "cardiac_cta")
@@ -72,14 +72,15 @@ def test_trainers_with_stock_train_and_predict(merged, trainer, tmp_path):
     table, test = _fold0(merged)
     env = {**merged["env"], **BUDGET}
     log = tmp_path / "train.log"
-    run_in_group([venv_bin("nnUNetv2_train"), str(MERGED), "3d_tiny", "0", "-tr", trainer, "-device", "cpu"],
-                 env=env, log_file=log, timeout=900)
+    run_in_group([venv_bin("nnUNetv2_train"), str(MERGED), "3d_tiny", "0", "-tr", trainer, "-device", "cpu",
+                  "--npz"], env=env, log_file=log, timeout=900)
     text = log.read_text()
     assert f"Using trainer '{trainer}'" in text
     assert "task-balanced batches over ['brain_mr', 'breast_mr', 'cardiac_cta']" in text
     fold = merged["root"] / "res" / f"Dataset{MERGED}_MultiTask" / f"{trainer}__nnUNetPlans__3d_tiny" / "fold_0"
     ckpt = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert ckpt["trainer_name"] == trainer and ckpt["current_epoch"] == 1
+    assert_crossval_ready(fold)          # what nnUNetv2_find_best_configuration / ensembling read (--npz)
     weights = ckpt["network_weights"]
     if "Triplanar" in trainer:                   # the paper's network was trained, not nnU-Net's U-Net
         assert weights["classifier.weight"].shape[:2] == (6, 48) and "stack.0.weight" in weights

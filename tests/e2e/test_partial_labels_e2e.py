@@ -15,7 +15,7 @@ from organmtl.demo_data import write_demo_data
 from organmtl.demo_data.partial import ANNOTATORS, FULL_TRUTH, MERGED_LABELS, convert_commands
 from organmtl.nnunet_trainers.multitask.partial_labels import PLANS_KEY
 from organmtl.procs import run_in_group, venv_bin
-from tests.helpers import nnunet_env_vars, read_array, run_cli
+from tests.helpers import assert_crossval_ready, nnunet_env_vars, read_array, run_cli
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(2400)]
 MERGED = 760
@@ -54,8 +54,8 @@ def test_stock_train_predict_evaluate(partial, formulation, other, tmp_path):
     if formulation == "sigmoid":
         env["ORGANMTL_PARTIAL_LOSS"] = "sigmoid"              # marginal: the default, variable unset
     log = tmp_path / "train.log"
-    run_in_group([venv_bin("nnUNetv2_train"), str(MERGED), "3d_tiny", "0", "-tr", TRAINER, "-device", "cpu"],
-                 env=env, log_file=log, timeout=900)
+    run_in_group([venv_bin("nnUNetv2_train"), str(MERGED), "3d_tiny", "0", "-tr", TRAINER, "-device", "cpu",
+                  "--npz"], env=env, log_file=log, timeout=900)
     text = log.read_text()
     assert f"partial labels: formulation {formulation} (stored with the plans); 9 class pair(s) never annotated" in text
     assert "task-balanced batches over ['liver_kidneys', 'spleen_pancreas_bladder']" in text
@@ -65,6 +65,7 @@ def test_stock_train_predict_evaluate(partial, formulation, other, tmp_path):
     ckpt = torch.load(model / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     heads = {k: v.shape[0] for k, v in ckpt["network_weights"].items() if "seg_layers" in k and k.endswith("weight")}
     assert set(heads.values()) == {6 if formulation == "sigmoid" else 7}, heads    # 6 sigmoids / 7 softmax classes
+    assert_crossval_ready(model / "fold_0")   # 7 channels either way: ensembles with softmax models (--npz)
 
     # stock prediction from a shell that asks for the other formulation: the stored one builds the network
     pred = tmp_path / "pred"
