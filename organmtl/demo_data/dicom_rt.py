@@ -14,8 +14,8 @@ coordinates (LPS mm) around the phantom's shapes, one per CT slice plane:
 Variations, by case index: 1, 5, ... have a body wider than the field of view (its contours leave
 the image and must be clipped); 2, 6, ... have no ``Parotid R`` ROI; 3, 7, ... are scanned feet
 first (ImageOrientationPatient ``-1 0 0 0 1 0``: the slice normal points to the feet, so the
-direction matrix is not the identity). UIDs are derived from the seed and no date is written, so
-re-runs are byte-identical. :func:`ground_truth` gives the voxel masks the contours stand for.
+direction matrix is not the identity). UIDs are derived from the seed and the study date is fixed,
+so re-runs are byte-identical. :func:`ground_truth` gives the voxel masks the contours stand for.
 """
 from __future__ import annotations
 
@@ -37,6 +37,7 @@ SPACING_XYZ = (1.2, 1.2, 2.5)
 HEAD_FIRST_SUPINE = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 FEET_FIRST_SUPINE = (-1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 ROI_NAMES = ("Body", "PAROTID_L", "Parotid R", "Spinal Cord", "Vertebra")
+STUDY_DATE, STUDY_TIME = "20260101", "120000"
 HU = {"Body": 30.0, "Vertebra": 700.0, "Spinal Cord": 45.0, "PAROTID_L": -35.0, "Parotid R": -35.0}
 
 
@@ -270,15 +271,25 @@ def _file_dataset(sop_class: str, sop_instance: str) -> Dataset:
     return ds
 
 
-def _patient_and_study(ds: Dataset, case: Case) -> None:
-    ds.PatientName = case.case_id
+def _patient_study_equipment(ds: Dataset, case: Case) -> None:
+    """The modules a CT image and an RT structure set share (PS3.3 A.3, A.19): Patient, General
+    Study, Frame of Reference and General Equipment. Type 2 elements with no value for a phantom
+    (birth date, sex, referring physician, accession number, position reference) are written empty,
+    as the standard allows; the study date and time are fixed, so re-runs stay byte-identical."""
+    ds.PatientName = "Demo^Patient" + case.case_id.removeprefix("rt")   # PN: family^given
     ds.PatientID = case.case_id
+    ds.PatientBirthDate = ""
+    ds.PatientSex = ""
     ds.StudyInstanceUID = case.study_uid
     ds.StudyID = "1"
-    ds.StudyDate = ""
-    ds.StudyTime = ""
+    ds.StudyDate = STUDY_DATE
+    ds.StudyTime = STUDY_TIME
     ds.ReferringPhysicianName = ""
     ds.AccessionNumber = ""
+    ds.FrameOfReferenceUID = case.frame_uid
+    ds.PositionReferenceIndicator = ""
+    ds.Manufacturer = "organmtl"
+    ds.ManufacturerModelName = "demo phantom"
 
 
 def save(ds: Dataset, path: Path) -> None:
@@ -311,13 +322,15 @@ def ct_slice(case: Case, k: int) -> Dataset:
     """The CT Image Storage dataset of slice ``k`` (stored value = HU + 1024, 12 bits)."""
     g = case.geometry
     ds = _file_dataset(CT_IMAGE_STORAGE, case.slice_uid(k))
-    _patient_and_study(ds, case)
+    _patient_study_equipment(ds, case)
     ds.Modality = "CT"
     ds.SeriesInstanceUID = case.series_uid
     ds.SeriesNumber = 1
-    ds.FrameOfReferenceUID = case.frame_uid
-    ds.PositionReferenceIndicator = ""
+    ds.BodyPartExamined = "HEADNECK"       # not a paired part, so no Laterality (General Series)
+    ds.PatientPosition = "FFS" if g.orientation == FEET_FIRST_SUPINE else "HFS"
     ds.InstanceNumber = k + 1
+    ds.AcquisitionNumber = 1
+    ds.KVP = ""                            # Type 2: a phantom has no tube voltage
     ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
     ds.ImagePositionPatient = [float(v) for v in g.position(k)]
     ds.ImageOrientationPatient = [float(v) for v in g.orientation]
@@ -376,10 +389,11 @@ def _contour_item(case: Case, contour: Contour) -> Dataset:
 def rtstruct(case: Case) -> Dataset:
     """The RT Structure Set dataset of ``case`` (one ROI per :class:`Roi`)."""
     ds = _file_dataset(RT_STRUCTURE_SET_STORAGE, uid(case.seed, case.case_id, "rtstruct"))
-    _patient_and_study(ds, case)
+    _patient_study_equipment(ds, case)
     ds.Modality = "RTSTRUCT"
     ds.SeriesInstanceUID = uid(case.seed, case.case_id, "rtstruct-series")
     ds.SeriesNumber = 2
+    ds.OperatorsName = ""                  # Type 2 in the RT Series module
     ds.InstanceNumber = 1
     ds.StructureSetLabel = "organmtl demo"
     ds.StructureSetDate = ""
