@@ -57,3 +57,18 @@ def test_cli_refuses_to_overwrite(tmp_path):
     assert main(["demo-data", str(tmp_path / "d"), "--families", "spine", "--n-cases", "1"]) == 0
     assert main(["demo-data", str(tmp_path / "d"), "--families", "spine", "--n-cases", "1"]) == 2
     assert main(["demo-data", str(tmp_path / "d"), "--families", "spine", "--n-cases", "1", "--overwrite"]) == 0
+
+
+def test_demo_dicom_rt_validates_with_dciodvfy(demo_root):
+    """One CT slice and the RTSTRUCT of the feet-first DICOM-RT demo case pass dciodvfy (dicom3tools,
+    an independent validator of the CT Image and RT Structure Set IODs) with no Error line."""
+    from pydicom import dcmread
+
+    from tests.helpers import dciodvfy
+
+    case = demo_root / "dicom_rt" / "rt003"
+    ct = sorted((case / "CT").glob("*.dcm"))[0]
+    for path in (ct, case / "RTSTRUCT" / "RS.dcm"):
+        errors, warnings = dciodvfy(path)
+        assert errors == [], (path, errors, warnings)
+    assert dcmread(ct, stop_before_pixels=True).PatientPosition == "FFS"     # feet first, as its orientation says
