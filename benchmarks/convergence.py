@@ -194,6 +194,8 @@ def render_study(study: "StudySpec", runs: dict) -> str:
     lines += ["", f"Claim ({study.claim}): {study.verdict(runs)}{note}"]
     if study.figure and any(k[0] == study.key for k in runs):
         lines += ["", f"![{study.title} learning curves](figures/{study.figure})"]
+    if study.key == "spine":
+        lines += ["", render_spine_matched(load_matched())]
     return "\n".join(lines)
 
 
@@ -403,10 +405,11 @@ def _verdict_spine(spec, runs):
         return "not yet measured (needs Mask R-CNN and HMR-Net runs)."
     word = "reproduced" if hmr >= mask else "not reproduced"
     stops = sorted({r["stop_reason"] for k, r in runs.items() if k[0] == spec.key and k[1] in ("mask_rcnn", "hmrnet")})
-    return (f"{word} on all validation slices at the same CPU cap: HMR-Net segm AP {hmr:.1f} vs Mask R-CNN "
+    return (f"(unmatched runs: different iteration counts, augmentations and clipping; 5 validation slices "
+            f"both pick and score; the matched comparison is below) {word} on all validation slices at the same "
+            f"CPU cap: HMR-Net segm AP {hmr:.1f} vs Mask R-CNN "
             f"{mask:.1f} (mean over {len(_means(spec, runs, 'hmrnet', 'segm AP'))} / "
-            f"{len(_means(spec, runs, 'mask_rcnn', 'segm AP'))} seeds; runs stopped by: {', '.join(stops)}); the "
-            "occluded / low-contrast subset is not yet measured (the demo slices are not tagged)." + _ablations(spec, runs, hmr))
+            f"{len(_means(spec, runs, 'mask_rcnn', 'segm AP'))} seeds; runs stopped by: {', '.join(stops)})." + _ablations(spec, runs, hmr))
 
 
 def _ablations(spec, runs, full: float) -> str:
@@ -938,6 +941,354 @@ def run_one(study_key: str, method_key: str, seed: int, work: Path, results: Pat
     return record
 
 
+# ---------------------------------------------------------------- spine, matched (issue 26)
+# Mask R-CNN vs HMR-Net on equal terms: the same iteration budget (no CPU cap, no patience), the same
+# augmentation list and gradient clipping (the same config keys, INPUT.HMRNET_AUG and
+# SOLVER.CLIP_GRADIENTS, set alike for both arms), a checkpoint picked on "select" slices and scored
+# on separate "score" slices, with and without artefacts (organmtl.demo_data.spine.ARTEFACTS), on the
+# predicted boxes and on the ground-truth boxes (oracle: shape/mask error without box error).
+
+MATCHED_DIR = "spine/matched"
+MATCHED_SPLITS = {"train": 80, "select": 20, "score": 60}
+MATCHED_DATA_SEED = 26
+MATCHED_ARMS = {"mask_rcnn": ("Mask R-CNN R18-FPN", "configs/tiny/mask_rcnn_R_18_FPN_baseline_tiny.yaml"),
+                "hmrnet": ("HMR-Net R18-FPN", "hmrnet/configs/tiny/hmrnet_R_18_FPN_tiny.yaml"),
+                # the paper's own Tables 5-6 comparison: the same network with a segmentation (mask) head
+                "hmrnet_mask_head": ("HMR-Net R18-FPN, mask head",
+                                     "hmrnet/configs/tiny/hmrnet_R_18_FPN_mask_head_tiny.yaml")}
+#: the paper's augmentations (HMR-Net §3.1) and the tiny HMR-Net config's clipping, for both arms
+MATCHED_AUG = ("flip", "rotate", "translate_scale", "crop", "blur")
+MATCHED_CLIP = {"SOLVER.CLIP_GRADIENTS.ENABLED": "True", "SOLVER.CLIP_GRADIENTS.CLIP_TYPE": "norm",
+                "SOLVER.CLIP_GRADIENTS.CLIP_VALUE": "5.0"}
+MATCHED_SEEDS = (0, 1, 2)
+MATCHED_BOOTSTRAP = 200
+MATCHED_BOOTSTRAP_SUBSETS = ("all", "artefact", "clean")   # per-tag subsets: point value only
+MATCHED_SUBSETS = ("all", "artefact", "clean", "metal", "low_contrast", "occlusion")
+
+
+def matched_overrides(iters: int, eval_period: int) -> dict:
+    """Config overrides given to every arm alike: schedule, evaluation/checkpoint period, augmentation, clipping."""
+    return {"SOLVER.MAX_ITER": str(iters), "SOLVER.STEPS": f"({int(iters * 0.8)},)",
+            "SOLVER.WARMUP_ITERS": str(min(20, iters // 5)), "TEST.EVAL_PERIOD": str(eval_period),
+            "SOLVER.CHECKPOINT_PERIOD": str(eval_period),
+            "INPUT.HMRNET_AUG.NAMES": "[" + ",".join(f"'{a}'" for a in MATCHED_AUG) + "]",
+            **MATCHED_CLIP, "TEST.HMRNET.NUM_OVERLAYS": "0"}
+
+
+def split_coco(coco: dict, splits: dict[str, list[str]]) -> dict[str, dict]:
+    """One COCO dict per split (images by their ``case``, annotations with their images); a case in
+    two splits or an image of no split is an error (the three sets must be disjoint and complete)."""
+    where = {}
+    for split, cases in splits.items():
+        for case in cases:
+            if case in where:
+                raise ValueError(f"case {case} is in splits {where[case]} and {split}")
+            where[case] = split
+    out = {s: {**{k: v for k, v in coco.items() if k not in ("images", "annotations")}, "images": [],
+               "annotations": []} for s in splits}
+    image_split = {}
+    for im in coco["images"]:
+        if im.get("case") not in where:
+            raise ValueError(f"image {im['file_name']}: case {im.get('case')} is in no split")
+        image_split[im["id"]] = where[im["case"]]
+        out[where[im["case"]]]["images"].append(im)
+    for a in coco["annotations"]:
+        out[image_split[a["image_id"]]]["annotations"].append(a)
+    return out
+
+
+def subset_image_ids(coco: dict, subset: str) -> list[int]:
+    """Images of ``subset``: all, artefact (any tag), clean (no tag), or one tag."""
+    from organmtl.converters.coco import TAGS_KEY
+
+    def keep(tags):
+        return {"all": True, "artefact": bool(tags), "clean": not tags}.get(subset, subset in tags)
+    return [im["id"] for im in coco["images"] if keep(im.get(TAGS_KEY, []))]
+
+
+def _segm_eval(gt: dict, dts: list[dict], image_ids):
+    """pycocotools COCOeval (segm) of ``dts`` on the distinct ``image_ids`` of ``gt``, evaluated per image
+    (not yet accumulated); None when there is no detection."""
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    ids = set(image_ids)
+    r = [d for d in dts if d["image_id"] in ids]
+    if not r:
+        return None
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO()
+        coco.dataset = {**gt, "annotations": [{**a, "iscrowd": a.get("iscrowd", 0)} for a in gt["annotations"]]}
+        coco.createIndex()
+        ev = COCOeval(coco, coco.loadRes(r), "segm")
+        ev.params.imgIds = sorted(ids)
+        ev.evaluate()
+    return ev
+
+
+def _ap_of_draw(ev, image_ids) -> float:
+    """COCO AP@[.5:.95] (x100) of an evaluated COCOeval over ``image_ids`` (repeats allowed: each draw of
+    an image counts as one more image): the per-image evaluations are re-indexed, then accumulated."""
+    import copy
+
+    import numpy as np
+
+    if ev is None:
+        return 0.0
+    p = ev.params
+    pos = {img: n for n, img in enumerate(p.imgIds)}
+    n_img, n_area = len(p.imgIds), len(p.areaRng)
+    draw = copy.copy(ev)
+    draw.evalImgs = [ev.evalImgs[k * n_area * n_img + a * n_img + pos[i]]
+                     for k in range(len(p.catIds)) for a in range(n_area) for i in image_ids]
+    draw.params = copy.deepcopy(p)
+    draw.params.imgIds = list(range(len(image_ids)))
+    draw._paramsEval = copy.deepcopy(draw.params)
+    import contextlib
+    import io
+    with contextlib.redirect_stdout(io.StringIO()):
+        draw.accumulate()
+    prec = draw.eval["precision"][:, :, :, 0, -1]      # IoU x recall x category; all areas, 100 detections
+    prec = prec[prec > -1]
+    return float(prec.mean() * 100) if prec.size else 0.0
+
+
+def segm_ap(gt: dict, dts: list[dict], image_ids) -> float:
+    """COCO segm AP@[.5:.95] (x100, pycocotools, as COCOeval's summary) of ``dts`` over ``image_ids`` of
+    ``gt``; an image id may repeat (bootstrap draws): each draw counts as its own image."""
+    image_ids = list(image_ids)
+    return _ap_of_draw(_segm_eval(gt, dts, image_ids), image_ids)
+
+
+def bootstrap_ci(gt: dict, dts: list[dict], image_ids, n: int = MATCHED_BOOTSTRAP, seed: int = 0):
+    """95 % percentile bootstrap interval of :func:`segm_ap` over slices (``n`` draws with replacement;
+    the per-image matching is computed once)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    ids = list(image_ids)
+    ev = _segm_eval(gt, dts, ids)
+    values = [_ap_of_draw(ev, [ids[k] for k in rng.integers(0, len(ids), len(ids))]) for _ in range(n)]
+    return float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))
+
+
+def seed_ci(values) -> tuple[float, float, float]:
+    """Mean and 95 % t interval over seeds: mean +- t(0.975, n-1) * sd / sqrt(n)."""
+    from scipy import stats
+
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, float("nan"), float("nan")
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
+    return mean, mean - half, mean + half
+
+
+def spine_matched_coco(work: Path) -> Path:
+    """The matched study's COCO folder: write_spine_benchmark cases (train / select / score, artefact
+    cases tagged), converted by the stock converter, split into instances_{train,val,score}.json."""
+    from organmtl.converters.coco import tag_images
+    from organmtl.demo_data.spine import write_spine_benchmark
+    from organmtl.workflows.steps import convert, output_to
+
+    def make(folder):
+        vols = work / "spine_matched_volumes"
+        if vols.exists():
+            shutil.rmtree(vols)
+        splits, tags = write_spine_benchmark(vols, MATCHED_SPLITS, MATCHED_DATA_SEED)
+        with output_to(work / "prepare_spine_matched.log"):
+            convert("volumes", vols, "--to", "coco", "--dataset-id", "526", "--name", "SpineSagMatched",
+                    "--num-folds", "1", "--fold", "0", "--out", folder)
+        ann = folder / "annotations"
+        every = tag_images(json.loads((ann / "instances_val.json").read_text()), tags)
+        parts = split_coco(every, splits)
+        for split, name in (("train", "train"), ("select", "val"), ("score", "score")):
+            (ann / f"instances_{name}.json").write_text(json.dumps(parts[split]))
+    return _prepared(work, "coco_spine_matched", make)
+
+
+def _score_inputs(cfg, coco_root: Path):
+    from detectron2.data import DatasetMapper
+    from detectron2.data.datasets import load_coco_json
+
+    dicts = load_coco_json(str(coco_root / "annotations" / "instances_score.json"), str(coco_root / "images"),
+                           "organmtl_spine_matched_score")
+    mapper = DatasetMapper(cfg, is_train=False)
+    return dicts, mapper
+
+
+def score_checkpoint(config_yaml: Path, weights: Path, coco_root: Path, bootstrap: int = MATCHED_BOOTSTRAP) -> dict:
+    """Segm AP of a checkpoint on the score slices, per subset, on its own boxes ("predicted") and on
+    the ground-truth boxes ("oracle_box", HMRNet's predict_with_boxes), with bootstrap intervals."""
+    import torch
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.config import get_cfg
+    from detectron2.evaluation.coco_evaluation import instances_to_coco_json
+    from detectron2.modeling import build_model
+    from detectron2.structures import BoxMode
+
+    from organmtl.detectron_heads.config import add_organmtl_config
+    from organmtl.detectron_heads.hmrnet import add_hmrnet_config
+    from organmtl.detectron_heads.hmrnet.evaluator import predict_with_boxes
+
+    cfg = get_cfg()
+    add_organmtl_config(cfg)
+    add_hmrnet_config(cfg)
+    cfg.set_new_allowed(True)
+    cfg.merge_from_file(str(config_yaml))
+    cfg.MODEL.DEVICE = "cpu"
+    model = build_model(cfg)
+    DetectionCheckpointer(model).load(str(weights))
+    model.eval()
+    gt = json.loads((coco_root / "annotations" / "instances_score.json").read_text())
+    cat_ids = sorted(c["id"] for c in gt["categories"])
+    dicts, mapper = _score_inputs(cfg, coco_root)
+    dts = {"predicted": [], "oracle_box": []}
+    with torch.no_grad():
+        for d in dicts:
+            inp = mapper(dict(d))
+            boxes = [BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in d["annotations"]]
+            classes = [a["category_id"] for a in d["annotations"]]
+            for mode, out in (("predicted", model([inp])[0]),
+                              ("oracle_box", predict_with_boxes(model, [inp], [boxes], [classes])[0])):
+                for r in instances_to_coco_json(out["instances"].to("cpu"), d["image_id"]):
+                    r["category_id"] = cat_ids[r["category_id"]]
+                    dts[mode].append(r)
+    scores = {}
+    for mode, results in dts.items():
+        for subset in MATCHED_SUBSETS:
+            ids = subset_image_ids(gt, subset)
+            if not ids:
+                continue
+            lo, hi = (bootstrap_ci(gt, results, ids, bootstrap) if bootstrap and subset in MATCHED_BOOTSTRAP_SUBSETS
+                      else (float("nan"),) * 2)
+            scores[f"{mode}/{subset}"] = {"segm AP": segm_ap(gt, results, ids), "boot_lo": lo, "boot_hi": hi,
+                                          "n_slices": len(ids)}
+    return scores
+
+
+def run_spine_matched(method: str, seed: int, iters: int, eval_period: int, work: Path, results: Path) -> dict:
+    from importlib import resources
+
+    from organmtl.evaluation.curves import read_detectron_metrics
+
+    label, config = MATCHED_ARMS[method]
+    coco = spine_matched_coco(work)
+    out = work / "detectron2_matched" / f"{method}__seed{seed}"
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    overrides = matched_overrides(iters, eval_period)
+    started = datetime.datetime.now(datetime.timezone.utc)
+    revision = git_revision()
+    cmd = [sys.executable, "-m", "organmtl.detectron_heads.train_net", "--config-file",
+           str(resources.files("organmtl.detectron_heads") / config), "ORGANMTL.DATASET_ROOT", str(coco),
+           "ORGANMTL.DATASET_NAME", "spine_sag_matched", *[x for kv in overrides.items() for x in kv],
+           "SEED", str(seed), "OUTPUT_DIR", str(out)]
+    t0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    with open(out / "train.log", "w") as log:
+        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
+    t1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if rc != 0:
+        raise RuntimeError(f"{out / 'train.log'}: train_net exited {rc}")
+    evals = [r for r in read_detectron_metrics(out / "metrics.json") if "segm/AP" in r]
+    best = max(evals, key=lambda r: r["segm/AP"] if r["segm/AP"] == r["segm/AP"] else -1)
+    step = int(best["iteration"]) + 1
+    weights = out / ("model_final.pth" if step >= iters else f"model_{int(best['iteration']):07d}.pth")
+    scores = score_checkpoint(out / "config.yaml", weights, coco)
+    record = {"study": "spine_matched", "method": method, "label": label, "seed": seed, "config": config,
+              "overrides": overrides, "iterations": iters, "selected_step": step,
+              "selection_curve": [{"step": int(r["iteration"]) + 1, "segm AP": float(r["segm/AP"])} for r in evals],
+              "scores": scores, "splits": MATCHED_SPLITS, "data_seed": MATCHED_DATA_SEED,
+              "bootstrap_draws": MATCHED_BOOTSTRAP, "code_revision": revision,
+              "train_cpu_s": (t1.ru_utime + t1.ru_stime) - (t0.ru_utime + t0.ru_stime),
+              "started_utc": started.isoformat(timespec="seconds"),
+              "wall_s": (datetime.datetime.now(datetime.timezone.utc) - started).total_seconds(),
+              "threads": os.environ.get("OMP_NUM_THREADS", "unset")}
+    path = Path(results) / MATCHED_DIR / f"{method}__seed{seed}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+    print(f"spine_matched/{method} seed {seed}: best step {step} of {iters}; score/all predicted "
+          f"{scores['predicted/all']['segm AP']:.1f}, oracle box {scores['oracle_box/all']['segm AP']:.1f} -> {path}")
+    return record
+
+
+def load_matched(results: Path = RESULTS) -> dict[tuple[str, int], dict]:
+    return {(r["method"], int(r["seed"])): r for r in
+            (json.loads(p.read_text()) for p in sorted((Path(results) / MATCHED_DIR).glob("*__seed*.json")))}
+
+
+def render_spine_matched(matched: dict) -> str:
+    """Markdown of the matched spine comparison (issue 26): per arm, box source and subset, segm AP
+    mean over seeds with its 95 % t interval, and the mean of the per-seed slice-bootstrap intervals."""
+    lines = ["#### Matched comparison (issue 26): same iterations, augmentations and clipping; >= 3 seeds", ""]
+    if not matched:
+        return "\n".join(lines + ["Not run yet: `" + RESUME + " --spine-matched --method mask_rcnn hmrnet --seed 0 "
+                                  "--iters N` for seeds 0, 1, 2 (the same N for both arms)."])
+    any_r = next(iter(matched.values()))
+    iters = sorted({r["iterations"] for r in matched.values()})
+    lines += [f"Data: `write_spine_benchmark` (seed {any_r['data_seed']}), {any_r['splits']['train']} train / "
+              f"{any_r['splits']['select']} selection / {any_r['splits']['score']} scoring slices, disjoint cases; "
+              "every second case of each split has one artefact (metal streaks, low-contrast boundary, occlusion "
+              "band; `organmtl/demo_data/spine.py`), tagged `organmtl_tags` in the COCO json. Both arms: "
+              f"{', '.join(str(i) for i in iters)} iterations, augmentations {', '.join(MATCHED_AUG)} "
+              "(`INPUT.HMRNET_AUG.NAMES`), gradient norm clipped at 5, evaluation and checkpoint every "
+              f"{any_r['overrides']['TEST.EVAL_PERIOD']} iterations on the selection slices; the selection-best "
+              "checkpoint is scored on the scoring slices on its own boxes (predicted) and on the ground-truth "
+              "boxes (oracle box: `predict_with_boxes`, the ROI heads' `forward_with_given_boxes`). Cells: "
+              "COCO segm AP, mean over seeds [95 % t interval over seeds]; bootstrap: mean over seeds of the 95 % "
+              f"interval over scoring slices ({any_r['bootstrap_draws']} draws).", "",
+              "| arm | boxes | subset (slices) | seeds | segm AP [95 % CI seeds] | bootstrap 95 % (slices) | selected step |",
+              "|---|---|---|---|---|---|---|"]
+    for method, (label, _) in MATCHED_ARMS.items():
+        recs = [r for (m, _s), r in sorted(matched.items()) if m == method]
+        if not recs:
+            continue
+        for mode in ("predicted", "oracle_box"):
+            for subset in MATCHED_SUBSETS:
+                key = f"{mode}/{subset}"
+                vals = [r["scores"][key] for r in recs if key in r["scores"]]
+                if not vals:
+                    continue
+                mean, lo, hi = seed_ci([v["segm AP"] for v in vals])
+                blo = sum(v["boot_lo"] for v in vals) / len(vals)
+                bhi = sum(v["boot_hi"] for v in vals) / len(vals)
+                boot = f"[{blo:.1f}, {bhi:.1f}]" if blo == blo else "-"
+                steps = ", ".join(str(r["selected_step"]) for r in recs)
+                lines.append(f"| {label} | {mode.replace('_', ' ')} | {subset} ({vals[0]['n_slices']}) | {len(vals)} | "
+                             f"{mean:.1f} [{lo:.1f}, {hi:.1f}] | {boot} | {steps} |")
+    lines += ["", spine_matched_verdict(matched)]
+    return "\n".join(lines)
+
+
+def spine_matched_verdict(matched: dict) -> str:
+    """Paired per-seed differences of segm AP on the artefact and clean scoring slices: HMR-Net vs its
+    mask-head variant (the paper's Tables 5-6 comparison) and HMR-Net vs plain Mask R-CNN (issue 26's
+    question; the paper has no Mask R-CNN comparison)."""
+    def per_seed(method, key):
+        return {s: r["scores"][key]["segm AP"] for (m, s), r in matched.items() if m == method and key in r["scores"]}
+    out = []
+    for other, what in (("hmrnet_mask_head", "Claim (HMR-Net paper Tables 5-6, in DSC on head-and-neck organs: shape "
+                         "regression \"is similar or performs better\" than a segmentation head after ROIAlign on "
+                         "samples with artefacts, and \"outperforms or is comparable\" on ambiguous boundaries)"),
+                        ("mask_rcnn", "HMR-Net vs plain Mask R-CNN (issue 26; not a comparison the paper makes)")):
+        parts = []
+        for key in ("predicted/artefact", "predicted/clean", "oracle_box/artefact", "oracle_box/clean"):
+            h, m = per_seed("hmrnet", key), per_seed(other, key)
+            seeds = sorted(set(h) & set(m))
+            if len(seeds) < 2:
+                continue
+            mean, lo, hi = seed_ci([h[s] - m[s] for s in seeds])
+            parts.append(f"{key.replace('_', ' ')}: HMR-Net minus {MATCHED_ARMS[other][0]} {mean:+.1f} AP "
+                         f"[{lo:+.1f}, {hi:+.1f}] ({len(seeds)} paired seeds)")
+        out.append(f"{what}: " + ("; ".join(parts) if parts else "not yet measured (needs >= 2 paired seeds)") + ".")
+    return "\n\n".join(out + ["Segm AP on the phantom, not the paper's DSC on patients; an interval over seeds that "
+                              "excludes 0 supports a difference, one that includes 0 does not decide at this size."])
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--study", choices=[s.key for s in STUDIES])
@@ -949,7 +1300,19 @@ def main(argv=None) -> int:
     p.add_argument("--force", action="store_true", help="run again although a result is cached")
     p.add_argument("--work", type=Path, default=DEFAULT_WORK, help="datasets, checkpoints, logs (not committed)")
     p.add_argument("--results", type=Path, default=RESULTS, help="the cached run JSONs (committed)")
+    p.add_argument("--spine-matched", action="store_true",
+                   help="issue 26: the matched spine comparison (--method mask_rcnn and/or hmrnet, --seed, --iters)")
+    p.add_argument("--iters", type=int, default=300, help="--spine-matched: iterations of every arm")
+    p.add_argument("--eval-period", type=int, default=50, help="--spine-matched: selection evaluation period")
     args = p.parse_args(argv)
+    if args.spine_matched:
+        for m in args.method or list(MATCHED_ARMS):
+            if m not in MATCHED_ARMS:
+                p.error(f"--spine-matched --method {m}: choose from {', '.join(MATCHED_ARMS)}")
+            run_spine_matched(m, args.seed, args.iters, args.eval_period, args.work.resolve(), args.results)
+            if args.results.resolve() == RESULTS.resolve():   # the docs show the committed results only
+                write_docs(args.results)
+        return 0
     runs = load_runs(args.results)
     if args.list:
         for key in PLAN:

@@ -168,6 +168,19 @@ def _case_images(task):
     return entries
 
 
+TAGS_KEY = "organmtl_tags"
+
+
+def tag_images(coco: dict, case_tags: dict) -> dict:
+    """Set each image's ``organmtl_tags`` (a list of strings, e.g. the artefacts of
+    :func:`organmtl.demo_data.spine.write_spine_benchmark`) from ``case_tags`` {case: [tags]} by its
+    ``case``; images of other cases get ``[]``. pycocotools and Detectron2 ignore the extra key.
+    Changes and returns ``coco``."""
+    for im in coco["images"]:
+        im[TAGS_KEY] = sorted(case_tags.get(im.get("case"), []))
+    return coco
+
+
 def nnunet_cases(dataset: Path) -> tuple[dict, list[tuple[str, Path, Path]]]:
     ds_json = dataset / "dataset.json"
     if not ds_json.is_file():
@@ -213,6 +226,9 @@ def to_coco(dataset: Path, out: Path, args, run_cases) -> dict:
     # volume is sliced the same way (organmtl.detectron_heads.volume_predictor)
     intensity = "png16" if args.png16 else ("ct_window" if opts["modality"].upper() == "CT" else "percentiles")
     slicing = {"axis": args.axis, "intensity": intensity, "window": list(CT_WINDOW), "percentiles": list(PERCENTILES)}
+    if "organmtl_case_tags" in meta:    # optional dataset.json record {case: [tags]}
+        for content in splits.values():
+            tag_images(content, meta["organmtl_case_tags"])
     for split, content in splits.items():
         write_json(out / "annotations" / f"instances_{split}.json", {
             "info": {"description": f"{meta.get('name', dataset.name)} ({args.axis} slices) by organmtl",

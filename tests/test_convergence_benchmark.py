@@ -289,3 +289,111 @@ def test_a_method_can_run_at_fewer_seeds_than_its_study(conv):
     assert int(matched.budget["ORGANMTL_EPOCHS"]) == 92 + 6 + 6 + 12 + 12
     with pytest.raises(SystemExit, match="plans seeds"):
         conv.run_one("han", "focusnetv2_matched", 1, Path("/nonexistent"), Path("/nonexistent"))
+
+
+# ---------------------------------------------------------------- issue 26: matched spine comparison
+
+def test_spine_benchmark_splits_are_disjoint_and_artefact_cases_are_tagged(conv, tmp_path):
+    from organmtl.converters.coco import TAGS_KEY, tag_images
+    from organmtl.demo_data.spine import write_spine_benchmark
+    splits, tags = write_spine_benchmark(tmp_path / "v", {"train": 2, "select": 2, "score": 5}, seed=3)
+    assert splits == {"train": ["train_000", "train_001"], "select": ["select_000", "select_001"],
+                      "score": [f"score_{i:03d}" for i in range(5)]}
+    # every second case, artefacts in turn; the others untagged
+    assert tags == {"train_001": ["metal"], "select_001": ["metal"], "score_001": ["metal"],
+                    "score_003": ["low_contrast"]}
+    assert len(list((tmp_path / "v" / "images").glob("*.nii.gz"))) == 9
+    coco = {"categories": [{"id": 1, "name": "L1"}], "images": [], "annotations": []}
+    for k, case in enumerate(c for s in splits.values() for c in s):
+        coco["images"].append({"id": k + 1, "case": case, "file_name": f"{case}.png", "height": 4, "width": 4})
+        coco["annotations"].append({"id": k + 1, "image_id": k + 1, "category_id": 1, "bbox": [0, 0, 2, 2]})
+    tag_images(coco, tags)
+    assert [im[TAGS_KEY] for im in coco["images"]][:2] == [[], ["metal"]]
+    parts = conv.split_coco(coco, splits)
+    assert {s: [im["case"] for im in p["images"]] for s, p in parts.items()} == splits
+    assert sorted(a["image_id"] for p in parts.values() for a in p["annotations"]) == list(range(1, 10))
+    assert conv.subset_image_ids(parts["score"], "artefact") == [6, 8]
+    assert conv.subset_image_ids(parts["score"], "clean") == [5, 7, 9]
+    assert conv.subset_image_ids(parts["score"], "low_contrast") == [8]
+    with pytest.raises(ValueError, match="score_000 is in splits train and score"):
+        conv.split_coco(coco, {"train": ["score_000"], "score": ["score_000"]})
+    with pytest.raises(ValueError, match="in no split"):
+        conv.split_coco(coco, {"train": ["train_000"]})
+
+
+def test_artefacts_change_the_image_not_the_label():
+    from organmtl.demo_data.spine import ARTEFACTS, add_artefact, sagittal_slice
+    img, lab = sagittal_slice(np.random.default_rng(0))
+    for kind in ARTEFACTS:
+        out = add_artefact(img, lab.copy(), kind, np.random.default_rng(1))
+        assert out.shape == img.shape and out.dtype == img.dtype
+        assert np.abs(out.astype(float) - img).mean() > 2.0
+    low = add_artefact(img, lab, "low_contrast", np.random.default_rng(1))
+    # the chosen bodies lose contrast: their mean falls from ~320 toward tissue (180)
+    changed = [v for v in range(1, 6) if abs(low[lab == v].mean() - img[lab == v].mean()) > 50]
+    assert changed and all(low[lab == v].mean() < 260 for v in changed)
+    with pytest.raises(ValueError, match="unknown artefact"):
+        add_artefact(img, lab, "motion", np.random.default_rng(0))
+
+
+def test_seed_ci_equals_the_t_interval_by_hand(conv):
+    mean, lo, hi = conv.seed_ci([1.0, 2.0, 3.0])
+    half = 4.302652729911275 / 3 ** 0.5         # t(0.975, 2) * sd 1 / sqrt(3)
+    assert mean == 2.0 and lo == pytest.approx(2 - half) and hi == pytest.approx(2 + half)
+
+
+def _square(image_id, ann_id, x0, score=None):
+    from pycocotools import mask as mask_util
+    m = np.zeros((16, 16), np.uint8, order="F")
+    m[4:10, x0:x0 + 6] = 1
+    rle = mask_util.encode(m)
+    rle["counts"] = rle["counts"].decode()
+    rec = {"image_id": image_id, "category_id": 1, "segmentation": rle}
+    if score is None:
+        return {**rec, "id": ann_id, "area": 36, "bbox": [x0, 4, 6, 6], "iscrowd": 0}
+    return {**rec, "score": score}
+
+
+def test_segm_ap_hand_values_and_bootstrap_repeats(conv):
+    gt = {"categories": [{"id": 1, "name": "L1"}], "annotations": [_square(1, 1, 2), _square(2, 2, 3)],
+          "images": [{"id": i, "height": 16, "width": 16, "file_name": f"{i}.png", "organmtl_tags": []} for i in (1, 2)]}
+    assert conv.segm_ap(gt, [_square(1, 0, 2, 1.0), _square(2, 0, 3, 1.0)], [1, 2]) == pytest.approx(100.0)
+    # image 2 missed: precision 1 up to recall 0.5 = 51 of COCO's 101 recall points
+    assert conv.segm_ap(gt, [_square(1, 0, 2, 1.0)], [1, 2]) == pytest.approx(100 * 51 / 101)
+    assert conv.segm_ap(gt, [_square(1, 0, 2, 1.0)], [1, 1]) == pytest.approx(100.0)   # a bootstrap draw
+    assert conv.segm_ap(gt, [], [1, 2]) == 0.0
+    lo, hi = conv.bootstrap_ci(gt, [_square(1, 0, 2, 1.0)], [1, 2], n=30, seed=0)
+    assert 0.0 <= lo < hi <= 100.0
+
+
+@pytest.mark.parametrize("config", ["hmrnet/configs/tiny/hmrnet_R_18_FPN_tiny.yaml",
+                                    "configs/tiny/mask_rcnn_R_18_FPN_baseline_tiny.yaml"])
+def test_oracle_box_path_on_an_untrained_tiny_model(config):
+    import torch
+    from importlib import resources
+
+    from detectron2.config import get_cfg
+    from detectron2.modeling import build_model
+
+    from organmtl.detectron_heads import add_organmtl_config
+    from organmtl.detectron_heads.hmrnet import add_hmrnet_config
+    from organmtl.detectron_heads.hmrnet.evaluator import predict_with_boxes
+    cfg = get_cfg()
+    add_organmtl_config(cfg)
+    add_hmrnet_config(cfg)
+    cfg.merge_from_file(str(resources.files("organmtl.detectron_heads") / config))
+    cfg.MODEL.DEVICE, cfg.MODEL.ROI_HEADS.NUM_CLASSES, cfg.MODEL.HMRNET.NUM_POINTS = "cpu", 3, 8
+    cfg.MODEL.FPN.OUT_CHANNELS, cfg.MODEL.ROI_BOX_HEAD.FC_DIM, cfg.MODEL.ROI_MASK_HEAD.CONV_DIM = 16, 16, 8
+    cfg.MODEL.ROI_SHAPE_HEAD.CONV_DIMS, cfg.MODEL.ROI_SHAPE_HEAD.FC_DIM = [8, 8], 16
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    # a 64 x 64 input of a 128 x 128 original: the given boxes are in the original's pixels
+    inp = {"image": torch.rand(3, 64, 64) * 255, "height": 128, "width": 128}
+    boxes = [[10.0, 20.0, 50.0, 60.0], [60.0, 70.0, 120.0, 100.0]]
+    out = predict_with_boxes(model, [inp], [boxes], [[2, 0]])[0]["instances"]
+    assert out.image_size == (128, 128)
+    assert torch.allclose(out.pred_boxes.tensor, torch.tensor(boxes), atol=1e-4)
+    assert out.pred_classes.tolist() == [2, 0] and out.scores.tolist() == [1.0, 1.0]
+    assert out.pred_masks.shape == (2, 128, 128)
+    if "hmrnet" in config:   # the shape head's points are decoded from the given boxes
+        assert out.pred_points.shape == (2, 8, 2)

@@ -160,3 +160,28 @@ class HMRNetEvaluator(DatasetEvaluator):
                 wr.writerow(header)
                 wr.writerows(table)
         return {"hmrnet": res}
+
+
+def predict_with_boxes(model, batched_inputs: list[dict], boxes: list, classes: list) -> list[dict]:
+    """Oracle-box inference: run ``model``'s ROI heads (mask head, or HMR-Net's shape head whose
+    points are decoded from each box and rasterised) on the given boxes instead of its own
+    detections, Detectron2's ``GeneralizedRCNN.inference(detected_instances=...)`` path
+    (``roi_heads.forward_with_given_boxes``). ``boxes[i]``: (n, 4) XYXY in the original image's
+    pixels (as the dataset dict's ``height`` x ``width``), ``classes[i]``: (n,) contiguous class ids.
+    Every given box gets score 1. -> the model's outputs ``[{"instances": ...}]`` in original-image
+    coordinates, so the segm AP of the result measures the shape/mask given perfect boxes."""
+    import torch
+    from detectron2.structures import Boxes, Instances
+
+    detected = []
+    for inp, b, c in zip(batched_inputs, boxes, classes):
+        h_in, w_in = inp["image"].shape[-2:]
+        sy, sx = h_in / inp.get("height", h_in), w_in / inp.get("width", w_in)
+        b = torch.as_tensor(np.asarray(b, np.float32).reshape(-1, 4)) * torch.tensor([sx, sy, sx, sy])
+        inst = Instances((h_in, w_in))
+        inst.pred_boxes = Boxes(b)
+        inst.pred_classes = torch.as_tensor(np.asarray(c, np.int64).reshape(-1))
+        inst.scores = torch.ones(len(b))
+        detected.append(inst)
+    with torch.no_grad():
+        return model.inference(batched_inputs, detected_instances=detected, do_postprocess=True)

@@ -6,6 +6,19 @@ single-slice NIfTI files (z = 1), with 0.8 mm pixels.
 - ``spine_sag_mr``: vertebral bodies L1..L5 (one class each) and intervertebral discs (one class,
   several instances per slice), MR-like contrast (discs bright, bodies intermediate).
 - ``spine_ax_ct``: one vertebra per slice (body + posterior arch), CT-like contrast.
+
+Opt-in artefact cases (:func:`write_spine_benchmark`, the convergence benchmark's HMR-Net data; the
+demo data are unchanged): :data:`ARTEFACTS` adds to a sagittal slice, after the clean image is made,
+one of the degradations of real spine MR/CT that leave the anatomy (the label) as it is:
+
+- ``metal``: an implant-like signal void (a dark disc of 3-5 px radius inside a vertebral body, as
+  around a pedicle screw) with a bright rim and bright/dark streaks radiating from it across the
+  slice (CT beam hardening; MR susceptibility distortion), amplitude +-150.
+- ``low_contrast``: one to three adjacent vertebral bodies lose most of their contrast to soft tissue
+  (body 200-230 against tissue 180, as osteoporotic or oedematous marrow on T2) and their edges are
+  blurred (Gaussian, sigma 1.5 px: partial volume), so the boundary is ambiguous.
+- ``occlusion``: a band 8-14 px wide crossing the spine at a random angle is replaced by low noisy
+  signal (a saturation band / signal drop-out), hiding part of one or two bodies and a disc.
 """
 from __future__ import annotations
 
@@ -67,6 +80,76 @@ def axial_slice(rng: np.random.Generator):
     img[vb & ((yy - cy) ** 2 + (xx - cx) ** 2 <= (r - 2.5) ** 2)] = 220.0   # cancellous bone
     img += rng.normal(0, 15, img.shape)
     return np.clip(img, -1024, 3071).astype(np.int16), lab
+
+
+ARTEFACTS = ("metal", "low_contrast", "occlusion")
+
+
+def add_artefact(img: np.ndarray, lab: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
+    """``img`` (a sagittal slice of :func:`sagittal_slice`) with artefact ``kind`` of :data:`ARTEFACTS`
+    (module docstring); the label ``lab`` is not changed (the anatomy is still there)."""
+    if kind not in ARTEFACTS:
+        raise ValueError(f"unknown artefact {kind!r}; choose from {ARTEFACTS}")
+    from scipy import ndimage
+
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
+    out = img.astype(np.float32)
+    levels = [v for v in range(1, 6) if (lab == v).any()]
+    if kind == "metal":
+        cy, cx = (np.argwhere(lab == rng.choice(levels)).mean(axis=0) + rng.uniform(-3, 3, 2))
+        r = rng.uniform(3, 5)
+        d = np.hypot(yy - cy, xx - cx)
+        angle = np.arctan2(yy - cy, xx - cx)
+        streaks = np.zeros_like(out)
+        for a in rng.uniform(-np.pi, np.pi, int(rng.integers(3, 6))):
+            sign = rng.choice([-1.0, 1.0])
+            width = rng.uniform(0.03, 0.08)
+            streaks += sign * 150.0 * np.exp(-((np.angle(np.exp(1j * (angle - a)))) / width) ** 2) * np.exp(-d / 60)
+        out += streaks
+        out[(d >= r) & (d < r + 1.5)] = 800.0
+        out[d < r] = rng.normal(20, 5, int((d < r).sum()))
+    elif kind == "low_contrast":
+        first = int(rng.integers(0, len(levels)))
+        chosen = levels[first:first + int(rng.integers(1, 4))]
+        region = np.isin(lab, chosen)
+        out[region] = rng.normal(rng.uniform(200, 230), 20, int(region.sum()))
+        near = ndimage.binary_dilation(region, iterations=3)
+        blurred = ndimage.gaussian_filter(out, 1.5)
+        out[near] = blurred[near]
+    else:
+        cy, cx = np.argwhere(lab > 0).mean(axis=0) + rng.uniform(-15, 15, 2)
+        theta = rng.uniform(-np.pi / 3, np.pi / 3)
+        dist = np.abs((yy - cy) * np.cos(theta) - (xx - cx) * np.sin(theta))
+        band = dist < rng.uniform(4, 7)
+        out[band] = rng.normal(40, 15, int(band.sum()))
+    return np.clip(out, 0, 1000).astype(np.int16)
+
+
+def write_spine_benchmark(out: Path, counts: dict[str, int], seed: int,
+                          artefact_every: int = 2) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """Sagittal spine slices for a matched comparison, one ``volumes`` folder ``out`` (mapping.json as
+    ``spine_sag_mr``) holding every split of ``counts`` (e.g. ``{"train": 80, "select": 20, "score":
+    60}``) as cases ``<split>_<i>``, each drawn from its own seeded stream (disjoint by construction).
+    Every ``artefact_every``-th case of each split (i = 1, 3, ... for 2) gets one artefact of
+    :data:`ARTEFACTS` in turn. -> (cases by split, artefact tags by case; untagged cases are absent)."""
+    g = Grid((1, SIZE, SIZE), (SPACING, SPACING, 1.0))
+    splits, tags = {}, {}
+    for stream, (split, n) in enumerate(counts.items()):
+        splits[split] = []
+        for i in range(n):
+            rng = np.random.default_rng([seed, 10 + stream, i])
+            img, lab = sagittal_slice(rng)
+            case = f"{split}_{i:03d}"
+            if artefact_every and i % artefact_every == artefact_every - 1:
+                kind = ARTEFACTS[(i // artefact_every) % len(ARTEFACTS)]
+                img = add_artefact(img, lab, kind, rng)
+                tags[case] = [kind]
+            write(g.image(img[None]), out / "images" / f"{case}_0000.nii.gz")
+            write(g.image(lab[None]), out / "labels" / f"{case}.nii.gz")
+            splits[split].append(case)
+    (out / "mapping.json").write_text(json.dumps(
+        {"name": "spine_sag_mr", "channel_names": {"0": "MR"}, "labels": SAG_LABELS}, indent=2) + "\n")
+    return splits, tags
 
 
 def _write_family(out: Path, name: str, maker, labels: dict, modality: str, n: int, seed: int, stream: int):
