@@ -405,9 +405,9 @@ def _verdict_spine(spec, runs):
         return "not yet measured (needs Mask R-CNN and HMR-Net runs)."
     word = "reproduced" if hmr >= mask else "not reproduced"
     stops = sorted({r["stop_reason"] for k, r in runs.items() if k[0] == spec.key and k[1] in ("mask_rcnn", "hmrnet")})
-    return (f"(unmatched runs: different iteration counts, augmentations and clipping; 5 validation slices "
-            f"both pick and score; the matched comparison is below) {word} on all validation slices at the same "
-            f"CPU cap: HMR-Net segm AP {hmr:.1f} vs Mask R-CNN "
+    return (f"{word} on all validation slices at the same CPU cap (unmatched runs: different iteration counts, "
+            f"augmentations and clipping; the same 5 validation slices pick and score; the matched comparison is "
+            f"below): HMR-Net segm AP {hmr:.1f} vs Mask R-CNN "
             f"{mask:.1f} (mean over {len(_means(spec, runs, 'hmrnet', 'segm AP'))} / "
             f"{len(_means(spec, runs, 'mask_rcnn', 'segm AP'))} seeds; runs stopped by: {', '.join(stops)})." + _ablations(spec, runs, hmr))
 
