@@ -388,10 +388,10 @@ def _infer_child(device: str, n_runs: int, queue) -> None:
     torch.manual_seed(0)
     for key, name in (("stock", TRAINERS[0]), ("snet", TRAINERS[1]), ("focusnetv2", TRAINERS[3])):
         tr = initialized_trainer(getattr(trainers, name), plans, "3d_tiny", dataset_json, device)
-        net = tr._module().eval()
         if key != "focusnetv2":
-            out[key] = seconds(nnUNetPredictor, net, tr, name)
+            out[key] = seconds(nnUNetPredictor, tr.network.eval(), tr, name)
             continue
+        net = tr._module().eval()
         net.sos_trained.fill_(True)
         net.heat_floor.fill_(0.0)
         out["focusnetv2_once_per_case"] = seconds(FocusNetPredictor, net, tr, name)
