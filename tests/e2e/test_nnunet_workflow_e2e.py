@@ -4,9 +4,10 @@ stock baseline and FocusNetv2 trained on two folds of nnU-Net's own split of the
 add them later), then ``nnUNetv2_find_best_configuration`` over both trainers (cross-validation
 results, the ensemble of the two, postprocessing of the best), ``organmtl evaluate`` on a
 cross-validation folder followed by ``nnUNetv2_determine_postprocessing`` on it (which reads
-nnU-Net's ``summary.json`` there), ``nnUNetv2_ensemble`` of the two trainers' validation
-probabilities and ``nnUNetv2_apply_postprocessing`` with the chosen postprocessing. All stock
-commands in subprocesses, in the test's own ``nnUNet_results``.
+nnU-Net's ``summary.json`` there), ``nnUNetv2_ensemble`` of the two trainers' predicted
+probabilities (``nnUNetv2_predict`` / ``organmtl predict-focusnet`` with ``--save_probabilities``, both
+folds) and ``nnUNetv2_apply_postprocessing`` with the chosen postprocessing. All commands in
+subprocesses, in the test's own ``nnUNet_results``.
 
 The other organmtl trainers are checked where their e2e tests train them (``--npz`` and
 ``tests.helpers.assert_crossval_ready``)."""
@@ -69,9 +70,12 @@ def test_crossval_find_best_configuration_ensemble_and_postprocessing(han_datase
             run_in_group(cmd + ["--val", "--npz"], env=env, log_file=log, timeout=900)
 
     def predict(trainer: str):
-        """Both folds of ``trainer`` on one image with ``--save_probabilities``, for ``nnUNetv2_ensemble``."""
+        """Both folds of ``trainer`` on one image with ``--save_probabilities``, for ``nnUNetv2_ensemble``:
+        ``nnUNetv2_predict``, for FocusNet ``organmtl predict-focusnet`` (the same options; it pastes the small
+        organs as the final validation did, nnUNetv2_predict gives S-Net's segmentation)."""
         out = tmp_path / "predict" / trainer
-        run_in_group([venv_bin("nnUNetv2_predict"), "-i", str(images), "-o", str(out), "-d", did, "-c", cfg,
+        command = [venv_bin("organmtl"), "predict-focusnet"] if trainer == FOCUSNET else [venv_bin("nnUNetv2_predict")]
+        run_in_group([*command, "-i", str(images), "-o", str(out), "-d", did, "-c", cfg,
                       "-f", *map(str, FOLDS), "-tr", trainer, "-device", "cpu", "--save_probabilities",
                       "-npp", "1", "-nps", "1"], env=env, log_file=logs / f"predict_{trainer}.log", timeout=900)
         return out
@@ -119,9 +123,9 @@ def test_crossval_find_best_configuration_ensemble_and_postprocessing(han_datase
                         pytest.approx(m["Dice"], nan_ok=True)
     ens_dir = ds.results / ds.name / "ensembles" / ensemble
     for k in FOLDS:
-        for case in val_cases[k]:
-            expected = _softmax_ensemble([ds.fold(t, k) / "validation" / f"{case}.npz" for t in models])
-            np.testing.assert_array_equal(read_array(ens_dir / f"{case}.nii.gz"), expected)
+        for c in val_cases[k]:
+            expected = _softmax_ensemble([ds.fold(t, k) / "validation" / f"{c}.npz" for t in models])
+            np.testing.assert_array_equal(read_array(ens_dir / f"{c}.nii.gz"), expected)
     best = info["best_model_or_ensemble"]
     assert best["result_on_crossval_post_pp"] >= 0 and Path(best["postprocessing_file"]).is_file()
 
