@@ -4,7 +4,8 @@ independent readers: rt-utils (OpenCV fill of the contours; installed from the p
 requirements/constraints.txt into a private folder without its opencv-python requirement, the
 headless OpenCV here provides the same ``cv2``) and highdicom, each at Dice >= 0.98 per ROI
 against the predicted label map (``--format nifti``), which must hold foreground; a second,
-broken series in the same run fails alone (exit 1).
+broken series in the same run fails alone (exit 1). The Detectron2 route (``--detectron-config``)
+is checked for plumbing only, with a freshly initialised Mask R-CNN.
 """
 from __future__ import annotations
 
@@ -121,3 +122,36 @@ def test_ct_only_folder_to_rtstruct_and_seg_read_by_independent_readers(dicom_rt
         for value, name in present.items():
             assert _dice(label == value, pixels == numbers[name]) >= 0.98, (case, name)
 
+
+def test_detectron_backend_plumbing(dicom_rt_model, tmp_path):
+    """--detectron-config/--weights reach organmtl.detectron_heads.volume_predictor: a Mask R-CNN
+    with freshly initialised weights (plumbing only: what it predicts is not the point) on a
+    CT-only series gives a label map on the CT's grid with values among its structures, and the
+    report names the Detectron2 model and its structure names."""
+    import torch
+    from detectron2.modeling import build_model
+
+    from organmtl.converters.dicom_ct import find_series, load_series
+    from organmtl.detectron_heads.volume_predictor import load_config
+
+    _, root = dicom_rt_model
+    inp = tmp_path / "ct"
+    shutil.copytree(root / "new" / "rt004" / "CT", inp / "CT")
+    config = REPO / "detectron_heads" / "configs" / "tiny" / "mask_rcnn_R_18_FPN_baseline_tiny.yaml"
+    opts = ["ORGANMTL.SLICES.AXIS", "axial", "ORGANMTL.SLICES.INTENSITY", "ct_window",
+            "ORGANMTL.CLASS_NAMES", "['Body','Vertebra']", "MODEL.ROI_HEADS.NUM_CLASSES", "2", "MODEL.DEVICE", "cpu"]
+    torch.manual_seed(0)
+    weights = tmp_path / "model_final.pth"
+    torch.save({"model": build_model(load_config(config, opts)).state_dict()}, weights)
+    out = tmp_path / "out"
+    r = run_cli("predict", inp, out, "--detectron-config", config, "--weights", weights, "--opts", *opts,
+                "-device", "cpu", "--format", "nifti", env=ONE_THREAD)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    report = json.loads((out / "predict_report.json").read_text())
+    assert report["model"]["backend"] == "Detectron2" and report["labels"] == {"1": "Body", "2": "Vertebra"}
+    ct = load_series(find_series(inp).series[0]).image
+    pred = sitk.ReadImage(str(out / f"{report['cases'][0]['case']}.nii.gz"))
+    assert pred.GetSize() == ct.GetSize()
+    assert np.allclose(pred.GetOrigin(), ct.GetOrigin(), atol=1e-4)
+    assert np.allclose(pred.GetSpacing(), ct.GetSpacing()) and np.allclose(pred.GetDirection(), ct.GetDirection())
+    assert set(np.unique(sitk.GetArrayFromImage(pred)).tolist()) <= {0, 1, 2}
