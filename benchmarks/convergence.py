@@ -793,12 +793,13 @@ def _bin(name: str) -> str:
 
 
 def _predict(env, dataset_id, configuration, fold, trainer, images: Path, out: Path, log: Path, probabilities=False):
+    from organmtl.nnunet_trainers.focusnet.predict import predict_command
     from organmtl.procs import run_in_group
 
     if out.exists():
         shutil.rmtree(out)
     before = _children_cpu_s()
-    run_in_group([_bin("nnUNetv2_predict"), "-i", str(images), "-o", str(out), "-d", str(dataset_id), "-c",
+    run_in_group([*predict_command(trainer), "-i", str(images), "-o", str(out), "-d", str(dataset_id), "-c",
                   configuration, "-f", str(fold), "-tr", trainer, "-chk", "checkpoint_best.pth", "-device", "cpu",
                   "--disable_tta", "-npp", "1", "-nps", "1", *(["--save_probabilities"] if probabilities else [])],
                  env=env, log_file=log)
@@ -972,7 +973,10 @@ def matched_overrides(iters: int, eval_period: int) -> dict:
             "SOLVER.WARMUP_ITERS": str(min(20, iters // 5)), "TEST.EVAL_PERIOD": str(eval_period),
             "SOLVER.CHECKPOINT_PERIOD": str(eval_period),
             "INPUT.HMRNET_AUG.NAMES": "[" + ",".join(f"'{a}'" for a in MATCHED_AUG) + "]",
-            **MATCHED_CLIP, "TEST.HMRNET.NUM_OVERLAYS": "0"}
+            **MATCHED_CLIP, "TEST.HMRNET.NUM_OVERLAYS": "0",
+            # masks as bitmaps for every arm (HMR-Net's base setting): crop/rotate transform them as images
+            # (polygon cropping would need shapely)
+            "INPUT.MASK_FORMAT": "bitmask"}
 
 
 def split_coco(coco: dict, splits: dict[str, list[str]]) -> dict[str, dict]:
