@@ -321,7 +321,7 @@ STUDIES = (
               "Demo spine COCO (`organmtl convert volumes --to coco`), tiny R18-FPN configs, `train_net` with "
               "`TEST.EVAL_PERIOD 50`; the score is the best periodic COCO segm AP (0-100) on the validation "
               "slices (the same slices decide the stop; 5 slices, so ±10 AP between evaluations is noise).",
-              "HMR-Net >= Mask R-CNN, more so on occluded / low-contrast slices",
+              "HMR-Net >= Mask R-CNN on all slices (our question; the paper compares shape head vs segmentation head on artefact / ambiguous-boundary organs, Tables 5-6: see the matched comparison)",
               (_det("mask_rcnn", "Mask R-CNN R18-FPN", "configs/tiny/mask_rcnn_R_18_FPN_baseline_tiny.yaml"),
                _det("hmrnet", "HMR-Net R18-FPN", "hmrnet/configs/tiny/hmrnet_R_18_FPN_tiny.yaml"),
                _det("hmrnet_mask_head", "HMR-Net, mask head", "hmrnet/configs/tiny/hmrnet_R_18_FPN_mask_head_tiny.yaml"),
