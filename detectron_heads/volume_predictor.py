@@ -40,6 +40,7 @@ from organmtl.converters.coco import slices_along, to_lps, to_png_array
 from organmtl.detectron_heads.config import AXES, INTENSITIES, add_organmtl_config, record_dataset
 from organmtl.detectron_heads.hmrnet import add_hmrnet_config
 from organmtl.detectron_heads.hmrnet.shape_head import rasterize_points
+from organmtl.devices import resolve_device
 
 __all__ = ["predict_volume", "label_names", "load_config", "slice_images", "paint_instances"]
 
@@ -156,14 +157,6 @@ def _predictor(config_file: str, weights: str, device: str, opts: tuple[str, ...
     return cfg, DefaultPredictor(cfg)
 
 
-def _resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r}: no CUDA device is available")
-    return device
-
-
 def _back_to_geometry(labels_lps: np.ndarray, lps: sitk.Image, image: sitk.Image) -> sitk.Image:
     """The LPS-ordered label array on ``image``'s voxel grid: ``to_lps`` only permuted and flipped
     axes, so orienting back to ``image``'s own orientation code undoes it voxel for voxel."""
@@ -189,7 +182,7 @@ def predict_volume(config_file, weights, image: sitk.Image, device: str = "auto"
                          f"{image.GetNumberOfComponentsPerPixel()} components per voxel")
     if not Path(weights).is_file():
         raise FileNotFoundError(f"{weights}: weights not found")
-    cfg, predictor = _predictor(str(config_file), str(weights), _resolve_device(device), tuple(opts or ()))
+    cfg, predictor = _predictor(str(config_file), str(weights), resolve_device(device), tuple(opts or ()))
     lps = to_lps(image)
     array = sitk.GetArrayFromImage(lps)
     labels = np.zeros(array.shape, np.uint8)

@@ -251,7 +251,8 @@ def add_predict_focusnet_parser(sub) -> None:
     p.add_argument("--save_probabilities", action="store_true", help="also write the class probabilities (.npz)")
     p.add_argument("-npp", type=positive_int, default=1, help="preprocessing processes (default 1)")
     p.add_argument("-nps", type=positive_int, default=1, help="export processes (default 1)")
-    p.add_argument("-device", default="cuda", choices=("cuda", "cpu", "mps"), help="device (default cuda)")
+    p.add_argument("-device", default="auto", choices=("auto", "cuda", "cpu", "mps"),
+                   help="device (default auto: cuda if available, else cpu)")
     p.set_defaults(func=cmd_predict_focusnet)
 
 

@@ -26,6 +26,7 @@ from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 from nnunetv2.utilities.file_path_utilities import get_output_folder
 
+from organmtl.devices import resolve_device
 from organmtl.nnunet_trainers.focusnet.network import FocusNet
 
 
@@ -47,6 +48,27 @@ def describe_pastes(net: FocusNet, centres: dict) -> str:
                      + (f" at {tuple(int(v) for v in voxel)}" if pasted else ""))
     n = sum(1 for v in centres.values() if v[2])
     return f"FocusNet: {n} of {len(centres)} small organs pasted in this case (once per case; {'; '.join(parts)})"
+
+
+def pastes_per_case(trainer: str) -> bool:
+    """Whether ``trainer`` (a ``-tr`` name) is a FocusNet trainer: its small organs are pasted once per case
+    by :class:`FocusNetPredictor`, which nnU-Net's per-window ``nnUNetv2_predict`` cannot do."""
+    from organmtl.nnunet_trainers import FOCUSNET
+
+    return trainer in {c.__name__ for c in FOCUSNET}
+
+
+def predictor_class(trainer: str) -> type[nnUNetPredictor]:
+    """The predictor that gives ``trainer``'s segmentation as its final validation scored it."""
+    return FocusNetPredictor if pastes_per_case(trainer) else nnUNetPredictor
+
+
+def predict_command(trainer: str) -> list[str]:
+    """The command (before its ``nnUNetv2_predict`` options, which both take) that predicts with ``trainer``:
+    ``organmtl predict-focusnet`` for FocusNet trainers, ``nnUNetv2_predict`` for the others."""
+    from organmtl.procs import venv_bin
+
+    return [venv_bin("organmtl"), "predict-focusnet"] if pastes_per_case(trainer) else [venv_bin("nnUNetv2_predict")]
 
 
 class FocusNetPredictor(nnUNetPredictor):
@@ -146,10 +168,11 @@ def run(args) -> None:
     model = get_output_folder(dataset, args.tr, args.p, args.c)
     if not os.path.isdir(model):
         raise FocusNetPredictionError(f"{model}: no trained model (train it with nnUNetv2_train first)")
-    if args.device == "cpu":
+    device = torch.device(resolve_device(args.device))
+    if device.type == "cpu":
         torch.set_num_threads(os.cpu_count() or 1)
     predictor = FocusNetPredictor(tile_step_size=args.step_size, use_gaussian=True, use_mirroring=not args.disable_tta,
-                                  perform_everything_on_device=args.device == "cuda", device=torch.device(args.device),
+                                  perform_everything_on_device=device.type == "cuda", device=device,
                                   allow_tqdm=True)
     folds = [f if f == "all" else int(f) for f in args.f]
     predictor.initialize_from_trained_model_folder(model, folds, checkpoint_name=args.chk)

@@ -490,7 +490,10 @@ def write_default_split(preprocessed: Path, configuration: str) -> Path:
 def _train_and_score(study: Study, label: str, budget: Budget, out: Path, raw: Path, logs: Path,
                      stop: threading.Event, run_env: dict[str, str], console=None) -> tuple[dict, dict]:
     """Train one trainer of ``study`` (stock ``nnUNetv2_train``), predict the test cases
-    (``nnUNetv2_predict``) where the study has them, score; (its table column, its budget row)."""
+    (``nnUNetv2_predict``; ``organmtl predict-focusnet`` for FocusNet, which pastes its small organs once per
+    case) where the study has them, score; (its table column, its budget row)."""
+    from organmtl.nnunet_trainers.focusnet.predict import predict_command
+
     trainer, t0, tag = study.trainers[label], time.time(), f"{study.key}: {label}"
     print(f"\n=== [{tag}] nnUNetv2_train {study.dataset_id} {study.configuration} {FOLD} -tr {trainer} "
           f"({budget.total_epochs} epochs x {budget.iterations} iterations)", flush=True, file=console)
@@ -501,7 +504,7 @@ def _train_and_score(study: Study, label: str, budget: Budget, out: Path, raw: P
                       trainer, "-device", "cpu"], env=env, log_file=train_log, stop=stop)
     if study.test_set:
         pred = out / "predictions" / trainer
-        run_in_group([venv_bin("nnUNetv2_predict"), "-i", str(raw / "imagesTs"), "-o", str(pred), "-d",
+        run_in_group([*predict_command(trainer), "-i", str(raw / "imagesTs"), "-o", str(pred), "-d",
                       str(study.dataset_id), "-c", study.configuration, "-f", str(FOLD), "-tr", trainer,
                       "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"],
                      env=env, log_file=logs / f"{study.key}_predict_{trainer}.log", stop=stop)

@@ -121,9 +121,9 @@ def nnunet_backend(dataset: str, configuration: str, trainer: str, folds, plans:
     labels = _labels_from_dataset_json(dataset_json, folder / "dataset.json")
     torch_device = resolve_device(device)
     t0 = time.perf_counter()
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    from organmtl.nnunet_trainers.focusnet.predict import predictor_class
 
-    predictor = nnUNetPredictor(tile_step_size=step_size, use_gaussian=True, use_mirroring=tta,
+    predictor = predictor_class(trainer)(tile_step_size=step_size, use_gaussian=True, use_mirroring=tta,
                                 perform_everything_on_device=torch_device.type == "cuda", device=torch_device,
                                 verbose=False, verbose_preprocessing=False, allow_tqdm=False)
     predictor.initialize_from_trained_model_folder(str(folder), use_folds=tuple(folds), checkpoint_name=checkpoint)
