@@ -15,6 +15,7 @@ import SimpleITK as sitk
 import torch
 
 from organmtl.procs import run_in_group, venv_bin
+from tests.helpers import assert_crossval_ready
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(2400)]
 PHASES = {
@@ -88,7 +89,7 @@ def test_trainer_runs_every_phase_and_predicts(han, trainer, tmp_path):
     ds, env = han
     log = tmp_path / "train.log"
     run_in_group([venv_bin("nnUNetv2_train"), str(ds.dataset_id), ds.configuration, "0", "-tr", trainer,
-                  "-device", "cpu"], env=env, log_file=log, timeout=1800)
+                  "-device", "cpu", "--npz"], env=env, log_file=log, timeout=1800)
     text = log.read_text()
     assert [p for p in PHASES[trainer] if f"FocusNet phase: {p}" in text] == PHASES[trainer]
     # the autoencoder (ae) and SOS-Net (sos/joint, a third of the samples at random positions) trained on patches
@@ -108,7 +109,7 @@ def test_trainer_runs_every_phase_and_predicts(han, trainer, tmp_path):
     assert settings["concat_image"] == ("NoConcat" not in trainer)
     has_ae = any(k.startswith("shape_ae.") for k in ckpt["network_weights"])
     assert has_ae == ("FocusNetV2" in trainer)
-    assert (fold / "validation" / "summary.json").is_file()
+    assert_crossval_ready(fold)          # what nnUNetv2_find_best_configuration / ensembling read (--npz)
     # the paste floor was calibrated on validation patches from the sol phase on and travels with the weights
     assert (text.count("FocusNet paste floor (validation patches)") == 4) == with_sos
     assert ckpt["network_weights"]["heat_floor"].shape == ((3,) if with_sos else (0,))
@@ -130,10 +131,11 @@ def test_focusnet_v1_resumes_across_a_phase_and_predicts(han, tmp_path):
     fold = ds.fold(trainer)
     assert torch.load(fold / "checkpoint_latest.pth", map_location="cpu", weights_only=False)["current_epoch"] == 1
     log = tmp_path / "resumed.log"
-    run_in_group(cmd + ["--c"], env=env, log_file=log, timeout=1800)
+    run_in_group(cmd + ["--c", "--npz"], env=env, log_file=log, timeout=1800)
     text = log.read_text()
     assert "FocusNet phase: snet" not in text
     assert all(f"FocusNet phase: {p}" in text for p in ("sol", "sos", "joint"))
     ckpt = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert ckpt["current_epoch"] == 4
+    assert_crossval_ready(fold)
     _predict_and_check(ds, env, trainer, tmp_path)
