@@ -382,13 +382,14 @@ def current_results(folders, device: str, threads: int) -> dict[str, dict]:
     return out
 
 
-def write_docs(markdown: str) -> None:
+def write_docs(markdown: str, section: str = SECTION) -> None:
+    """``markdown`` in place of docs/benchmarks.md's ``section`` (up to the next ``## ``), or appended."""
     text = DOCS.read_text()
-    start = text.find(SECTION)
+    start = text.find(section)
     if start < 0:
         text = text.rstrip("\n") + "\n\n" + markdown.rstrip("\n") + "\n"
     else:
-        end = text.find("\n## ", start + len(SECTION))
+        end = text.find("\n## ", start + len(section))
         text = text[:start] + markdown.rstrip("\n") + "\n" + (text[end:] if end >= 0 else "")
     DOCS.write_text(text)
 

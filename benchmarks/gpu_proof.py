@@ -48,7 +48,6 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 RESULTS_DIR = REPO / "benchmarks" / "results" / "gpu"
-DOCS = REPO / "docs" / "benchmarks.md"
 SECTION = "## GPU proof run (gpu_proof.py)"
 MANIFEST = "manifest.json"
 
@@ -501,14 +500,7 @@ def describe(device: str) -> str:
 
 
 def write_docs(markdown: str) -> None:
-    text = DOCS.read_text()
-    start = text.find(SECTION)
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + markdown.rstrip("\n") + "\n"
-    else:
-        end = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + markdown.rstrip("\n") + "\n" + (text[end:] if end >= 0 else "")
-    DOCS.write_text(text)
+    _load_sibling("bench_full_size").write_docs(markdown, SECTION)
 
 
 def markdown(result: dict, out_json: Path, notes=()) -> str:

@@ -12,6 +12,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from organmtl.devices import DEVICE_CHOICES
+
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
 DESCRIPTION = ("Multi-task organ segmentation methods as nnU-Net v2 trainers and Detectron2 heads: dataset "
@@ -199,6 +201,23 @@ def add_plan_tiny_parser(sub) -> None:
 
 # ---------------------------------------------------------------- prediction beside nnUNetv2_predict
 
+def add_predictor_options(p, output_help: str, trainer: str) -> None:
+    """The options of ``nnUNetv2_predict`` that organmtl's own nnU-Net prediction commands take."""
+    p.add_argument("-i", required=True, help="input folder (image channels _0000...)")
+    p.add_argument("-o", required=True, help=output_help)
+    add_dataset_option(p, "dataset name or id", type=str, required=True)
+    p.add_argument("-c", required=True, help="configuration")
+    p.add_argument("-f", nargs="+", default=["0", "1", "2", "3", "4"], help="folds (default 0 1 2 3 4)")
+    p.add_argument("-tr", default=trainer, help="trainer (default %(default)s)")
+    p.add_argument("-p", default="nnUNetPlans", help="plans identifier (default %(default)s)")
+    p.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint file name (default %(default)s)")
+    p.add_argument("-step_size", type=float, default=0.5, help="sliding-window step, fraction of the patch (default 0.5)")
+    p.add_argument("--disable_tta", action="store_true", help="no mirroring test-time augmentation")
+    p.add_argument("-npp", type=positive_int, default=1, help="preprocessing processes (default 1)")
+    p.add_argument("-nps", type=positive_int, default=1, help="export processes (default 1)")
+    p.add_argument("-device", default="auto", choices=DEVICE_CHOICES, help="device (default auto: cuda if available, else cpu)")
+
+
 def cmd_predict_landmarks(args) -> int:
     from organmtl.devices import resolve_device
     from organmtl.nnunet_trainers.landmarks.predict import run
@@ -211,20 +230,7 @@ def cmd_predict_landmarks(args) -> int:
 def add_predict_landmarks_parser(sub) -> None:
     p = sub.add_parser("predict-landmarks", help="segmentations and landmark coordinates (<case>.json) from a "
                        "landmark auxiliary-task model; nnUNetv2_predict's options (docs/landmark_unets.md)")
-    p.add_argument("-i", required=True, help="input folder (image channels _0000...)")
-    p.add_argument("-o", required=True, help="output folder: <case>.nii.gz and <case>.json")
-    add_dataset_option(p, "dataset name or id", type=str, required=True)
-    p.add_argument("-c", required=True, help="configuration")
-    p.add_argument("-f", nargs="+", default=["0", "1", "2", "3", "4"], help="folds (default 0 1 2 3 4)")
-    p.add_argument("-tr", default="nnUNetTrainerOMTLLandmarkJoint", help="trainer (default %(default)s)")
-    p.add_argument("-p", default="nnUNetPlans", help="plans identifier (default %(default)s)")
-    p.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint file name (default %(default)s)")
-    p.add_argument("-step_size", type=float, default=0.5, help="sliding-window step, fraction of the patch (default 0.5)")
-    p.add_argument("--disable_tta", action="store_true", help="no mirroring test-time augmentation")
-    p.add_argument("-npp", type=positive_int, default=1, help="preprocessing processes (default 1)")
-    p.add_argument("-nps", type=positive_int, default=1, help="export processes (default 1)")
-    p.add_argument("-device", default="auto", choices=("auto", "cuda", "cpu", "mps"),
-                   help="device (default auto: cuda if available, else cpu)")
+    add_predictor_options(p, "output folder: <case>.nii.gz and <case>.json", "nnUNetTrainerOMTLLandmarkJoint")
     p.set_defaults(func=cmd_predict_landmarks)
 
 
@@ -238,21 +244,8 @@ def cmd_predict_focusnet(args) -> int:
 def add_predict_focusnet_parser(sub) -> None:
     p = sub.add_parser("predict-focusnet", help="segmentations of a FocusNet model with its small organs pasted once "
                        "per case at the SOL-Net peak (the paper's rule); nnUNetv2_predict's options (docs/focusnetv2.md)")
-    p.add_argument("-i", required=True, help="input folder (image channels _0000...)")
-    p.add_argument("-o", required=True, help="output folder")
-    add_dataset_option(p, "dataset name or id", type=str, required=True)
-    p.add_argument("-c", required=True, help="configuration")
-    p.add_argument("-f", nargs="+", default=["0", "1", "2", "3", "4"], help="folds (default 0 1 2 3 4)")
-    p.add_argument("-tr", default="nnUNetTrainerOMTLFocusNetV2", help="trainer (default %(default)s)")
-    p.add_argument("-p", default="nnUNetPlans", help="plans identifier (default %(default)s)")
-    p.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint file name (default %(default)s)")
-    p.add_argument("-step_size", type=float, default=0.5, help="sliding-window step, fraction of the patch (default 0.5)")
-    p.add_argument("--disable_tta", action="store_true", help="no mirroring test-time augmentation")
+    add_predictor_options(p, "output folder", "nnUNetTrainerOMTLFocusNetV2")
     p.add_argument("--save_probabilities", action="store_true", help="also write the class probabilities (.npz)")
-    p.add_argument("-npp", type=positive_int, default=1, help="preprocessing processes (default 1)")
-    p.add_argument("-nps", type=positive_int, default=1, help="export processes (default 1)")
-    p.add_argument("-device", default="auto", choices=("auto", "cuda", "cpu", "mps"),
-                   help="device (default auto: cuda if available, else cpu)")
     p.set_defaults(func=cmd_predict_focusnet)
 
 
