@@ -409,7 +409,9 @@ def run_nnunet(key: str, manifest: dict, args, out_dir: Path) -> dict:
     inp.mkdir(parents=True)
     for image in entry["predict_images"]:
         shutil.copy(image, inp / Path(image).name)
-    row["predict_wall_s"] = round(_run([_bin("nnUNetv2_predict"), "-i", inp, "-o", pred, "-d", entry["id"],
+    from organmtl.nnunet_trainers.focusnet.predict import predict_command     # FocusNet: one paste per case
+
+    row["predict_wall_s"] = round(_run([*predict_command(trainer), "-i", inp, "-o", pred, "-d", entry["id"],
                                         "-c", entry["configuration"], "-f", "0", "-tr", trainer, "-device", args.device,
                                         "-npp", "1", "-nps", "1", *(["--disable_tta"] if args.disable_tta or args.smoke else [])],
                                        env, logs / f"{key}_predict.log", args.timeout), 1)
