@@ -408,20 +408,26 @@ def _infer_child(device: str, n_runs: int, queue) -> None:
     queue.put(out)
 
 
-def infer_only(env: dict, device: str, n_runs: int) -> str:
-    """Inference seconds per volume, before/after the one-paste-per-case rule, in one fresh process."""
+def _in_child(target, args: tuple, env: dict):
+    """``target(*args, queue)`` in a fresh spawned process with ``env`` added to its environment; what it puts."""
     ctx = mp.get_context("spawn")
     old = dict(os.environ)
     os.environ.update(env)
     try:
         q = ctx.Queue()
-        p = ctx.Process(target=_infer_child, args=(device, n_runs, q))
+        p = ctx.Process(target=target, args=(*args, q))
         p.start()
-        r = q.get(timeout=3600)
+        result = q.get(timeout=3600)
         p.join()
     finally:
         os.environ.clear()
         os.environ.update(old)
+    return result
+
+
+def infer_only(env: dict, device: str, n_runs: int) -> str:
+    """Inference seconds per volume, before/after the one-paste-per-case rule, in one fresh process."""
+    r = _in_child(_infer_child, (device, n_runs), env)
     print(json.dumps(r, indent=1))
     ref = r["stock"]
     rows = [("stock nnU-Net", r["stock"]), ("S-Net", r["snet"]),
@@ -437,19 +443,7 @@ O_PHASES = ("snet", "sol", "ae", "sos", "joint")
 
 
 def cost(trainer: str, env: dict, device: str, n_steps: int) -> dict:
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    old = dict(os.environ)
-    os.environ.update(env)
-    try:
-        p = ctx.Process(target=_cost_child, args=(trainer, str(_model_dir(env, trainer)), device, n_steps, q))
-        p.start()
-        res = q.get(timeout=3600)
-        p.join()
-    finally:
-        os.environ.clear()
-        os.environ.update(old)
-    return res
+    return _in_child(_cost_child, (trainer, str(_model_dir(env, trainer)), device, n_steps), env)
 
 
 def _ratio(v, ref):
