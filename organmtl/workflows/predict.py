@@ -39,6 +39,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from organmtl.converters.common import IMAGE_SUFFIXES, ConversionError, read_image, strip_image_suffix
+from organmtl.devices import resolve_device
 
 EXIT_OK, EXIT_PARTIAL, EXIT_NONE = 0, 1, 2
 FORMATS = ("rtstruct", "seg", "nifti")
@@ -56,16 +57,6 @@ class Backend:
     labels: dict[int, str]
     predict: Callable[[sitk.Image], sitk.Image]
     load_s: float = 0.0
-
-
-def resolve_device(name: str):
-    """``-device`` as a torch device, by the rule every organmtl prediction command follows
-    (:func:`organmtl.devices.resolve_device`: ``auto`` = CUDA when available, else CPU)."""
-    import torch
-
-    from organmtl.devices import resolve_device as resolve
-
-    return torch.device(resolve(name))
 
 
 def _labels_from_dataset_json(dataset_json: dict, path: Path) -> dict[int, str]:
@@ -119,7 +110,9 @@ def nnunet_backend(dataset: str, configuration: str, trainer: str, folds, plans:
         raise ConversionError(f"{folder / 'dataset.json'}: the model takes {len(channels)} input channels "
                               f"({', '.join(map(str, channels.values()))}); a CT series gives one")
     labels = _labels_from_dataset_json(dataset_json, folder / "dataset.json")
-    torch_device = resolve_device(device)
+    import torch
+
+    torch_device = torch.device(resolve_device(device))
     t0 = time.perf_counter()
     from organmtl.nnunet_trainers.focusnet.predict import predictor_class
 
@@ -178,7 +171,7 @@ def detectron_backend(config: Path, weights: Path, device: str, opts: list[str] 
     except ImportError as e:
         raise ConversionError(f"{config}: Detectron2 volume prediction is not available ({e})") from None
     t0 = time.perf_counter()
-    device = str(resolve_device(device))
+    device = resolve_device(device)
     try:                                  # the volume predictor says what a config lacks with ValueError
         labels = {int(k): str(v) for k, v in label_names(config, opts).items()}
     except (ValueError, FileNotFoundError) as e:
