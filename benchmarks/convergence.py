@@ -196,7 +196,17 @@ def render_study(study: "StudySpec", runs: dict) -> str:
         lines += ["", f"![{study.title} learning curves](figures/{study.figure})"]
     if study.key == "spine":
         lines += ["", render_spine_matched(load_matched())]
+    if study.key in ("multitask", "abdomen"):
+        lines += ["", render_nnunet_matched(study.key).rstrip("\n")]
     return "\n".join(lines)
+
+
+def render_nnunet_matched(key: str) -> str:
+    """The matched multitask / abdomen subsection (issue 26), written by benchmarks/convergence_matched.py."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import convergence_matched
+
+    return convergence_matched.render_study(key, convergence_matched.load_records(RESULTS))
 
 
 SUBSETS = {"small": "small organs", "large": "large organs", "near": "near landmarks"}
