@@ -195,6 +195,36 @@ def check_matched(runs: list[dict]) -> None:
                              f"iterations) {key}, other arms {by_study[r['study']]}")
 
 
+#: the trainer methods that make the training augmentation (and its data loading): every arm of a study must
+#: resolve them to the same functions (nnU-Net's default pipeline, for the landmark trainers with the maps
+#: protected from intensity transforms alike)
+AUGMENTATION_METHODS = ("configure_rotation_dummyDA_mirroring_and_inital_patch_size", "get_training_transforms",
+                        "get_validation_transforms", "get_dataloaders")
+TRAINER_MODULES = ("organmtl.nnunet_trainers.multitask.trainers", "organmtl.nnunet_trainers.landmarks.input_trainers",
+                   "organmtl.nnunet_trainers.landmarks.aux_trainers")
+
+
+def trainer_class(name: str):
+    import importlib
+
+    for module in TRAINER_MODULES:
+        cls = getattr(importlib.import_module(module), name, None)
+        if cls is not None:
+            return cls
+    raise ValueError(f"trainer {name!r} is in none of {', '.join(TRAINER_MODULES)}")
+
+
+def check_same_augmentation(study: MatchedStudy) -> None:
+    """Every arm's trainer resolves :data:`AUGMENTATION_METHODS` to the same functions; ValueError otherwise."""
+    first = trainer_class(study.arms[0].trainer)
+    for arm in study.arms[1:]:
+        cls = trainer_class(arm.trainer)
+        for m in AUGMENTATION_METHODS:
+            if getattr(cls, m) is not getattr(first, m):
+                raise ValueError(f"{arm.trainer}.{m} is not {first.__name__}'s: the arms would train with "
+                                 "different augmentation")
+
+
 def check_committed(revision: str, results: Path) -> None:
     """Results for the committed folder come from committed code: refuse a dirty working tree there."""
     if Path(results).resolve() == RESULTS.resolve() and (revision.endswith("+uncommitted changes")
@@ -660,6 +690,8 @@ def run_one(study: MatchedStudy, run: dict, work: Path, results: Path) -> dict:
     revision = conv.git_revision()
     check_committed(revision, results)
     arm = study.arm(run["arm"])
+    os.environ.update(conv.nnunet_env(work))      # before anything imports nnunetv2.paths (read at import)
+    check_same_augmentation(study)
     work.mkdir(parents=True, exist_ok=True)
     started = datetime.datetime.now(datetime.timezone.utc)
     result = (run_multitask if study.key == "multitask" else run_abdomen)(arm, run, work)
@@ -684,7 +716,7 @@ def main(argv=None) -> int:
     which.add_argument("--write-docs", action="store_true", help="only rewrite the docs subsections")
     p.add_argument("--arm", nargs="+", help="arms to run, one after the other (default: all of the study)")
     p.add_argument("--seed", type=int, nargs="+", default=[0])
-    p.add_argument("--iters", type=int, help="iterations per task (default: the study's budget)")
+    p.add_argument("--iters", type=int, help="iterations per task, a multiple of 25 (default: the study's budget)")
     p.add_argument("--next", action="store_true", help="run the first planned run without a record")
     p.add_argument("--list", action="store_true", help="list the planned runs and which have a record")
     p.add_argument("--force", action="store_true", help="run again although a record exists")

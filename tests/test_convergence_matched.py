@@ -182,3 +182,19 @@ def test_records_round_trip_and_docs_subsection_replaced_in_place(cm, tmp_path):
     again = cm.replace_subsection(with_heading, "### S", cm.HEADING + "\n\nv2\n")
     assert again == page.replace("![fig](f.png)\n\n", "![fig](f.png)\n\n" + cm.HEADING + "\n\nv2\n\n")
     assert "BLOCK1" in once and "v1" not in again
+
+
+def test_every_arm_of_a_study_trains_with_the_same_augmentation(cm, monkeypatch):
+    for study in (cm.MULTITASK, cm.ABDOMEN):
+        cm.check_same_augmentation(study)
+    trainers = [cm.trainer_class(a.trainer) for a in cm.ABDOMEN.arms]
+    assert len({t.get_training_transforms for t in trainers}) == 1
+    # a trainer with its own transforms is refused
+    base = trainers[0]
+    own = type("OwnAugmentation_Tiny", (base,), {"get_training_transforms": lambda self, *a, **k: None})
+    mixed = cm.MatchedStudy("abdomen", "--x", "t", (cm.ABDOMEN.arms[0], cm.Arm("own", "own", "OwnAugmentation_Tiny")),
+                            500, "image_only")
+    real = cm.trainer_class
+    monkeypatch.setattr(cm, "trainer_class", lambda name: own if name == "OwnAugmentation_Tiny" else real(name))
+    with pytest.raises(ValueError, match="different augmentation"):
+        cm.check_same_augmentation(mixed)
