@@ -64,7 +64,7 @@ different budgets are never paired).
     heavy .venv/bin/python benchmarks/convergence_matched.py --abdomen-matched --next
     .venv/bin/python benchmarks/convergence_matched.py --write-docs       # the docs subsections only
 
-One JSON per run in ``benchmarks/results/convergence/{multitask,abdomen}/matched/<arm>__seed<S>.json``
+Bad options exit 2; a run that fails is reported and the next one runs (exit 1). One JSON per run in ``benchmarks/results/convergence/{multitask,abdomen}/matched/<arm>__seed<S>.json``
 (iterations, seed, selected epoch, per-case scores, CPU seconds, ``code_revision``). Results for the
 committed folder are refused from a working tree with uncommitted changes (``--results`` elsewhere for a
 smoke run). The docs subsections ("Matched comparison (issue 26)" under each study of docs/benchmarks.md
@@ -727,6 +727,11 @@ def main(argv=None) -> int:
         write_docs()
         return 0
     study = MULTITASK if args.multitask_matched else ABDOMEN
+    if args.iters is not None and (args.iters < 1 or args.iters % ITERS_PER_EPOCH):
+        p.error(f"--iters {args.iters}: give a positive multiple of {ITERS_PER_EPOCH} (iterations per epoch)")
+    unknown = [a for a in args.arm or [] if a not in {x.key for x in study.arms}]
+    if unknown:
+        p.error(f"--arm {unknown[0]}: {study.flag} has {', '.join(a.key for a in study.arms)}")
     records = load_records(args.results)
     full = plan(study, args.iters)
     if args.list:
@@ -744,18 +749,22 @@ def main(argv=None) -> int:
         runs = todo[:1]
     else:
         arms = args.arm or [a.key for a in study.arms]
-        for a in arms:
-            study.arm(a)
         runs = [r for r in plan(study, args.iters, args.seed) if r["arm"] in arms]
+    failed = 0
     for r in runs:
         if (study.key, r["arm"], r["seed"]) in records and not args.force and not args.next:
             print(f"{r['arm']} seed {r['seed']}: recorded in {record_path(args.results, study.key, r['arm'], r['seed'])} "
                   "(--force to run again)")
             continue
-        run_one(study, r, args.work.resolve(), args.results)
+        try:
+            run_one(study, r, args.work.resolve(), args.results)
+        except Exception as e:      # one failed run does not cost the others; exit 1 = partial
+            print(f"{study.key}_matched/{r['arm']} seed {r['seed']}: FAILED: {e}", file=sys.stderr, flush=True)
+            failed += 1
+            continue
         if args.results.resolve() == RESULTS.resolve():   # the docs show the committed results only
             write_docs()
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

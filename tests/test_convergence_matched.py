@@ -198,3 +198,24 @@ def test_every_arm_of_a_study_trains_with_the_same_augmentation(cm, monkeypatch)
     monkeypatch.setattr(cm, "trainer_class", lambda name: own if name == "OwnAugmentation_Tiny" else real(name))
     with pytest.raises(ValueError, match="different augmentation"):
         cm.check_same_augmentation(mixed)
+
+
+def test_main_runs_each_arm_a_failed_run_costs_not_the_others_and_a_recorded_one_is_skipped(cm, tmp_path, monkeypatch,
+                                                                                            capsys):
+    cm.save_record(tmp_path, _rec("single_2", 0, {}))
+    done = []
+
+    def fake_run(study, run, work, results):
+        if run["arm"] == "single_1":
+            raise RuntimeError("train.log: nnUNetv2_train exited 1")
+        done.append((run["arm"], run["seed"], run["iterations"]))
+    monkeypatch.setattr(cm, "run_one", fake_run)
+    rc = cm.main(["--multitask-matched", "--arm", "single_1", "single_2", "all", "--iters", "50",
+                  "--results", str(tmp_path), "--work", str(tmp_path / "work")])
+    assert rc == 1
+    assert done == [("all", 0, 150)]
+    err = capsys.readouterr()
+    assert "single_1 seed 0: FAILED: train.log" in err.err and "single_2 seed 0: recorded" in err.out
+    with pytest.raises(SystemExit) as e:
+        cm.main(["--abdomen-matched", "--arm", "nope", "--results", str(tmp_path)])
+    assert e.value.code == 2
