@@ -35,7 +35,8 @@ Data (in ``--work``, default ``~/.cache/organmtl/convergence``, not committed):
   4 are test cases. Scores per test case: Dice and HD95 (mm, ``organmtl.evaluation.metrics``) per organ, on
   all organs and on those near the landmarks (``convergence.NEAR_LANDMARKS``); landmark error (mm) of the
   auxiliary-task arms from ``organmtl predict-landmarks`` on the test cases (and the trainer's logged
-  validation-patch error at the selected epoch).
+  validation-patch error at the selected epoch). The demo's landmark channel is one merged map, whose
+  predicted peaks are unnamed: they are assigned to the hip landmarks by least total error (:func:`landmark_errors`).
 
 Statistics: per arm, mean over the seeds (of each seed's mean over test cases) with the 95 % t interval
 over seeds (``convergence.seed_ci``); paired differences (multitask: shared minus single-task per class;
@@ -256,6 +257,26 @@ def score_abdomen_case(pred, ref, spacing_zyx, organs: dict[str, int]) -> dict:
 
     return {"Dice": {n: dice(pred == v, ref == v) for n, v in organs.items()},
             "HD95 mm": {n: hausdorff_distance(pred == v, ref == v, spacing_zyx, 95.0) for n, v in organs.items()}}
+
+
+def landmark_errors(pred: dict, ref: dict) -> dict[str, float]:
+    """Error (mm) of each reference landmark (name -> LPS position). A prediction with the landmark's name
+    is its own; the unnamed peaks of a merged map (``organmtl predict-landmarks`` names them ``<channel> peak
+    <k>``: one map holds every landmark) go to the remaining landmarks by the assignment of least total
+    error (scipy's ``linear_sum_assignment``); a landmark left without a prediction: nan."""
+    import numpy as np
+    from scipy.optimize import linear_sum_assignment
+
+    out = {n: float(np.linalg.norm(np.asarray(pred[n], float) - np.asarray(g, float))) for n, g in ref.items()
+           if n in pred}
+    left = [n for n in ref if n not in out]
+    peaks = [n for n in pred if n not in ref]
+    if left and peaks:
+        cost = np.array([[np.linalg.norm(np.asarray(pred[p], float) - np.asarray(ref[n], float)) for p in peaks]
+                         for n in left])
+        for i, j in zip(*linear_sum_assignment(cost)):
+            out[left[i]] = float(cost[i, j])
+    return {n: out.get(n, float("nan")) for n in ref}
 
 
 # ---------------------------------------------------------------- statistics over records (pure)
@@ -638,7 +659,7 @@ def run_multitask(arm: Arm, run: dict, work: Path) -> dict:
 def run_abdomen(arm: Arm, run: dict, work: Path) -> dict:
     import SimpleITK as sitk
 
-    from organmtl.evaluation.landmarks import evaluate_landmark_folders
+    from organmtl.evaluation.landmarks import read_landmarks
     from organmtl.procs import run_in_group
 
     raw, train, val, test = abdomen_dataset(work)
@@ -673,11 +694,14 @@ def run_abdomen(arm: Arm, run: dict, work: Path) -> dict:
         per_case[case] = score_abdomen_case(pred, sitk.GetArrayFromImage(gt_img), gt_img.GetSpacing()[::-1], organs)
     landmark_error, landmarks_missing = None, None
     if arm.landmarks:
-        rows, _ = evaluate_landmark_folders(out / "pred", raw / "landmarks", cases=set(test))
+        rows = []
         for case in test:
-            errs = {r["landmark"]: r["error_mm"] for r in rows if r["case"] == case}
+            pf = out / "pred" / f"{case}.json"
+            errs = landmark_errors(read_landmarks(pf) if pf.is_file() else {},
+                                   read_landmarks(raw / "landmarks" / f"{case}.json"))
             per_case[case]["landmark errors mm"] = errs
-        errors = [r["error_mm"] for r in rows if _finite(r["error_mm"])]
+            rows += list(errs.values())
+        errors = [e for e in rows if _finite(e)]
         landmark_error = sum(errors) / len(errors) if errors else None
         landmarks_missing = len(rows) - len(errors)
     return {"split": {"train": train, "val": val, "test": test}, "n_test_cases": len(test), "per_case": per_case,

@@ -219,3 +219,16 @@ def test_main_runs_each_arm_a_failed_run_costs_not_the_others_and_a_recorded_one
     with pytest.raises(SystemExit) as e:
         cm.main(["--abdomen-matched", "--arm", "nope", "--results", str(tmp_path)])
     assert e.value.code == 2
+
+
+def test_landmark_errors_by_name_and_unnamed_peaks_by_least_total_error(cm):
+    ref = {"hip_left": [0.0, 0.0, 0.0], "hip_right": [10.0, 0.0, 0.0]}
+    # a merged map's two unnamed peaks, listed right first: assigned left <- (1, 0, 0), right <- (9, 0, 3)
+    peaks = {"max(hip_left, hip_right) peak 0": [9.0, 0.0, 3.0], "max(hip_left, hip_right) peak 1": [1.0, 0.0, 0.0]}
+    assert cm.landmark_errors(peaks, ref) == pytest.approx({"hip_left": 1.0, "hip_right": math.sqrt(10.0)})
+    # named predictions are paired by name even when swapping would be cheaper
+    named = {"hip_left": [10.0, 0.0, 0.0], "hip_right": [0.0, 0.0, 4.0]}
+    assert cm.landmark_errors(named, ref) == pytest.approx({"hip_left": 10.0, "hip_right": math.sqrt(116.0)})
+    one = cm.landmark_errors({"peak 0": [10.0, 2.0, 0.0]}, ref)
+    assert one["hip_right"] == pytest.approx(2.0) and math.isnan(one["hip_left"])
+    assert all(math.isnan(v) for v in cm.landmark_errors({}, ref).values())
