@@ -380,6 +380,23 @@ CLAIMS = {
 }
 
 
+PROTOCOLS = {
+    "multitask": (f"Protocol: {MT_CASES} phantom cases per task, split as `organmtl multitask-experiments` does "
+                  f"({MT_CASES - MT_TEST - MT_VAL} training / {MT_VAL} validation / {MT_TEST} test cases per task); "
+                  f"`{MT_TRAINER}` (union output layer) for experiments 1-3 (one task) and 7 (all three); "
+                  f"{MT_ITERS_PER_TASK} iterations per task, so the all-tasks network trains "
+                  f"{3 * MT_ITERS_PER_TASK}; no CPU cap, no patience rule; nnU-Net's default augmentation; "
+                  "`checkpoint_best.pth` (EMA pseudo-Dice on the validation cases), scored on the test cases; "
+                  f"seeds {', '.join(map(str, SEEDS))}; an estimated 38 CPU-minutes for the 12 runs."),
+    "abdomen": (f"Protocol: {AB_CASES} phantom cases with a merged landmark heatmap channel, one fold: "
+                f"{AB_TRAIN} training / {AB_VAL} validation / {AB_CASES - AB_TRAIN - AB_VAL} test cases; "
+                f"{AB_ITERS} iterations for every arm; no CPU cap, no patience rule; nnU-Net's default "
+                "augmentation (landmark maps moved by the spatial transforms only, in every arm); "
+                "`checkpoint_best.pth` (EMA pseudo-Dice on the validation cases), scored on the test cases; "
+                f"seeds {', '.join(map(str, SEEDS))}; an estimated 38 CPU-minutes for the 15 runs."),
+}
+
+
 def _class_names(records) -> list[str]:
     return list(dict.fromkeys(n for r in records for c in r["per_case"].values() for n in c.get("Dice", {})))
 
@@ -400,7 +417,7 @@ def _not_run(study: MatchedStudy) -> str:
 def render_study(key: str, records: dict) -> str:
     """The "Matched comparison (issue 26)" subsection of one study; "Not yet run" without records."""
     study = STUDIES[key]
-    lines = [HEADING, "", f"Claim as the paper states it: {CLAIMS[key]}", ""]
+    lines = [HEADING, "", f"Claim as the paper states it: {CLAIMS[key]}", "", PROTOCOLS[key], ""]
     groups = _budget_groups(study, records)
     if not groups:
         return "\n".join(lines + [_not_run(study)])
