@@ -439,6 +439,18 @@ def render_study(key: str, records: dict) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+def reading(diffs: dict[str, list[float]]) -> str:
+    """Which paired-difference intervals lie above 0, below 0 or include it (fewer than 2 pairs: undecided)."""
+    groups = {"above 0": [], "below 0": [], "including 0": []}
+    for name, d in diffs.items():
+        if len(d) < 2:
+            groups["including 0"].append(f"{name} (n={len(d)})")
+            continue
+        _, lo, hi = conv.seed_ci(d)
+        groups["above 0" if lo > 0 else "below 0" if hi < 0 else "including 0"].append(name)
+    return "; ".join(f"{k}: {', '.join(v)}" for k, v in groups.items() if v) or "no pairs"
+
+
 def _arm_records(recs: dict, arm: str) -> list[dict]:
     return [r for (a, _), r in sorted(recs.items()) if a == arm]
 
@@ -459,14 +471,15 @@ def _render_multitask(study: MatchedStudy, recs: dict) -> list[str]:
                         f"{ci_text(seed_means(rs, 'Dice', [name]))} | {ci_text(thr) if thr else '-'} |")
     out = rows + ["", "Shared minus single-task, paired by seed and test case:", "",
                   "| class | Dice (argmax) | Dice (PR threshold) |", "|---|---|---|"]
-    diffs_any = False
+    diffs = {}
     for arm, rs in singles.items():
         for name in _class_names(rs):
             d = paired_differences(shared, rs, "Dice", [name])
             t = paired_differences(shared, rs, "Dice PR threshold", [name])
-            diffs_any |= bool(d)
+            if d:
+                diffs[name] = d
             out.append(f"| {name} | {ci_text(d, signed=True)} | {ci_text(t, signed=True) if t else '-'} |")
-    if not diffs_any:
+    if not diffs:
         out.append("| - | not yet measured (needs the all-tasks arm and a one-task arm at the same seed) | - |")
     out += ["", "Task confusion (percentage of a test scan's voxels labelled with another task's class; median and "
                 "max over the test scans of all seeds):", "", "| arm | task | scans | median % | max % |",
@@ -475,7 +488,13 @@ def _render_multitask(study: MatchedStudy, recs: dict) -> list[str]:
         rs = _arm_records(recs, arm.key)
         for task in dict.fromkeys(c["task"] for r in rs for c in r["per_case"].values()):
             s = confusion_summary(rs, task)
-            out.append(f"| {arm.label} | {task} | {s['n']} | {s['median_pct']:.4f} | {s['max_pct']:.4f} |")
+            out.append(f"| {arm.label} | {task} | {s['n']} | {s['median_pct']:.3g} | {s['max_pct']:.3g} |")
+    shared_conf = {t: confusion_summary(shared, t)["median_pct"] for t in
+                   dict.fromkeys(c["task"] for r in shared for c in r["per_case"].values())}
+    out += ["", "Reading (an interval that excludes 0 supports a difference; one that includes it does not decide at "
+                "this size): shared minus single-task Dice (argmax), " + (reading(diffs) if diffs else "no pairs yet")
+            + ". Median confusion of the all-tasks network: " + (", ".join(f"{t} {v:.3g} %" for t, v in shared_conf.items())
+                                                                 or "not yet measured") + " (paper: < 0.0005 %)."]
     return out
 
 
@@ -498,6 +517,7 @@ def _render_abdomen(study: MatchedStudy, recs: dict) -> list[str]:
                     f"{ci_text(lm, digits=1) if lm else '-'}{f'; {missing} not found' if missing else ''} |")
     out = rows + ["", f"Each arm minus {study.arm(study.baseline).label}, paired by seed and test case:", "",
                   "| arm | Dice (mean) | Dice (near landmarks) | HD95 mm (mean) |", "|---|---|---|---|"]
+    near_diffs, all_diffs = {}, {}
     for arm in study.arms:
         if arm.key == study.baseline:
             continue
@@ -505,9 +525,15 @@ def _render_abdomen(study: MatchedStudy, recs: dict) -> list[str]:
         if not rs or not base:
             out.append(f"| {arm.label} | not yet measured | - | - |")
             continue
-        out.append(f"| {arm.label} | {ci_text(paired_differences(rs, base, 'Dice', organs), signed=True)} | "
-                   f"{ci_text(paired_differences(rs, base, 'Dice', near), signed=True)} | "
+        all_diffs[arm.key] = paired_differences(rs, base, 'Dice', organs)
+        near_diffs[arm.key] = paired_differences(rs, base, 'Dice', near)
+        out.append(f"| {arm.label} | {ci_text(all_diffs[arm.key], signed=True)} | "
+                   f"{ci_text(near_diffs[arm.key], signed=True)} | "
                    f"{ci_text(paired_differences(rs, base, 'HD95 mm', organs), digits=1, signed=True)} |")
+    if near_diffs:
+        out += ["", "Reading (an interval that excludes 0 supports a difference; one that includes it does not decide "
+                    f"at this size), minus image only: Dice near the landmarks, {reading(near_diffs)}; Dice of all "
+                    f"organs, {reading(all_diffs)}."]
     return out + ["", "HD95 averages the organs and cases where both masks are non-empty; landmark error: mean over "
                       "the test cases' identified landmarks from `organmtl predict-landmarks` (auxiliary-task arms only)."]
 

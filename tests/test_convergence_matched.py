@@ -147,7 +147,9 @@ def test_renderer_says_not_yet_run_and_renders_the_runs_there_are(cm):
     assert "| T1: A | +0.200 [-1.071, +1.471] (n=2) | - |" in text
     # the all-tasks arm's Dice over seeds: 0.85 [0.85 +- 12.706205 * 0.070711 / sqrt(2)... = 0.85 +- 0.635310]
     assert "| all three tasks, one network | 100 | 2 | 100, 100 | T1: A | 0.850 [0.215, 1.485] (n=2) | - |" in text
-    assert "| all three tasks, one network | T1 | 2 | 0.2500 | 0.2500 |" in text
+    assert "| all three tasks, one network | T1 | 2 | 0.25 | 0.25 |" in text
+    assert "shared minus single-task Dice (argmax), including 0: T1: A." in text
+    assert "Median confusion of the all-tasks network: T1 0.25 % (paper: < 0.0005 %)." in text
 
 
 def test_abdomen_renderer_pairs_each_arm_with_image_only(cm):
@@ -161,6 +163,7 @@ def test_abdomen_renderer_pairs_each_arm_with_image_only(cm):
     # near-landmark differences 0.2 and 0.3: mean 0.25, sd 0.070711, half 12.706205 * 0.05 = 0.635310
     assert "| landmarks as input (late fusion) | +0.125 [-0.193, +0.443] (n=2) | +0.250 [-0.385, +0.885] (n=2) |" in text
     assert "| landmarks as input (early fusion) | not yet measured | - | - |" in text
+    assert "Dice near the landmarks, including 0: late_fusion; Dice of all organs, including 0: late_fusion." in text
 
 
 def test_results_for_the_committed_folder_need_committed_code(cm, tmp_path):
@@ -232,3 +235,9 @@ def test_landmark_errors_by_name_and_unnamed_peaks_by_least_total_error(cm):
     one = cm.landmark_errors({"peak 0": [10.0, 2.0, 0.0]}, ref)
     assert one["hip_right"] == pytest.approx(2.0) and math.isnan(one["hip_left"])
     assert all(math.isnan(v) for v in cm.landmark_errors({}, ref).values())
+
+
+def test_reading_sorts_intervals_by_where_zero_lies(cm):
+    text = cm.reading({"up": [0.10, 0.11, 0.12], "down": [-0.2, -0.21, -0.19], "both": [-0.5, 0.5, 0.1],
+                       "one": [0.3]})
+    assert text == "above 0: up; below 0: down; including 0: both, one (n=1)"
