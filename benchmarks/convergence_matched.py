@@ -65,7 +65,8 @@ different budgets are never paired).
     heavy .venv/bin/python benchmarks/convergence_matched.py --abdomen-matched --next
     .venv/bin/python benchmarks/convergence_matched.py --write-docs       # the docs subsections only
 
-Bad options exit 2; a run that fails is reported and the next one runs (exit 1). One JSON per run in ``benchmarks/results/convergence/{multitask,abdomen}/matched/<arm>__seed<S>.json``
+Bad options exit 2; a run that fails is reported and the next one runs (exit 1). One JSON per run in
+``benchmarks/results/convergence/{multitask,abdomen}/matched/<arm>__seed<S>.json``
 (iterations, seed, selected epoch, per-case scores, CPU seconds, ``code_revision``). Results for the
 committed folder are refused from a working tree with uncommitted changes (``--results`` elsewhere for a
 smoke run). The docs subsections ("Matched comparison (issue 26)" under each study of docs/benchmarks.md
@@ -493,8 +494,9 @@ def _render_multitask(study: MatchedStudy, recs: dict) -> list[str]:
                    dict.fromkeys(c["task"] for r in shared for c in r["per_case"].values())}
     out += ["", "Reading (an interval that excludes 0 supports a difference; one that includes it does not decide at "
                 "this size): shared minus single-task Dice (argmax), " + (reading(diffs) if diffs else "no pairs yet")
-            + ". Median confusion of the all-tasks network: " + (", ".join(f"{t} {v:.3g} %" for t, v in shared_conf.items())
-                                                                 or "not yet measured") + " (paper: < 0.0005 %)."]
+            + ". Median confusion of the all-tasks network: "
+            + (", ".join(f"{t} {v:.3g} %" for t, v in shared_conf.items()) or "not yet measured")
+            + " (paper: < 0.0005 %)."]
     return out
 
 
