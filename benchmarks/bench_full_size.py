@@ -420,6 +420,8 @@ def main(argv=None) -> dict:
     size = "demo" if args.quick else "pddca"
     work = args.work or Path(tempfile.gettempdir()) / "organmtl_bench_full_size" / size
     os.environ.update(nnunet_env(work))                  # before nnunetv2 is imported (it reads them once)
+    # the trainers plan for a 24 GiB GPU although they are built on the CPU (the GPU column below)
+    os.environ["ORGANMTL_GPU_MEMORY_GB"] = f"{GPU_TARGET_GIB:g}"
     threads = int(os.environ.get("ORGANMTL_HEAVY_THREADS") or os.environ.get("OMP_NUM_THREADS") or 1)
     import torch
 

@@ -398,6 +398,8 @@ def run_nnunet(key: str, manifest: dict, args, out_dir: Path) -> dict:
         row["plan"] = {"source": "the trainer's GPU memory plan (plans.json)", "predicted_gib": record["predicted_gib"],
                        "target_gib": record["options"]["gpu_memory_gib"], "amp": record["options"]["amp"],
                        "planned_patch_size": record["planned_patch_size"], "planned_batch_size": record["planned_batch_size"]}
+    elif key != "stock":             # trained off CUDA without ORGANMTL_GPU_MEMORY_GB: no GPU to plan for
+        row["plan"] = None
     else:
         sp = manifest["stock_prediction"]
         row["plan"] = {"source": "the same probes and rule at the stock plan (prepare step)",

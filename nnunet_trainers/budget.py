@@ -9,8 +9,9 @@ organmtl trainer run a handful of epochs, read from environment variables so the
 - ``ORGANMTL_VAL_ITERS`` (default: ``budget_val_iters``)
 - ``ORGANMTL_SEED`` (optional: seeds torch / numpy / random before the network is built; unset: no seeding)
 
-Inference of these trainers skips mirroring test-time augmentation (8x cheaper on a CPU). That is
-all ``_Tiny`` changes in every family; network sizes follow the plan configuration (docs/trainers.md).
+Inference of these trainers skips mirroring test-time augmentation (8x cheaper on a CPU), and they make
+no GPU memory plan (the full trainers' probes, nnunet_trainers/gpu_memory.py). That is all ``_Tiny``
+changes in every family; network sizes follow the plan configuration (docs/trainers.md).
 
 A full (non-``_Tiny``) trainer whose schedule one of them changes writes a ``WARNING`` line saying so into
 its training log (a leftover variable would otherwise cut a real training short); ``organmtl doctor`` warns
@@ -111,3 +112,9 @@ class CPUBudgetMixin:
         result = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
         self.inference_allowed_mirroring_axes = None
         return result
+
+    def plan_for_gpu_memory(self) -> None:
+        """No GPU memory plan: ``_Tiny`` trainers run CPU-sized plans (tests, the demo), which fit any GPU, so
+        the plan's patch and batch stand and the two probes of the full trainers' plan
+        (:mod:`organmtl.nnunet_trainers.gpu_memory`, seconds of CPU at every new training) are skipped."""
+        self.print_to_log_file("GPU memory plan: none for a _Tiny trainer (the plan's patch and batch are kept)")

@@ -21,11 +21,14 @@ per voxel in fp32: ~150 GB at 2 x 128^3), so they adjust the plan before the dat
    ``plans.json``, which ``nnUNetv2_predict`` reads) together with the rule's record under
    :data:`PLANS_KEY`; the training log says what was chosen and what it predicts.
 
-The target (``ORGANMTL_GPU_MEMORY_GB``; unset: the memory of the CUDA device the trainer runs on, or of
-the current CUDA device when it trains elsewhere, and 24 GiB when no CUDA device is visible:
-:func:`organmtl.memory.default_gpu_gib`) and the precision (``ORGANMTL_GPU_MEMORY_AMP``:
-``fp16``, ``bf16`` or ``none``) are settings stored with the model: a later ``--c``/``--val`` or a new
-fold of the same model folder reads them (and the chosen patch/batch) back from its ``plans.json``.
+The target (``ORGANMTL_GPU_MEMORY_GB``; unset: the memory of the CUDA device the trainer runs on) and the
+precision (``ORGANMTL_GPU_MEMORY_AMP``: ``fp16``, ``bf16`` or ``none``) are settings stored with the model:
+a later ``--c``/``--val`` or a new fold of the same model folder reads them (and the chosen patch/batch)
+back from its ``plans.json``. A new model trained off CUDA (CPU, MPS) without ``ORGANMTL_GPU_MEMORY_GB``
+has no GPU to fit: it keeps nnU-Net's patch and batch and runs no probe (a full FocusNetv2 at a 3d_fullres
+plan costs minutes of CPU for them); with it set, the plan is made for that many GiB wherever the trainer
+runs. (:func:`organmtl.memory.default_gpu_gib`, used by ``organmtl memory-check``, gives 24 GiB without a
+visible CUDA device.)
 Under DDP nnU-Net splits the batch over the GPUs, so each rank holds at most the single-GPU batch.
 
 :class:`EnvScheduleMixin` lets ``ORGANMTL_EPOCHS``/``ORGANMTL_ITERS_PER_EPOCH``/``ORGANMTL_VAL_ITERS``
@@ -191,8 +194,9 @@ class GPUMemoryPlanMixin(EnvScheduleMixin):
         net = self.network.module if hasattr(self.network, "module") else self.network
         return getattr(net, "_orig_mod", net)
 
-    def plan_for_gpu_memory(self) -> dict:
-        """Measure, choose and store the patch/batch for the target GPU (module doc); returns the record."""
+    def plan_for_gpu_memory(self) -> dict | None:
+        """Measure, choose and store the patch/batch for the target GPU (module doc); returns the record
+        (None: a new model trained off CUDA without ``ORGANMTL_GPU_MEMORY_GB``, which keeps the plan's)."""
         cm = self.configuration_manager
         stored, source = stored_plans_entry(self, PLANS_KEY)
         if stored:
@@ -203,6 +207,11 @@ class GPUMemoryPlanMixin(EnvScheduleMixin):
             patch, batch = tuple(record["patch_size"]), int(record["batch_size"])
         else:
             opts = resolve(GPUMemoryOptions).options
+            if opts.gpu_memory_gib is None and self.device.type != "cuda":
+                self.print_to_log_file(
+                    f"GPU memory plan: none (training on {self.device.type}: no GPU to fit; the plan's patch and batch "
+                    f"are kept; ORGANMTL_GPU_MEMORY_GB=N plans for an N GiB GPU)")
+                return None
             if opts.gpu_memory_gib is None:
                 gib, where = default_gpu_gib(self.device)
                 opts = dataclasses.replace(opts, gpu_memory_gib=gib)

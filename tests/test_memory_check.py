@@ -135,3 +135,36 @@ def test_gpu_memory_target_defaults_to_the_cuda_devices_own_memory(monkeypatch):
     assert resolve(GPUMemoryOptions).options.gpu_memory_gib is None    # -> default_gpu_gib at plan time
     monkeypatch.setenv("ORGANMTL_GPU_MEMORY_GB", "40")
     assert resolve(GPUMemoryOptions).options.gpu_memory_gib == 40.0
+
+
+def test_a_full_trainer_plans_for_a_gpu_only_when_there_is_one_or_a_target_is_given(tmp_path, monkeypatch):
+    """nnunet_trainers/gpu_memory.py in a real (full) trainer's ``initialize`` on the CPU: no CUDA and no
+    ``ORGANMTL_GPU_MEMORY_GB`` -> no probes, nnU-Net's patch and batch, no record; a target -> the probes'
+    record stored in the plans with the patch kept when it fits; a target nothing fits -> one clear error."""
+    from organmtl.nnunet_trainers import nnUNetTrainerOMTLLandmarkLateFusion as Trainer
+    from organmtl.nnunet_trainers.gpu_memory import PLANS_KEY
+    from tests.helpers import one_thread
+    from tests.trainer_steps import PATCH, build_trainer
+
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        monkeypatch.setenv(var, "unset")                     # build_trainer sets them; monkeypatch restores
+    monkeypatch.delenv("ORGANMTL_GPU_MEMORY_GB", raising=False)
+    with one_thread():
+        tr = build_trainer(Trainer, tmp_path / "none", "landmarks")
+        cfg = tr.plans_manager.plans["configurations"]["3d_steps"]
+        assert PLANS_KEY not in cfg and list(tr.configuration_manager.patch_size) == list(PATCH)
+        assert tr.batch_size == 2
+
+        monkeypatch.setenv("ORGANMTL_GPU_MEMORY_GB", "24")
+        tr = build_trainer(Trainer, tmp_path / "24", "landmarks")
+        record = tr.plans_manager.plans["configurations"]["3d_steps"][PLANS_KEY]
+        assert record["options"]["gpu_memory_gib"] == 24.0 and record["patch_size"] == list(PATCH)
+        assert record["batch_size"] == 2 and GPU_OVERHEAD_GIB < record["predicted_gib"] < 24
+
+        monkeypatch.setenv("ORGANMTL_GPU_MEMORY_GB", "1")       # below the 1.5 GiB allowance alone
+        try:
+            build_trainer(Trainer, tmp_path / "1", "landmarks")
+        except ValueError as e:
+            assert "fits 1 GiB" in str(e) and "ORGANMTL_GPU_MEMORY_GB" in str(e)
+        else:
+            raise AssertionError("a 1 GiB target was accepted")

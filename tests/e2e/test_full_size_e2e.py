@@ -125,9 +125,8 @@ def test_full_trainer_at_the_default_plan(runs, key):
     assert "inherits_from" not in stock and stock["architecture"]["arch_kwargs"]["features_per_stage"][0] == 32
     used = json.loads((folder.parent / "plans.json").read_text())["configurations"][CONFIG]
     assert used["patch_size"] == stock["patch_size"] and used["batch_size"] == stock["batch_size"]
-    memory_plan = used["organmtl_gpu_memory"]
-    assert memory_plan["planned_patch_size"] == stock["patch_size"] and memory_plan["predicted_gib"] <= 24
-    assert f"patch {stock['patch_size']} x batch {stock['batch_size']}, predicted" in log
+    # on the CPU without ORGANMTL_GPU_MEMORY_GB: no GPU memory plan, no probes (tests/test_memory_check.py)
+    assert "organmtl_gpu_memory" not in used and "GPU memory plan: none (training on cpu" in log
     if key == "focusnetv2":
         assert "FocusNet phases (epochs): [('snet', 1), ('sol', 1), ('ae', 1), ('sos', 1), ('joint', 1)]" in log
         assert [m for m in re.findall(r"FocusNet phase: (\w+)\n", log)] == ["snet", "sol", "ae", "sos", "joint"]
