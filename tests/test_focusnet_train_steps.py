@@ -455,3 +455,49 @@ def test_trainer_log_warns_when_the_patch_cuts_the_papers_roi_and_gives_the_roi_
     log = open(tr.log_file).read()
     assert "FocusNet WARNING: the plan's patch [8, 24, 24] cannot hold the paper's ROI [10, 64, 64] voxels" in log
     assert "ROI voxels per organ voxel: {'Chiasm': 85.3}" in log
+
+
+@pytest.mark.parametrize("variant", ["NoConcat", "OriginAE"])
+def test_table6_ablation_trainers_build_their_variant_and_train_every_phase(folders, variant):
+    """The two FocusNetv2 ablations of Table 6 against FocusNetv2 itself, in process (their stock-command
+    runs are FocusNetv2's, tests/e2e/test_focusnet_e2e.py): "no concat" feeds SOS-Net the S-Net features
+    without the image; "origin AE" has no discriminator step, so the autoencoder trained in ``ae`` stays as
+    it is through ``sos`` and ``joint`` while FocusNetv2's changes there."""
+    from organmtl.nnunet_trainers.focusnet import trainers as T
+
+    cls = getattr(T, f"nnUNetTrainerOMTLFocusNetV2{variant}_Tiny")
+    # a new model: options only, so the network keys come from the trainer class (not a stored entry)
+    entry = {"options": {"small_organs": ["Chiasm"], "roi": [4, 16, 16], "width": 0.125, "heat_threshold": 0.5},
+             "fold_record": ENTRY["fold_record"]}
+    import json
+
+    (folders / "nnUNet_preprocessed" / "Dataset997_FNSteps" / "splits_final.json").write_text(
+        json.dumps([{"train": ["case_000"], "val": ["case_000"]}]))
+    with one_thread():
+        ae_moved = {}
+        for name, klass in (("v2", nnUNetTrainerOMTLFocusNetV2_Tiny), (variant, cls)):
+            torch.manual_seed(0)
+            plans = tiny_plans()
+            plans["configurations"][CONFIG][O.PLANS_KEY] = copy.deepcopy(entry)
+            tr = klass(plans, CONFIG, 0, copy.deepcopy(DATASET_JSON), torch.device("cpu"))
+            tr.initialize()
+            net = tr._module()
+            first = {k: v.detach().clone() for k, v in net.shape_ae.named_parameters()}
+            batch = make_batch(5)
+            for phase in O.ALL_PHASES:
+                set_phase(tr, phase)
+                if phase == "sos":
+                    first = {k: v.detach().clone() for k, v in net.shape_ae.named_parameters()}
+                out = tr.train_step(batch)
+                assert np.isfinite(out["loss"]), (name, phase, out)
+            # weights only (its norm layers' running statistics follow every forward)
+            ae_moved[name] = any(not torch.equal(first[k], v) for k, v in net.shape_ae.named_parameters())
+            sos_in = net.sos[0].parameters().__next__().shape[1]
+            features = net.snet.feature_channels
+            if name == "v2" or variant == "OriginAE":
+                assert net.concat_image and sos_in == features + 1, (name, sos_in, features)
+            else:
+                assert not net.concat_image and sos_in == features, (name, sos_in, features)
+            assert tr.focus_settings["concat_image"] == net.concat_image
+    assert ae_moved["v2"]
+    assert ae_moved[variant] == (variant != "OriginAE")
