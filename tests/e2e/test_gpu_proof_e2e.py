@@ -2,9 +2,10 @@
 stock commands (``nnUNetv2_train`` then ``nnUNetv2_predict`` / ``organmtl predict-focusnet``, ``train_net.py``)
 at 1 iteration on the session's tiny-planned demo data, so that the script does not rot while no GPU is at
 hand. Asserts on the JSON it writes. CI runs one family of each code path of the script (the stock baseline,
-FocusNetV2's five phases, a landmark-channel data set, both Detectron2 baselines' ratio rule); the other
-nnU-Net families run the same function with another trainer name, so the test checks that every name the
-script uses resolves (their trainings run in the other e2e modules). ``GPU_PROOF_TEST_ALL=1``: all families.
+FocusNetV2's five phases, Detectron2's baseline and a family timed against it); the other nnU-Net families
+(the landmark-channel data set among them) run the same function with another trainer name and manifest
+entry, so the test checks that every name the script uses resolves (their trainings run in the other e2e
+modules). ``GPU_PROOF_TEST_ALL=1``: all families.
 Two families at a time (``--jobs 2``, one thread each)."""
 from __future__ import annotations
 
@@ -38,8 +39,9 @@ def _private_copy(ds, root: Path) -> Path:
     return pre
 
 
-#: one family per code path of gpu_proof.py (see the module docstring)
-SMOKE_FAMILIES = ("stock", "focusnetv2", "landmark_late_fusion", "mask_rcnn", "hmrnet")
+#: one family per code path of gpu_proof.py (see the module docstring): the two baselines, FocusNetV2's phases,
+#: a Detectron2 family timed against its baseline
+SMOKE_FAMILIES = ("stock", "focusnetv2", "mask_rcnn", "hmrnet")
 
 
 def test_every_family_of_the_proof_run_names_a_trainer_and_config_that_exist():
