@@ -9,6 +9,8 @@ so no test depends on another or on the order they run in.
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 
@@ -60,6 +62,69 @@ def multitask_dataset(demo_root, tmp_path_factory) -> PlannedDataset:
     cases = sorted(p.name[: -len("_0000.nii.gz")] for p in (ds.raw / "imagesTr").glob("*_0000.nii.gz"))
     (ds.preprocessed / "splits_final.json").write_text(json.dumps([{"train": cases[1:], "val": cases[:1]}]))
     return ds
+
+
+#: the HaN models trained once per session on two folds of nnU-Net's own split (:func:`han_crossval`)
+CROSSVAL_BASELINE, CROSSVAL_FOCUSNET = "nnUNetTrainerOMTLBaseline_Tiny", "nnUNetTrainerOMTLFocusNetV2_Tiny"
+CROSSVAL_FOLDS = (0, 1)
+#: the shortest schedules: one iteration per epoch, the baseline 2 epochs, FocusNetv2 one epoch per phase;
+#: one torch thread per training, two trainings side by side
+CROSSVAL_BUDGET = {"ORGANMTL_ITERS_PER_EPOCH": "1", "ORGANMTL_VAL_ITERS": "1", "ORGANMTL_CPU_THREADS": "1"}
+CROSSVAL_SCHEDULES = {CROSSVAL_BASELINE: {"ORGANMTL_EPOCHS": "2"},
+                      CROSSVAL_FOCUSNET: {"ORGANMTL_EPOCHS": "5",
+                                          "ORGANMTL_FOCUSNET_PHASE_EPOCHS": "snet=1,sol=1,ae=1,sos=1,joint=1"}}
+
+
+@dataclass(frozen=True)
+class CrossvalModels:
+    """:func:`han_crossval`: the dataset (with the models' own ``nnUNet_results``), nnU-Net's 5-fold split,
+    and each training's log."""
+    ds: PlannedDataset
+    splits: list
+    logs: Path
+
+    def env(self, trainer: str) -> dict:
+        return {**self.ds.env, **CROSSVAL_BUDGET, **CROSSVAL_SCHEDULES[trainer]}
+
+    def log(self, trainer: str, fold: int) -> str:
+        return (self.logs / f"{trainer}_{fold}.log").read_text()
+
+
+@pytest.fixture(scope="session")
+def han_crossval(han_dataset, tmp_path_factory) -> CrossvalModels:
+    """The stock baseline and FocusNetv2 (``_Tiny``) trained by ``nnUNetv2_train`` on folds 0 and 1 of
+    nnU-Net's own split of the demo HaN data with ``--npz``, FocusNetv2's fold 1 without it and then
+    ``nnUNetv2_train --val --npz`` (nnU-Net's way to add the probabilities later). Shared by the workflow
+    test (cross-validation, ensembling, postprocessing), the FocusNet and stock-command tests (fold 0)."""
+    from nnunetv2.utilities.crossval_split import generate_crossval_split
+
+    from organmtl.procs import run_in_group, venv_bin
+
+    root = tmp_path_factory.mktemp("han_crossval")
+    ds = han_dataset.with_results(root / "res")
+    logs = root / "logs"
+    logs.mkdir()
+    path = ds.preprocessed / "splits_final.json"
+    if not path.is_file():        # what the first training writes (seed 12345), before two start side by side
+        cases = sorted(p.name[: -len("_0000.nii.gz")] for p in (ds.raw / "imagesTr").glob("*_0000.nii.gz"))
+        path.write_text(json.dumps(generate_crossval_split(cases, seed=12345, n_splits=5), indent=4))
+    models = CrossvalModels(ds, json.loads(path.read_text()), logs)
+
+    def train(trainer: str, fold: int):
+        cmd = [venv_bin("nnUNetv2_train"), str(ds.dataset_id), ds.configuration, str(fold), "-tr", trainer,
+               "-device", "cpu"]
+        log = logs / f"{trainer}_{fold}.log"
+        later = trainer == CROSSVAL_FOCUSNET and fold == 1
+        run_in_group(cmd + ([] if later else ["--npz"]), env=models.env(trainer), log_file=log, timeout=900)
+        if later:
+            assert not list((ds.fold(trainer, fold) / "validation").glob("*.npz"))
+            run_in_group(cmd + ["--val", "--npz"], env=models.env(trainer), log_file=logs / f"{trainer}_{fold}_val.log",
+                         timeout=900)
+
+    with ThreadPoolExecutor(2) as pool:
+        for f in [pool.submit(train, t, k) for t in (CROSSVAL_FOCUSNET, CROSSVAL_BASELINE) for k in CROSSVAL_FOLDS]:
+            f.result()
+    return models
 
 
 DICOM_RT_ID = 452

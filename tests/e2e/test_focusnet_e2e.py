@@ -16,6 +16,7 @@ import SimpleITK as sitk
 import torch
 
 from organmtl.procs import run_in_group, venv_bin
+from tests.e2e.conftest import CROSSVAL_FOCUSNET
 from tests.helpers import assert_crossval_ready
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(2400)]
@@ -90,12 +91,16 @@ STOCK_COMMAND_TRAINERS = ("nnUNetTrainerOMTLSNet_Tiny", "nnUNetTrainerOMTLFocusN
 
 
 @pytest.mark.parametrize("trainer", STOCK_COMMAND_TRAINERS)
-def test_trainer_runs_every_phase_and_predicts(han, trainer, tmp_path):
+def test_trainer_runs_every_phase_and_predicts(han, trainer, tmp_path, request):
     ds, env = han
-    log = tmp_path / "train.log"
-    run_in_group([venv_bin("nnUNetv2_train"), str(ds.dataset_id), ds.configuration, "0", "-tr", trainer,
-                  "-device", "cpu", "--npz"], env=env, log_file=log, timeout=1800)
-    text = log.read_text()
+    if trainer == CROSSVAL_FOCUSNET:          # trained once per session (fold 0 of tests/e2e/conftest.han_crossval)
+        models = request.getfixturevalue("han_crossval")
+        ds, env, text = models.ds, models.env(trainer), models.log(trainer, 0)
+    else:
+        log = tmp_path / "train.log"
+        run_in_group([venv_bin("nnUNetv2_train"), str(ds.dataset_id), ds.configuration, "0", "-tr", trainer,
+                      "-device", "cpu", "--npz"], env=env, log_file=log, timeout=1800)
+        text = log.read_text()
     assert [p for p in PHASES[trainer] if f"FocusNet phase: {p}" in text] == PHASES[trainer]
     assert "GPU memory plan: none for a _Tiny trainer" in text and "GPU memory plan (" not in text
     # the autoencoder (ae) and SOS-Net (sos/joint, a third of the samples at random positions) trained on patches

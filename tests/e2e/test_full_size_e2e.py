@@ -3,8 +3,9 @@
 The shared demo datasets (tests/e2e/conftest.py) are planned by nnU-Net's default experiment planner
 (``organmtl plan-tiny`` runs it and adds ``3d_tiny`` on top, inheriting ``3d_fullres``'s preprocessed
 data), so their ``3d_fullres`` configuration is the stock plan: on these small phantoms a patch of
-32 x 80 x 80 (HaN), 40 x 48 x 64 (abdomen) or 24 x 48 x 48 (multi-task). One trainer per family,
-with nnU-Net's full network of that plan (FocusNetv2 at width 1.0), runs a few iterations of
+32 x 80 x 80 (HaN), 40 x 48 x 64 (abdomen) or 24 x 48 x 48 (multi-task). One trainer per network of its
+own at the full size (FocusNetv2 at width 1.0, the landmark tail, late fusion, the triplanar CNN; the
+multi-task U-Net and partial-label trainers build nnU-Net's U-Net of the plan), runs a few iterations of
 ``nnUNetv2_train ... 3d_fullres``, nnU-Net's final validation of one case and ``nnUNetv2_predict`` of
 that case; the budget variables shorten the epochs only. The HMR-Net and Mask R-CNN R50 configs run
 2 iterations through ``train_net`` (no ImageNet weights, CPU, one image per batch).
@@ -36,7 +37,6 @@ RUNS = {
                    {"ORGANMTL_ITERS_PER_EPOCH": "1", "ORGANMTL_FOCUSNET_PHASE_EPOCHS": "snet=1,sol=1,ae=1,sos=1,joint=1"}),
     "landmark_joint": ("abdomen_dataset", "nnUNetTrainerOMTLLandmarkJoint", 0, {}),
     "late_fusion": ("abdomen_dataset", "nnUNetTrainerOMTLLandmarkLateFusion", 0, {}),
-    "multitask_unet": ("multitask_dataset", "nnUNetTrainerOMTLMultiTaskUNet", 0, {}),
     "triplanar": ("multitask_dataset", "nnUNetTrainerOMTLTriplanar", 0, {}),
 }
 REPO = Path(__file__).resolve().parents[2]

@@ -8,19 +8,16 @@ import SimpleITK as sitk
 import torch
 
 from organmtl.procs import run_in_group, venv_bin
+from tests.e2e.conftest import CROSSVAL_BASELINE
 from tests.helpers import run_cli
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
-TRAINER = "nnUNetTrainerOMTLBaseline_Tiny"
+TRAINER = CROSSVAL_BASELINE
 
 
-def test_train_and_predict_with_stock_commands(han_dataset, tmp_path):
-    ds = han_dataset
-    env = {**ds.env, "ORGANMTL_EPOCHS": "2", "ORGANMTL_ITERS_PER_EPOCH": "3", "ORGANMTL_VAL_ITERS": "1"}
-    log = tmp_path / "train.log"
-    run_in_group([venv_bin("nnUNetv2_train"), str(ds.dataset_id), ds.configuration, "0", "-tr", TRAINER,
-                  "-device", "cpu"], env=env, log_file=log, timeout=900)
-    text = log.read_text()
+def test_train_and_predict_with_stock_commands(han_crossval, tmp_path):
+    """Fold 0 of the session's baseline (tests/e2e/conftest.han_crossval: ``nnUNetv2_train`` 2 epochs)."""
+    ds, env, text = han_crossval.ds, han_crossval.env(TRAINER), han_crossval.log(TRAINER, 0)
     assert f"Using trainer '{TRAINER}'" in text and "Epoch 1" in text and "Epoch 2" not in text
     assert "mirroring disabled" in text                       # Parotid_L/_R etc. come in pairs
     fold = ds.fold(TRAINER)

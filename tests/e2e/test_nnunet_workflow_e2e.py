@@ -1,13 +1,12 @@
 """nnU-Net's standard workflow after training, with organmtl trainers (docs/nnunet_workflow.md): the
 stock baseline and FocusNetv2 trained on two folds of nnU-Net's own split of the demo HaN data with
 ``--npz`` (FocusNetv2's second fold without, then ``nnUNetv2_train --val --npz`` as nnU-Net says to
-add them later), then ``nnUNetv2_find_best_configuration`` over both trainers (cross-validation
-results, the ensemble of the two, postprocessing of the best), ``organmtl evaluate`` on a
-cross-validation folder followed by ``nnUNetv2_determine_postprocessing`` on it (which reads
-nnU-Net's ``summary.json`` there), ``nnUNetv2_ensemble`` of the two trainers' predicted
-probabilities (``nnUNetv2_predict`` / ``organmtl predict-focusnet`` with ``--save_probabilities``, both
-folds) and ``nnUNetv2_apply_postprocessing`` with the chosen postprocessing. All commands in
-subprocesses, in the test's own ``nnUNet_results``.
+add them later: the session fixture ``han_crossval``), then ``nnUNetv2_find_best_configuration`` over both
+trainers (cross-validation results, the ensemble of the two, postprocessing of the best), ``organmtl
+evaluate`` on a cross-validation folder followed by ``nnUNetv2_determine_postprocessing`` on it (which reads
+nnU-Net's ``summary.json`` there), ``nnUNetv2_ensemble`` of the two trainers' predicted probabilities
+(``nnUNetv2_predict`` / ``organmtl predict-focusnet`` with ``--save_probabilities``, both folds) and
+``nnUNetv2_apply_postprocessing`` with the chosen postprocessing. All commands in subprocesses.
 
 The other organmtl trainers are checked where their e2e tests train them (``--npz`` and
 ``tests.helpers.assert_crossval_ready``)."""
@@ -23,28 +22,12 @@ import pytest
 from scipy import ndimage
 
 from organmtl.procs import run_in_group, venv_bin
+from tests.e2e.conftest import CROSSVAL_BASELINE, CROSSVAL_FOCUSNET, CROSSVAL_FOLDS
 from tests.helpers import assert_crossval_ready, read_array, run_cli
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
 
-BASELINE, FOCUSNET = "nnUNetTrainerOMTLBaseline_Tiny", "nnUNetTrainerOMTLFocusNetV2_Tiny"
-FOLDS = (0, 1)
-#: the shortest schedules: one iteration per epoch, one epoch (FocusNetv2: one per phase); one torch
-#: thread per training, two trainings side by side
-BUDGET = {"ORGANMTL_EPOCHS": "1", "ORGANMTL_ITERS_PER_EPOCH": "1", "ORGANMTL_VAL_ITERS": "1",
-          "ORGANMTL_FOCUSNET_PHASE_EPOCHS": "snet=1,sol=1,ae=1,sos=1,joint=1", "ORGANMTL_CPU_THREADS": "1"}
-
-
-def _ensure_nnunet_split(ds) -> list[dict]:
-    """nnU-Net's own 5-fold split (``generate_crossval_split``, seed 12345: what the first training of
-    the dataset writes), written before two trainings start side by side."""
-    path = ds.preprocessed / "splits_final.json"
-    if not path.is_file():
-        from nnunetv2.utilities.crossval_split import generate_crossval_split
-
-        cases = sorted(p.name[: -len("_0000.nii.gz")] for p in (ds.raw / "imagesTr").glob("*_0000.nii.gz"))
-        path.write_text(json.dumps(generate_crossval_split(cases, seed=12345, n_splits=5), indent=4))
-    return json.loads(path.read_text())
+BASELINE, FOCUSNET, FOLDS = CROSSVAL_BASELINE, CROSSVAL_FOCUSNET, CROSSVAL_FOLDS
 
 
 def _softmax_ensemble(files) -> np.ndarray:
@@ -52,22 +35,12 @@ def _softmax_ensemble(files) -> np.ndarray:
     return np.mean([np.load(f)["probabilities"].astype(np.float32) for f in files], axis=0).argmax(0)
 
 
-def test_crossval_find_best_configuration_ensemble_and_postprocessing(han_dataset, tmp_path):
-    ds = han_dataset.with_results(tmp_path / "res")
-    env = {**ds.env, **BUDGET}
-    splits = _ensure_nnunet_split(ds)
+def test_crossval_find_best_configuration_ensemble_and_postprocessing(han_crossval, tmp_path):
+    ds, splits = han_crossval.ds, han_crossval.splits
+    env = {**ds.env, "ORGANMTL_CPU_THREADS": "1"}
     cfg, did = ds.configuration, str(ds.dataset_id)
     logs = tmp_path / "logs"
     logs.mkdir()
-
-    def train(trainer: str, fold: int):
-        cmd = [venv_bin("nnUNetv2_train"), did, cfg, str(fold), "-tr", trainer, "-device", "cpu"]
-        log = logs / f"{trainer}_{fold}.log"
-        later = trainer == FOCUSNET and fold == 1          # probabilities added afterwards, as nnU-Net says
-        run_in_group(cmd + ([] if later else ["--npz"]), env=env, log_file=log, timeout=900)
-        if later:
-            assert not list((ds.fold(trainer, fold) / "validation").glob("*.npz"))
-            run_in_group(cmd + ["--val", "--npz"], env=env, log_file=log, timeout=900)
 
     def predict(trainer: str):
         """Both folds of ``trainer`` on one image with ``--save_probabilities``, for ``nnUNetv2_ensemble``:
@@ -84,9 +57,6 @@ def test_crossval_find_best_configuration_ensemble_and_postprocessing(han_datase
     images.mkdir()
     (case,) = splits[0]["val"]
     (images / f"{case}_0000.nii.gz").write_bytes((ds.raw / "imagesTr" / f"{case}_0000.nii.gz").read_bytes())
-    with ThreadPoolExecutor(2) as pool:
-        for f in [pool.submit(train, t, k) for t in (BASELINE, FOCUSNET) for k in FOLDS]:
-            f.result()
     beside = ThreadPoolExecutor(1)                         # the predictions run beside find_best_configuration
     predictions = beside.submit(lambda: [predict(t) for t in (BASELINE, FOCUSNET)])
     beside.shutdown(wait=False)
