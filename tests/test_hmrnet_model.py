@@ -329,3 +329,30 @@ def test_r50_configs_follow_the_paper_schedule_and_tiny_ones_say_otherwise():
     assert lrs == pytest.approx({t: 0.001 / (1 + 1e-6 * t) for t in lrs}, rel=1e-6)
     tiny = tiny_cfg()
     assert tiny.SOLVER.LR_SCHEDULER_NAME == "WarmupMultiStepLR" and tiny.SOLVER.BASE_LR == 0.01
+
+
+@pytest.mark.parametrize("config", ["hmrnet_R_18_FPN_tiny", "hmrnet_R_18_FPN_no_manifold_tiny",
+                                    "hmrnet_R_18_FPN_no_cross_stitch_tiny", "hmrnet_R_18_FPN_mask_head_tiny"])
+def test_each_tiny_ablation_config_trains_the_parts_it_names(batch, config):
+    """The shipped tiny ablation configs (Tables 5-6 and §2.4's parts; ``train_net.py`` runs the full one and
+    the Mask R-CNN baseline in tests/e2e/test_hmrnet_e2e.py): one training forward gives the shape loss unless
+    the mask head replaces it, the manifold loss only where the config keeps it, and cross-stitch alphas only
+    for the twin N-Net."""
+    from detectron2.structures import BitMasks
+
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg(f"tiny/{config}.yaml", **{"MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE": 16})).train()
+    inputs = [dict(b) for b in batch]
+    inst = Instances((64, 64), **{k: v for k, v in batch[0]["instances"].get_fields().items()})
+    masks = torch.zeros(1, 64, 64, dtype=torch.bool)
+    masks[0, 16:40, 20:44] = True
+    inst.gt_masks = BitMasks(masks)
+    inputs[0]["instances"] = inst
+    with EventStorage(0) as storage:
+        losses = model(inputs)
+        logged = set(storage.latest())
+    assert all(torch.isfinite(v) for v in losses.values()), losses
+    assert ("loss_shape" in losses) == ("mask_head" not in config)
+    assert ("loss_mask" in losses) == ("mask_head" in config)
+    assert ("loss_manifold" in losses) == (config in ("hmrnet_R_18_FPN_tiny", "hmrnet_R_18_FPN_no_cross_stitch_tiny"))
+    assert ("cross_stitch/res5/a01" in logged) == ("no_cross_stitch" not in config)

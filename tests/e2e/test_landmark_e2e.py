@@ -2,8 +2,8 @@
 on converted demo data with tiny plans on a CPU (1 epoch of 2 iterations):
 
 - abdominal fat/water MR with hip-joint heatmaps, one channel per landmark (3d_tiny and 2d_tiny):
-  joint (3D) with landmark coordinates predicted next to the segmentation, joint with the Lite tail
-  (3D), alternate (2D; plus the gradient check that each iteration touches one task's head only),
+  joint (3D) with landmark coordinates predicted next to the segmentation (the Lite tail's width and
+  step: tests/test_landmark_unet_networks.py, tests/test_landmark_amp.py), alternate (2D; plus the gradient check that each iteration touches one task's head only),
   uncertainty weighting (3D, log-variances restored by ``--c``), multi-task block (3D);
 - VISCERAL-like CT with the renal-pelvis pair as one inverse Manhattan distance map (2d_tiny):
   early and late fusion.
@@ -41,7 +41,6 @@ def work(abdomen_dataset, demo_root, tmp_path_factory):
     conversion runs beside the first abdomen training; its trainings are queued after it)."""
     assert abdomen_dataset.dataset_id == ABDOMEN
     runs = [("joint", ABDOMEN, "3d_tiny", "nnUNetTrainerOMTLLandmarkJoint_Tiny"),
-            ("joint_lite", ABDOMEN, "3d_tiny", "nnUNetTrainerOMTLLandmarkJointLite_Tiny"),
             ("alternate", ABDOMEN, "2d_tiny", "nnUNetTrainerOMTLLandmarkAlternate_Tiny"),
             ("uncertainty", ABDOMEN, "3d_tiny", "nnUNetTrainerOMTLLandmarkUncertainty_Tiny"),
             ("multitask_block", ABDOMEN, "3d_tiny", "nnUNetTrainerOMTLMultiTaskBlock_Tiny"),
@@ -119,13 +118,6 @@ def test_joint_3d_trains_logs_landmarks_and_predicts_coordinates(work, tmp_path)
     (gt / f"{case}.json").write_bytes((raw / "landmarks" / f"{case}.json").read_bytes())
     rows, summary = evaluate_landmark_folders(out, gt)
     assert summary["n_landmarks"] == 2 and summary["n_missing"] == 0 and all(np.isfinite(r["error_mm"]) for r in rows)
-
-
-def test_joint_lite_3d_narrow_tail_through_stock_commands(work, tmp_path):
-    """The Lite tail: a quarter of the 8 full-resolution features, at least 4; stock nnUNetv2_predict."""
-    _, ckpt, _ = _check_training(work, "joint_lite")
-    assert ckpt["network_weights"]["landmark_tail.0.convs.0.conv.weight"].shape[0] == 4
-    _predict(work, "joint_lite", tmp_path)
 
 
 def test_alternate_2d_and_each_iteration_touches_one_head(work, tmp_path, monkeypatch):

@@ -1,7 +1,7 @@
 """Multi-task CNN end to end with the stock commands (Moeskops et al., "Deep Learning for Multi-task
 Medical Image Segmentation in Multiple Modalities"; docs/multitask_cnn.md): the three
-demo multi-modality tasks converted with ``volumes``, merged with ``merge`` and planned once (module
-fixture); the triplanar and U-Net trainers through ``nnUNetv2_train``/``nnUNetv2_predict``; the
+demo multi-modality tasks converted with ``volumes``, merged with ``merge`` and planned once (session
+fixture, copied per module); the triplanar and U-Net trainers through ``nnUNetv2_train``/``nnUNetv2_predict``; the
 experiment runner on two tasks (three subsets); and the brain task on nilearn's MNI152 template."""
 import csv
 import json
@@ -17,11 +17,12 @@ from organmtl.nnunet_trainers.multitask.evaluation import (argmax_labels, confus
                                                             load_probabilities, task_masked_labels)
 from organmtl.nnunet_trainers.multitask.tasks import TaskTable
 from organmtl.procs import run_in_group, venv_bin
+from tests.e2e.conftest import MULTITASK_ID, MULTITASK_TASKS
 from tests.helpers import assert_crossval_ready, nnunet_env_vars, run_cli
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(2400)]
-TASKS = ("brain_mr", "breast_mr", "cardiac_cta")
-MERGED = 720
+TASKS = MULTITASK_TASKS
+MERGED = MULTITASK_ID
 BUDGET = {"ORGANMTL_EPOCHS": "1", "ORGANMTL_ITERS_PER_EPOCH": "2", "ORGANMTL_VAL_ITERS": "1"}
 
 
@@ -31,21 +32,20 @@ def _ok(r):
 
 
 @pytest.fixture(scope="module")
-def merged(demo_root, tmp_path_factory):
-    """Three demo tasks -> ``convert volumes`` x 3 -> ``convert merge`` -> ``plan-tiny`` (shared)."""
+def merged(multitask_dataset, tmp_path_factory):
+    """The session's merged three-task dataset (tests/e2e/conftest.py: ``convert volumes`` x 3 -> ``convert
+    merge`` -> ``plan-tiny``) copied into this module's own nnU-Net folders, whose tests write their own splits."""
     root = tmp_path_factory.mktemp("mt_e2e")
     env = nnunet_env_vars(root)
+    ds = multitask_dataset
+    assert ds.dataset_id == MERGED and ds.name == f"Dataset{MERGED}_MultiTask"
+    raw, pre = root / "raw" / ds.name, root / "pre" / ds.name
+    shutil.copytree(ds.raw, raw)
+    shutil.copytree(ds.preprocessed, pre)
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
-        for i, task in enumerate(TASKS, start=MERGED + 1):
-            _ok(run_cli("convert", "volumes", demo_root / "multimodal" / task, "--dataset-id", i, "--name", task))
-        _ok(run_cli("convert", "merge", *[root / "raw" / f"Dataset{i:03d}_{t}" for i, t in enumerate(TASKS, MERGED + 1)],
-                    "--dataset-id", MERGED, "--name", "MultiTask"))
-        _ok(run_cli("plan-tiny", "-d", MERGED, "-np", "1"))
-        raw = root / "raw" / f"Dataset{MERGED}_MultiTask"
-        yield {"env": env, "root": root, "raw": raw, "pre": root / "pre" / f"Dataset{MERGED}_MultiTask",
-               "meta": json.loads((raw / "dataset.json").read_text())}
+        yield {"env": env, "root": root, "raw": raw, "pre": pre, "meta": json.loads((raw / "dataset.json").read_text())}
     finally:
         for k, v in saved.items():
             if v is None:
