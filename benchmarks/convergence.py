@@ -106,13 +106,17 @@ def load_runs(results: Path) -> dict[tuple[str, str, int], dict]:
     return runs
 
 
-def save_run(results: Path, record: dict) -> Path:
-    path = run_path(results, record["study"], record["method"], record["seed"])
+def write_record(path: Path, record: dict) -> Path:
+    """``record`` as sorted, indented JSON at ``path``, written whole or not at all (a temporary file renamed)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
     tmp.replace(path)
     return path
+
+
+def save_run(results: Path, record: dict) -> Path:
+    return write_record(run_path(results, record["study"], record["method"], record["seed"]), record)
 
 
 def missing_runs(plan, runs: dict) -> list[tuple[str, str, int]]:
@@ -203,7 +207,9 @@ def render_study(study: "StudySpec", runs: dict) -> str:
 
 def render_nnunet_matched(key: str) -> str:
     """The matched multitask / abdomen subsection (issue 26), written by benchmarks/convergence_matched.py."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:
+        sys.path.insert(0, here)
     import convergence_matched
 
     return convergence_matched.render_study(key, convergence_matched.load_records(RESULTS))

@@ -353,12 +353,7 @@ def load_records(results: Path = RESULTS) -> dict[tuple[str, str, int], dict]:
 
 
 def save_record(results: Path, record: dict) -> Path:
-    path = record_path(results, record["study"], record["arm"], record["seed"])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
-    tmp.replace(path)
-    return path
+    return conv.write_record(record_path(results, record["study"], record["arm"], record["seed"]), record)
 
 
 # ---------------------------------------------------------------- rendering (docs/benchmarks.md)

@@ -8,6 +8,7 @@ the last phase only."""
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -469,8 +470,6 @@ def test_table6_ablation_trainers_build_their_variant_and_train_every_phase(fold
     # a new model: options only, so the network keys come from the trainer class (not a stored entry)
     entry = {"options": {"small_organs": ["Chiasm"], "roi": [4, 16, 16], "width": 0.125, "heat_threshold": 0.5},
              "fold_record": ENTRY["fold_record"]}
-    import json
-
     (folders / "nnUNet_preprocessed" / "Dataset997_FNSteps" / "splits_final.json").write_text(
         json.dumps([{"train": ["case_000"], "val": ["case_000"]}]))
     with one_thread():
@@ -492,7 +491,7 @@ def test_table6_ablation_trainers_build_their_variant_and_train_every_phase(fold
                 assert np.isfinite(out["loss"]), (name, phase, out)
             # weights only (its norm layers' running statistics follow every forward)
             ae_moved[name] = any(not torch.equal(first[k], v) for k, v in net.shape_ae.named_parameters())
-            sos_in = net.sos[0].parameters().__next__().shape[1]
+            sos_in = next(net.sos[0].parameters()).shape[1]
             features = net.snet.feature_channels
             if name == "v2" or variant == "OriginAE":
                 assert net.concat_image and sos_in == features + 1, (name, sos_in, features)
